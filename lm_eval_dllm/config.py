@@ -1,0 +1,98 @@
+"""model_args -> one config dataclass, with one-line errors for anything unknown or ill-typed.
+
+Precedence (documented in the README): a value given in --model_args wins over the task's
+per-request gen_kwargs (max_gen_toks, temperature), which win over the model's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .samplers import available_samplers, sampler_class, sampler_params
+from .samplers.base import _coerce
+from .utils import DLLMError
+
+
+def _bundled() -> str:
+    from .tiny import BUNDLED_DIR
+
+    return str(BUNDLED_DIR)
+
+
+@dataclass
+class DLLMConfig:
+    pretrained: str = ""  # "" = the bundled tiny model
+    sampler: str = "confidence"
+    block: int | None = None  # None: the model's default block (its config's dllm_block, else 32)
+    gen_length: int | None = None  # None: the task's max_gen_toks, else the model's default
+    steps: int | None = None  # top-k samplers: total steps; sets k = gen_length / steps
+    temperature: float | None = None  # token proposal; None: the task's, else 0 (greedy)
+    dtype: str = "auto"
+    device: str | None = None
+    batch_size: int = 8
+    seed: int = 1234
+    early_exit: bool = True
+    max_length: int | None = None  # context limit; None: the model's declared maximum
+    truncation: str = "left"  # too-long prompts: "left" (drop the oldest tokens) or "error"
+    trust_remote_code: bool = True
+    revision: str | None = None
+    sampler_args: dict[str, Any] = field(default_factory=dict)
+    explicit: frozenset = frozenset()  # which fields the user set
+
+    @classmethod
+    def from_model_args(cls, args: dict[str, Any]) -> "DLLMConfig":
+        args = {k: v for k, v in args.items() if v is not None or k in ("block",)}
+        args.pop("max_batch_size", None)  # lm-eval passes it; batches here are fixed-size
+        if str(args.get("batch_size", "")).startswith("auto"):
+            args["batch_size"] = 16
+        hints = typing.get_type_hints(cls)
+        own = {f.name for f in dataclasses.fields(cls)} - {"sampler_args", "explicit"}
+        sampler = str(args.get("sampler", cls.sampler))
+        sampler_class(sampler)  # unknown sampler -> one-line error listing the valid ones
+        sparams = sampler_params(sampler)
+        kw, sargs = {}, {}
+        for k, v in args.items():
+            if k in own:
+                kw[k] = _coerce_arg(k, v, hints[k])
+            elif k in sparams:
+                sargs[k] = v
+            else:
+                valid = sorted(own) + [f"{p} ({sampler})" for p in sparams]
+                raise DLLMError(f"unknown model_args key {k!r}; valid: {', '.join(valid)}")
+        cfg = cls(**kw, sampler_args=sargs, explicit=frozenset(kw) | frozenset(sargs))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.gen_length is not None and self.gen_length <= 0:
+            raise DLLMError(f"gen_length={self.gen_length} must be a positive integer; valid: 1, 2, ...")
+        if self.block is not None and self.block <= 0:
+            raise DLLMError(f"block={self.block} must be a positive integer; valid: a divisor of "
+                            f"gen_length, or >= it for full diffusion")
+        if self.steps is not None and self.steps <= 0:
+            raise DLLMError(f"steps={self.steps} must be a positive integer; valid: 1, 2, ...")
+        if self.steps is not None and "k" not in sampler_params(self.sampler):
+            topk = [s for s in available_samplers() if "k" in sampler_params(s)]
+            raise DLLMError(f"steps= applies to fixed-budget samplers only, not {self.sampler!r}; "
+                            f"valid samplers: {', '.join(topk)}")
+        if self.batch_size <= 0:
+            raise DLLMError(f"batch_size={self.batch_size} must be positive; valid: 1, 2, ...")
+        if self.temperature is not None and self.temperature < 0:
+            raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
+        if self.truncation not in ("left", "error"):
+            raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
+
+    @property
+    def pretrained_path(self) -> str:
+        return self.pretrained or _bundled()
+
+
+def _coerce_arg(key: str, value: Any, typ: Any) -> Any:
+    try:
+        return _coerce("dllm", key, value, typ)
+    except DLLMError:
+        raise DLLMError(f"model_args {key}={value!r} is not a valid "
+                        f"{getattr(typing.get_args(typ)[0] if typing.get_args(typ) else typ, '__name__', typ)}") from None

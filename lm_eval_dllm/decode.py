@@ -1,0 +1,208 @@
+"""The one decode loop of a masked diffusion LM, for evaluation and RL rollouts alike.
+
+The canvas is prompt + L mask tokens, filled block by block (block size B; B = L is full
+diffusion). Each step is one forward pass over the canvas for the rows that still have masked
+positions in the current block; the model proposes a token x0 for every position; the sampler
+picks which masked positions of the block to commit; committed tokens never change.
+
+NFE is counted in exactly one place: where `forward` is called, once per row it runs on.
+
+Early exit: once a row has committed a stop token (EOS / end of turn) and every position before
+it is committed, the text up to that token is final whatever the rest would become, so the rest
+is filled with padding and the row costs no further forward.
+
+The model is a strategy (`forward(ids, attention_mask) -> logits`), so the same loop serves
+plain models, cached models and other families; the family's one difference (Dream's logits
+are shifted one position) comes from the FamilySpec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .samplers.base import Sampler, StepState
+from .spec import FamilySpec
+from .utils import DLLMError
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, attn) -> (B, T, V) logits
+
+
+@dataclass
+class StepRecord:
+    """One step of a batch, enough to replay a policy over it without the dLLM."""
+
+    rows: torch.Tensor  # (b,) indices of the rows that ran this step
+    conf: torch.Tensor  # (b, L)
+    margin: torch.Tensor  # (b, L)
+    entropy: torch.Tensor  # (b, L)
+    masked: torch.Tensor  # (b, L) bool, before the commit
+    eligible: torch.Tensor  # (b, L) bool
+    action: torch.Tensor  # (b, L) bool, what was committed
+    block: int
+    num_blocks: int
+    step: int
+
+
+@dataclass
+class DecodeOutput:
+    tokens: torch.Tensor  # (B, L) generated region; positions after an early exit hold pad
+    nfe: torch.Tensor  # (B,) forward passes each row took part in
+    committed: torch.Tensor  # (B,) positions the sampler committed (early-exit fill excluded)
+    trajectory: list[StepRecord] | None = None
+    num_blocks: int = 1
+    info: dict = field(default_factory=dict)
+
+
+def check_block(block: int | None, gen_length: int) -> int:
+    """The effective block size: B >= L means full diffusion; otherwise B must divide L."""
+    if gen_length <= 0:
+        raise DLLMError(f"gen_length={gen_length} must be a positive integer; valid: 1, 2, ...")
+    if block is None:
+        return gen_length
+    if block <= 0:
+        raise DLLMError(f"block={block} must be a positive integer; valid: a divisor of "
+                        f"gen_length={gen_length}, or >= it for full diffusion")
+    if block >= gen_length:
+        return gen_length
+    if gen_length % block:
+        divs = [d for d in range(1, gen_length + 1) if gen_length % d == 0]
+        raise DLLMError(f"block={block} does not divide gen_length={gen_length}; valid: "
+                        f"{', '.join(map(str, divs))}, or >= {gen_length} for full diffusion")
+    return block
+
+
+def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]):
+    """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy."""
+    if temperature > 0:
+        logits = logits / temperature
+    logp = F.log_softmax(logits, dim=-1)  # (b, L, V)
+    p = logp.exp()
+    if temperature > 0:
+        # Gumbel-max with each row's own generator: a row's draw does not depend on its batch
+        u = torch.stack([torch.rand(logits.shape[1:], generator=g, device=g.device)
+                         for g in generators]).to(logits.device)
+        x0 = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # (b, L)
+    else:
+        x0 = logits.argmax(-1)  # (b, L)
+    conf = p.gather(-1, x0[..., None]).squeeze(-1)  # (b, L)
+    top2 = p.topk(2, dim=-1).values  # (b, L, 2)
+    margin = top2[..., 0] - top2[..., 1]
+    entropy = torch.special.entr(p).sum(-1)  # (b, L), 0 log 0 = 0
+    return x0, conf, margin, entropy
+
+
+def _finished(gen: torch.Tensor, mask_id: int, stop: torch.Tensor) -> torch.Tensor:
+    """(b,) rows whose first stop token is committed with everything before it committed."""
+    is_stop = torch.isin(gen, stop)  # (b, L); masks are never stop tokens
+    has = is_stop.any(-1)
+    first = is_stop.float().argmax(-1)  # (b,) first stop position (0 if none)
+    before = torch.arange(gen.shape[1], device=gen.device)[None, :] < first[:, None]
+    open_before = ((gen == mask_id) & before).any(-1)
+    return has & ~open_before
+
+
+@torch.no_grad()
+def diffuse(
+    forward: Forward,
+    prompts: list[list[int]],
+    spec: FamilySpec,
+    sampler: Sampler,
+    gen_length: int,
+    block: int | None = None,
+    temperature: float = 0.0,
+    seeds: list[int] | None = None,
+    early_exit: bool = True,
+    record: bool = False,
+    device: torch.device | str = "cpu",
+) -> DecodeOutput:
+    """Generate gen_length tokens after each prompt (a list of token ids), batched."""
+    L = gen_length
+    Bk = check_block(block, L)
+    nb = L // Bk
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if P == 0:
+        raise DLLMError("empty prompt; valid: at least one prompt token")
+    device = torch.device(device)
+    canvas = torch.full((B, P + L), spec.pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((B, P + L), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left padding: the prompt ends at column P - 1 in every row
+        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
+        attn[i, P - len(p):] = 1
+    canvas[:, P:] = spec.mask_id
+    gen_dev = device if device.type == "cuda" else torch.device("cpu")
+    seeds = seeds if seeds is not None else list(range(B))
+    gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
+    stop = torch.tensor(spec.stop_ids or [-1], device=device)
+    suppress = list(spec.suppress_ids)
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    committed = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    traj: list[StepRecord] | None = [] if record else None
+    pos = torch.arange(L, device=device)[None, :]
+
+    for b in range(nb):
+        in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
+        step = 0
+        while True:
+            gen = canvas[:, P:]  # (B, L) view
+            masked = gen == spec.mask_id
+            eligible = masked & in_block & ~done[:, None]
+            rows = eligible.any(-1).nonzero().squeeze(-1)  # (b,)
+            if rows.numel() == 0:
+                break
+            logits = forward(canvas[rows], attn[rows])  # (b, P + L, V): the one forward
+            nfe[rows] += 1
+            lg = logits[:, P - 1:P + L - 1] if spec.shifted else logits[:, P:P + L]  # (b, L, V)
+            lg = lg.float()
+            lg[..., suppress] = float("-inf")
+            row_gens = [gens[i] for i in rows.tolist()]
+            x0, conf, margin, entropy = propose(lg, temperature, row_gens)
+            state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
+                              eligible=eligible[rows], block=b, num_blocks=nb, step=step,
+                              generators=row_gens)
+            action = sampler.select(state)
+            _check_action(sampler, action, state.eligible)
+            if traj is not None:
+                traj.append(StepRecord(rows=rows.cpu(), conf=conf.cpu(), margin=margin.cpu(),
+                                       entropy=entropy.cpu(), masked=state.masked.cpu(),
+                                       eligible=state.eligible.cpu(), action=action.cpu(),
+                                       block=b, num_blocks=nb, step=step))
+            new = torch.where(action, x0, gen[rows])
+            committed[rows] += action.sum(-1)
+            if early_exit:
+                fin = _finished(new, spec.mask_id, stop)
+                if fin.any():
+                    # the text ends at the first stop token: what follows can only be padding
+                    new[fin] = torch.where(new[fin] == spec.mask_id, spec.pad_id, new[fin])
+                    done[rows[fin]] = True
+            canvas[rows, P:] = new
+            step += 1
+    return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,
+                        trajectory=traj, num_blocks=nb)
+
+
+def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor) -> None:
+    if action.shape != eligible.shape or action.dtype != torch.bool:
+        raise RuntimeError(f"sampler {sampler.name!r} returned {tuple(action.shape)} "
+                           f"{action.dtype}; expected {tuple(eligible.shape)} torch.bool")
+    if (action & ~eligible).any():
+        raise RuntimeError(f"sampler {sampler.name!r} committed a position outside the masked "
+                           f"positions of the current block")
+    if (eligible.any(-1) & ~action.any(-1)).any():
+        raise RuntimeError(f"sampler {sampler.name!r} committed nothing in a step; every step "
+                           f"must commit at least one masked position of the current block")
+
+
+def model_forward(model) -> Forward:
+    """The plain strategy: a full forward over the canvas, no cache."""
+
+    @torch.no_grad()
+    def forward(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, attention_mask=attn)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    return forward

@@ -1,0 +1,255 @@
+"""The lm-eval model `dllm`: masked diffusion LMs with pluggable unmasking samplers.
+
+    lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8 --tasks modchain
+
+Generation goes through the one decode loop (`decode.diffuse`). Per-sample NFE, tokens per
+forward and wall time are kept and reach lm-eval's output: per task in the results JSON
+(`results[task]["nfe,none"]`, `"tpf,none"`, `"wall_s,none"` and `config.dllm`) and per sample
+under `"dllm"` in what `--log_samples` writes (see `lm_eval_dllm._hook`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.models.utils import Collator, handle_stop_sequences, postprocess_generated_text
+from tqdm import tqdm
+
+from .config import DLLMConfig
+from .decode import check_block, diffuse, model_forward
+from .loading import load
+from .samplers import make_sampler
+from .utils import DLLMError
+
+log = logging.getLogger(__name__)
+
+REAL_DLLM_HINT = "GSAI-ML/LLaDA-8B-Instruct"
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
+
+# (task_name, doc_id) -> per-sample stats of the most recent run in this process; read by the
+# hook that adds them to lm-eval's results and logged samples
+SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
+
+
+class DLLM(LM):
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        try:
+            self.cfg = DLLMConfig.from_model_args(model_args)
+            self.model, self.tokenizer, self.spec = load(
+                self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
+                self.cfg.trust_remote_code, self.cfg.revision)
+            self._device = next(self.model.parameters()).device
+            if self.cfg.gen_length is not None:
+                self._block_for(self.cfg.gen_length)  # validate block against gen_length now
+            self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
+        except DLLMError as e:
+            raise SystemExit(f"lm_eval_dllm: error: {e}") from None
+        self.forward = model_forward(self.model)
+        self.is_bundled = not self.cfg.pretrained
+        self._chat = False
+        self._warned: set[str] = set()
+        self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
+        log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
+                 self.cfg.pretrained_path)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if (extra.get("device") == LM_EVAL_DEFAULT_DEVICE and "device" not in arg_dict
+                and not torch.cuda.is_available()):
+            # lm-eval passes its default "cuda:0" even when --device was not given
+            log.info("dllm: lm-eval's default device %s is not available here; using cpu "
+                     "(pass --device or device= to choose)", LM_EVAL_DEFAULT_DEVICE)
+            extra["device"] = "cpu"
+        return cls(**(extra | dict(arg_dict)))  # model_args win over --batch_size / --device
+
+    # ---------------------------------------------------------------- settings per request
+    def _sampler_args(self, gen_length: int | None) -> dict:
+        args = dict(self.cfg.sampler_args)
+        if self.cfg.steps is not None and gen_length is not None:
+            if gen_length % self.cfg.steps:
+                raise DLLMError(f"steps={self.cfg.steps} does not divide gen_length={gen_length}; "
+                                f"valid: a divisor of {gen_length}")
+            args["k"] = gen_length // self.cfg.steps
+        return args
+
+    def _gen_length(self, gen_kwargs: dict) -> int:
+        if self.cfg.gen_length is not None:
+            return self.cfg.gen_length
+        if gen_kwargs.get("max_gen_toks") is not None:
+            return int(gen_kwargs["max_gen_toks"])
+        return self.spec.default_gen_length
+
+    def _block_for(self, L: int) -> int:
+        block = self.cfg.block if self.cfg.block is not None else self.spec.default_block
+        B = check_block(block, L)
+        if B == L and block != L and f"full{L}" not in self._warned:
+            self._warned.add(f"full{L}")
+            log.info("block=%s >= gen_length=%d: full diffusion", block, L)
+        return B
+
+    def _temperature(self, gen_kwargs: dict) -> float:
+        if self.cfg.temperature is not None:
+            return self.cfg.temperature
+        if gen_kwargs.get("do_sample") is False:
+            return 0.0
+        return float(gen_kwargs.get("temperature", 0.0) or 0.0)
+
+    # ---------------------------------------------------------------- lm-eval interface
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("dllm: loglikelihood is not supported yet; use generation tasks "
+                                  "(output_type: generate_until), e.g. gsm8k or modchain")
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError("dllm: loglikelihood_rolling is not supported yet; use "
+                                  "generation tasks (output_type: generate_until)")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SystemExit(f"lm_eval_dllm: error: --apply_chat_template given but the tokenizer of "
+                             f"{self.cfg.pretrained_path!r} has no chat template; valid: a chat model "
+                             f"such as {REAL_DLLM_HINT}, or drop --apply_chat_template")
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self._chat = True  # the template carries its own special tokens
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt)
+
+    def _encode(self, context: str, L: int) -> list[int]:
+        ids = self.tokenizer(context, add_special_tokens=not self._chat)["input_ids"]
+        limit = self.cfg.max_length or self.spec.max_length
+        if limit is not None and len(ids) + L > limit:
+            keep = limit - L
+            if self.cfg.truncation == "error" or keep <= 0:
+                raise DLLMError(f"prompt of {len(ids)} tokens + gen_length {L} exceeds the model's "
+                                f"context of {limit}; valid: a shorter prompt (fewer few-shot "
+                                f"examples), a smaller gen_length, or truncation=left")
+            if "trunc" not in self._warned:
+                self._warned.add("trunc")
+                log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping "
+                            "the last %d prompt tokens (truncation=left; this warning is shown once)",
+                            len(ids), L, limit, keep)
+            ids = ids[-keep:]
+        return ids
+
+    def _seed(self, context: str, occurrence: int) -> int:
+        # per sample, not per batch position: a row's randomness does not depend on its batch
+        return (self.cfg.seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919 + occurrence) % (2**63)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if not requests:
+            return []
+        self._warn_task_mismatch({r.task_name for r in requests})
+        for req in requests:  # a new run of these docs replaces what an earlier run measured
+            SAMPLE_STATS.pop((req.task_name, req.doc_id), None)
+        seen: dict[str, int] = defaultdict(int)
+        items = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args[0], dict(req.args[1])
+            items.append((context, gen_kwargs, i, seen[context]))
+            seen[context] += 1
+        collator = Collator(items, sort_fn=lambda x: (-len(x[0]), x[2]), group_by="gen_kwargs",
+                            group_fn=lambda x: x[1])
+        results: list[tuple[str, dict]] = []
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dllm generate")
+        try:
+            for chunk in collator.get_batched(n=self.cfg.batch_size):
+                results.extend(self._generate_batch(chunk))
+                pbar.update(len(chunk))
+                nfe = [s["nfe"] for _, s in results]
+                pbar.set_postfix(nfe=f"{sum(nfe) / len(nfe):.1f}")
+        except DLLMError as e:
+            raise SystemExit(f"lm_eval_dllm: error: {e}") from None
+        pbar.close()
+        ordered = collator.get_original(results)
+        for req, (_, st) in zip(requests, ordered):
+            st = {"task": req.task_name, "doc_id": req.doc_id} | st
+            self.stats[req.task_name].append(st)
+            SAMPLE_STATS[(req.task_name, req.doc_id)].append(st)
+        self._log_summary()
+        return [text for text, _ in ordered]
+
+    def _generate_batch(self, chunk) -> list[tuple[str, dict]]:
+        contexts, gen_kwargs = [c[0] for c in chunk], chunk[0][1]
+        L = self._gen_length(gen_kwargs)
+        block = self._block_for(L)
+        sampler = (self.sampler if self.cfg.steps is None
+                   else make_sampler(self.cfg.sampler, self._sampler_args(L)))
+        until = handle_stop_sequences(gen_kwargs.get("until"), self.tokenizer.decode(self.spec.stop_ids[:1]) if self.spec.stop_ids else None)
+        prompts = [self._encode(c, L) for c in contexts]
+        t0 = time.perf_counter()
+        out = diffuse(self.forward, prompts, self.spec, sampler, L, block,
+                      temperature=self._temperature(gen_kwargs),
+                      seeds=[self._seed(c[0], c[3]) for c in chunk],
+                      early_exit=self.cfg.early_exit, device=self._device)
+        wall = (time.perf_counter() - t0) / len(chunk)
+        res = []
+        for i in range(len(chunk)):
+            toks = out.tokens[i].tolist()
+            cut = next((j for j, t in enumerate(toks) if t in self.spec.stop_ids), len(toks))
+            text = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
+            text = postprocess_generated_text(text, until, None)
+            nfe, committed = int(out.nfe[i]), int(out.committed[i])
+            res.append((text, {"nfe": nfe, "tokens": committed, "tpf": committed / max(nfe, 1),
+                               "wall_s": wall, "gen_length": L, "block": block}))
+        return res
+
+    # ---------------------------------------------------------------- reporting
+    def _warn_task_mismatch(self, tasks: set) -> None:
+        if not self.is_bundled:
+            return
+        from .tasks import BUNDLED_TASKS
+
+        for t in sorted(tasks - set(BUNDLED_TASKS) - self._warned):
+            self._warned.add(t)
+            log.warning("the bundled tiny model was trained only on %s, not on task %r: expect "
+                        "near-zero accuracy; pass a real dLLM, e.g. --model_args pretrained=%s",
+                        ", ".join(BUNDLED_TASKS), t, REAL_DLLM_HINT)
+
+    def task_summary(self) -> dict[str, dict]:
+        out = {}
+        for task, sts in self.stats.items():
+            n = len(sts)
+            nfe = sum(s["nfe"] for s in sts)
+            toks = sum(s["tokens"] for s in sts)
+            out[task] = {"n": n, "mean_nfe": nfe / n, "tpf": toks / max(nfe, 1),
+                         "wall_s_per_sample": sum(s["wall_s"] for s in sts) / n}
+        return out
+
+    def _log_summary(self) -> None:
+        for task, s in self.task_summary().items():
+            log.info("dllm %s: %d samples, mean NFE %.2f, tokens/forward %.2f, %.3f s/sample",
+                     task, s["n"], s["mean_nfe"], s["tpf"], s["wall_s_per_sample"])
+
+    def get_model_info(self) -> dict:
+        return {"dllm": {
+            "pretrained": self.cfg.pretrained_path,
+            "family": self.spec.family,
+            "sampler": self.cfg.sampler,
+            "sampler_config": {k: v for k, v in vars(self.sampler.config).items()},
+            "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,
+            "gen_length": self.cfg.gen_length,
+            "seed": self.cfg.seed,
+            "per_task": self.task_summary(),
+        }}

@@ -1,0 +1,26 @@
+"""Put the `dllm` model's measurements into lm-eval's results dict (called by the hook)."""
+
+from __future__ import annotations
+
+# results[task] keys, as lm-eval names metrics ("metric,filter"), so `make_table` prints them
+STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "wall_s": "wall_s_per_sample"}
+
+
+def attach_stats(results: dict) -> None:
+    info = (results.get("config") or {}).get("dllm")
+    if not info:
+        return
+    for task, s in info.get("per_task", {}).items():
+        row = results.get("results", {}).get(task)
+        if row is None:
+            continue
+        for key, src in STAT_KEYS.items():
+            row[f"{key},none"] = s[src]
+            row[f"{key}_stderr,none"] = "N/A"
+    from .model import SAMPLE_STATS
+
+    for task, samples in (results.get("samples") or {}).items():
+        for sample in samples:
+            st = SAMPLE_STATS.get((task, sample.get("doc_id")))
+            if st:
+                sample["dllm"] = st[-1] if len(st) == 1 else st

@@ -1,0 +1,27 @@
+"""Unmasking samplers, one per file, behind a registry: `make_sampler("threshold", {"tau": 0.9})`.
+
+Register your own with `@register_sampler("name")` on a `Sampler` subclass (see README).
+"""
+
+from .base import (
+    Sampler,
+    StepState,
+    available_samplers,
+    make_sampler,
+    register_sampler,
+    sampler_class,
+    sampler_params,
+    top_k,
+)
+from . import confidence, entropy, eb, factor, margin, random, threshold  # noqa: F401  (registers)
+
+__all__ = [
+    "Sampler",
+    "StepState",
+    "available_samplers",
+    "make_sampler",
+    "register_sampler",
+    "sampler_class",
+    "sampler_params",
+    "top_k",
+]

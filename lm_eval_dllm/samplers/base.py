@@ -1,0 +1,203 @@
+"""The sampler interface, its registry, and the helpers every sampler shares.
+
+A sampler decides, at each denoising step, which masked positions of the current block to
+commit. It never calls the model and never touches caches: the decode loop hands it a
+`StepState` (per-position statistics of the model's proposal) and gets back a boolean mask.
+
+Contract (checked by the loop): for every row that still has masked positions in the current
+block, the returned mask commits at least one of them and nothing outside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..utils import DLLMError
+
+
+@dataclass
+class StepState:
+    """What a sampler sees at one step. Shapes: B = rows still decoding, L = generation length."""
+
+    conf: torch.Tensor  # (B, L) probability of the proposed token x0
+    margin: torch.Tensor  # (B, L) top-1 minus top-2 probability
+    entropy: torch.Tensor  # (B, L) entropy of the predictive distribution (nats)
+    masked: torch.Tensor  # (B, L) bool, still masked before this step's commit
+    eligible: torch.Tensor  # (B, L) bool, masked and inside the current block
+    block: int  # index of the current block
+    num_blocks: int
+    step: int  # index of this step inside the current block
+    generators: list[torch.Generator]  # one per row, seeded per sample (batch-invariant)
+
+    @property
+    def t(self) -> torch.Tensor:
+        """(B,) fraction of the generation still masked: the diffusion 'time' of each row."""
+        return self.masked.float().mean(-1)
+
+
+class Sampler:
+    """Base class. Subclasses set `Config` (a frozen dataclass) and implement `select`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = None  # type: ignore[assignment]
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def select(self, state: StepState) -> torch.Tensor:  # (B, L) bool
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+_REGISTRY: dict[str, type[Sampler]] = {}
+
+
+def register_sampler(name: str):
+    """Class decorator: make a Sampler subclass available as `sampler=<name>`."""
+
+    def deco(cls: type[Sampler]) -> type[Sampler]:
+        if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+            raise TypeError(f"@register_sampler({name!r}) needs a Sampler subclass, got {cls!r}")
+        if not dataclasses.is_dataclass(cls.Config):
+            raise TypeError(f"sampler {name!r}: Config must be a dataclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"sampler name {name!r} is already registered by {_REGISTRY[name]!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_samplers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    if name not in _REGISTRY:
+        raise DLLMError(f"unknown sampler {name!r}; valid: {', '.join(available_samplers())}")
+    return _REGISTRY[name]
+
+
+def sampler_params(name: str) -> dict[str, Any]:
+    """The parameters of a sampler with their defaults."""
+    cls = sampler_class(name)
+    return {f.name: f.default for f in dataclasses.fields(cls.Config)}
+
+
+def _coerce(sampler: str, key: str, value: Any, typ: Any) -> Any:
+    """Turn a model_args string into the field's type, with a one-line error."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes"):
+                return True
+            if str(value).lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value)) if not isinstance(value, (int, float)) else int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise DLLMError(
+        f"sampler {sampler!r}: parameter {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}"
+    )
+
+
+def make_sampler(name: str, params: dict[str, Any] | None = None) -> Sampler:
+    """Build a registered sampler from (possibly string-valued) params; unknown keys fail loudly."""
+    cls = sampler_class(name)
+    params = dict(params or {})
+    hints = typing.get_type_hints(cls.Config)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "(none)"
+        raise DLLMError(f"sampler {name!r} has no parameter {unknown[0]!r}; valid: {valid}")
+    kwargs = {k: _coerce(name, k, v, hints[k]) for k, v in params.items()}
+    try:
+        config = cls.Config(**kwargs)
+    except DLLMError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise DLLMError(f"sampler {name!r}: {e}") from None
+    return cls(config)
+
+
+def check_range(sampler: str, key: str, value: float, lo: float, hi: float,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise a one-line DLLMError unless lo <(=) value <(=) hi."""
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise DLLMError(f"sampler {sampler!r}: {key}={value} is out of range; valid: {rng}")
+
+
+# ---------------------------------------------------------------- shared selection helpers
+
+NEG = float("-inf")
+
+
+def top_k(scores: torch.Tensor, eligible: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the k highest-scoring eligible positions of each row (fewer if fewer exist).
+
+    k may be an int or a (B,) tensor; rows keep at least one commit whenever they have an
+    eligible position. Ties break towards the lower position (stable sort).
+    """
+    B, L = scores.shape
+    s = scores.float().masked_fill(~eligible, NEG)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (B, L)
+    kk = torch.as_tensor(k, device=scores.device).expand(B).clamp(min=1)  # (B,)
+    n = torch.minimum(kk, eligible.sum(-1))  # (B,)
+    take = torch.arange(L, device=scores.device)[None, :] < n[:, None]  # (B, L) in sorted order
+    out = torch.zeros_like(eligible)
+    out.scatter_(1, order, take)
+    return out & eligible
+
+
+def sorted_prefix(scores: torch.Tensor, eligible: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Commit, per row, the longest prefix of eligible positions in descending score order.
+
+    `keep` is a (B, L) bool in *sorted* order saying whether the n-th best (0-based) may be
+    committed; the prefix stops at the first False. The best position is always committed.
+    """
+    s = scores.float().masked_fill(~eligible, NEG)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (B, L)
+    n_elig = eligible.sum(-1, keepdim=True)  # (B, 1)
+    idx = torch.arange(s.shape[1], device=s.device)[None, :]
+    ok = keep & (idx < n_elig)
+    ok[:, 0] = n_elig[:, 0] > 0  # always at least the top one
+    prefix = ok.long().cumprod(-1).bool()  # stop at the first refusal
+    out = torch.zeros_like(eligible)
+    out.scatter_(1, order, prefix)
+    return out & eligible
+
+
+def sorted_gather(values: torch.Tensor, scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """values reordered like `sorted_prefix` orders positions (ineligible ones last)."""
+    s = scores.float().masked_fill(~eligible, NEG)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    return values.gather(1, order)

@@ -1,0 +1,26 @@
+"""`random`: commit k uniformly random masked positions per step (the original MDLM/LLaDA order).
+
+Austin et al. (D3PM, 2021); Sahoo et al. (MDLM, 2024); LLaDA's `remasking="random"`.
+Each row draws from its own generator, seeded per sample, so a row's result does not depend on
+which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import StepState, register_sampler
+from .topk import TopKConfig, TopKSampler
+
+
+@register_sampler("random")
+class RandomSampler(TopKSampler):
+    @dataclass(frozen=True)
+    class Config(TopKConfig):
+        _name = "random"
+
+    def scores(self, state: StepState):
+        B, L = state.conf.shape
+        return torch.stack([torch.rand(L, generator=g) for g in state.generators]).to(state.conf.device)

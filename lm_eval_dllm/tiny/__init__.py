@@ -1,0 +1,19 @@
+"""The bundled tiny dLLM: model class, tokenizer builder and the path of the shipped checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel
+
+from .modeling import TinyDLLMConfig, TinyDLLMModel
+from .tokenizer import build_char_tokenizer
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-modchain"
+
+# Registering the class in-process lets AutoModel load the bundled checkpoint with no remote
+# code; LLaDA and Dream take the same AutoModel call with their own remote code.
+AutoConfig.register(TinyDLLMConfig.model_type, TinyDLLMConfig, exist_ok=True)
+AutoModel.register(TinyDLLMConfig, TinyDLLMModel, exist_ok=True)
+
+__all__ = ["BUNDLED_DIR", "TinyDLLMConfig", "TinyDLLMModel", "build_char_tokenizer"]

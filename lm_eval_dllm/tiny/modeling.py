@@ -1,0 +1,119 @@
+"""A small bidirectional transformer trained with the masked-diffusion objective.
+
+It is a plain transformers `PreTrainedModel`, so it loads with `AutoModel.from_pretrained`
+through exactly the path LLaDA and Dream take; `forward(input_ids, attention_mask)` returns
+logits aligned with positions (logit at i predicts token i), as LLaDA's do.
+
+Positions are counted from each row's first real token (cumsum of the attention mask), so a
+left-padded row sees the same positions as the same row alone: batch result = single-row result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+
+class TinyDLLMConfig(PretrainedConfig):
+    model_type = "tiny_dllm"
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        d_model: int = 192,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        d_ff: int = 768,
+        max_position: int = 256,
+        mask_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        init_std: float = 0.02,
+        dllm_gen_length: int = 48,
+        dllm_block: int = 8,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.d_ff = d_ff
+        self.max_position = max_position
+        self.mask_token_id = mask_token_id
+        self.init_std = init_std
+        # defaults the `dllm` lm-eval model reads when model_args and the task set none
+        self.dllm_gen_length = dllm_gen_length
+        self.dllm_block = dllm_block
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TinyDLLMConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
+        )
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, D // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # bidirectional
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
+        return x + self.ff(self.ln2(x))
+
+
+class TinyDLLMModel(PreTrainedModel):
+    config_class = TinyDLLMConfig
+    base_model_prefix = "tiny_dllm"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: TinyDLLMConfig):
+        super().__init__(config)
+        self.tok = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos = nn.Embedding(config.max_position, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.bool()
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        if int(position_ids.max()) >= self.config.max_position:
+            raise ValueError(
+                f"sequence needs position {int(position_ids.max())} but this model has "
+                f"max_position={self.config.max_position}"
+            )
+        x = self.tok(input_ids) + self.pos(position_ids)  # (B, T, D)
+        key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return MaskedLMOutput(logits=self.head(self.ln_f(x)))  # (B, T, V)

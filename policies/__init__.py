@@ -1,0 +1,1 @@
+"""Shipped learned unmasking policies (catalog comes with the `learned` sampler)."""

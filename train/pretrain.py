@@ -1,0 +1,198 @@
+"""Train the bundled tiny dLLM from scratch on the mod-10 chain task (masked-diffusion objective).
+
+    python -m train.pretrain                        # defaults: what the shipped checkpoint is
+    python -m train.pretrain --out /tmp/tiny --steps 200 --resume
+
+The loss is LLaDA's: mask each completion token with probability t ~ U(0, 1] (stratified over
+the batch), cross-entropy on the masked positions weighted by 1/t. EOS padding after the answer
+is part of the completion and gets masked too, so the model learns where answers end. The
+prompt is exactly what the lm-eval task `modchain` sends. Training state is checkpointed
+atomically every --save-every steps; --resume continues a killed run from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.tiny import BUNDLED_DIR, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
+from lm_eval_dllm.utils import atomic_write, atomic_write_json
+
+log = logging.getLogger("train.pretrain")
+
+GEN_LENGTH = 48  # completion positions: the longest answer (7 ops) takes exactly 48
+SPECIALS = {
+    "eos_token": ("<|eos|>", None),
+    "pad_token": ("<|eos|>", None),
+    "mask_token": ("<|mask|>", None),
+    "unk_token": ("<|unk|>", None),
+}
+
+
+@dataclass
+class PretrainConfig:
+    out: str = str(BUNDLED_DIR)
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 768
+    seed: int = 0
+    bf16: bool = True
+    save_every: int = 200
+    eval_problems: int = 500
+    threads: int = 0  # 0: torch's default
+
+
+def make_tokenizer():
+    return build_char_tokenizer(SPECIALS)
+
+
+def encode_batch(tok, docs: list[dict], gen_length: int):
+    """Left-padded prompt + completion (answer then EOS padding). Returns ids, attn, completion mask."""
+    eos = tok.eos_token_id
+    prompts = [tok(modchain.prompt(d["question"]))["input_ids"] for d in docs]
+    comps = [tok(d["answer"])["input_ids"] for d in docs]
+    P = max(map(len, prompts))
+    ids, attn, comp = [], [], []
+    for p, c in zip(prompts, comps):
+        assert len(c) <= gen_length, f"answer of {len(c)} tokens > gen_length {gen_length}"
+        pad = P - len(p)
+        ids.append([eos] * pad + p + c + [eos] * (gen_length - len(c)))
+        attn.append([0] * pad + [1] * (len(p) + gen_length))
+        comp.append([0] * (pad + len(p)) + [1] * gen_length)
+    return torch.tensor(ids), torch.tensor(attn), torch.tensor(comp, dtype=torch.bool)
+
+
+def diffusion_loss(model, ids, attn, comp, mask_id: int, gen: torch.Generator) -> torch.Tensor:
+    B = ids.shape[0]
+    # stratified t in (0, 1]: one draw per stratum, lower variance than iid
+    t = (torch.arange(B) + torch.rand(B, generator=gen)) / B
+    t = t[torch.randperm(B, generator=gen)].clamp(min=1e-3)  # (B,)
+    masked = comp & (torch.rand(ids.shape, generator=gen) < t[:, None])  # (B, T)
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy, attention_mask=attn).logits  # (B, T, V)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, T)
+    return ((ce * masked) / t[:, None]).sum() / comp.sum()
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def train(cfg: PretrainConfig, resume: bool) -> None:
+    out = Path(cfg.out)
+    state_path = out / "train_state.pt"
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok = make_tokenizer()
+    mconf = TinyDLLMConfig(
+        vocab_size=8 * math.ceil((max(tok.get_vocab().values()) + 1) / 8),
+        d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+        max_position=128, mask_token_id=tok.mask_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = TinyDLLMModel(mconf)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.weight_decay)
+    held_out = modchain.held_out_questions()
+    rng, gen, step, losses = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), 0, []
+    if resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        rng.setstate(st["rng"])
+        gen.set_state(st["gen"])
+        step, losses = st["step"], st["losses"]
+        log.info("resumed from %s at step %d", state_path, step)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2f M parameters, vocab %d", n_params / 1e6, mconf.vocab_size)
+
+    def sample_docs(n: int) -> list[dict]:
+        docs = []
+        while len(docs) < n:
+            q = modchain.sample_question(rng)
+            if q not in held_out:
+                docs.append({"question": q, "answer": modchain.solve(q)})
+        return docs
+
+    def save_state() -> None:
+        st = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+              "gen": gen.get_state(), "step": step, "losses": losses}
+        atomic_write(state_path, lambda tmp: torch.save(st, tmp))
+
+    t0 = time.time()
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    while step < cfg.steps:
+        ids, attn, comp = encode_batch(tok, sample_docs(cfg.batch_size), GEN_LENGTH)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = diffusion_loss(model, ids, attn, comp, mconf.mask_token_id, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(round(loss.item(), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state()
+    bar.close()
+    train_min = (time.time() - t0) / 60
+
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    card = {
+        "command": "python -m train.pretrain " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out"),
+        "config": asdict(cfg) | {"out": None},
+        "gen_length": GEN_LENGTH,
+        "task": "modchain",
+        "parameters": n_params,
+        "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
+        "train_minutes_this_run": round(train_min, 2),
+    }
+    atomic_write_json(out / "card.json", card)
+    log.info("saved %s (loss %.4f, %.1f min)", out, card["final_loss_mean_last_100"], train_min)
+    state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes it
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = PretrainConfig()
+    for k, v in asdict(d).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=v)
+        else:
+            p.add_argument(flag, type=type(v), default=v)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    a = vars(p.parse_args(argv))
+    resume = a.pop("resume")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train(PretrainConfig(**a), resume)
+
+
+if __name__ == "__main__":
+    main()
