@@ -13,6 +13,7 @@ atomically every --save-every steps; --resume continues a killed run from it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import random
@@ -176,6 +177,38 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
     atomic_write_json(out / "card.json", card)
     log.info("saved %s (loss %.4f, %.1f min)", out, card["final_loss_mean_last_100"], train_min)
     state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes it
+    evaluate_checkpoint(out, cfg.eval_problems)
+
+
+def evaluate_checkpoint(out: Path, n: int) -> dict:
+    """Greedy one-token-per-step confidence decoding on n validation problems; adds to the card."""
+    from lm_eval_dllm.decode import diffuse, model_forward
+    from lm_eval_dllm.loading import load
+    from lm_eval_dllm.samplers import make_sampler
+
+    model, tok, spec = load(str(out), dtype="float32", device="cpu")
+    docs = modchain.load_split("validation")[:n]
+    metrics = {}
+    for block in (8, GEN_LENGTH):
+        exact = final = 0
+        for i in range(0, len(docs), 64):
+            batch = docs[i:i + 64]
+            prompts = [tok(modchain.prompt(d["question"]))["input_ids"] for d in batch]
+            res = diffuse(model_forward(model), prompts, spec, make_sampler("confidence"),
+                          GEN_LENGTH, block, seeds=list(range(len(batch))))
+            for d, toks in zip(batch, res.tokens.tolist()):
+                cut = next((j for j, t in enumerate(toks) if t in spec.stop_ids), len(toks))
+                text = tok.decode(toks[:cut])
+                exact += text == d["answer"]
+                final += text.split("#### ")[-1] == d["answer"].split("#### ")[-1]
+        metrics[f"val_B{block}_exact_text"] = exact / len(docs)
+        metrics[f"val_B{block}_final_answer"] = final / len(docs)
+    card_path = out / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    card["validation"] = {"problems": len(docs), "sampler": "confidence(k=1), greedy"} | metrics
+    atomic_write_json(card_path, card)
+    log.info("validation: %s", metrics)
+    return metrics
 
 
 def main(argv=None) -> None:
@@ -188,10 +221,15 @@ def main(argv=None) -> None:
         else:
             p.add_argument(flag, type=type(v), default=v)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--eval-only", action="store_true", help="only (re)compute the card's validation metrics")
     a = vars(p.parse_args(argv))
-    resume = a.pop("resume")
+    resume, eval_only = a.pop("resume"), a.pop("eval_only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train(PretrainConfig(**a), resume)
+    cfg = PretrainConfig(**a)
+    if eval_only:
+        evaluate_checkpoint(Path(cfg.out), cfg.eval_problems)
+    else:
+        train(cfg, resume)
 
 
 if __name__ == "__main__":

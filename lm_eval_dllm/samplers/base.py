@@ -81,9 +81,36 @@ def available_samplers() -> list[str]:
 
 
 def sampler_class(name: str) -> type[Sampler]:
+    """A registered name, or "module:Class" (imported on demand, e.g. your own my_samplers.py)."""
+    if name not in _REGISTRY and ":" in name:
+        _import_sampler(name)
     if name not in _REGISTRY:
-        raise DLLMError(f"unknown sampler {name!r}; valid: {', '.join(available_samplers())}")
+        raise DLLMError(f"unknown sampler {name!r}; valid: {', '.join(available_samplers())}, "
+                        f"or module:Class of your own Sampler subclass")
     return _REGISTRY[name]
+
+
+def _import_sampler(spec: str) -> None:
+    import importlib
+    import os
+    import sys
+
+    mod_name, _, cls_name = spec.partition(":")
+    try:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError:
+            if os.getcwd() in sys.path:  # the `lm_eval` script does not put the cwd on sys.path
+                raise
+            sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(mod_name)
+        cls = getattr(mod, cls_name)
+    except (ImportError, AttributeError) as e:
+        raise DLLMError(f"cannot import sampler {spec!r} ({e}); valid: "
+                        f"{', '.join(available_samplers())}, or module:Class") from None
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise DLLMError(f"sampler {spec!r} is not a Sampler subclass; valid: {', '.join(available_samplers())}")
+    _REGISTRY[spec] = cls
 
 
 def sampler_params(name: str) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""Regenerate the accuracy-vs-NFE tables and figures.
+
+    python -m results                         # default grid on the bundled model, then report
+    python -m results --preset testbed        # the README's testbed table only (fewer runs)
+    python -m results report                  # rebuild tables/figures from runs on disk
+    python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
+
+Runs go through `lm_eval.simple_evaluate`, so every number is what the CLI would print. Raw results
+are kept under results/runs/ keyed by their settings; finished runs are skipped (resume by rerunning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from lm_eval_dllm.utils import atomic_write
+
+from .grid import SWEEPS, TESTBED, Grid, run_grid
+from .report import figures, load_rows, tables
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report"])
+    g = p.add_argument_group("grid")
+    g.add_argument("--preset", choices=["default", "testbed"], default="default",
+                   help="default: every sampler's sweep; testbed: the README's sampler table")
+    g.add_argument("--pretrained", default=None, help="model (default: the bundled tiny dLLM)")
+    g.add_argument("--tasks", default="modchain", help="comma-separated lm-eval tasks")
+    g.add_argument("--blocks", default="8,48", help="comma-separated block sizes (>= L: full diffusion)")
+    g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
+    g.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--device", default=None)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    o.add_argument("--nfe-budget", type=float, default=None, help="NFE budget of the block-size figure (default L/4)")
+    o.add_argument("--no-readme", action="store_true", help="do not update README.md's results section")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+    grid = Grid(tasks=a.tasks.split(","), blocks=_ints(a.blocks), samplers=a.samplers.split(","),
+                pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
+                out=a.out, only=TESTBED if a.preset == "testbed" else None,
+                extra={"device": a.device})
+    if a.command == "run":
+        paths = run_grid(grid)
+    else:
+        paths = sorted({q for t in grid.tasks for q in grid.run_dir(t).glob("*.json")})
+    report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.pretrained is None)
+
+
+def report(grid: Grid, paths: list[Path], nfe_budget: float | None, update_readme: bool) -> str:
+    rows = load_rows(paths)
+    if not rows:
+        raise SystemExit("results: error: no finished runs to report; valid: run `python -m results` first")
+    out_dir = grid.out / grid.model_tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = tables(rows, testbed=TESTBED)
+    figs = figures(rows, out_dir, nfe_budget)
+    body = md + "\n" + "\n".join(f"![{f.stem}]({f.relative_to(README.parent) if f.is_relative_to(README.parent) else f})"
+                                 for f in figs) + "\n"
+    atomic_write(out_dir / "tables.md", lambda tmp: Path(tmp).write_text(body))
+    logging.getLogger("results").info("wrote %s and %d figures", out_dir / "tables.md", len(figs))
+    if update_readme and README.exists():
+        set_readme_section(body)
+    return body
+
+
+def set_readme_section(body: str) -> None:
+    text = README.read_text()
+    if START not in text:
+        return
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{body}{END}", text, flags=re.S)
+    atomic_write(README, lambda tmp: Path(tmp).write_text(new))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The sweep: settings (sampler, its parameters, block size) run through `lm_eval.simple_evaluate`.
+
+Every run's raw lm-eval results JSON is kept under `<out>/runs/<model>/<task>/<key>.json`, keyed by
+its settings; a rerun skips runs whose file exists, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm_eval_dllm.utils import atomic_write_json
+
+log = logging.getLogger("results")
+
+# parameter sweeps per sampler: what each heuristic trades accuracy for speed with
+SWEEPS: dict[str, list[dict]] = {
+    "confidence": [{"k": 1}, {"k": 2}, {"k": 4}],
+    "margin": [{"k": 1}, {"k": 2}],
+    "entropy": [{"k": 1}, {"k": 2}],
+    "random": [{"k": 1}, {"k": 4}],
+    "threshold": [{"tau": t} for t in (0.5, 0.7, 0.9, 0.95, 0.99)],
+    "factor": [{"f": f} for f in (0.25, 0.5, 1.0, 2.0)],
+    "eb": [{"gamma": g} for g in (0.01, 0.1, 0.5, 1.0)],
+}
+# the testbed table of the README (issue: sampler choice visibly matters)
+TESTBED = [("confidence", {"k": 1}), ("random", {"k": 1}), ("confidence", {"k": 4})] + [
+    ("threshold", {"tau": t}) for t in (0.5, 0.7, 0.9, 0.95)]
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: str
+    params: tuple  # sorted (key, value) pairs
+    block: int
+
+    @staticmethod
+    def make(sampler: str, params: dict, block: int) -> "Setting":
+        return Setting(sampler, tuple(sorted(params.items())), block)
+
+    @property
+    def key(self) -> str:
+        p = "-".join(f"{k}{v}" for k, v in self.params)
+        return f"{self.sampler}{'-' + p if p else ''}-B{self.block}"
+
+    @property
+    def label(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.sampler}({p})" if p else self.sampler
+
+    def model_args(self, pretrained: str | None, batch_size: int, seed: int) -> str:
+        args = {"sampler": self.sampler, "block": self.block, "batch_size": batch_size, "seed": seed}
+        if pretrained:
+            args["pretrained"] = pretrained
+        args.update(dict(self.params))
+        return ",".join(f"{k}={v}" for k, v in args.items())
+
+
+@dataclass
+class Grid:
+    tasks: list[str]
+    blocks: list[int]
+    samplers: list[str]
+    pretrained: str | None = None
+    limit: int | None = None
+    batch_size: int = 32
+    seed: int = 1234
+    out: Path = Path("results")
+    only: list[tuple[str, dict]] | None = None  # explicit (sampler, params) list instead of SWEEPS
+    extra: dict = field(default_factory=dict)
+
+    def settings(self) -> list[Setting]:
+        pairs = self.only if self.only is not None else [
+            (s, p) for s in self.samplers for p in SWEEPS.get(s, [{}])]
+        return [Setting.make(s, p, b) for b in self.blocks for s, p in pairs if s in self.samplers]
+
+    @property
+    def model_tag(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "__", self.pretrained or "bundled")
+
+    def run_dir(self, task: str) -> Path:
+        lim = f"-limit{self.limit}" if self.limit else ""
+        return self.out / "runs" / self.model_tag / f"{task}{lim}-seed{self.seed}"
+
+    def path(self, task: str, s: Setting) -> Path:
+        return self.run_dir(task) / f"{s.key}.json"
+
+
+def run_grid(grid: Grid) -> list[Path]:
+    """Run every missing (task, setting); returns the paths of all runs of the grid."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from tqdm import tqdm
+
+    todo = [(t, s) for t in grid.tasks for s in grid.settings()]
+    missing = [(t, s) for t, s in todo if not grid.path(t, s).exists()]
+    log.info("grid: %d runs, %d already on disk, %d to run", len(todo), len(todo) - len(missing),
+             len(missing))
+    tm = TaskManager() if missing else None
+    bar = tqdm(missing, desc="results grid", dynamic_ncols=True)
+    for task, s in bar:
+        bar.set_postfix_str(f"{task} {s.key}")
+        t0 = time.time()
+        res = lm_eval.simple_evaluate(
+            model="dllm", model_args=s.model_args(grid.pretrained, grid.batch_size, grid.seed),
+            tasks=[task], limit=grid.limit, task_manager=tm, device=grid.extra.get("device"),
+            random_seed=grid.seed, numpy_random_seed=grid.seed, torch_random_seed=grid.seed,
+            fewshot_random_seed=grid.seed, log_samples=False)
+        res.pop("samples", None)
+        res["dllm_setting"] = {"sampler": s.sampler, "params": dict(s.params), "block": s.block,
+                               "task": task, "limit": grid.limit, "seed": grid.seed,
+                               "pretrained": grid.pretrained or "bundled",
+                               "run_seconds": round(time.time() - t0, 2)}
+        atomic_write_json(grid.path(task, s), json.loads(json.dumps(res, default=str)))
+    return [grid.path(t, s) for t, s in todo]

@@ -1,0 +1,193 @@
+"""Tables (Markdown via tabulate) and figures (PNG via matplotlib) from the runs on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from tabulate import tabulate
+
+log = logging.getLogger("results")
+PRIMARY = ("exact_match,strict-match", "exact_match,none", "pass@1,none", "acc,none")
+STATS = ("nfe,none", "tpf,none", "wall_s,none")
+
+
+@dataclass(frozen=True)
+class Row:
+    task: str
+    sampler: str
+    params: tuple
+    block: int
+    gen_length: int
+    acc: float
+    nfe: float
+    tpf: float
+    wall: float
+    n: int
+
+    @property
+    def label(self) -> str:
+        p = ", ".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.sampler}({p})" if p else self.sampler
+
+    @property
+    def full(self) -> bool:
+        return self.block >= self.gen_length
+
+
+def primary_metric(row: dict) -> str:
+    for k in PRIMARY:
+        if k in row:
+            return k
+    nums = [k for k, v in row.items() if "," in k and "_stderr" not in k and k not in STATS
+            and isinstance(v, (int, float))]
+    if not nums:
+        raise ValueError(f"no accuracy metric in {sorted(row)}")
+    return nums[0]
+
+
+def load_rows(paths: list[Path]) -> list[Row]:
+    rows = []
+    for p in paths:
+        if not p.exists():
+            continue
+        d = json.loads(p.read_text())
+        s = d["dllm_setting"]
+        r = d["results"][s["task"]]
+        per = d["config"]["dllm"]["per_task"][s["task"]]
+        gl = d["config"]["dllm"].get("gen_length") or _gen_length(d, s["task"])
+        rows.append(Row(task=s["task"], sampler=s["sampler"], params=tuple(sorted(s["params"].items())),
+                        block=min(int(s["block"]), gl), gen_length=gl, acc=float(r[primary_metric(r)]),
+                        nfe=float(r["nfe,none"]), tpf=float(r["tpf,none"]), wall=float(r["wall_s,none"]),
+                        n=int(per["n"])))
+    return rows
+
+
+def _gen_length(d: dict, task: str) -> int:
+    gk = d.get("configs", {}).get(task, {}).get("generation_kwargs", {})
+    return int(gk.get("max_gen_toks") or 256)
+
+
+def pareto(rows: list[Row]) -> list[Row]:
+    """Settings no other setting beats on both accuracy (higher) and NFE (lower)."""
+    out = [r for r in rows if not any(
+        (o.acc >= r.acc and o.nfe <= r.nfe) and (o.acc > r.acc or o.nfe < r.nfe) for o in rows)]
+    return sorted(out, key=lambda r: r.nfe)
+
+
+def best_per_sampler(rows: list[Row]) -> list[Row]:
+    best: dict[str, Row] = {}
+    for r in rows:
+        b = best.get(r.sampler)
+        if b is None or (r.acc, -r.nfe) > (b.acc, -b.nfe):
+            best[r.sampler] = r
+    return sorted(best.values(), key=lambda r: -r.acc)
+
+
+def _fmt(rows: list[Row], with_block: bool = False) -> str:
+    head = (["block"] if with_block else []) + ["sampler", "accuracy %", "mean NFE", "tokens/forward", "ms/sample"]
+    body = [([r.block] if with_block else []) + [r.label, f"{100 * r.acc:.1f}", f"{r.nfe:.2f}",
+                                                 f"{r.tpf:.2f}", f"{1000 * r.wall:.1f}"] for r in rows]
+    return tabulate(body, head, tablefmt="github")
+
+
+def block_name(block: int, gl: int) -> str:
+    return f"full diffusion (B = L = {gl})" if block >= gl else f"B = {block}"
+
+
+def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> str:
+    parts = []
+    for task in sorted({r.task for r in rows}):
+        tr = [r for r in rows if r.task == task]
+        n = max(r.n for r in tr)
+        parts.append(f"### Task `{task}` ({n} problems)\n")
+        if testbed:
+            want = [(s, tuple(sorted(p.items()))) for s, p in testbed]
+            blocks = sorted({r.block for r in tr})
+            pick = [min(blocks), max(blocks)] if len(blocks) > 1 else blocks
+            tb = []
+            for s, p in want:
+                line = [Row.label.fget(Row(task, s, p, 0, 0, 0, 0, 0, 0, 0))]
+                for b in pick:
+                    m = [r for r in tr if r.sampler == s and r.params == p and r.block == b]
+                    line += [f"{100 * m[0].acc:.1f}", f"{m[0].nfe:.2f}"] if m else ["–", "–"]
+                tb.append(line)
+            gl = tr[0].gen_length
+            head = ["sampler"] + [h for b in pick for h in (f"acc % ({block_name(b, gl)})", "NFE")]
+            parts.append("Sampler choice on the testbed (accuracy = gsm8k strict-match exact match):\n")
+            parts.append(tabulate(tb, head, tablefmt="github") + "\n")
+        by_block = defaultdict(list)
+        for r in tr:
+            by_block[r.block].append(r)
+        semi = [b for b in sorted(by_block) if b < tr[0].gen_length]
+        full = [b for b in sorted(by_block) if b >= tr[0].gen_length]
+        if semi:
+            parts.append("Semi-autoregressive blocks — each sampler at its best setting:\n")
+            parts.append(_fmt([r for b in semi for r in best_per_sampler(by_block[b])], with_block=True) + "\n")
+        if full:
+            parts.append("Full diffusion — each sampler at its best setting:\n")
+            parts.append(_fmt(best_per_sampler(by_block[full[0]])) + "\n")
+        parts.append("Pareto-optimal settings (no other setting is both more accurate and cheaper):\n")
+        parts.append(_fmt([r for b in sorted(by_block) for r in pareto(by_block[b])], with_block=True) + "\n")
+        parts.append("<details><summary>All settings</summary>\n\n"
+                     + _fmt(sorted(tr, key=lambda r: (r.block, r.sampler, r.nfe)), with_block=True)
+                     + "\n\n</details>\n")
+    return "\n".join(parts)
+
+
+def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task in sorted({r.task for r in rows}):
+        tr = [r for r in rows if r.task == task]
+        blocks = sorted({r.block for r in tr})
+        samplers = sorted({r.sampler for r in tr})
+        colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(samplers)}
+        fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 3.8), sharey=True, squeeze=False)
+        for ax, b in zip(axes[0], blocks):
+            for s in samplers:
+                pts = sorted((r.nfe, 100 * r.acc) for r in tr if r.block == b and r.sampler == s)
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
+            ax.set_title(block_name(b, tr[0].gen_length))
+            ax.set_xlabel("mean NFE (forward passes)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy %")
+        axes[0][-1].legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"{task}: accuracy vs NFE per sampler")
+        fig.tight_layout()
+        p = out_dir / f"{task}_acc_vs_nfe.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+        budget = nfe_budget or tr[0].gen_length / 4
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        for s in samplers:
+            pts = []
+            for b in blocks:
+                ok = [r.acc for r in tr if r.block == b and r.sampler == s and r.nfe <= budget]
+                if ok:
+                    pts.append((b, 100 * max(ok)))
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(blocks, [str(b) for b in blocks])
+        ax.set_xlabel("block size (rightmost = full diffusion)")
+        ax.set_ylabel(f"best accuracy % at NFE <= {budget:g}")
+        ax.set_title(f"{task}: accuracy vs block size at a fixed NFE budget")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"{task}_acc_vs_block.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written

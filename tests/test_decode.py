@@ -1,0 +1,175 @@
+"""The decode loop: invariants, NFE accounting, early exit, families, determinism."""
+
+import pytest
+import torch
+
+from lm_eval_dllm.decode import check_block, diffuse, model_forward
+from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.spec import FamilySpec
+from lm_eval_dllm.utils import DLLMError
+
+V, MASK, EOS, PAD = 12, 11, 10, 10
+
+
+def spec(shifted=False, stops=(EOS,)):
+    return FamilySpec(family="test", mask_id=MASK, stop_ids=stops, pad_id=PAD, shifted=shifted,
+                      suppress_ids=(MASK,), max_length=None, default_gen_length=16, default_block=4)
+
+
+def fake_forward(seed=0, calls=None):
+    """Deterministic logits that depend on the canvas (so order matters), never proposing EOS."""
+    W = torch.randn(V, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+    def fwd(ids, attn):
+        if calls is not None:
+            calls.append(ids.clone())
+        x = torch.nn.functional.one_hot(ids, V).float()  # (b, T, V)
+        ctx = x.cumsum(1) + x.flip(1).cumsum(1).flip(1)  # bidirectional-ish context
+        logits = ctx @ W + torch.arange(ids.shape[1])[None, :, None] * 0.37 % 1.0
+        logits[..., EOS] = -1e4
+        return logits
+
+    return fwd
+
+
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 1]]
+
+
+@pytest.mark.parametrize("name", ["confidence", "margin", "entropy", "random", "threshold", "factor", "eb"])
+@pytest.mark.parametrize("block", [4, 16])
+def test_invariants(name, block):
+    calls = []
+    out = diffuse(fake_forward(calls=calls), PROMPTS, spec(), make_sampler(name), 16, block,
+                  early_exit=False, seeds=[0, 1, 2])
+    assert not (out.tokens == MASK).any()
+    assert (out.nfe >= 16 // block).all() and (out.nfe <= 16).all()
+    P = max(map(len, PROMPTS))
+    for c in calls:  # prompt tokens never change across steps
+        for i, p in enumerate(PROMPTS):
+            row = c[i] if c.shape[0] == len(PROMPTS) else None
+            if row is not None:
+                assert row[P - len(p):P].tolist() == p
+
+
+def test_committed_tokens_never_change_and_blocks_fill_in_order():
+    calls = []
+    diffuse(fake_forward(calls=calls), [[1, 2]], spec(), make_sampler("confidence"), 16, 4,
+            early_exit=False)
+    prev = None
+    for c in calls:
+        gen = c[0, 2:]
+        if prev is not None:
+            keep = prev != MASK
+            assert torch.equal(gen[keep], prev[keep])
+        filled = (gen != MASK).nonzero().flatten().tolist()
+        if filled:  # everything filled lies in blocks up to the current one
+            cur = max(filled) // 4
+            assert all((gen[: cur * 4] != MASK).tolist())
+        prev = gen
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("block", [4, 8, 16])
+def test_confidence_k_gives_nfe_L_over_k(k, block):
+    out = diffuse(fake_forward(), PROMPTS, spec(), make_sampler("confidence", {"k": k}), 16, block,
+                  early_exit=False)
+    assert out.nfe.tolist() == [16 // k] * 3
+    assert out.committed.tolist() == [16] * 3
+
+
+def test_early_exit_saves_forwards_and_keeps_text():
+    """A model that puts EOS at position 5: exit once 0..5 are committed; same text as without."""
+
+    def fwd(ids, attn):
+        T = ids.shape[1]
+        logits = torch.zeros(ids.shape[0], T, V)
+        for t in range(T):
+            logits[:, t, (t % 9) + 1 if t < T - 16 + 5 else EOS] = 5.0 + (T - t) * 0.1
+        return logits
+
+    s = make_sampler("confidence")
+    full = diffuse(fwd, [[1, 2]], spec(), s, 16, 16, early_exit=False)
+    early = diffuse(fwd, [[1, 2]], spec(), s, 16, 16, early_exit=True)
+    assert full.nfe.item() == 16
+    assert early.nfe.item() == 6  # positions 0..5 committed one per step, then stop
+    cut = lambda t: t[: t.tolist().index(EOS)].tolist()  # noqa: E731
+    assert cut(early.tokens[0]) == cut(full.tokens[0])
+
+
+def test_dream_shift_reads_previous_position():
+    """Logits at i predict token i + 1: a shifted model whose logit row i says 'token i+1'."""
+
+    def fwd(ids, attn):
+        T = ids.shape[1]
+        logits = torch.full((ids.shape[0], T, V), -5.0)
+        for t in range(T):
+            logits[:, t, (t + 1) % 9 + 1] = 5.0  # predicts position t + 1
+        return logits
+
+    out = diffuse(fwd, [[1, 2, 3]], spec(shifted=True), make_sampler("confidence"), 8, 8,
+                  early_exit=False)
+    P = 3
+    assert out.tokens[0].tolist() == [(P + j) % 9 + 1 for j in range(8)]
+
+
+def test_temperature_sampling_is_seeded_per_row():
+    s = make_sampler("confidence")
+    a = diffuse(fake_forward(), PROMPTS, spec(), s, 16, 4, temperature=1.0, seeds=[7, 8, 9])
+    b = diffuse(fake_forward(), PROMPTS[::-1], spec(), s, 16, 4, temperature=1.0, seeds=[9, 8, 7])
+    assert torch.equal(a.tokens, b.tokens.flip(0))
+    c = diffuse(fake_forward(), PROMPTS, spec(), s, 16, 4, temperature=1.0, seeds=[1, 2, 3])
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_bad_sampler_output_is_caught():
+    class Greedy:
+        name = "bad"
+
+        def select(self, st):
+            return torch.ones_like(st.eligible)  # commits outside the block
+
+    with pytest.raises(RuntimeError, match="outside the masked positions"):
+        diffuse(fake_forward(), [[1]], spec(), Greedy(), 16, 4)
+
+
+@pytest.mark.parametrize("block,L,needle", [
+    (0, 16, "block=0 must be a positive integer"),
+    (-2, 16, "block=-2 must be a positive integer"),
+    (5, 16, "block=5 does not divide gen_length=16; valid: 1, 2, 4, 8, 16"),
+    (4, 0, "gen_length=0 must be a positive integer"),
+])
+def test_block_errors(block, L, needle):
+    with pytest.raises(DLLMError, match=needle.replace("(", r"\(")):
+        check_block(block, L)
+
+
+def test_block_at_least_L_is_full_diffusion():
+    assert check_block(256, 48) == 48 and check_block(None, 48) == 48 and check_block(8, 48) == 8
+
+
+def test_trajectory_records_every_step():
+    out = diffuse(fake_forward(), PROMPTS, spec(), make_sampler("threshold", {"tau": 0.5}), 16, 8,
+                  early_exit=False, record=True)
+    assert len(out.trajectory) == int(out.nfe.max())
+    per_row = torch.zeros(3, dtype=torch.long)
+    for r in out.trajectory:
+        per_row[r.rows] += 1
+        assert not (r.action & ~r.eligible).any() and (r.action.sum(-1) >= 1).all()
+    assert torch.equal(per_row, out.nfe)
+
+
+def test_tiny_model_batch_equals_single_and_is_reproducible(tiny_loaded):
+    model, tok, sp = tiny_loaded
+    fwd = model_forward(model)
+    prompts = [tok(t)["input_ids"] for t in
+               ["Q: 1+2*3\nA: ", "Q: 9-8*7+6-5\nA: ", "hi", "Q: 4*4*4*4+1-2\nA: ", "x" * 30,
+                "Q: 0\nA: ", "abc", "Q: 5+5+5+5\nA: "]]
+    for name, params in [("confidence", {}), ("threshold", {"tau": 0.3}), ("random", {"k": 2})]:
+        s = make_sampler(name, params)
+        batch = diffuse(fwd, prompts, sp, s, 24, 8, seeds=list(range(8)))
+        again = diffuse(fwd, prompts, sp, s, 24, 8, seeds=list(range(8)))
+        assert torch.equal(batch.tokens, again.tokens) and torch.equal(batch.nfe, again.nfe)
+        for i, p in enumerate(prompts):
+            one = diffuse(fwd, [p], sp, s, 24, 8, seeds=[i])
+            assert torch.equal(one.tokens[0], batch.tokens[i]), (name, i)
+            assert one.nfe.item() == batch.nfe[i].item()

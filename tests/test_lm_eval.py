@@ -1,0 +1,156 @@
+"""The `dllm` model inside an unmodified lm-eval: registry, tasks, results, samples, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SAMPLERS = ["confidence", "eb", "entropy", "factor", "margin", "random", "threshold"]
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, **kw)
+
+
+def test_hook_costs_nothing_without_lm_eval():
+    code = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'torch', 'lm_eval_dllm')))"
+    out = run([sys.executable, "-c", code])
+    assert out.stdout.strip() == "['lm_eval_dllm', 'lm_eval_dllm._hook']"
+
+
+def test_registry_keeps_builtins_and_adds_dllm():
+    code = ("from lm_eval.api.registry import get_model; "
+            "print(get_model('hf').__name__, get_model('dummy').__name__, get_model('dllm').__name__)")
+    out = run([sys.executable, "-c", code])
+    assert out.stdout.split() == ["HFLM", "DummyLM", "DLLM"], out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def test_bundled_task_is_found_without_include_path(task_manager):
+    assert "modchain" in task_manager.all_tasks
+
+
+def test_task_prompt_matches_pretraining_prompt(task_manager):
+    from lm_eval_dllm.tasks import modchain
+
+    task = task_manager.load(["modchain"])["tasks"]["modchain"]
+    doc = next(iter(task.test_docs()))
+    assert task.doc_to_text(doc) == modchain.prompt(doc["question"])
+    # the gsm8k scorer applies unchanged: the reference answer scores 1, a wrong one 0
+    ok = task.process_results(doc, [doc["answer"]])
+    assert ok["exact_match"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_sampler_through_simple_evaluate(sampler, tiny_ckpt, task_manager):
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(
+        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler={sampler},batch_size=4",
+        tasks=["modchain"], limit=8, task_manager=task_manager, device="cpu", log_samples=True)
+    row = res["results"]["modchain"]
+    assert 0.0 <= row["exact_match,strict-match"] <= 1.0
+    assert row["nfe,none"] >= 1 and row["tpf,none"] > 0 and row["wall_s,none"] > 0
+    per_task = res["config"]["dllm"]["per_task"]["modchain"]
+    assert per_task["n"] == 8 and per_task["mean_nfe"] == row["nfe,none"]
+    samples = [s for s in res["samples"]["modchain"] if s["filter"] == "strict-match"]
+    assert len(samples) == 8  # one logged sample per doc and filter
+    nfes = [s["dllm"]["nfe"] for s in samples]
+    assert sum(nfes) / 8 == pytest.approx(row["nfe,none"])
+    assert all(s["dllm"]["doc_id"] == s["doc_id"] for s in samples)
+
+
+@pytest.mark.slow
+def test_batch_size_does_not_change_outputs(tiny_ckpt, task_manager):
+    import lm_eval
+
+    outs = []
+    for bs in (1, 8):
+        res = lm_eval.simple_evaluate(
+            model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=threshold,tau=0.3,batch_size={bs}",
+            tasks=["modchain"], limit=8, task_manager=task_manager, device="cpu", log_samples=True)
+        outs.append([(s["resps"], s["dllm"]["nfe"]) for s in res["samples"]["modchain"]])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tiny_ckpt, tmp_path):
+    """`lm_eval` and `python -m lm_eval`, results JSON with accuracy and NFE, samples with NFE."""
+    args = ["--model", "dllm", "--model_args", f"pretrained={tiny_ckpt},sampler=threshold,tau=0.7",
+            "--tasks", "modchain", "--limit", "4", "--batch_size", "2", "--log_samples"]
+    for i, prefix in enumerate([["lm_eval"], [sys.executable, "-m", "lm_eval"]]):
+        exe = prefix if prefix[0] != "lm_eval" else [os.path.join(os.path.dirname(sys.executable), "lm_eval")]
+        out_dir = tmp_path / f"out{i}"
+        r = run(exe + args + ["--output_path", str(out_dir)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "nfe" in r.stdout and "exact_match" in r.stdout
+        res_file = next(out_dir.rglob("results_*.json"))
+        res = json.loads(res_file.read_text())["results"]["modchain"]
+        assert "exact_match,strict-match" in res and res["nfe,none"] >= 1
+        sample = json.loads(next(out_dir.rglob("samples_modchain_*.jsonl")).read_text().splitlines()[0])
+        assert sample["dllm"]["nfe"] >= 1 and sample["dllm"]["task"] == "modchain"
+
+
+BAD_INPUT = [
+    ("sampler=bogus", "unknown sampler 'bogus'; valid: confidence"),
+    ("sampler=threshold,tau=abc", "tau='abc' is not a valid float"),
+    ("sampler=threshold,tau=1.5", "tau=1.5 is out of range; valid: (0.0, 1.0]"),
+    ("block=0", "block=0 must be a positive integer"),
+    ("block=5,gen_length=48", "block=5 does not divide gen_length=48"),
+    ("gen_length=-3", "gen_length=-3 must be a positive integer"),
+    ("pretrained=/no/such/dir", "pretrained path '/no/such/dir' does not exist"),
+    ("dtype=float7", "unsupported dtype 'float7'; valid: auto"),
+    ("device=toaster", "unsupported device 'toaster'"),
+    ("colour=blue", "unknown model_args key 'colour'; valid: batch_size"),
+]
+
+
+@pytest.mark.parametrize("model_args,needle", BAD_INPUT)
+def test_bad_model_args_are_one_line(model_args, needle, tiny_ckpt):
+    """What lm-eval's CLI does with --model_args, in-process: SystemExit with one line."""
+    from lm_eval_dllm.model import DLLM
+
+    if "pretrained" not in model_args:
+        model_args = f"pretrained={tiny_ckpt},{model_args}"
+    with pytest.raises(SystemExit) as e:
+        DLLM.create_from_arg_string(model_args, {"batch_size": 1, "device": "cpu"})
+    msg = str(e.value.code)
+    assert msg.startswith("lm_eval_dllm: error: ") and needle in msg and "\n" not in msg
+
+
+@pytest.mark.slow
+def test_cli_bad_input_prints_one_line_no_traceback(tiny_ckpt):
+    r = run([sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
+             f"pretrained={tiny_ckpt},sampler=threshold,tau=1.5", "--tasks", "modchain", "--limit", "1"])
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == "lm_eval_dllm: error: sampler 'threshold': tau=1.5 is out of range; valid: (0.0, 1.0]"
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_family_checkpoints_with_chat_template(family, llada_ckpt, dream_ckpt, task_manager):
+    import lm_eval
+
+    ckpt = {"llada": llada_ckpt, "dream": dream_ckpt}[family]
+    res = lm_eval.simple_evaluate(
+        model="dllm", model_args=f"pretrained={ckpt},sampler=threshold,tau=0.5,gen_length=16,block=8",
+        tasks=["modchain"], limit=2, task_manager=task_manager, device="cpu", log_samples=True,
+        apply_chat_template=True)
+    assert res["config"]["dllm"]["family"] == family
+    sample = res["samples"]["modchain"][0]
+    prompt = sample["arguments"][0][0]
+    marker = {"llada": "<|start_header_id|>assistant", "dream": "<|im_start|>assistant"}[family]
+    assert marker in prompt  # the tokenizer's chat template was applied
+    assert 2 <= sample["dllm"]["nfe"] <= 16

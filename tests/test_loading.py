@@ -1,0 +1,61 @@
+"""Loading through transformers: families, specs and one-line errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from lm_eval_dllm.loading import load, resolve_device, resolve_dtype
+from lm_eval_dllm.utils import DLLMError
+
+
+def test_llada_interface(llada_ckpt):
+    model, tok, sp = load(str(llada_ckpt), dtype="float32", device="cpu")
+    assert type(model).__name__ == "LLaDAModelLM"  # remote code from the checkpoint folder
+    assert (sp.family, sp.mask_id, sp.shifted) == ("llada", 126336, False)
+    assert 126081 in sp.stop_ids and 126348 in sp.stop_ids  # EOS and <|eot_id|>
+    assert sp.suppress_ids == (126336,)
+
+
+def test_dream_interface(dream_ckpt):
+    model, tok, sp = load(str(dream_ckpt), dtype="float32", device="cpu")
+    assert (sp.family, sp.mask_id, sp.shifted) == ("dream", 151666, True)
+    assert 151643 in sp.stop_ids and 151645 in sp.stop_ids  # EOS and <|im_end|>
+
+
+def test_dtype_applies(tiny_ckpt):
+    model, _, _ = load(str(tiny_ckpt), dtype="bfloat16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_missing_path():
+    with pytest.raises(DLLMError, match="pretrained path '/nonexistent/ckpt' does not exist"):
+        load("/nonexistent/ckpt")
+
+
+def test_not_a_dllm(tmp_path):
+    from lm_eval_dllm.testing import build_tiny_checkpoint
+
+    ck = build_tiny_checkpoint(tmp_path / "nomask", "tiny", mask=False)
+    with pytest.raises(DLLMError, match="has no mask token.*not a masked diffusion LM; valid"):
+        load(str(ck))
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(DLLMError, match="has no config.json"):
+        load(str(tmp_path))
+
+
+@pytest.mark.parametrize("bad", ["float8", "int4"])
+def test_bad_dtype(bad):
+    with pytest.raises(DLLMError, match=f"unsupported dtype '{bad}'; valid: auto, float32"):
+        resolve_dtype(bad)
+
+
+def test_bad_device():
+    with pytest.raises(DLLMError, match="unsupported device 'toaster'; valid: auto, cpu"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(DLLMError, match="CUDA is not available here; valid: cpu"):
+            resolve_device("cuda")
