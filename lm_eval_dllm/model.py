@@ -30,6 +30,7 @@ from .utils import DLLMError
 log = logging.getLogger(__name__)
 
 REAL_DLLM_HINT = "GSAI-ML/LLaDA-8B-Instruct"
+BUNDLED_ID = "bundled:tiny-modchain"  # how policies name the bundled model
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
 
 # (task_name, doc_id) -> per-sample stats of the most recent run in this process; read by the
@@ -49,6 +50,12 @@ class DLLM(LM):
             if self.cfg.gen_length is not None:
                 self._block_for(self.cfg.gen_length)  # validate block against gen_length now
             self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
+            self.model_id = BUNDLED_ID if not self.cfg.pretrained else self.cfg.pretrained
+            L0 = self.cfg.gen_length or self.spec.default_gen_length
+            block0 = self.cfg.block if self.cfg.block is not None else self.spec.default_block
+            if block0 >= L0 or L0 % block0 == 0:  # fail now, not mid-run (e.g. no such policy)
+                self.sampler.bind(model_id=self.model_id, block=min(block0, L0), gen_length=L0,
+                                  device=self._device)
         except DLLMError as e:
             raise SystemExit(f"lm_eval_dllm: error: {e}") from None
         self.forward = model_forward(self.model)
@@ -198,6 +205,7 @@ class DLLM(LM):
                    else make_sampler(self.cfg.sampler, self._sampler_args(L)))
         until = handle_stop_sequences(gen_kwargs.get("until"), self.tokenizer.decode(self.spec.stop_ids[:1]) if self.spec.stop_ids else None)
         prompts = [self._encode(c, L) for c in contexts]
+        sampler.bind(model_id=self.model_id, block=block, gen_length=L, device=self._device)
         t0 = time.perf_counter()
         out = diffuse(self.forward, prompts, self.spec, sampler, L, block,
                       temperature=self._temperature(gen_kwargs),

@@ -13,7 +13,7 @@ from .base import (
     sampler_params,
     top_k,
 )
-from . import confidence, entropy, eb, factor, margin, random, threshold  # noqa: F401  (registers)
+from . import confidence, entropy, eb, factor, learned, margin, random, threshold  # noqa: F401  (registers)
 
 __all__ = [
     "Sampler",

@@ -52,6 +52,9 @@ class Sampler:
     def select(self, state: StepState) -> torch.Tensor:  # (B, L) bool
         raise NotImplementedError
 
+    def bind(self, *, model_id: str, block: int, gen_length: int, device) -> None:
+        """Called before decoding with the model and shape it will run on (no-op by default)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 

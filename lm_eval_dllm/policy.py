@@ -1,0 +1,152 @@
+"""The unmasking policy network: one transformer block over per-position features of the canvas.
+
+Input per position (all L generated positions, so the policy sees the whole canvas): the features
+named in `PolicyConfig.features` — mask bit, in-current-block bit, the dLLM's top-1 confidence,
+top-1 minus top-2 margin, entropy, relative position. Conditioning on the diffusion time t (the
+fraction still masked) through adaLN, as in DiT. Output: one logit per position; the action is a
+Bernoulli per eligible (masked, in-block) position. The output bias starts at -2 ("slow start":
+few commits per step until training finds it pays to commit more).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .utils import DLLMError, atomic_write, atomic_write_json
+
+ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos")
+
+
+@dataclass
+class PolicyConfig:
+    features: tuple = ("mask", "eligible", "conf", "margin", "entropy", "pos")
+    hidden: int = 128
+    ff: int = 512
+    heads: int = 2
+    layers: int = 1
+    init_bias: float = -2.0
+    # what it was trained for; used to pick a policy and to warn on mismatched use
+    base_model: str = ""
+    task: str = ""
+    block: int = 0
+    gen_length: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.features = tuple(self.features)
+        bad = [f for f in self.features if f not in ALL_FEATURES]
+        if bad:
+            raise DLLMError(f"unknown policy feature {bad[0]!r}; valid: {', '.join(ALL_FEATURES)}")
+
+
+def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tensor:
+    """(b, L, F) float features; every input is (b, L)."""
+    b, L = conf.shape
+    cols = {
+        "mask": lambda: masked.float(),
+        "eligible": lambda: eligible.float(),
+        "conf": lambda: conf.float(),
+        "margin": lambda: margin.float(),
+        "entropy": lambda: entropy.float() / math.log(2.0) / 8.0,  # bits, roughly in [0, 1]
+        "pos": lambda: torch.arange(L, device=conf.device).float().div(max(L - 1, 1)).expand(b, L),
+    }
+    return torch.stack([cols[n]() for n in names], dim=-1)
+
+
+def _sinusoid(L: int, dim: int, device) -> torch.Tensor:
+    pos = torch.arange(L, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(L, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe  # (L, dim)
+
+
+class AdaLNBlock(nn.Module):
+    def __init__(self, h: int, ff: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(h, elementwise_affine=False)
+        self.ln2 = nn.LayerNorm(h, elementwise_affine=False)
+        self.qkv = nn.Linear(h, 3 * h)
+        self.proj = nn.Linear(h, h)
+        self.ff = nn.Sequential(nn.Linear(h, ff), nn.GELU(), nn.Linear(ff, h))
+        self.mod = nn.Linear(h, 6 * h)  # shift, scale, gate for attention and feed-forward
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        b, L, h = x.shape
+        s1, m1, g1, s2, m2, g2 = self.mod(c)[:, None, :].chunk(6, dim=-1)  # each (b, 1, h)
+        y = self.ln1(x) * (1 + m1) + s1
+        q, k, v = self.qkv(y).view(b, L, 3, self.heads, h // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + (1 + g1) * self.proj(a.transpose(1, 2).reshape(b, L, h))
+        y = self.ln2(x) * (1 + m2) + s2
+        return x + (1 + g2) * self.ff(y)
+
+
+class UnmaskPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden
+        self.inp = nn.Linear(len(cfg.features), h)
+        self.time = nn.Sequential(nn.Linear(16, h), nn.SiLU(), nn.Linear(h, h))
+        self.blocks = nn.ModuleList(AdaLNBlock(h, cfg.ff, cfg.heads) for _ in range(cfg.layers))
+        self.out_ln = nn.LayerNorm(h)
+        self.out = nn.Linear(h, 1)
+        nn.init.normal_(self.out.weight, std=0.01)  # small but non-zero: gradients reach every layer
+        nn.init.constant_(self.out.bias, cfg.init_bias)
+
+    def forward(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """feats (b, L, F), t (b,) in [0, 1] -> logits (b, L)."""
+        b, L, _ = feats.shape
+        x = self.inp(feats) + _sinusoid(L, self.cfg.hidden, feats.device)[None]  # (b, L, h)
+        freqs = torch.arange(8, device=t.device, dtype=torch.float32)
+        tt = t.float()[:, None] * (2.0 ** freqs)[None, :] * math.pi  # (b, 8)
+        c = self.time(torch.cat([tt.sin(), tt.cos()], dim=-1))  # (b, h)
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.out(self.out_ln(x)).squeeze(-1)  # (b, L)
+
+    def logits_for(self, conf, margin, entropy, masked, eligible) -> torch.Tensor:
+        feats = build_features(self.cfg.features, conf, margin, entropy, masked, eligible)
+        t = masked.float().mean(-1)
+        return self(feats, t)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, directory: str | Path, card: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(d / "policy.safetensors", lambda tmp: save_file(state, tmp))
+        atomic_write_json(d / "policy.json", {"config": asdict(self.cfg), "card": card or {}})
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu") -> "UnmaskPolicy":
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / "policy.json").exists():
+            raise DLLMError(f"policy {str(directory)!r} has no policy.json; valid: a folder written "
+                            f"by `python -m train.grpo` (policy.json + policy.safetensors)")
+        meta = json.loads((d / "policy.json").read_text())
+        pol = cls(PolicyConfig(**meta["config"]))
+        pol.load_state_dict(load_file(str(d / "policy.safetensors"), device=str(device)))
+        pol.card = meta.get("card", {})
+        return pol.to(device).eval()
+
+
+def bernoulli_logprob(logits: torch.Tensor, action: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """(b,) log-probability of `action` under independent Bernoullis on the eligible positions."""
+    lp = -F.binary_cross_entropy_with_logits(logits, action.float(), reduction="none")  # (b, L)
+    return (lp * eligible.float()).sum(-1)

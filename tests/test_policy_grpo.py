@@ -1,0 +1,146 @@
+"""The policy network, the learned sampler, the task reward and the GRPO update."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob
+from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.utils import DLLMError
+from train.grpo import GRPOConfig, update
+from train.grpo_loss import clipped_pg_loss, group_advantages
+
+from .test_samplers import state
+
+
+def test_policy_size_and_slow_start():
+    pol = UnmaskPolicy(PolicyConfig())
+    n = sum(p.numel() for p in pol.parameters())
+    assert 250_000 < n < 400_000  # the paper's ~0.3 M
+    st = state(torch.rand(2, 48))
+    p = torch.sigmoid(pol.logits_for(st.conf, st.margin, st.entropy, st.masked, st.eligible)).detach()
+    assert p.mean() == pytest.approx(torch.sigmoid(torch.tensor(-2.0)).item(), abs=0.05)
+
+
+def test_save_load_roundtrip(tmp_path):
+    pol = UnmaskPolicy(PolicyConfig(features=("mask", "conf"), base_model="m", block=8, gen_length=48))
+    pol.save(tmp_path / "p", {"note": 1})
+    back = UnmaskPolicy.load(tmp_path / "p")
+    assert back.cfg.features == ("mask", "conf") and back.card == {"note": 1}
+    for a, b in zip(pol.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(DLLMError, match="has no policy.json"):
+        UnmaskPolicy.load(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["sample", "greedy"])
+def test_learned_sampler_contract(mode):
+    pol = UnmaskPolicy(PolicyConfig())
+    s = LearnedSampler.from_policy(pol, mode=mode)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        masked = torch.rand(3, 48, generator=g) < 0.7
+        st = state(torch.rand(3, 48, generator=g), masked, block=(8, 16))
+        a = s.select(st)
+        assert not (a & ~st.eligible).any()
+        assert (a.sum(-1)[st.eligible.any(-1)] >= 1).all()
+
+
+def test_learned_needs_a_policy_for_unknown_models():
+    s = make_sampler("learned")
+    with pytest.raises(DLLMError, match="no shipped policy for model 'someone/else'"):
+        s.bind(model_id="someone/else", block=32, gen_length=256, device="cpu")
+    s = make_sampler("learned", {"policy": "/no/such/policy"})
+    with pytest.raises(DLLMError, match="policy '/no/such/policy' does not exist"):
+        s.bind(model_id="x", block=8, gen_length=48, device="cpu")
+    with pytest.raises(DLLMError, match="mode='best'; valid: sample, greedy"):
+        make_sampler("learned", {"mode": "best"})
+
+
+def test_reward_is_task_verdict_times_nfe_discount():
+    from lm_eval_dllm.reward import TaskScorer, nfe_discount
+
+    sc = TaskScorer("modchain")
+    doc = sc.docs("train")[3]
+    right, wrong = doc["answer"], doc["answer"].rsplit("#### ", 1)[0] + "#### " + str((int(doc["answer"][-1]) + 1) % 10)
+    assert sc.score(doc, right) == 1.0 and sc.score(doc, wrong) == 0.0
+    assert sc.reward(doc, right, nfe=12, gen_length=48, alpha=1.0) == pytest.approx((48 - 12 + 1) / 48)
+    assert sc.reward(doc, right, nfe=12, gen_length=48, alpha=0.0) == 1.0
+    assert sc.reward(doc, wrong, nfe=3, gen_length=48, alpha=1.0) == 0.0
+    assert nfe_discount(100, 48, 2.0) == pytest.approx((1 / 48) ** 2)  # NFE beyond L is capped
+    # the same verdict lm-eval's own pipeline gives
+    inst_metrics = sc.task.process_results(doc, [right.split("#### ")[-1]])
+    assert inst_metrics["exact_match"] == 1.0
+
+
+def test_group_advantages_and_loss():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.4])
+    assert torch.allclose(group_advantages(r, 2), torch.tensor([0.5, -0.5, 0.0, 0.0, -0.1, 0.1]))
+    lp = torch.zeros(3, requires_grad=True)
+    loss = clipped_pg_loss(lp, torch.zeros(3), torch.tensor([1.0, -1.0, 2.0]), 0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(-2 / 3) and torch.allclose(lp.grad, -torch.tensor([1.0, -1.0, 2.0]) / 3)
+    # outside the clip range the gradient vanishes for the favourable direction
+    lp2 = torch.full((1,), 1.0, requires_grad=True)
+    clipped_pg_loss(lp2, torch.zeros(1), torch.ones(1), 0.5).backward()
+    assert lp2.grad.item() == 0.0
+
+
+def test_one_grpo_update_changes_every_parameter():
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True)
+    pol = UnmaskPolicy(PolicyConfig())
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    cfg = GRPOConfig()
+    opt = torch.optim.AdamW(pol.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    N, L = 32, 48
+    batch = {"feats": torch.rand(N, L, len(pol.cfg.features)), "t": torch.rand(N),
+             "action": torch.rand(N, L) < 0.3, "eligible": torch.rand(N, L) < 0.8,
+             "row": torch.arange(N) % 8}
+    adv = group_advantages(torch.rand(8), 4)
+    losses = update(pol, pol, opt, sched, batch, adv, cfg, acc)
+    assert len(losses) == cfg.inner_steps
+    unchanged = [k for k, v in pol.state_dict().items() if torch.equal(v, before[k])]
+    assert unchanged == []
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
+    """Kill a run mid-way, resume it: same final policy and optimizer state as a run never killed."""
+    base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "6",
+            "--prompts-per-step", "2", "--group", "4", "--val-every", "100", "--save-every", "1",
+            "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(base + ["--out", str(whole)], check=True, capture_output=True, env=env, timeout=600)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(base + ["--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = cut / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(cut / "trainer_state.pt", weights_only=False)["step"]
+    assert 1 <= killed_at < 6
+    subprocess.run(base + ["--out", str(cut), "--resume"], check=True, capture_output=True, env=env, timeout=600)
+
+    a = torch.load(whole / "trainer_state.pt", weights_only=False)
+    b = torch.load(cut / "trainer_state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for k in a["policy"]:
+        assert torch.equal(a["policy"][k], b["policy"][k]), k
+    assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
+    steps = [json.loads(x)["step"] for x in (cut / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and max(steps) == 6

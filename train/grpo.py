@@ -1,0 +1,273 @@
+"""Learn an unmasking policy by RL (GRPO), with the dLLM frozen as the environment.
+
+    python -m train.grpo --task modchain --block 48 --alpha 1.0 --out runs/grpo-modchain-B48
+    python -m train.grpo ... --resume                      # continue a killed run
+    accelerate launch --num_processes 2 -m train.grpo ...  # data parallel over rollouts
+
+Each step: sample prompts from the task's training split (its own prompt format), roll out a group
+of completions per prompt through the same decode loop as evaluation with the policy sampling its
+actions, score each with the task's own filters + metric times the NFE discount, take group-relative
+advantages, and make --inner-steps clipped policy-gradient updates by replaying the stored per-step
+features through the policy (the dLLM is not re-run). Validation on the task's validation split;
+the best policy by validation reward is kept in OUT/best, the latest in OUT/last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lm_eval_dllm.decode import diffuse, model_forward
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
+from lm_eval_dllm.reward import TaskScorer, nfe_discount
+from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.utils import DLLMError, atomic_write
+
+from .grpo_loss import clipped_pg_loss, group_advantages
+
+log = logging.getLogger("train.grpo")
+
+
+@dataclass
+class GRPOConfig:
+    task: str = "modchain"
+    pretrained: str = ""  # "" = the bundled tiny dLLM
+    block: int = 0  # 0 = the model's default block; >= gen_length = full diffusion
+    gen_length: int = 0  # 0 = the task's max_gen_toks, else the model's default
+    alpha: float = 1.0  # NFE discount exponent; 0 = reward accuracy only
+    group: int = 8  # rollouts per prompt
+    prompts_per_step: int = 8  # per process
+    steps: int = 200
+    lr: float = 3e-5
+    warmup: int = 0
+    clip_eps: float = 0.5
+    inner_steps: int = 2  # optimizer steps per rollout batch (rollouts reused)
+    grad_clip: float = 0.2
+    weight_decay: float = 0.0
+    dllm_temperature: float = 0.0  # the dLLM's own token choice: 0 = argmax
+    num_fewshot: int = -1  # -1 = the task's own
+    apply_chat_template: bool = False
+    val_every: int = 20
+    val_size: int = 128
+    save_every: int = 10
+    batch_size: int = 64  # decode batch for rollouts and validation
+    features: str = ",".join(PolicyConfig.features)
+    hidden: int = 128
+    ff: int = 512
+    heads: int = 2
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = ""
+    out: str = "runs/grpo"
+
+
+RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
+
+
+class Env:
+    """The frozen dLLM plus the task: prompts in, rewards out, through the shared decode loop."""
+
+    def __init__(self, cfg: GRPOConfig, device):
+        self.cfg = cfg
+        path = cfg.pretrained or None
+        from lm_eval_dllm.tiny import BUNDLED_DIR
+
+        self.model, self.tok, self.spec = load(path or str(BUNDLED_DIR), cfg.dtype, str(device))
+        self.model_id = cfg.pretrained or BUNDLED_ID
+        self.forward = model_forward(self.model)
+        chat = None
+        if cfg.apply_chat_template:
+            def chat(msgs, add_generation_prompt=True, **kw):
+                return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        self.scorer = TaskScorer(cfg.task, num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
+                                 chat_template=chat)
+        self.L = cfg.gen_length or int(self.scorer.gen_kwargs.get("max_gen_toks") or self.spec.default_gen_length)
+        self.block = min(cfg.block or self.spec.default_block, self.L)
+        self.device = device
+
+    def rollout(self, policy, prompts, seeds, mode="sample", record=True):
+        """Decode every prompt once (repeat prompts for groups). Returns trajectory, rewards, stats."""
+        # temperature 1: the replayed log-probabilities are those of the distribution sampled here
+        sampler = LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
+        texts, nfes, scores, traj_all = [], [], [], []
+        for i in range(0, len(prompts), self.cfg.batch_size):
+            chunk = prompts[i:i + self.cfg.batch_size]
+            ids = [self.tok(p.context, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"] for p in chunk]
+            out = diffuse(self.forward, ids, self.spec, sampler, self.L, self.block,
+                          temperature=self.cfg.dllm_temperature, seeds=seeds[i:i + len(chunk)],
+                          record=record, device=self.device)
+            for j, p in enumerate(chunk):
+                toks = out.tokens[j].tolist()
+                cut = next((k for k, t in enumerate(toks) if t in self.spec.stop_ids), len(toks))
+                text = self.tok.decode(toks[:cut], skip_special_tokens=True)
+                texts.append(text)
+                nfes.append(int(out.nfe[j]))
+                scores.append(self.scorer.score(p.doc, text))
+            if record:
+                for r in out.trajectory:
+                    r.rows = r.rows + i  # rows index the whole rollout batch
+                traj_all += out.trajectory
+        rewards = [s * nfe_discount(n, self.L, self.cfg.alpha) for s, n in zip(scores, nfes)]
+        return traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float), texts
+
+
+def stack_steps(traj, features) -> dict:
+    """All (rollout, step) records as one batch: features (N, L, F), t (N,), action/eligible (N, L), row (N,)."""
+    cat = lambda name: torch.cat([getattr(r, name) for r in traj])  # noqa: E731
+    conf, margin, entropy, masked, eligible = (cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible"))
+    return {"feats": build_features(features, conf, margin, entropy, masked, eligible),
+            "t": masked.float().mean(-1), "action": cat("action"), "eligible": eligible, "row": cat("rows")}
+
+
+def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: GRPOConfig, acc) -> list[float]:
+    """--inner-steps clipped policy-gradient steps on one rollout batch; returns the losses."""
+    with torch.no_grad():  # the behaviour policy: the one that sampled the actions
+        old = bernoulli_logprob(policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
+    a = adv[batch["row"]]  # (N,) each step inherits its rollout's advantage
+    losses = []
+    for _ in range(cfg.inner_steps):
+        logp = bernoulli_logprob(ddp_policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
+        loss = clipped_pg_loss(logp, old, a, cfg.clip_eps)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        acc.clip_grad_norm_(ddp_policy.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def lr_lambda(cfg: GRPOConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps * cfg.inner_steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return f
+
+
+def train(cfg: GRPOConfig, resume: bool) -> None:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=(cfg.device == "cpu"))
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    env = Env(cfg, acc.device)
+    features = tuple(f for f in cfg.features.split(",") if f)
+    pcfg = PolicyConfig(features=features, hidden=cfg.hidden, ff=cfg.ff, heads=cfg.heads,
+                        base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
+    policy = UnmaskPolicy(pcfg).to(acc.device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    step, best = 0, -float("inf")
+    state_path = out / "trainer_state.pt"
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        diff = sorted(k for k in st["config"] if st["config"][k] != asdict(cfg).get(k) and k not in RESUME_MAY_CHANGE)
+        if diff:
+            raise DLLMError(f"--resume with different settings ({', '.join(diff)}); valid: the "
+                            f"settings of the run in {out}, or a new --out")
+        policy.load_state_dict(st["policy"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step, best = st["step"], st["best"]
+        log.info("resumed %s at step %d", state_path, step)
+    ddp_policy, opt = acc.prepare(policy, opt)
+    train_prompts = env.scorer.prompts("train")
+    val_prompts = env.scorer.prompts("validation", n=cfg.val_size, seed=cfg.seed)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%g, %d processes",
+                 sum(p.numel() for p in policy.parameters()), cfg.task, len(train_prompts), env.L,
+                 env.block, cfg.alpha, acc.num_processes)
+
+    def card(metrics: dict) -> dict:
+        return {"command": "python -m train.grpo " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()),
+                "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
+                "alpha": cfg.alpha, "features": list(features), "steps": step, "seed": cfg.seed,
+                "processes": acc.num_processes, "metrics": metrics}
+
+    def save(metrics: dict) -> None:
+        st = {"policy": acc.unwrap_model(ddp_policy).state_dict(), "opt": opt.state_dict(),
+              "sched": sched.state_dict(), "step": step, "best": best, "config": asdict(cfg)}
+        atomic_write(state_path, lambda tmp: torch.save(st, tmp))
+        acc.unwrap_model(ddp_policy).save(out / "last", card(metrics))
+
+    def log_line(rec: dict) -> None:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", disable=not acc.is_main_process, dynamic_ncols=True)
+    while step < cfg.steps:
+        t0 = time.time()
+        rng = random.Random(cfg.seed * 1_000_003 + step * 1_009 + acc.process_index)
+        picks = rng.sample(range(len(train_prompts)), cfg.prompts_per_step)
+        prompts = [train_prompts[i] for i in picks for _ in range(cfg.group)]
+        seeds = [hash((cfg.seed, step, acc.process_index, k)) % (2**62) for k in range(len(prompts))]
+        traj, rewards, scores, nfes, _ = env.rollout(acc.unwrap_model(ddp_policy), prompts, seeds)
+        adv = group_advantages(rewards, cfg.group)
+        batch = {k: v.to(acc.device) for k, v in stack_steps(traj, features).items()}
+        losses = update(ddp_policy, acc.unwrap_model(ddp_policy), opt, sched, batch, adv.to(acc.device), cfg, acc)
+        step += 1
+        m = torch.tensor([rewards.mean(), scores.mean(), nfes.mean()], device=acc.device)
+        m = acc.reduce(m, reduction="mean").tolist()
+        rec = {"step": step, "reward": m[0], "accuracy": m[1], "nfe": m[2], "loss": sum(losses) / len(losses),
+               "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+        bar.update(1)
+        bar.set_postfix(reward=f"{m[0]:.3f}", acc=f"{m[1]:.2f}", nfe=f"{m[2]:.1f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            vm = validate(env, acc.unwrap_model(ddp_policy), val_prompts, acc)
+            rec |= {f"val_{k}": v for k, v in vm.items()}
+            if acc.is_main_process and vm["reward"] > best:
+                best = vm["reward"]
+                acc.unwrap_model(ddp_policy).save(out / "best", card({f"val_{k}": v for k, v in vm.items()}))
+            bar.write(f"step {step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, NFE {vm['nfe']:.2f}")
+        if acc.is_main_process:
+            log_line(rec)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save({k: v for k, v in rec.items() if k.startswith("val_")} | {"train_reward": m[0]})
+        acc.wait_for_everyone()
+    bar.close()
+
+
+@torch.no_grad()
+def validate(env: Env, policy, prompts, acc) -> dict:
+    """Policy in sampling mode with fixed seeds on held-out prompts (sharded over processes)."""
+    mine = prompts[acc.process_index::acc.num_processes]
+    _, rewards, scores, nfes, _ = env.rollout(policy, mine, list(range(len(mine))), record=False)
+    m = torch.tensor([rewards.sum(), scores.sum(), nfes.sum(), float(len(mine))], device=acc.device)
+    m = acc.reduce(m, reduction="sum").tolist()
+    return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(GRPOConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), str), default=f.default)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    a = vars(p.parse_args(argv))
+    resume = a.pop("resume")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        train(GRPOConfig(**a), resume)
+    except DLLMError as e:
+        raise SystemExit(f"train.grpo: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
