@@ -32,6 +32,12 @@ class PolicyConfig:
     heads: int = 2
     layers: int = 1
     init_bias: float = -2.0
+    # start: "slow" = the paper's output bias init_bias; "threshold" = a linear skip path that starts
+    # as Fast-dLLM's threshold rule at init_tau (commit p ~ sigmoid(init_sharpness * (conf - tau))),
+    # so that early rollouts are already mostly correct and GRPO has reward differences to learn from
+    init: str = "slow"
+    init_tau: float = 0.9
+    init_sharpness: float = 20.0
     # what it was trained for; used to pick a policy and to warn on mismatched use
     base_model: str = ""
     task: str = ""
@@ -44,6 +50,10 @@ class PolicyConfig:
         bad = [f for f in self.features if f not in ALL_FEATURES]
         if bad:
             raise DLLMError(f"unknown policy feature {bad[0]!r}; valid: {', '.join(ALL_FEATURES)}")
+        if self.init not in ("slow", "threshold"):
+            raise DLLMError(f"policy init {self.init!r}; valid: slow, threshold")
+        if self.init == "threshold" and "conf" not in self.features:
+            raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
 
 
 def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tensor:
@@ -105,6 +115,13 @@ class UnmaskPolicy(nn.Module):
         self.out = nn.Linear(h, 1)
         nn.init.normal_(self.out.weight, std=0.01)  # small but non-zero: gradients reach every layer
         nn.init.constant_(self.out.bias, cfg.init_bias)
+        self.skip = nn.Linear(len(cfg.features), 1)  # a linear path from the features to the logit
+        nn.init.zeros_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
+        if cfg.init == "threshold":
+            with torch.no_grad():
+                self.skip.weight[0, cfg.features.index("conf")] = cfg.init_sharpness
+                self.skip.bias.fill_(-cfg.init_sharpness * cfg.init_tau - cfg.init_bias)
 
     def forward(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """feats (b, L, F), t (b,) in [0, 1] -> logits (b, L)."""
@@ -115,7 +132,7 @@ class UnmaskPolicy(nn.Module):
         c = self.time(torch.cat([tt.sin(), tt.cos()], dim=-1))  # (b, h)
         for blk in self.blocks:
             x = blk(x, c)
-        return self.out(self.out_ln(x)).squeeze(-1)  # (b, L)
+        return (self.out(self.out_ln(x)) + self.skip(feats)).squeeze(-1)  # (b, L)
 
     def logits_for(self, conf, margin, entropy, masked, eligible) -> torch.Tensor:
         feats = build_features(self.cfg.features, conf, margin, entropy, masked, eligible)

@@ -62,21 +62,39 @@ def main(argv=None) -> None:
     report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.pretrained is None)
 
 
+def render(grid: Grid, rows) -> tuple[str, list[Path]]:
+    """The Markdown of the results section and the figure paths it links (nothing written)."""
+    out_dir = grid.out / grid.model_tag
+    figs = [out_dir / f"{t}_{kind}.png" for t in sorted({r.task for r in rows})
+            for kind in ("acc_vs_nfe", "acc_vs_block")]
+    links = "\n".join(f"![{f.stem}]({_rel(f)})" for f in figs)
+    return tables(rows, testbed=TESTBED) + "\n" + links + "\n", figs
+
+
+def _rel(f: Path) -> str:
+    return str(f.relative_to(README.parent)) if f.is_relative_to(README.parent) else str(f)
+
+
 def report(grid: Grid, paths: list[Path], nfe_budget: float | None, update_readme: bool) -> str:
     rows = load_rows(paths)
     if not rows:
         raise SystemExit("results: error: no finished runs to report; valid: run `python -m results` first")
     out_dir = grid.out / grid.model_tag
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = tables(rows, testbed=TESTBED)
-    figs = figures(rows, out_dir, nfe_budget)
-    body = md + "\n" + "\n".join(f"![{f.stem}]({f.relative_to(README.parent) if f.is_relative_to(README.parent) else f})"
-                                 for f in figs) + "\n"
+    body, figs = render(grid, rows)
+    written = figures(rows, out_dir, nfe_budget)
+    assert [str(f) for f in written] == [str(f) for f in figs]
     atomic_write(out_dir / "tables.md", lambda tmp: Path(tmp).write_text(body))
     logging.getLogger("results").info("wrote %s and %d figures", out_dir / "tables.md", len(figs))
     if update_readme and README.exists():
         set_readme_section(body)
     return body
+
+
+def readme_section() -> str | None:
+    text = README.read_text()
+    m = re.search(re.escape(START) + "\n(.*?)" + re.escape(END), text, flags=re.S)
+    return m.group(1) if m else None
 
 
 def set_readme_section(body: str) -> None:

@@ -154,3 +154,17 @@ def test_family_checkpoints_with_chat_template(family, llada_ckpt, dream_ckpt, t
     marker = {"llada": "<|start_header_id|>assistant", "dream": "<|im_start|>assistant"}[family]
     assert marker in prompt  # the tokenizer's chat template was applied
     assert 2 <= sample["dllm"]["nfe"] <= 16
+
+
+@pytest.mark.slow
+def test_learned_sampler_with_a_policy_folder(tiny_ckpt, task_manager, tmp_path):
+    import lm_eval
+
+    from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
+
+    UnmaskPolicy(PolicyConfig(base_model=str(tiny_ckpt), block=8, gen_length=48)).save(tmp_path / "pol")
+    res = lm_eval.simple_evaluate(
+        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8",
+        tasks=["modchain"], limit=4, task_manager=task_manager, device="cpu")
+    assert res["results"]["modchain"]["nfe,none"] >= 6  # at least one forward per block
+    assert res["config"]["dllm"]["sampler"] == "learned"

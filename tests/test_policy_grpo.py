@@ -144,3 +144,13 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
     steps = [json.loads(x)["step"] for x in (cut / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and max(steps) == 6
+
+
+def test_threshold_init_starts_as_the_threshold_rule():
+    pol = UnmaskPolicy(PolicyConfig(init="threshold", init_tau=0.8))
+    conf = torch.tensor([[0.99, 0.95, 0.5, 0.1]])
+    st = state(conf)
+    p = torch.sigmoid(pol.logits_for(st.conf, st.margin, st.entropy, st.masked, st.eligible)).detach()
+    assert p[0, 0] > 0.9 and p[0, 1] > 0.9 and p[0, 2] < 0.01 and p[0, 3] < 0.01
+    with pytest.raises(DLLMError, match="policy init 'fast'; valid: slow, threshold"):
+        PolicyConfig(init="fast")

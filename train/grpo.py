@@ -66,6 +66,8 @@ class GRPOConfig:
     hidden: int = 128
     ff: int = 512
     heads: int = 2
+    init: str = "slow"  # slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)
+    init_tau: float = 0.9
     seed: int = 0
     dtype: str = "auto"
     device: str = ""
@@ -166,6 +168,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
     env = Env(cfg, acc.device)
     features = tuple(f for f in cfg.features.split(",") if f)
     pcfg = PolicyConfig(features=features, hidden=cfg.hidden, ff=cfg.ff, heads=cfg.heads,
+                        init=cfg.init, init_tau=cfg.init_tau,
                         base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
     policy = UnmaskPolicy(pcfg).to(acc.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -43,7 +43,7 @@ SPECIALS = {
 @dataclass
 class PretrainConfig:
     out: str = str(BUNDLED_DIR)
-    steps: int = 2000
+    steps: int = 2800
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100
@@ -57,6 +57,7 @@ class PretrainConfig:
     save_every: int = 200
     eval_problems: int = 500
     threads: int = 0  # 0: torch's default
+    init_from: str = ""  # continue training the weights of this checkpoint (fresh optimizer/schedule)
 
 
 def make_tokenizer():
@@ -112,6 +113,15 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = TinyDLLMModel(mconf)
+    stages = []
+    if cfg.init_from:
+        prev = TinyDLLMModel.from_pretrained(cfg.init_from)
+        model.load_state_dict(prev.state_dict())
+        prev_card = Path(cfg.init_from) / "card.json"
+        if prev_card.exists():
+            c = json.loads(prev_card.read_text())
+            stages = c.get("stages", [c.get("command")]) if "stages" in c or "command" in c else []
+        log.info("initialised from %s", cfg.init_from)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=cfg.weight_decay)
     held_out = modchain.held_out_questions()
@@ -165,8 +175,11 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    command = "python -m train.pretrain " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out" and v != "")
     card = {
-        "command": "python -m train.pretrain " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out"),
+        "command": command,
+        "stages": [s for s in stages if s] + [command],
         "config": asdict(cfg) | {"out": None},
         "gen_length": GEN_LENGTH,
         "task": "modchain",

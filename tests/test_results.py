@@ -1,0 +1,57 @@
+"""The results pipeline: the README shows exactly what the committed run files say."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from results.__main__ import README, readme_section, render
+from results.grid import TESTBED, Grid, Setting
+from results.report import Row, load_rows, pareto
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def committed_runs() -> list[Path]:
+    return sorted((RESULTS / "runs").rglob("*.json"))
+
+
+@pytest.mark.skipif(not committed_runs(), reason="no committed results yet")
+def test_readme_numbers_match_the_run_files():
+    """Every table in README.md's results section is re-derived from results/runs/."""
+    paths = committed_runs()
+    rows = load_rows(paths)
+    grid = Grid(tasks=sorted({r.task for r in rows}), blocks=[], samplers=[], out=RESULTS)
+    body, figs = render(grid, rows)
+    assert readme_section() == body
+    for f in figs:
+        assert f.exists(), f
+
+
+def test_pareto_front():
+    mk = lambda acc, nfe: Row("t", "s", (("x", acc),), 8, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
+    rows = [mk(0.9, 10), mk(0.8, 5), mk(0.85, 12), mk(0.95, 20), mk(0.7, 5)]
+    front = pareto(rows)
+    assert [(r.acc, r.nfe) for r in front] == [(0.8, 5), (0.9, 10), (0.95, 20)]
+
+
+def test_setting_keys_are_stable_and_distinct():
+    keys = {Setting.make(s, p, b).key for s, p in TESTBED for b in (8, 48)}
+    assert len(keys) == 2 * len(TESTBED)
+    assert Setting.make("threshold", {"tau": 0.9}, 8).key == "threshold-tau0.9-B8"
+    assert "pretrained=x" in Setting.make("eb", {}, 8).model_args("x", 4, 1)
+
+
+def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
+    """A run whose file exists is not run again (an interrupted sweep resumes)."""
+    import lm_eval
+
+    from results.grid import run_grid
+
+    grid = Grid(tasks=["modchain"], blocks=[8], samplers=["threshold"], limit=2, out=tmp_path,
+                only=[("threshold", {"tau": 0.9})])
+    path = grid.path("modchain", grid.settings()[0])
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"done": True}))
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    assert run_grid(grid) == [path]
