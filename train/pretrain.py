@@ -57,6 +57,7 @@ class PretrainConfig:
     save_every: int = 200
     eval_problems: int = 500
     threads: int = 0  # 0: torch's default
+    t_min: float = 1e-3  # smallest masking rate; the loss weight 1/t is at most 1/t_min
     init_from: str = ""  # continue training the weights of this checkpoint (fresh optimizer/schedule)
 
 
@@ -80,11 +81,11 @@ def encode_batch(tok, docs: list[dict], gen_length: int):
     return torch.tensor(ids), torch.tensor(attn), torch.tensor(comp, dtype=torch.bool)
 
 
-def diffusion_loss(model, ids, attn, comp, mask_id: int, gen: torch.Generator) -> torch.Tensor:
+def diffusion_loss(model, ids, attn, comp, mask_id: int, gen: torch.Generator, t_min: float = 1e-3) -> torch.Tensor:
     B = ids.shape[0]
     # stratified t in (0, 1]: one draw per stratum, lower variance than iid
     t = (torch.arange(B) + torch.rand(B, generator=gen)) / B
-    t = t[torch.randperm(B, generator=gen)].clamp(min=1e-3)  # (B,)
+    t = t[torch.randperm(B, generator=gen)].clamp(min=t_min)  # (B,)
     masked = comp & (torch.rand(ids.shape, generator=gen) < t[:, None])  # (B, T)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy, attention_mask=attn).logits  # (B, T, V)
@@ -158,7 +159,7 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = diffusion_loss(model, ids, attn, comp, mconf.mask_token_id, gen)
+            loss = diffusion_loss(model, ids, attn, comp, mconf.mask_token_id, gen, cfg.t_min)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -6,6 +6,9 @@ logits aligned with positions (logit at i predicts token i), as LLaDA's do.
 
 Positions are counted from each row's first real token (cumsum of the attention mask), so a
 left-padded row sees the same positions as the same row alone: batch result = single-row result.
+Positions are learned absolute embeddings by default; `pos_encoding="rope"` switches to rotary
+embeddings (tried for the bundled model: within the same CPU budget it learned to copy the prompt
+more slowly than absolute positions, so the shipped model keeps absolute ones).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class TinyDLLMConfig(PretrainedConfig):
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         init_std: float = 0.02,
+        rope_theta: float = 10000.0,
+        pos_encoding: str = "absolute",  # absolute (learned embeddings) | rope (rotary)
         dllm_gen_length: int = 48,
         dllm_block: int = 8,
         **kwargs,
@@ -44,10 +49,20 @@ class TinyDLLMConfig(PretrainedConfig):
         self.max_position = max_position
         self.mask_token_id = mask_token_id
         self.init_std = init_std
+        self.rope_theta = rope_theta
+        if pos_encoding not in ("rope", "absolute"):
+            raise ValueError(f"pos_encoding={pos_encoding!r}; valid: rope, absolute")
+        self.pos_encoding = pos_encoding
         # defaults the `dllm` lm-eval model reads when model_args and the task set none
         self.dllm_gen_length = dllm_gen_length
         self.dllm_block = dllm_block
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dim; x (B, H, T, Dh), cos/sin (B, 1, T, Dh/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Block(nn.Module):
@@ -62,10 +77,11 @@ class Block(nn.Module):
             nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
         )
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, cos, sin) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, D // self.n_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # bidirectional
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
         return x + self.ff(self.ln2(x))
@@ -79,7 +95,11 @@ class TinyDLLMModel(PreTrainedModel):
     def __init__(self, config: TinyDLLMConfig):
         super().__init__(config)
         self.tok = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos = nn.Embedding(config.max_position, config.d_model)
+        dh = config.d_model // config.n_heads
+        inv = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        if config.pos_encoding == "absolute":
+            self.pos = nn.Embedding(config.max_position, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -112,8 +132,13 @@ class TinyDLLMModel(PreTrainedModel):
                 f"sequence needs position {int(position_ids.max())} but this model has "
                 f"max_position={self.config.max_position}"
             )
-        x = self.tok(input_ids) + self.pos(position_ids)  # (B, T, D)
+        x = self.tok(input_ids)  # (B, T, D)
+        if self.config.pos_encoding == "absolute":
+            x = x + self.pos(position_ids)
+            position_ids = torch.zeros_like(position_ids)  # RoPE at angle 0 is the identity
+        ang = position_ids.float()[:, None, :, None] * self.inv_freq.float()  # (B, 1, T, Dh/2)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
         for block in self.blocks:
-            x = block(x, key_mask)
+            x = block(x, key_mask, cos, sin)
         return MaskedLMOutput(logits=self.head(self.ln_f(x)))  # (B, T, V)
