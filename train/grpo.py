@@ -235,7 +235,8 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
             if acc.is_main_process and vm["reward"] > best:
                 best = vm["reward"]
                 acc.unwrap_model(ddp_policy).save(out / "best", card({f"val_{k}": v for k, v in vm.items()}))
-            bar.write(f"step {step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, NFE {vm['nfe']:.2f}")
+            if acc.is_main_process:
+                bar.write(f"step {step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, NFE {vm['nfe']:.2f}")
         if acc.is_main_process:
             log_line(rec)
             if step % cfg.save_every == 0 or step == cfg.steps:
