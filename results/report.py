@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .grid import Setting
+
 log = logging.getLogger("results")
 PRIMARY = ("exact_match,strict-match", "exact_match,none", "pass@1,none", "acc,none")
 STATS = ("nfe,none", "tpf,none", "wall_s,none")
@@ -110,7 +112,7 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
             pick = [min(blocks), max(blocks)] if len(blocks) > 1 else blocks
             tb = []
             for s, p in want:
-                line = [Row.label.fget(Row(task, s, p, 0, 0, 0, 0, 0, 0, 0))]
+                line = [Setting(s, p, 0).label]
                 for b in pick:
                     m = [r for r in tr if r.sampler == s and r.params == p and r.block == b]
                     line += [f"{100 * m[0].acc:.1f}", f"{m[0].nfe:.2f}"] if m else ["–", "–"]
