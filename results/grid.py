@@ -6,6 +6,7 @@ its settings; a rerun skips runs whose file exists, so an interrupted sweep resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -84,7 +85,20 @@ class Grid:
 
     def run_dir(self, task: str) -> Path:
         lim = f"-limit{self.limit}" if self.limit else ""
-        return self.out / "runs" / self.model_tag / f"{task}{lim}-seed{self.seed}"
+        return self.out / "runs" / self.model_tag / self.fingerprint / f"{task}{lim}-seed{self.seed}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Which weights: runs of a retrained checkpoint never mix with (or skip because of) old ones."""
+        from lm_eval_dllm.tiny import BUNDLED_DIR
+
+        d = Path(self.pretrained) if self.pretrained else BUNDLED_DIR
+        if not d.is_dir():
+            return "hub"  # a hub id: its revision is the user's to pin
+        h = hashlib.sha256()
+        for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("config.json")):
+            h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()[:10]
 
     def path(self, task: str, s: Setting) -> Path:
         return self.run_dir(task) / f"{s.key}.json"

@@ -13,7 +13,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def committed_runs() -> list[Path]:
-    return sorted((RESULTS / "runs").rglob("*.json"))
+    """The bundled model's runs for the weights it has now (as `python -m results report` reads them)."""
+    grid = Grid(tasks=["modchain"], blocks=[], samplers=[], out=RESULTS)
+    return sorted(grid.run_dir("modchain").glob("*.json"))
 
 
 @pytest.mark.skipif(not committed_runs(), reason="no committed results yet")
@@ -33,6 +35,15 @@ def test_pareto_front():
     rows = [mk(0.9, 10), mk(0.8, 5), mk(0.85, 12), mk(0.95, 20), mk(0.7, 5)]
     front = pareto(rows)
     assert [(r.acc, r.nfe) for r in front] == [(0.8, 5), (0.9, 10), (0.95, 20)]
+
+
+def test_runs_are_keyed_by_the_weights(tmp_path):
+    from lm_eval_dllm.testing import build_tiny_checkpoint
+
+    a = Grid(tasks=["t"], blocks=[8], samplers=[], pretrained=str(build_tiny_checkpoint(tmp_path / "a", seed=0)))
+    b = Grid(tasks=["t"], blocks=[8], samplers=[], pretrained=str(build_tiny_checkpoint(tmp_path / "b", seed=1)))
+    assert a.fingerprint != b.fingerprint and a.run_dir("t") != b.run_dir("t")
+    assert Grid(tasks=["t"], blocks=[], samplers=[], pretrained="org/model").fingerprint == "hub"
 
 
 def test_setting_keys_are_stable_and_distinct():
