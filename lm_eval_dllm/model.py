@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from lm_eval.api.model import LM
-from lm_eval.models.utils import Collator, handle_stop_sequences, postprocess_generated_text
+from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from .config import DLLMConfig
 from .decode import check_block, diffuse, model_forward
 from .loading import load
 from .samplers import make_sampler
+from .text import completion_text, stop_strings
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class DLLM(LM):
         block = self._block_for(L)
         sampler = (self.sampler if self.cfg.steps is None
                    else make_sampler(self.cfg.sampler, self._sampler_args(L)))
-        until = handle_stop_sequences(gen_kwargs.get("until"), self.tokenizer.decode(self.spec.stop_ids[:1]) if self.spec.stop_ids else None)
+        until = stop_strings(gen_kwargs, self.tokenizer, self.spec)
         prompts = [self._encode(c, L) for c in contexts]
         sampler.bind(model_id=self.model_id, block=block, gen_length=L, device=self._device)
         t0 = time.perf_counter()
@@ -214,10 +215,7 @@ class DLLM(LM):
         wall = (time.perf_counter() - t0) / len(chunk)
         res = []
         for i in range(len(chunk)):
-            toks = out.tokens[i].tolist()
-            cut = next((j for j, t in enumerate(toks) if t in self.spec.stop_ids), len(toks))
-            text = self.tokenizer.decode(toks[:cut], skip_special_tokens=True)
-            text = postprocess_generated_text(text, until, None)
+            text = completion_text(out.tokens[i].tolist(), self.tokenizer, self.spec, until)
             nfe, committed = int(out.nfe[i]), int(out.committed[i])
             res.append((text, {"nfe": nfe, "tokens": committed, "tpf": committed / max(nfe, 1),
                                "wall_s": wall, "gen_length": L, "block": block}))

@@ -32,6 +32,7 @@ from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
 from lm_eval_dllm.reward import TaskScorer, nfe_discount
 from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.text import completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grpo_loss import clipped_pg_loss, group_advantages
@@ -96,6 +97,7 @@ class Env:
                                  chat_template=chat)
         self.L = cfg.gen_length or int(self.scorer.gen_kwargs.get("max_gen_toks") or self.spec.default_gen_length)
         self.block = min(cfg.block or self.spec.default_block, self.L)
+        self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
 
     def rollout(self, policy, prompts, seeds, mode="sample", record=True):
@@ -110,9 +112,8 @@ class Env:
                           temperature=self.cfg.dllm_temperature, seeds=seeds[i:i + len(chunk)],
                           record=record, device=self.device)
             for j, p in enumerate(chunk):
-                toks = out.tokens[j].tolist()
-                cut = next((k for k, t in enumerate(toks) if t in self.spec.stop_ids), len(toks))
-                text = self.tok.decode(toks[:cut], skip_special_tokens=True)
+                # exactly the text evaluation would score: stop tokens, then the task's stop strings
+                text = completion_text(out.tokens[j].tolist(), self.tok, self.spec, self.until)
                 texts.append(text)
                 nfes.append(int(out.nfe[j]))
                 scores.append(self.scorer.score(p.doc, text))

@@ -199,6 +199,7 @@ def evaluate_checkpoint(out: Path, n: int) -> dict:
     from lm_eval_dllm.decode import diffuse, model_forward
     from lm_eval_dllm.loading import load
     from lm_eval_dllm.samplers import make_sampler
+    from lm_eval_dllm.text import completion_text
 
     model, tok, spec = load(str(out), dtype="float32", device="cpu")
     docs = modchain.load_split("validation")[:n]
@@ -211,8 +212,7 @@ def evaluate_checkpoint(out: Path, n: int) -> dict:
             res = diffuse(model_forward(model), prompts, spec, make_sampler("confidence"),
                           GEN_LENGTH, block, seeds=list(range(len(batch))))
             for d, toks in zip(batch, res.tokens.tolist()):
-                cut = next((j for j, t in enumerate(toks) if t in spec.stop_ids), len(toks))
-                text = tok.decode(toks[:cut])
+                text = completion_text(toks, tok, spec)
                 exact += text == d["answer"]
                 final += text.split("#### ")[-1] == d["answer"].split("#### ")[-1]
         metrics[f"val_B{block}_exact_text"] = exact / len(docs)

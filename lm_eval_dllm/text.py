@@ -1,0 +1,20 @@
+"""Generated tokens -> the text a task scores, shared by evaluation and RL rewards (so they agree)."""
+
+from __future__ import annotations
+
+from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
+
+from .spec import FamilySpec
+
+
+def stop_strings(gen_kwargs: dict, tokenizer, spec: FamilySpec) -> list[str]:
+    """The task's `until` plus the model's EOS string, as lm-eval's own models use them."""
+    eos = tokenizer.decode(list(spec.stop_ids[:1])) if spec.stop_ids else None
+    return handle_stop_sequences(gen_kwargs.get("until"), eos)
+
+
+def completion_text(tokens: list[int], tokenizer, spec: FamilySpec, until: list[str] | None = None) -> str:
+    """Cut at the first stop token, decode, then cut at the first stop string."""
+    cut = next((j for j, t in enumerate(tokens) if t in spec.stop_ids), len(tokens))
+    text = tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+    return postprocess_generated_text(text, until, None) if until else text
