@@ -25,7 +25,7 @@ from .config import DLLMConfig
 from .decode import check_block, diffuse, model_forward
 from .loading import load
 from .samplers import make_sampler
-from .text import completion_text, stop_strings
+from .text import completion_text, fit_prompt, stop_strings
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -147,19 +147,13 @@ class DLLM(LM):
     def _encode(self, context: str, L: int) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=not self._chat)["input_ids"]
         limit = self.cfg.max_length or self.spec.max_length
-        if limit is not None and len(ids) + L > limit:
-            keep = limit - L
-            if self.cfg.truncation == "error" or keep <= 0:
-                raise DLLMError(f"prompt of {len(ids)} tokens + gen_length {L} exceeds the model's "
-                                f"context of {limit}; valid: a shorter prompt (fewer few-shot "
-                                f"examples), a smaller gen_length, or truncation=left")
-            if "trunc" not in self._warned:
-                self._warned.add("trunc")
-                log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping "
-                            "the last %d prompt tokens (truncation=left; this warning is shown once)",
-                            len(ids), L, limit, keep)
-            ids = ids[-keep:]
-        return ids
+        fitted, cut = fit_prompt(ids, L, limit, self.cfg.truncation)
+        if cut and "trunc" not in self._warned:
+            self._warned.add("trunc")
+            log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping "
+                        "the last %d prompt tokens (truncation=left; this warning is shown once)",
+                        len(ids), L, limit, len(fitted))
+        return fitted
 
     def _seed(self, context: str, occurrence: int) -> int:
         # per sample, not per batch position: a row's randomness does not depend on its batch

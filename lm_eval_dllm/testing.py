@@ -146,3 +146,28 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def install_offline_gsm8k(data_dir: str | Path, datasets_cache: str | Path) -> Path:
+    """Make `load_dataset("openai/gsm8k", "main")` work offline from local JSONL files.
+
+    data_dir holds GSM8K's train.jsonl and test.jsonl (the published files: `question`, `answer`).
+    They are prepared with datasets' json builder and placed where datasets looks for a cached
+    copy of the hub dataset when HF_DATASETS_OFFLINE=1 (`<cache>/openai___gsm8k/main/0.0.0/<hash>`),
+    so lm-eval's stock `gsm8k` task runs unchanged. Point HF_DATASETS_CACHE at datasets_cache (and,
+    in-process, `datasets.config.HF_DATASETS_CACHE`). Returns the prepared folder.
+    """
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    data_dir, cache = Path(data_dir), Path(datasets_cache)
+    files = {s: str(data_dir / f"{s}.jsonl") for s in ("train", "test")}
+    builder = Json(dataset_name="gsm8k", config_name="main", cache_dir=str(cache / "_build"), data_files=files)
+    builder.download_and_prepare()
+    src = Path(builder.cache_dir)
+    dst = cache / "openai___gsm8k" / "main" / "0.0.0" / src.name
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dst)
+    return dst

@@ -5,6 +5,23 @@ from __future__ import annotations
 from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 
 from .spec import FamilySpec
+from .utils import DLLMError
+
+
+def fit_prompt(ids: list[int], gen_length: int, limit: int | None, truncation: str = "left") -> tuple[list[int], bool]:
+    """The prompt ids that fit `limit` with gen_length generated positions; (ids, truncated).
+
+    truncation="left" keeps the prompt's last tokens (the question, after any few-shot examples);
+    "error", or a gen_length that leaves no room at all, is a one-line error.
+    """
+    if limit is None or len(ids) + gen_length <= limit:
+        return ids, False
+    keep = limit - gen_length
+    if truncation == "error" or keep <= 0:
+        raise DLLMError(f"prompt of {len(ids)} tokens + gen_length {gen_length} exceeds the model's "
+                        f"context of {limit}; valid: a shorter prompt (fewer few-shot examples), a "
+                        f"smaller gen_length, or truncation=left")
+    return ids[-keep:], True
 
 
 def stop_strings(gen_kwargs: dict, tokenizer, spec: FamilySpec) -> list[str]:

@@ -1,8 +1,9 @@
 """Shipped learned unmasking policies and the catalog that picks one for a model and block size.
 
-`catalog.json` lists each policy folder (relative to this package) with the model, task, block
-size and generation length it was trained for; each entry is the output of the documented
-`python -m train.grpo ...` command in its `policy.json` card.
+Each sub-folder is a policy exactly as `python -m train.grpo` wrote it (`OUT/best`, copied here):
+`policy.safetensors` + `policy.json`, whose config names the base model, task, block size and
+generation length it was trained for and whose card holds the training command and its metrics.
+The catalog is read from those files, so there is no hand-written list to drift out of date.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def catalog() -> list[dict]:
-    p = HERE / "catalog.json"
-    return json.loads(p.read_text()) if p.exists() else []
+    """One entry per shipped policy: path (relative to this package), base_model, task, block, gen_length."""
+    out = []
+    for meta_path in sorted(HERE.glob("*/policy.json")):
+        cfg = json.loads(meta_path.read_text())["config"]
+        out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
+                    "block": cfg["block"], "gen_length": cfg["gen_length"]})
+    return out
 
 
 def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -> Path:

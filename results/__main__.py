@@ -37,12 +37,14 @@ def main(argv=None) -> None:
                    help="default: every sampler's sweep; testbed: the README's sampler table")
     g.add_argument("--pretrained", default=None, help="model (default: the bundled tiny dLLM)")
     g.add_argument("--tasks", default="modchain", help="comma-separated lm-eval tasks")
-    g.add_argument("--blocks", default="8,48", help="comma-separated block sizes (>= L: full diffusion)")
+    g.add_argument("--blocks", default="8,16,48", help="comma-separated block sizes (>= L: full diffusion)")
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
+    g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
     g.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None)
+    g.add_argument("--dtype", default="auto", help="model dtype (auto, float32, bfloat16, float16)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     o.add_argument("--nfe-budget", type=float, default=None, help="NFE budget of the block-size figure (default L/4)")
@@ -54,7 +56,7 @@ def main(argv=None) -> None:
     grid = Grid(tasks=a.tasks.split(","), blocks=_ints(a.blocks), samplers=a.samplers.split(","),
                 pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
                 out=a.out, only=TESTBED if a.preset == "testbed" else None,
-                extra={"device": a.device})
+                policy=a.policy, dtype=a.dtype, extra={"device": a.device})
     if a.command == "run":
         paths = run_grid(grid)
     else:

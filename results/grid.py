@@ -21,12 +21,14 @@ log = logging.getLogger("results")
 # parameter sweeps per sampler: what each heuristic trades accuracy for speed with
 SWEEPS: dict[str, list[dict]] = {
     "confidence": [{"k": 1}, {"k": 2}, {"k": 4}],
-    "margin": [{"k": 1}, {"k": 2}],
-    "entropy": [{"k": 1}, {"k": 2}],
+    "margin": [{"k": 2}],
+    "entropy": [{"k": 2}],
     "random": [{"k": 1}, {"k": 4}],
-    "threshold": [{"tau": t} for t in (0.5, 0.7, 0.9, 0.95, 0.99)],
-    "factor": [{"f": f} for f in (0.25, 0.5, 1.0, 2.0)],
-    "eb": [{"gamma": g} for g in (0.01, 0.1, 0.5, 1.0)],
+    "threshold": [{"tau": t} for t in (0.5, 0.7, 0.9, 0.95)],
+    "factor": [{"f": f} for f in (0.5, 1.0, 2.0)],
+    "eb": [{"gamma": g} for g in (0.1, 1.0)],
+    # the shipped policy for the model and block (or --policy); its knobs: mode and temperature
+    "learned": [{"mode": "greedy"}, {"temperature": 0.5}, {"temperature": 1.0}],
 }
 # the testbed table of the README (issue: sampler choice visibly matters)
 TESTBED = [("confidence", {"k": 1}), ("random", {"k": 1}), ("confidence", {"k": 4})] + [
@@ -38,25 +40,34 @@ class Setting:
     sampler: str
     params: tuple  # sorted (key, value) pairs
     block: int
+    policy: str = ""  # learned only: the policy folder ("" = shipped) ...
+    policy_tag: str = ""  # ... and a fingerprint of the policy weights, part of the run's key
 
     @staticmethod
-    def make(sampler: str, params: dict, block: int) -> "Setting":
-        return Setting(sampler, tuple(sorted(params.items())), block)
+    def make(sampler: str, params: dict, block: int, policy: str = "", policy_tag: str = "") -> "Setting":
+        if sampler != "learned":
+            policy = policy_tag = ""
+        return Setting(sampler, tuple(sorted(params.items())), block, policy, policy_tag)
 
     @property
     def key(self) -> str:
         p = "-".join(f"{k}{v}" for k, v in self.params)
-        return f"{self.sampler}{'-' + p if p else ''}-B{self.block}"
+        tag = f"-pol{self.policy_tag}" if self.policy_tag else ""
+        return f"{self.sampler}{'-' + p if p else ''}{tag}-B{self.block}"
 
     @property
     def label(self) -> str:
         p = ", ".join(f"{k}={v}" for k, v in self.params)
         return f"{self.sampler}({p})" if p else self.sampler
 
-    def model_args(self, pretrained: str | None, batch_size: int, seed: int) -> str:
+    def model_args(self, pretrained: str | None, batch_size: int, seed: int, dtype: str = "auto") -> str:
         args = {"sampler": self.sampler, "block": self.block, "batch_size": batch_size, "seed": seed}
+        if dtype != "auto":
+            args["dtype"] = dtype
         if pretrained:
             args["pretrained"] = pretrained
+        if self.policy:
+            args["policy"] = self.policy
         args.update(dict(self.params))
         return ",".join(f"{k}={v}" for k, v in args.items())
 
@@ -72,12 +83,41 @@ class Grid:
     seed: int = 1234
     out: Path = Path("results")
     only: list[tuple[str, dict]] | None = None  # explicit (sampler, params) list instead of SWEEPS
+    policy: str = ""  # policy folder for `learned` ("" = the shipped one for the model and block)
+    dtype: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def settings(self) -> list[Setting]:
         pairs = self.only if self.only is not None else [
             (s, p) for s in self.samplers for p in SWEEPS.get(s, [{}])]
-        return [Setting.make(s, p, b) for b in self.blocks for s, p in pairs if s in self.samplers]
+        samplers = list(self.samplers)
+        if "learned" in samplers and not self.has_policy():
+            log.warning("results: skipping sampler 'learned': no shipped policy for %s; valid: "
+                        "--policy <folder from train.grpo>", self.pretrained or "the bundled model")
+            samplers.remove("learned")
+        tag = self.policy_fingerprint() if "learned" in samplers else ""
+        return [Setting.make(s, p, b, self.policy, tag) for b in self.blocks for s, p in pairs if s in samplers]
+
+    def policy_fingerprint(self) -> str:
+        """The policy weights `learned` runs use: retraining a policy never reuses its old runs."""
+        from lm_eval_dllm.model import BUNDLED_ID
+        from policies import HERE, catalog
+
+        model_id = self.pretrained or BUNDLED_ID
+        dirs = [Path(self.policy)] if self.policy else [
+            HERE / e["path"] for e in catalog() if e["base_model"] == model_id]
+        h = hashlib.sha256()
+        for d in dirs:
+            for f in sorted(d.glob("policy.*")):
+                h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()[:8]
+
+    def has_policy(self) -> bool:
+        from lm_eval_dllm.model import BUNDLED_ID
+        from policies import catalog
+
+        model_id = self.pretrained or BUNDLED_ID
+        return bool(self.policy) or any(e["base_model"] == model_id for e in catalog())
 
     @property
     def model_tag(self) -> str:
@@ -85,7 +125,8 @@ class Grid:
 
     def run_dir(self, task: str) -> Path:
         lim = f"-limit{self.limit}" if self.limit else ""
-        return self.out / "runs" / self.model_tag / self.fingerprint / f"{task}{lim}-seed{self.seed}"
+        dt = f"-{self.dtype}" if self.dtype != "auto" else ""
+        return self.out / "runs" / self.model_tag / self.fingerprint / f"{task}{lim}{dt}-seed{self.seed}"
 
     @property
     def fingerprint(self) -> str:
@@ -120,13 +161,13 @@ def run_grid(grid: Grid) -> list[Path]:
         bar.set_postfix_str(f"{task} {s.key}")
         t0 = time.time()
         res = lm_eval.simple_evaluate(
-            model="dllm", model_args=s.model_args(grid.pretrained, grid.batch_size, grid.seed),
+            model="dllm", model_args=s.model_args(grid.pretrained, grid.batch_size, grid.seed, grid.dtype),
             tasks=[task], limit=grid.limit, task_manager=tm, device=grid.extra.get("device"),
             random_seed=grid.seed, numpy_random_seed=grid.seed, torch_random_seed=grid.seed,
             fewshot_random_seed=grid.seed, log_samples=False)
         res.pop("samples", None)
         res["dllm_setting"] = {"sampler": s.sampler, "params": dict(s.params), "block": s.block,
-                               "task": task, "limit": grid.limit, "seed": grid.seed,
+                               "task": task, "limit": grid.limit, "seed": grid.seed, "dtype": grid.dtype,
                                "pretrained": grid.pretrained or "bundled",
                                "run_seconds": round(time.time() - t0, 2)}
         atomic_write_json(grid.path(task, s), json.loads(json.dumps(res, default=str)))

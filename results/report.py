@@ -132,12 +132,52 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
         if full:
             parts.append("Full diffusion — each sampler at its best setting:\n")
             parts.append(_fmt(best_per_sampler(by_block[full[0]])) + "\n")
+        if any(r.sampler == "learned" for r in tr):
+            parts.append(learned_vs_heuristics(tr) + "\n")
         parts.append("Pareto-optimal settings (no other setting is both more accurate and cheaper):\n")
         parts.append(_fmt([r for b in sorted(by_block) for r in pareto(by_block[b])], with_block=True) + "\n")
         parts.append("<details><summary>All settings</summary>\n\n"
                      + _fmt(sorted(tr, key=lambda r: (r.block, r.sampler, r.nfe)), with_block=True)
                      + "\n\n</details>\n")
     return "\n".join(parts)
+
+
+def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0.9),))) -> str:
+    """Per block size: does some learned setting reach each heuristic setting's accuracy at no more NFE?
+
+    And at the NFE of Fast-dLLM's threshold tau=0.9: the best accuracy of any heuristic setting vs
+    of any learned setting that spends no more NFE.
+    """
+    out = ["Learned policy vs every heuristic setting (a heuristic setting is *matched* when some "
+           "learned setting is at least as accurate with no more NFE):\n"]
+    table, summary = [], []
+    for b in sorted({r.block for r in rows}):
+        br = [r for r in rows if r.block == b]
+        learned = [r for r in br if r.sampler == "learned"]
+        if not learned:
+            continue
+        heur = [r for r in br if r.sampler != "learned"]
+        matched = 0
+        for h in sorted(heur, key=lambda r: (r.sampler, r.nfe)):
+            by = [r for r in learned if r.acc >= h.acc and r.nfe <= h.nfe]
+            w = max(by, key=lambda r: (r.acc, -r.nfe)) if by else None
+            matched += w is not None
+            table.append([block_name(b, h.gen_length), h.label, f"{100 * h.acc:.1f}", f"{h.nfe:.2f}",
+                          f"{w.label}: {100 * w.acc:.1f} @ {w.nfe:.2f}" if w else "no"])
+        line = f"- {block_name(b, br[0].gen_length)}: {matched} of {len(heur)} heuristic settings matched"
+        r9 = [r for r in heur if (r.sampler, r.params) == ref]
+        if r9:
+            budget = r9[0].nfe
+            bh = max((r for r in heur if r.nfe <= budget), key=lambda r: r.acc)
+            bl = [r for r in learned if r.nfe <= budget]
+            bl = max(bl, key=lambda r: r.acc) if bl else None
+            line += (f"; at the NFE of {Setting(*ref, 0).label} ({budget:.2f}): best heuristic "
+                     f"{bh.label} {100 * bh.acc:.1f} %, best learned "
+                     + (f"{bl.label} {100 * bl.acc:.1f} % ({100 * (bl.acc - bh.acc):+.1f} points)" if bl else "none"))
+        summary.append(line)
+    out.append(tabulate(table, ["block", "heuristic", "acc %", "NFE", "matched by learned (acc % @ NFE)"],
+                        tablefmt="github"))
+    return "\n".join(out) + "\n\n" + "\n".join(summary) + "\n"
 
 
 def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> list[Path]:

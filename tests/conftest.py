@@ -31,7 +31,40 @@ def dream_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def task_manager():
+    """One lm-eval TaskManager (indexing every task takes seconds) with our shipped tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded(tiny_ckpt):
     from lm_eval_dllm.loading import load
 
     return load(str(tiny_ckpt), dtype="float32", device="cpu")
+
+
+SHARED_GSM8K = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+@pytest.fixture(scope="session")
+def gsm8k_offline(tmp_path_factory):
+    """HF_DATASETS_CACHE with GSM8K from ../shared/data, so the stock `gsm8k` task loads offline."""
+    if not (SHARED_GSM8K / "test.jsonl").exists():
+        pytest.skip(f"no GSM8K data at {SHARED_GSM8K} (only the developers' checkout has ../shared)")
+    import datasets
+
+    from lm_eval_dllm.testing import install_offline_gsm8k
+
+    cache = tmp_path_factory.mktemp("hf_datasets")
+    install_offline_gsm8k(SHARED_GSM8K, cache)
+    old_env, old_cfg = os.environ.get("HF_DATASETS_CACHE"), datasets.config.HF_DATASETS_CACHE
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+    datasets.config.HF_DATASETS_CACHE = cache
+    yield cache
+    datasets.config.HF_DATASETS_CACHE = old_cfg
+    if old_env is None:
+        os.environ.pop("HF_DATASETS_CACHE", None)
+    else:
+        os.environ["HF_DATASETS_CACHE"] = old_env

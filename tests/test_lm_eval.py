@@ -28,13 +28,6 @@ def test_registry_keeps_builtins_and_adds_dllm():
     assert out.stdout.split() == ["HFLM", "DummyLM", "DLLM"], out.stderr[-2000:]
 
 
-@pytest.fixture(scope="module")
-def task_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
 def test_bundled_task_is_found_without_include_path(task_manager):
     assert "modchain" in task_manager.all_tasks
 

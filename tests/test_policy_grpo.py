@@ -154,3 +154,31 @@ def test_threshold_init_starts_as_the_threshold_rule():
     assert p[0, 0] > 0.9 and p[0, 1] > 0.9 and p[0, 2] < 0.01 and p[0, 3] < 0.01
     with pytest.raises(DLLMError, match="policy init 'fast'; valid: slow, threshold"):
         PolicyConfig(init="fast")
+
+
+def test_catalog_is_read_from_the_shipped_folders(tmp_path, monkeypatch, caplog):
+    import policies
+
+    monkeypatch.setattr(policies, "HERE", tmp_path)
+    for name, block in (("m-B8", 8), ("m-B48", 48)):
+        UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=block, gen_length=48)).save(tmp_path / name)
+    assert {(e["path"], e["block"]) for e in policies.catalog()} == {("m-B8", 8), ("m-B48", 48)}
+    pick = lambda block: policies.resolve_policy("", model_id="m", block=block, gen_length=48).name  # noqa: E731
+    assert pick(48) == "m-B48" and pick(8) == "m-B8" and pick(256) == "m-B48"  # B >= L is full diffusion
+    assert pick(16) == "m-B8"  # no exact match: the nearest block size ...
+    s = make_sampler("learned")
+    with caplog.at_level("WARNING"):
+        s.bind(model_id="m", block=16, gen_length=48, device="cpu")
+    assert "transfer across block sizes" in caplog.text  # ... with a warning
+    with pytest.raises(DLLMError, match=r"no shipped policy for model 'x'; valid: .*m-B8 \(m, block 8\)"):
+        policies.resolve_policy("", model_id="x", block=8, gen_length=48)
+
+
+def test_the_card_command_reproduces_the_config():
+    import shlex
+
+    from train.grpo import command_line, parse_args
+
+    cfg = GRPOConfig(block=48, lr=5e-4, init="threshold", apply_chat_template=True, pretrained="", steps=7)
+    argv = shlex.split(command_line(cfg))[3:]  # after "python -m train.grpo"
+    assert parse_args(argv) == (cfg, False)

@@ -66,3 +66,21 @@ def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
     path.write_text(json.dumps({"done": True}))
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: pytest.fail("re-ran a finished run"))
     assert run_grid(grid) == [path]
+
+
+def test_learned_runs_only_with_a_policy_and_are_keyed_by_its_weights(tmp_path, caplog):
+    from policies import catalog
+
+    g = Grid(tasks=["t"], blocks=[48], samplers=["learned", "threshold"], pretrained="org/model")
+    with caplog.at_level("WARNING"):
+        assert {s.sampler for s in g.settings()} == {"threshold"}
+    assert "skipping sampler 'learned': no shipped policy for org/model" in caplog.text
+    if not any(e["base_model"] == "bundled:tiny-modchain" for e in catalog()):
+        pytest.skip("no shipped policy for the bundled model")
+    learned = [s for s in Grid(tasks=["t"], blocks=[48], samplers=["learned"]).settings()]
+    assert learned and all(s.policy_tag and f"-pol{s.policy_tag}-B48" in s.key for s in learned)
+    from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
+
+    UnmaskPolicy(PolicyConfig()).save(tmp_path / "p")
+    other = Grid(tasks=["t"], blocks=[48], samplers=["learned"], policy=str(tmp_path / "p")).settings()
+    assert other[0].policy_tag != learned[0].policy_tag and f"policy={tmp_path / 'p'}" in other[0].model_args(None, 4, 1)

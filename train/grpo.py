@@ -32,7 +32,7 @@ from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
 from lm_eval_dllm.reward import TaskScorer, nfe_discount
 from lm_eval_dllm.samplers.learned import LearnedSampler
-from lm_eval_dllm.text import completion_text, stop_strings
+from lm_eval_dllm.text import completion_text, fit_prompt, stop_strings
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grpo_loss import clipped_pg_loss, group_advantages
@@ -58,6 +58,8 @@ class GRPOConfig:
     weight_decay: float = 0.0
     dllm_temperature: float = 0.0  # the dLLM's own token choice: 0 = argmax
     num_fewshot: int = -1  # -1 = the task's own
+    train_split: str = "train"  # where training prompts come from
+    val_split: str = "validation"  # where validation prompts come from (never trained on)
     apply_chat_template: bool = False
     val_every: int = 20
     val_size: int = 128
@@ -99,6 +101,18 @@ class Env:
         self.block = min(cfg.block or self.spec.default_block, self.L)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
+        self._warned_trunc = False
+
+    def encode(self, context: str) -> list[int]:
+        """Token ids of a prompt, left-truncated to the model's context as evaluation does."""
+        ids = self.tok(context, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"]
+        fitted, cut = fit_prompt(ids, self.L, self.spec.max_length)
+        if cut and not self._warned_trunc:
+            self._warned_trunc = True
+            log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping the "
+                        "last %d prompt tokens (this warning is shown once)", len(ids), self.L,
+                        self.spec.max_length, len(fitted))
+        return fitted
 
     def rollout(self, policy, prompts, seeds, mode="sample", record=True):
         """Decode every prompt once (repeat prompts for groups). Returns trajectory, rewards, stats."""
@@ -107,7 +121,7 @@ class Env:
         texts, nfes, scores, traj_all = [], [], [], []
         for i in range(0, len(prompts), self.cfg.batch_size):
             chunk = prompts[i:i + self.cfg.batch_size]
-            ids = [self.tok(p.context, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"] for p in chunk]
+            ids = [self.encode(p.context) for p in chunk]
             out = diffuse(self.forward, ids, self.spec, sampler, self.L, self.block,
                           temperature=self.cfg.dllm_temperature, seeds=seeds[i:i + len(chunk)],
                           record=record, device=self.device)
@@ -151,6 +165,20 @@ def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: 
     return losses
 
 
+def command_line(cfg: GRPOConfig) -> str:
+    """A `python -m train.grpo ...` line that reproduces cfg (settings that differ from the defaults)."""
+    default, parts = GRPOConfig(), []
+    for k, v in asdict(cfg).items():
+        if v == getattr(default, k) and k not in ("task", "block", "alpha", "steps", "seed"):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else "--no-" + flag[2:])
+        else:
+            parts.append(f"{flag} {v}" if v != "" else f"{flag} ''")
+    return "python -m train.grpo " + " ".join(parts)
+
+
 def lr_lambda(cfg: GRPOConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -188,8 +216,11 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
         step, best = st["step"], st["best"]
         log.info("resumed %s at step %d", state_path, step)
     ddp_policy, opt = acc.prepare(policy, opt)
-    train_prompts = env.scorer.prompts("train")
-    val_prompts = env.scorer.prompts("validation", n=cfg.val_size, seed=cfg.seed)
+    train_prompts = env.scorer.prompts(cfg.train_split)
+    val_prompts = env.scorer.prompts(cfg.val_split, n=cfg.val_size, seed=cfg.seed)
+    if cfg.train_split == cfg.val_split and acc.is_main_process:
+        log.warning("validating on the training split %r: the validation numbers are not held out",
+                    cfg.val_split)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%g, %d processes",
@@ -197,7 +228,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
                  env.block, cfg.alpha, acc.num_processes)
 
     def card(metrics: dict) -> dict:
-        return {"command": "python -m train.grpo " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()),
+        return {"command": command_line(cfg),
                 "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
                 "alpha": cfg.alpha, "features": list(features), "steps": step, "seed": cfg.seed,
                 "processes": acc.num_processes, "metrics": metrics}
@@ -256,7 +287,7 @@ def validate(env: Env, policy, prompts, acc) -> dict:
     return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> tuple[GRPOConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(GRPOConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -267,9 +298,14 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")
+    return GRPOConfig(**a), resume
+
+
+def main(argv=None) -> None:
+    cfg, resume = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        train(GRPOConfig(**a), resume)
+        train(cfg, resume)
     except DLLMError as e:
         raise SystemExit(f"train.grpo: error: {e}") from None
 

@@ -52,6 +52,7 @@ class PretrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 768
+    pos_encoding: str = "absolute"  # absolute | rope | both (see lm_eval_dllm/tiny/modeling.py)
     seed: int = 0
     bf16: bool = True
     save_every: int = 200
@@ -110,7 +111,7 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
     mconf = TinyDLLMConfig(
         vocab_size=8 * math.ceil((max(tok.get_vocab().values()) + 1) / 8),
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-        max_position=128, mask_token_id=tok.mask_token_id,
+        max_position=128, mask_token_id=tok.mask_token_id, pos_encoding=cfg.pos_encoding,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = TinyDLLMModel(mconf)

@@ -14,9 +14,14 @@ import os
 from pathlib import Path
 
 from ..utils import atomic_write
-from . import modchain
+import logging
 
-BUNDLED_TASKS = ("modchain",)
+from . import humaneval, mbpp, modchain
+
+log = logging.getLogger(__name__)
+
+BUNDLED_TASKS = ("modchain",)  # what the bundled model was trained for
+SHIPPED_TASKS = BUNDLED_TASKS + ("humaneval_dllm", "mbpp_dllm")  # mbpp_dllm: with $LM_EVAL_DLLM_MBPP
 
 
 def _gsm8k_yaml() -> Path:
@@ -56,8 +61,16 @@ metadata:
 
 
 def task_dir() -> Path:
-    """The folder holding the generated task YAMLs (written once per content hash)."""
-    yamls = {"modchain.yaml": _modchain_yaml()}
+    """The folder holding the generated task YAMLs and their shims (written once per content hash)."""
+    yamls = {"modchain.yaml": _modchain_yaml(), "humaneval_dllm.yaml": humaneval.yaml_text(),
+             "dllm_humaneval.py": humaneval.SHIM}
+    mbpp_file = mbpp.data_file()
+    if mbpp_file is not None:
+        if mbpp_file.exists():
+            yamls |= {"mbpp_dllm.yaml": mbpp.yaml_text(mbpp_file), "dllm_mbpp.py": mbpp.SHIM}
+        else:
+            log.warning("%s=%s does not exist: task mbpp_dllm is not available; valid: a JSONL file "
+                        "with MBPP's fields (see lm_eval_dllm/tasks/mbpp.py)", mbpp.ENV, mbpp_file)
     digest = hashlib.sha256("".join(k + v for k, v in sorted(yamls.items())).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lm_eval_dllm"
     d = base / f"tasks-{digest}"

@@ -20,6 +20,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 
+POS_ENCODINGS = ("absolute", "rope", "both")
+
+
 class TinyDLLMConfig(PretrainedConfig):
     model_type = "tiny_dllm"
 
@@ -36,7 +39,7 @@ class TinyDLLMConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         init_std: float = 0.02,
         rope_theta: float = 10000.0,
-        pos_encoding: str = "absolute",  # absolute (learned embeddings) | rope (rotary)
+        pos_encoding: str = "absolute",  # absolute (learned embeddings) | rope (rotary) | both
         dllm_gen_length: int = 48,
         dllm_block: int = 8,
         **kwargs,
@@ -50,8 +53,8 @@ class TinyDLLMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.init_std = init_std
         self.rope_theta = rope_theta
-        if pos_encoding not in ("rope", "absolute"):
-            raise ValueError(f"pos_encoding={pos_encoding!r}; valid: rope, absolute")
+        if pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding={pos_encoding!r}; valid: {', '.join(POS_ENCODINGS)}")
         self.pos_encoding = pos_encoding
         # defaults the `dllm` lm-eval model reads when model_args and the task set none
         self.dllm_gen_length = dllm_gen_length
@@ -95,10 +98,7 @@ class TinyDLLMModel(PreTrainedModel):
     def __init__(self, config: TinyDLLMConfig):
         super().__init__(config)
         self.tok = nn.Embedding(config.vocab_size, config.d_model)
-        dh = config.d_model // config.n_heads
-        inv = 1.0 / (config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
-        self.register_buffer("inv_freq", inv, persistent=False)
-        if config.pos_encoding == "absolute":
+        if config.pos_encoding in ("absolute", "both"):
             self.pos = nn.Embedding(config.max_position, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -114,6 +114,11 @@ class TinyDLLMModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        # computed, not a buffer: from_pretrained leaves non-persistent buffers uninitialised
+        dh = self.config.d_model // self.config.n_heads
+        return 1.0 / (self.config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float32, device=device) / dh))
 
     def forward(
         self,
@@ -133,10 +138,11 @@ class TinyDLLMModel(PreTrainedModel):
                 f"max_position={self.config.max_position}"
             )
         x = self.tok(input_ids)  # (B, T, D)
-        if self.config.pos_encoding == "absolute":
+        if self.config.pos_encoding in ("absolute", "both"):
             x = x + self.pos(position_ids)
+        if self.config.pos_encoding == "absolute":
             position_ids = torch.zeros_like(position_ids)  # RoPE at angle 0 is the identity
-        ang = position_ids.float()[:, None, :, None] * self.inv_freq.float()  # (B, 1, T, Dh/2)
+        ang = position_ids.float()[:, None, :, None] * self.inv_freq(x.device)  # (B, 1, T, Dh/2)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
         for block in self.blocks:

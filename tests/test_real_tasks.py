@@ -1,0 +1,61 @@
+"""Stock lm-eval tasks offline: gsm8k from ../shared/data through the unmodified harness."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_stock_gsm8k_through_the_cli_with_the_bundled_model(gsm8k_offline, tmp_path):
+    """5-shot gsm8k prompts are longer than the bundled model's context: left-truncated, one warning."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(gsm8k_offline)}
+    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9",
+                        "--tasks", "gsm8k", "--limit", "5", "--batch_size", "5", "--output_path", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
+    row = res["results"]["gsm8k"]
+    assert "exact_match,strict-match" in row and "exact_match,flexible-extract" in row
+    assert 1 <= row["nfe,none"] <= 48
+    assert res["n-samples"]["gsm8k"]["effective"] == 5
+    assert r.stderr.count("exceeds the context of") == 1  # one warning for the run, not one per prompt
+    assert "was trained only on" in r.stderr and "GSAI-ML/LLaDA-8B-Instruct" in r.stderr
+
+
+@pytest.mark.slow
+def test_stock_gsm8k_with_chat_template_on_a_llada_interface_checkpoint(gsm8k_offline, llada_ckpt, task_manager):
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(
+        model="dllm", model_args=f"pretrained={llada_ckpt},sampler=threshold,tau=0.5,gen_length=16,block=8",
+        tasks=["gsm8k"], limit=3, task_manager=task_manager, device="cpu", log_samples=True,
+        apply_chat_template=True)
+    assert res["results"]["gsm8k"]["nfe,none"] >= 2
+    prompt = res["samples"]["gsm8k"][0]["arguments"][0][0]
+    assert "<|start_header_id|>assistant" in prompt and "Question:" in prompt
+
+
+def _grpo_smoke(tmp_path, *args):
+    from train.grpo import main
+
+    out = tmp_path / "grpo"
+    main([*args, "--steps", "1", "--group", "2", "--prompts-per-step", "2", "--val-every", "1",
+          "--val-size", "2", "--gen-length", "32", "--block", "32", "--device", "cpu", "--out", str(out)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 1 and "val_reward" in log[-1] and (out / "best" / "policy.json").exists()
+    return log
+
+
+@pytest.mark.slow
+def test_grpo_on_stock_gsm8k_offline(gsm8k_offline, tmp_path):
+    """Prompts (5-shot, left-truncated to the bundled model's context) and reward from lm-eval's gsm8k."""
+    _grpo_smoke(tmp_path, "--task", "gsm8k", "--val-split", "test")
+
+
+@pytest.mark.slow
+def test_grpo_on_humaneval_with_the_sandbox_as_reward(tmp_path):
+    _grpo_smoke(tmp_path, "--task", "humaneval_dllm", "--train-split", "test", "--val-split", "test")
