@@ -190,18 +190,25 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
     guard=False leaves only the OS containment (used by tests to check it on its own).
     """
     iso = isolation(python)
-    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX)
+    # The program's directory is a child of one we own (0711: others may enter, not change it),
+    # so the program can empty its own directory but never remove or replace that entry with a
+    # link: cleanup only ever walks what lies under our own folder.
+    parent = tempfile.mkdtemp(prefix=TMP_PREFIX)
     try:
+        os.chmod(parent, 0o711)
+        tmp = os.path.join(parent, "work")
+        os.mkdir(tmp, 0o700)
         main = os.path.join(tmp, "main.py")
         with open(main, "w", encoding="utf-8") as f:
             f.write(program)
+        os.chmod(main, 0o644)  # readable by the program's user whatever our umask
         if iso.uid is not None:
             os.chown(tmp, iso.uid, iso.uid)
         argv = [*iso.unshare, iso.python, "-I", "-B", "-c", _PRELUDE, main, "1" if guard else "0",
                 str(MEMORY_EXIT)]
         return _run(argv, iso, tmp, timeout_s, memory_mb, max_output_bytes)
     finally:
-        _remove_tree(tmp)
+        _remove_tree(parent)
 
 
 def isolation(python: str | None = None) -> Isolation:
@@ -354,18 +361,23 @@ def _kill_group(pgid: int) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree, after giving back the permissions a program may have taken (chmod 000 on a dir)."""
-    try:
-        shutil.rmtree(path)
-        return
-    except OSError:
-        pass
-    os.chmod(path, 0o700)
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            sub = os.path.join(dirpath, d)
-            if not os.path.islink(sub):  # never chmod through a link to outside
-                os.chmod(sub, 0o700)
+    """rmtree, after giving back the permissions a program may have taken (chmod 000 on a dir).
+
+    Never follows a symbolic link: directories are re-opened with O_NOFOLLOW and fchmod-ed.
+    """
     shutil.rmtree(path, ignore_errors=True)
-    if os.path.exists(path):
+    if not os.path.lexists(path):
+        return
+    for dirpath, dirnames, _ in os.walk(path, followlinks=False):
+        for d in [dirpath] + [os.path.join(dirpath, n) for n in dirnames]:
+            try:
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:  # a link, or gone
+                continue
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
         log.warning("sandbox: could not remove %s", path)

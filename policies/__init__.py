@@ -17,10 +17,16 @@ HERE = Path(__file__).resolve().parent
 def catalog() -> list[dict]:
     """One entry per shipped policy: path (relative to this package), base_model, task, block, gen_length."""
     out = []
+    from lm_eval_dllm.utils import DLLMError
+
     for meta_path in sorted(HERE.glob("*/policy.json")):
-        cfg = json.loads(meta_path.read_text())["config"]
-        out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
-                    "block": cfg["block"], "gen_length": cfg["gen_length"]})
+        try:
+            cfg = json.loads(meta_path.read_text())["config"]
+            out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
+                        "block": cfg["block"], "gen_length": cfg["gen_length"]})
+        except (ValueError, KeyError, TypeError) as e:
+            raise DLLMError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "
+                            f"policy.json as `python -m train.grpo` writes it") from None
     return out
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from lm_eval_dllm.utils import atomic_write
+from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grid import SWEEPS, TESTBED, Grid, run_grid
 from .report import figures, load_rows, tables
@@ -57,11 +57,28 @@ def main(argv=None) -> None:
                 pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
                 out=a.out, only=TESTBED if a.preset == "testbed" else None,
                 policy=a.policy, dtype=a.dtype, extra={"device": a.device})
+    try:
+        _run(a, grid)
+    except DLLMError as e:
+        raise SystemExit(f"results: error: {e}") from None
+
+
+def _run(a, grid: Grid) -> None:
     if a.command == "run":
         paths = run_grid(grid)
     else:
-        paths = sorted({q for t in grid.tasks for q in grid.run_dir(t).glob("*.json")})
-    report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.pretrained is None)
+        paths = report_paths(grid)
+    default_setup = a.pretrained is None and not a.policy and a.dtype == "auto"
+    report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and default_setup)
+
+
+def report_paths(grid: Grid) -> list[Path]:
+    """The finished runs on disk for the grid's model and tasks, any sampler and block size.
+
+    Learned runs of other policies (an older training, another --policy) are left out."""
+    paths = sorted({q for t in grid.tasks for q in grid.run_dir(t).glob("*.json")})
+    tag = grid.policy_fingerprint() if grid.has_policy() else None
+    return [q for q in paths if "-pol" not in q.stem or (tag is not None and f"-pol{tag}-" in q.stem)]
 
 
 def render(grid: Grid, rows) -> tuple[str, list[Path]]:

@@ -103,13 +103,22 @@ class Grid:
         from lm_eval_dllm.model import BUNDLED_ID
         from policies import HERE, catalog
 
+        from lm_eval_dllm.utils import DLLMError
+
         model_id = self.pretrained or BUNDLED_ID
-        dirs = [Path(self.policy)] if self.policy else [
-            HERE / e["path"] for e in catalog() if e["base_model"] == model_id]
+        if self.policy:
+            d = Path(self.policy).expanduser()
+            d = d if d.exists() or not (HERE / self.policy).exists() else HERE / self.policy
+            if not (d / "policy.json").exists():
+                raise DLLMError(f"--policy {self.policy!r} has no policy.json; valid: a folder written "
+                                f"by `python -m train.grpo` (OUT/best or OUT/last)")
+            dirs = [d]
+        else:
+            dirs = [HERE / e["path"] for e in catalog() if e["base_model"] == model_id]
         h = hashlib.sha256()
-        for d in dirs:
-            for f in sorted(d.glob("policy.*")):
-                h.update(f.name.encode() + f.read_bytes())
+        for d in dirs:  # weights and config, not the card (its notes may change, the policy does not)
+            h.update((d / "policy.safetensors").read_bytes())
+            h.update(json.dumps(json.loads((d / "policy.json").read_text())["config"], sort_keys=True).encode())
         return h.hexdigest()[:8]
 
     def has_policy(self) -> bool:

@@ -23,15 +23,30 @@ def test_canonical_solutions_pass_and_pass_bodies_fail(problems):
     assert bad == [0.0] * 20
 
 
-@pytest.mark.parametrize("body", [
-    "    while True:\n        pass\n",                                  # never returns
-    "    import os\n    while True:\n        os.fork()\n",             # fork bomb
-    "    x = bytearray(1 << 34)\n",                                    # over the memory limit
-    "    import socket\n    socket.create_connection(('127.0.0.1', 9))\n",  # network
-    "    print('x' * 10_000_000)\n",                                   # megabytes of output
-])
-def test_hostile_completions_score_zero(problems, body):
-    assert humaneval.passes(problems[0], body, timeout_s=2.0, memory_mb=256) is False
+HOSTILE = [  # (function body, how the sandbox must end the run)
+    ("    while True:\n        pass\n", {"timeout"}),                                  # never returns
+    ("    import os\n    while True:\n        os.fork()\n", {"failed", "timeout"}),     # fork bomb
+    ("    x = bytearray(1 << 34)\n    return x\n", {"memory"}),                       # over the memory limit
+    ("    import socket\n    s = socket.socket()\n    s.bind(('127.0.0.1', 0))\n    return s\n", {"failed"}),
+    ("    while True:\n        print('x' * 100_000)\n", {"output_limit"}),           # endless output
+]
+
+
+@pytest.mark.parametrize("body,statuses", HOSTILE)
+def test_hostile_completions_are_contained_and_score_zero(problems, body, statuses):
+    from lm_eval_dllm.sandbox import run_python
+
+    doc = problems[0]
+    res = run_python(humaneval.program(doc, body), timeout_s=2.0, memory_mb=256)
+    assert res.status in statuses and res.seconds < 6, (res.status, res.stderr[-500:])
+    assert humaneval.passes(doc, body, timeout_s=2.0, memory_mb=256) is False
+
+
+@pytest.mark.parametrize("body", ["    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
+                                  "    raise SystemExit\n"])
+def test_exiting_early_is_not_passing(problems, body):
+    """Exit status 0 before the tests ran must not count as a pass."""
+    assert humaneval.passes(problems[0], body, timeout_s=5.0) is False
 
 
 def test_the_task_loads_through_lm_eval_and_scores_with_the_sandbox(problems, task_manager):

@@ -14,8 +14,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 def committed_runs() -> list[Path]:
     """The bundled model's runs for the weights it has now (as `python -m results report` reads them)."""
-    grid = Grid(tasks=["modchain"], blocks=[], samplers=[], out=RESULTS)
-    return sorted(grid.run_dir("modchain").glob("*.json"))
+    from results.__main__ import report_paths
+
+    return report_paths(Grid(tasks=["modchain"], blocks=[], samplers=["learned"], out=RESULTS))
 
 
 @pytest.mark.skipif(not committed_runs(), reason="no committed results yet")

@@ -83,10 +83,22 @@ def test_runs_in_fresh_temp_dir_with_minimal_env_which_is_removed(monkeypatch):
                    "open('scratch.txt', 'w').write('x')")
     assert r.passed, r.stderr
     cwd, env = json.loads(r.stdout)
-    assert os.path.basename(cwd).startswith(sandbox.TMP_PREFIX)
+    assert os.path.basename(os.path.dirname(cwd)).startswith(sandbox.TMP_PREFIX)  # <ours>/work
     assert env["HOME"] == env["TMPDIR"] == cwd
     assert "HTTPS_PROXY" not in env and "SECRET_TOKEN" not in env
-    assert not os.path.exists(cwd)
+    assert not os.path.exists(os.path.dirname(cwd))
+
+
+def test_a_link_planted_in_place_of_the_temp_dir_is_not_followed(tmp_path):
+    """The program removes its own directory and puts a link to outside in its place: cleanup
+    must neither follow it (chmod/delete outside) nor crash."""
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    os.chmod(victim / "sub", 0o755)
+    r = run_python(f"import os, shutil\nd = os.getcwd()\nshutil.rmtree(d)\nos.symlink({str(victim)!r}, d)\n",
+                   guard=False)
+    assert r.status in ("passed", "failed")
+    assert (victim / "sub").is_dir() and (victim / "sub").stat().st_mode & 0o777 == 0o755
 
 
 def test_resource_limits_are_set_before_the_program_runs():

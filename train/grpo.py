@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -175,7 +176,7 @@ def command_line(cfg: GRPOConfig) -> str:
         if isinstance(v, bool):
             parts.append(flag if v else "--no-" + flag[2:])
         else:
-            parts.append(f"{flag} {v}" if v != "" else f"{flag} ''")
+            parts.append(f"{flag} {shlex.quote(str(v))}")
     return "python -m train.grpo " + " ".join(parts)
 
 

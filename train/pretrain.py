@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from lm_eval_dllm.tasks import modchain
 from lm_eval_dllm.tiny import BUNDLED_DIR, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
+from lm_eval_dllm.tiny.modeling import POS_ENCODINGS
 from lm_eval_dllm.utils import atomic_write, atomic_write_json
 
 log = logging.getLogger("train.pretrain")
@@ -233,6 +234,8 @@ def main(argv=None) -> None:
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=v)
+        elif k == "pos_encoding":
+            p.add_argument(flag, choices=POS_ENCODINGS, default=v)
         else:
             p.add_argument(flag, type=type(v), default=v)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 ENV = "LM_EVAL_DLLM_MBPP"
@@ -46,7 +47,11 @@ def program(doc: dict, completion: str) -> str:
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
     from ..sandbox import run_python
 
-    return run_python(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb).passed
+    # the run must reach the end: a completion that exits early (sys.exit(0), os._exit(0)) exits
+    # with status 0 before the tests ran, so a random marker printed last must be in the output
+    marker = secrets.token_hex(16)
+    res = run_python(f"{program(doc, completion)}\nprint({marker!r})\n", timeout_s=timeout_s, memory_mb=memory_mb)
+    return res.passed and marker in res.stdout
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
@@ -65,7 +70,7 @@ dataset_kwargs:
     test: {str(path)!r}
 output_type: generate_until
 test_split: test
-doc_to_text: "You are an expert Python programmer, and here is your task: {{{{text}}}} Your code should pass these tests:\\n\\n{{{{test_list[0]}}}}\\n{{{{test_list[1]}}}}\\n{{{{test_list[2]}}}}\\n[BEGIN]\\n"
+doc_to_text: "You are an expert Python programmer, and here is your task: {{{{text}}}} Your code should pass these tests:\\n\\n{{{{test_list | join('\\n')}}}}\\n[BEGIN]\\n"
 doc_to_target: "{{{{code}}}}"
 process_results: !function dllm_mbpp.process_results
 metric_list:
