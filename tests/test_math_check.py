@@ -1,6 +1,6 @@
 """MATH answer equivalence: lm-eval's verdicts, cheap cases in-process, hard ones bounded in time.
 
-    nice -n 19 python -m pytest tests/test_math_check.py -q
+    python -m pytest tests/test_math_check.py -q
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ import time
 
 import pytest
 
-pytest.importorskip("math_verify", reason="lm-eval's minerva_math needs lm-eval[math]")
-
-from lm_eval_dllm import math_check  # noqa: E402
-from lm_eval_dllm.math_check import is_equiv  # noqa: E402
+from lm_eval_dllm import math_check
+from lm_eval_dllm.math_check import is_equiv
 
 EQUIVALENT = [
     (r"\frac{1}{2}", "0.5"),
