@@ -59,3 +59,21 @@ def test_bad_device():
     if not torch.cuda.is_available():
         with pytest.raises(DLLMError, match="CUDA is not available here; valid: cpu"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("pos", ["rope", "both"])
+def test_rotary_tiny_model_survives_save_and_load(tmp_path, pos):
+    """Regression: the rotary frequencies were a non-persistent buffer that from_pretrained left
+    uninitialised, so a reloaded rope model computed garbage."""
+    import torch
+
+    from lm_eval_dllm.tiny import TinyDLLMConfig, TinyDLLMModel
+
+    torch.manual_seed(0)
+    m = TinyDLLMModel(TinyDLLMConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                                     max_position=32, mask_token_id=15, pos_encoding=pos)).eval()
+    m.save_pretrained(tmp_path / "m")
+    back = TinyDLLMModel.from_pretrained(tmp_path / "m").eval()
+    x = torch.randint(0, 15, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(m(x).logits, back(x).logits, atol=1e-6)
