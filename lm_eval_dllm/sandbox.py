@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import selectors
 import shutil
 import signal
@@ -209,6 +210,17 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
         return _run(argv, iso, tmp, timeout_s, memory_mb, max_output_bytes)
     finally:
         _remove_tree(parent)
+
+
+def runs_to_the_end(program: str, *, timeout_s: float, memory_mb: int) -> bool:
+    """Does `program` (e.g. code + its tests) pass and reach its last line?
+
+    Exit status 0 alone is not enough: code that exits early (sys.exit(0), os._exit(0)) has status
+    0 before the tests after it ran, so a random marker printed last must be in the output.
+    """
+    marker = secrets.token_hex(16)
+    res = run_python(f"{program}\nprint({marker!r})\n", timeout_s=timeout_s, memory_mb=memory_mb)
+    return res.passed and marker in res.stdout
 
 
 def isolation(python: str | None = None) -> Isolation:

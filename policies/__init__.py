@@ -30,6 +30,11 @@ def catalog() -> list[dict]:
     return out
 
 
+def shipped_for(model_id: str) -> list[dict]:
+    """The catalog entries trained on this model."""
+    return [e for e in catalog() if e["base_model"] == model_id]
+
+
 def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -> Path:
     """An explicit folder, or the catalog entry for this model (exact block first, then nearest)."""
     from lm_eval_dllm.utils import DLLMError
@@ -44,7 +49,7 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
                             f"{', '.join(e['path'] for e in catalog()) or '(none shipped)'}")
         return p
     eff = min(block, gen_length)
-    same = [e for e in catalog() if e["base_model"] == model_id]
+    same = shipped_for(model_id)
     if not same:
         have = "; ".join(f"{e['path']} ({e['base_model']}, block {e['block']})" for e in catalog())
         raise DLLMError(f"no shipped policy for model {model_id!r}; valid: policy=<folder from "

@@ -101,20 +101,16 @@ class Grid:
     def policy_fingerprint(self) -> str:
         """The policy weights `learned` runs use: retraining a policy never reuses its old runs."""
         from lm_eval_dllm.model import BUNDLED_ID
-        from policies import HERE, catalog
-
         from lm_eval_dllm.utils import DLLMError
+        from policies import HERE, resolve_policy, shipped_for
 
-        model_id = self.pretrained or BUNDLED_ID
-        if self.policy:
-            d = Path(self.policy).expanduser()
-            d = d if d.exists() or not (HERE / self.policy).exists() else HERE / self.policy
-            if not (d / "policy.json").exists():
+        if self.policy:  # found as `sampler=learned,policy=...` finds it
+            dirs = [resolve_policy(self.policy, model_id="", block=0, gen_length=0)]
+            if not (dirs[0] / "policy.json").exists():
                 raise DLLMError(f"--policy {self.policy!r} has no policy.json; valid: a folder written "
                                 f"by `python -m train.grpo` (OUT/best or OUT/last)")
-            dirs = [d]
         else:
-            dirs = [HERE / e["path"] for e in catalog() if e["base_model"] == model_id]
+            dirs = [HERE / e["path"] for e in shipped_for(self.pretrained or BUNDLED_ID)]
         h = hashlib.sha256()
         for d in dirs:  # weights and config, not the card (its notes may change, the policy does not)
             h.update((d / "policy.safetensors").read_bytes())
@@ -123,10 +119,9 @@ class Grid:
 
     def has_policy(self) -> bool:
         from lm_eval_dllm.model import BUNDLED_ID
-        from policies import catalog
+        from policies import shipped_for
 
-        model_id = self.pretrained or BUNDLED_ID
-        return bool(self.policy) or any(e["base_model"] == model_id for e in catalog())
+        return bool(self.policy) or bool(shipped_for(self.pretrained or BUNDLED_ID))
 
     @property
     def model_tag(self) -> str:

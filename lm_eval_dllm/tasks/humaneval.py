@@ -14,7 +14,6 @@ Limits per completion: TIMEOUT_S seconds of wall time, MEMORY_MB of address spac
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 TIMEOUT_S = 10.0
@@ -34,13 +33,9 @@ def program(doc: dict, completion: str) -> str:
 
 
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    from ..sandbox import run_python
+    from ..sandbox import runs_to_the_end
 
-    # the run must reach the end: a completion that exits early (sys.exit(0), os._exit(0)) exits
-    # with status 0 before the tests ran, so a random marker printed last must be in the output
-    marker = secrets.token_hex(16)
-    res = run_python(f"{program(doc, completion)}\nprint({marker!r})\n", timeout_s=timeout_s, memory_mb=memory_mb)
-    return res.passed and marker in res.stdout
+    return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
