@@ -1,14 +1,18 @@
-"""MATH-style answer equivalence that agrees with lm-eval and never hangs.
+"""MATH-style answer checking that agrees with lm-eval and never hangs.
 
     python -m lm_eval_dllm.math_check '2\\sqrt{2}' '\\sqrt{8}'      # prints True
 
-    from lm_eval_dllm.math_check import is_equiv
+    from lm_eval_dllm.math_check import is_equiv, score_minerva
     is_equiv(r"\\frac{1}{2}", "0.5")                                # True
+    score_minerva(doc, completion)      # lm-eval's minerva_math process_results, time-bounded
 
 The verdict is lm-eval's `exact_match` for minerva_math: both answers go through lm-eval's own
 `normalize_final_answer`, then its `is_equiv` (sympy's parse_latex, then simplify(a - b) == 0).
 Nothing is reimplemented, so this checker and lm-eval agree; the one deliberate difference is
-that answers longer than MAX_CHARS are rejected without being looked at.
+that answers longer than MAX_CHARS are rejected without being looked at. `score_minerva` runs
+lm-eval's whole minerva_math `process_results` (answer extraction, sympy `is_equiv`, math_verify)
+in the same worker, so a completion scores exactly what lm-eval would give it, or 0 on every
+metric if scoring it takes longer than its time limit; the `*_dllm` MATH tasks score with it.
 
 lm-eval bounds sympy with SIGALRM, which cannot interrupt one long C call (10**10**10 is a
 single integer power) and works only in the main thread. Here sympy runs in a separate worker
@@ -40,6 +44,9 @@ from .utils import DLLMError
 log = logging.getLogger(__name__)
 
 MAX_CHARS = 4_000            # longer answers are rejected: lm-eval's normalisation is quadratic
+MAX_COMPLETION_CHARS = 50_000  # longer completions score 0 without being parsed
+SCORE_TIMEOUT_S = 10.0       # whole process_results: lm-eval allows 5 s to is_equiv alone
+MINERVA_METRICS = ("exact_match", "math_verify")
 WORKER_MEMORY_MB = 3_072     # importing lm-eval alone maps ~1.5 GiB of address space
 STARTUP_TIMEOUT_S = 120.0
 _INTEGER = re.compile(r"-?\d{1,40}")
@@ -69,7 +76,20 @@ def is_equiv(pred: str, ref: str, timeout_s: float = 2.0) -> bool:
         return False
     if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(b):  # sympy parses these exactly
         return int(a) == int(b)
-    return _WORKER.compare(a, b, timeout_s)
+    return bool(_WORKER.call(["equiv", a, b], timeout_s))
+
+
+def score_minerva(doc: dict, completion: str, timeout_s: float | None = None) -> dict[str, int]:
+    """lm-eval's minerva_math `process_results(doc, [completion])`, or 0 on every metric if it
+    takes longer than timeout_s (default SCORE_TIMEOUT_S), fails, or the completion is longer
+    than MAX_COMPLETION_CHARS."""
+    timeout_s = SCORE_TIMEOUT_S if timeout_s is None else timeout_s
+    zero = dict.fromkeys(MINERVA_METRICS, 0)
+    if len(completion) > MAX_COMPLETION_CHARS:
+        return zero
+    out = _WORKER.call(["minerva", {k: v for k, v in doc.items() if isinstance(v, (str, int, float))},
+                        completion], timeout_s)
+    return out if isinstance(out, dict) else zero
 
 
 def warm_up() -> None:
@@ -86,22 +106,22 @@ class _Worker:
         self._ready = False
         self._buf = b""
 
-    def compare(self, a: str, b: str, timeout_s: float) -> bool:
+    def call(self, request: list, timeout_s: float):
+        """The worker's JSON answer to `request`, or None if it overran timeout_s or crashed."""
         with self._lock:
             self._ensure_ready()
             try:
-                self._proc.stdin.write(json.dumps([a, b]).encode() + b"\n")
+                self._proc.stdin.write(json.dumps(request).encode() + b"\n")
                 self._proc.stdin.flush()
                 line = self._read_line(timeout_s)
-            except BrokenPipeError:  # it died between comparisons
+            except BrokenPipeError:  # it died between requests
                 line = None
-            if line in (b"0", b"1"):
-                return line == b"1"
-            log.debug("comparing %r with %r took over %.1fs (or crashed); restarting the worker",
-                      a, b, timeout_s)
+            if line is not None:
+                return json.loads(line)
+            log.debug("%s took over %.1fs (or crashed); restarting the worker", request[0], timeout_s)
             self._stop()
             self._start()  # the replacement imports while the caller gets on with its work
-            return False
+            return None
 
     def ensure_ready(self) -> None:
         with self._lock:
@@ -167,21 +187,29 @@ os.register_at_fork(after_in_child=_WORKER.forget)
 
 
 def _serve(memory_mb: int) -> None:
-    """The worker: read [a, b] JSON lines on stdin, answer 1 or 0 per line on stdout."""
+    """The worker: one JSON request per line on stdin, one JSON answer per line on stdout.
+
+    ["equiv", a, b] -> true/false (lm-eval's is_equiv of two normalised answers);
+    ["minerva", doc, completion] -> lm-eval's minerva_math process_results(doc, [completion]).
+    """
     limit = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything else printed to stdout goes to stderr, not into the answers
-    lm_eval_is_equiv = _lm_eval_math().is_equiv
+    utils = _lm_eval_math()
     answers.write("ready\n")
     answers.flush()
     for line in sys.stdin:
-        a, b = json.loads(line)
+        kind, *args = json.loads(line)
         try:
-            same = bool(lm_eval_is_equiv(a, b))
-        except Exception:  # noqa: BLE001 -- MemoryError, RecursionError: not equivalent
-            same = False
-        answers.write("1\n" if same else "0\n")
+            if kind == "equiv":
+                out = bool(utils.is_equiv(*args))
+            else:
+                doc, completion = args
+                out = {k: int(v) for k, v in utils.process_results(doc, [completion]).items()}
+        except Exception:  # noqa: BLE001 -- MemoryError, RecursionError, parse errors: wrong
+            out = False if kind == "equiv" else dict.fromkeys(MINERVA_METRICS, 0)
+        answers.write(json.dumps(out) + "\n")
         answers.flush()
 
 

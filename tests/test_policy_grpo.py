@@ -132,7 +132,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(cut / "trainer_state.pt", weights_only=False)["step"]
+    killed = torch.load(cut / "trainer_state.pt", weights_only=False)
+    killed_at = killed["step"]
     assert 1 <= killed_at < 6
     subprocess.run(base + ["--out", str(cut), "--resume"], check=True, capture_output=True, env=env, timeout=600)
 
@@ -144,6 +145,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
     steps = [json.loads(x)["step"] for x in (cut / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and max(steps) == 6
+    assert b["train_seconds"] > killed["train_seconds"] > 0  # training time adds up across the resume
+    assert "train_minutes" in json.loads((cut / "last" / "policy.json").read_text())["card"]
 
 
 def test_threshold_init_starts_as_the_threshold_rule():

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import shlex
 import time
@@ -44,6 +45,7 @@ log = logging.getLogger("train.grpo")
 @dataclass
 class GRPOConfig:
     task: str = "modchain"
+    include_path: str = ""  # extra folder of task YAMLs, as lm_eval's --include_path
     pretrained: str = ""  # "" = the bundled tiny dLLM
     block: int = 0  # 0 = the model's default block; >= gen_length = full diffusion
     gen_length: int = 0  # 0 = the task's max_gen_toks, else the model's default
@@ -96,8 +98,15 @@ class Env:
         if cfg.apply_chat_template:
             def chat(msgs, add_generation_prompt=True, **kw):
                 return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        tm = None
+        if cfg.include_path:
+            from lm_eval.tasks import TaskManager
+
+            if not os.path.isdir(cfg.include_path):
+                raise DLLMError(f"--include-path {cfg.include_path!r} is not a folder; valid: a folder of task YAMLs")
+            tm = TaskManager(include_path=cfg.include_path)
         self.scorer = TaskScorer(cfg.task, num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
-                                 chat_template=chat)
+                                 chat_template=chat, task_manager=tm)
         self.L = cfg.gen_length or int(self.scorer.gen_kwargs.get("max_gen_toks") or self.spec.default_gen_length)
         self.block = min(cfg.block or self.spec.default_block, self.L)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
@@ -203,7 +212,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
     policy = UnmaskPolicy(pcfg).to(acc.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    step, best = 0, -float("inf")
+    step, best, prior_seconds = 0, -float("inf"), 0.0
     state_path = out / "trainer_state.pt"
     if resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -215,6 +224,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, best = st["step"], st["best"]
+        prior_seconds = st.get("train_seconds", 0.0)
         log.info("resumed %s at step %d", state_path, step)
     ddp_policy, opt = acc.prepare(policy, opt)
     train_prompts = env.scorer.prompts(cfg.train_split)
@@ -228,15 +238,22 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
                  sum(p.numel() for p in policy.parameters()), cfg.task, len(train_prompts), env.L,
                  env.block, cfg.alpha, acc.num_processes)
 
+    loop_start = time.time()
+
+    def elapsed() -> float:
+        return prior_seconds + time.time() - loop_start
+
     def card(metrics: dict) -> dict:
         return {"command": command_line(cfg),
                 "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
                 "alpha": cfg.alpha, "features": list(features), "steps": step, "seed": cfg.seed,
-                "processes": acc.num_processes, "metrics": metrics}
+                "processes": acc.num_processes, "metrics": metrics,
+                "train_minutes": round(elapsed() / 60, 2)}  # since the loop started, resumes included
 
     def save(metrics: dict) -> None:
         st = {"policy": acc.unwrap_model(ddp_policy).state_dict(), "opt": opt.state_dict(),
-              "sched": sched.state_dict(), "step": step, "best": best, "config": asdict(cfg)}
+              "sched": sched.state_dict(), "step": step, "best": best, "config": asdict(cfg),
+              "train_seconds": elapsed()}
         atomic_write(state_path, lambda tmp: torch.save(st, tmp))
         acc.unwrap_model(ddp_policy).save(out / "last", card(metrics))
 
@@ -259,7 +276,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
         m = torch.tensor([rewards.mean(), scores.mean(), nfes.mean()], device=acc.device)
         m = acc.reduce(m, reduction="mean").tolist()
         rec = {"step": step, "reward": m[0], "accuracy": m[1], "nfe": m[2], "loss": sum(losses) / len(losses),
-               "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+               "lr": sched.get_last_lr()[0]}
         bar.update(1)
         bar.set_postfix(reward=f"{m[0]:.3f}", acc=f"{m[1]:.2f}", nfe=f"{m[2]:.1f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
@@ -270,6 +287,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
                 acc.unwrap_model(ddp_policy).save(out / "best", card({f"val_{k}": v for k, v in vm.items()}))
             if acc.is_main_process:
                 bar.write(f"step {step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, NFE {vm['nfe']:.2f}")
+        rec["seconds"] = round(time.time() - t0, 2)
         if acc.is_main_process:
             log_line(rec)
             if step % cfg.save_every == 0 or step == cfg.steps:

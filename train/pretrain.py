@@ -44,16 +44,16 @@ SPECIALS = {
 @dataclass
 class PretrainConfig:
     out: str = str(BUNDLED_DIR)
-    steps: int = 2800
+    steps: int = 2600
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 6e-4
     warmup: int = 100
     weight_decay: float = 0.01
     d_model: int = 192
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 768
-    pos_encoding: str = "absolute"  # absolute | rope | both (see lm_eval_dllm/tiny/modeling.py)
+    pos_encoding: str = "both"  # absolute | rope | both (see lm_eval_dllm/tiny/modeling.py)
     seed: int = 0
     bf16: bool = True
     save_every: int = 200

@@ -16,12 +16,13 @@ from pathlib import Path
 from ..utils import atomic_write
 import logging
 
-from . import humaneval, mbpp, modchain
+from . import humaneval, mbpp, minerva, modchain
 
 log = logging.getLogger(__name__)
 
 BUNDLED_TASKS = ("modchain",)  # what the bundled model was trained for
-SHIPPED_TASKS = BUNDLED_TASKS + ("humaneval_dllm", "mbpp_dllm")  # mbpp_dllm: with $LM_EVAL_DLLM_MBPP
+SHIPPED_TASKS = BUNDLED_TASKS + ("humaneval_dllm", "mbpp_dllm") + minerva.TASKS  # mbpp_dllm: with $LM_EVAL_DLLM_MBPP
+SHIPPED_GROUPS = (minerva.GROUP,)
 
 
 def _gsm8k_yaml() -> Path:
@@ -63,7 +64,7 @@ metadata:
 def task_dir() -> Path:
     """The folder holding the generated task YAMLs and their shims (written once per content hash)."""
     yamls = {"modchain.yaml": _modchain_yaml(), "humaneval_dllm.yaml": humaneval.yaml_text(),
-             "dllm_humaneval.py": humaneval.SHIM}
+             "dllm_humaneval.py": humaneval.SHIM} | minerva.yaml_files()
     mbpp_file = mbpp.data_file()
     if mbpp_file is not None:
         if mbpp_file.exists():

@@ -1,0 +1,59 @@
+"""`python -m train.pretrain`: same seed, same checkpoint; a killed run resumes to the same end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+SMALL = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "8",
+         "--warmup", "2", "--eval-problems", "4", "--threads", "1"]
+
+
+def pretrain(out, *args, wait=True):
+    cmd = [sys.executable, "-m", "train.pretrain", "--out", str(out), *SMALL, *args]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=600)
+
+
+def weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_same_seed_gives_the_same_checkpoint_and_card(tmp_path):
+    pretrain(tmp_path / "a", "--steps", "4")
+    pretrain(tmp_path / "b", "--steps", "4")
+    pretrain(tmp_path / "c", "--steps", "4", "--seed", "1")
+    assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not same(weights(tmp_path / "a"), weights(tmp_path / "c"))
+    card_a, card_b = (json.loads((tmp_path / d / "card.json").read_text()) for d in "ab")
+    assert card_a["validation"] == card_b["validation"]
+    assert card_a["final_loss_mean_last_100"] == card_b["final_loss_mean_last_100"]
+    assert card_a["command"].startswith("python -m train.pretrain --steps 4 ")
+
+
+def test_a_killed_run_resumes_to_the_same_checkpoint(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    pretrain(whole, "--steps", "40", "--save-every", "5")
+    proc = pretrain(cut, "--steps", "40", "--save-every", "5", wait=False)
+    state = cut / "train_state.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not state.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (cut / "model.safetensors").exists(), "killed before it finished"
+    pretrain(cut, "--steps", "40", "--save-every", "5", "--resume")
+    assert same(weights(whole), weights(cut))
+    assert not state.exists()  # the finished checkpoint supersedes the training state
