@@ -77,7 +77,7 @@ def pareto(rows: list[Row]) -> list[Row]:
     """Settings no other setting beats on both accuracy (higher) and NFE (lower)."""
     out = [r for r in rows if not any(
         (o.acc >= r.acc and o.nfe <= r.nfe) and (o.acc > r.acc or o.nfe < r.nfe) for o in rows)]
-    return sorted(out, key=lambda r: r.nfe)
+    return sorted(out, key=lambda r: (r.nfe, -r.acc, r.label))  # ties: by name, whatever the input order
 
 
 def best_per_sampler(rows: list[Row]) -> list[Row]:
@@ -86,7 +86,7 @@ def best_per_sampler(rows: list[Row]) -> list[Row]:
         b = best.get(r.sampler)
         if b is None or (r.acc, -r.nfe) > (b.acc, -b.nfe):
             best[r.sampler] = r
-    return sorted(best.values(), key=lambda r: -r.acc)
+    return sorted(best.values(), key=lambda r: (-r.acc, r.nfe, r.label))
 
 
 def _fmt(rows: list[Row], with_block: bool = False) -> str:

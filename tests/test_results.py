@@ -31,6 +31,16 @@ def test_readme_numbers_match_the_run_files():
         assert f.exists(), f
 
 
+def test_tables_do_not_depend_on_the_order_runs_are_read_in():
+    from results.report import best_per_sampler
+
+    mk = lambda s, acc, nfe: Row("t", s, (("k", 2),), 8, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
+    rows = [mk("margin", 1.0, 21.0), mk("entropy", 1.0, 21.0), mk("confidence", 1.0, 21.0), mk("factor", 0.9, 5.0)]
+    for f in (best_per_sampler, pareto):
+        assert [r.sampler for r in f(rows)] == [r.sampler for r in f(rows[::-1])]
+    assert [r.sampler for r in best_per_sampler(rows)] == ["confidence", "entropy", "margin", "factor"]
+
+
 def test_pareto_front():
     mk = lambda acc, nfe: Row("t", "s", (("x", acc),), 8, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
     rows = [mk(0.9, 10), mk(0.8, 5), mk(0.85, 12), mk(0.95, 20), mk(0.7, 5)]
