@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 BUNDLED_TASKS = ("modchain",)  # what the bundled model was trained for
 SHIPPED_TASKS = BUNDLED_TASKS + ("humaneval_dllm", "mbpp_dllm") + minerva.TASKS  # mbpp_dllm: with $LM_EVAL_DLLM_MBPP
-SHIPPED_GROUPS = (minerva.GROUP,)
 
 
 def _gsm8k_yaml() -> Path:
