@@ -25,7 +25,7 @@ from .config import DLLMConfig
 from .decode import check_block, diffuse, model_forward
 from .loading import load
 from .samplers import make_sampler
-from .text import completion_text, fit_prompt, stop_strings
+from .text import PromptFitter, completion_text, stop_strings
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class DLLM(LM):
         self.is_bundled = not self.cfg.pretrained
         self._chat = False
         self._warned: set[str] = set()
+        self._fit = PromptFitter(self.cfg.max_length or self.spec.max_length, self.cfg.truncation)
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
                  self.cfg.pretrained_path)
@@ -146,14 +147,7 @@ class DLLM(LM):
 
     def _encode(self, context: str, L: int) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=not self._chat)["input_ids"]
-        limit = self.cfg.max_length or self.spec.max_length
-        fitted, cut = fit_prompt(ids, L, limit, self.cfg.truncation)
-        if cut and "trunc" not in self._warned:
-            self._warned.add("trunc")
-            log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping "
-                        "the last %d prompt tokens (truncation=left; this warning is shown once)",
-                        len(ids), L, limit, len(fitted))
-        return fitted
+        return self._fit(ids, L)
 
     def _seed(self, context: str, occurrence: int) -> int:
         # per sample, not per batch position: a row's randomness does not depend on its batch

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 
 from .spec import FamilySpec
 from .utils import DLLMError
+
+log = logging.getLogger(__name__)
 
 
 def fit_prompt(ids: list[int], gen_length: int, limit: int | None, truncation: str = "left") -> tuple[list[int], bool]:
@@ -22,6 +26,22 @@ def fit_prompt(ids: list[int], gen_length: int, limit: int | None, truncation: s
                         f"context of {limit}; valid: a shorter prompt (fewer few-shot examples), a "
                         f"smaller gen_length, or truncation=left")
     return ids[-keep:], True
+
+
+class PromptFitter:
+    """`fit_prompt` for one run (an evaluation, a training run): truncation is logged once, not per prompt."""
+
+    def __init__(self, limit: int | None, truncation: str = "left"):
+        self.limit, self.truncation, self._warned = limit, truncation, False
+
+    def __call__(self, ids: list[int], gen_length: int) -> list[int]:
+        fitted, cut = fit_prompt(ids, gen_length, self.limit, self.truncation)
+        if cut and not self._warned:
+            self._warned = True
+            log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping the last "
+                        "%d prompt tokens (truncation=left; this warning is shown once)",
+                        len(ids), gen_length, self.limit, len(fitted))
+        return fitted
 
 
 def stop_strings(gen_kwargs: dict, tokenizer, spec: FamilySpec) -> list[str]:

@@ -161,3 +161,18 @@ def test_learned_sampler_with_a_policy_folder(tiny_ckpt, task_manager, tmp_path)
         tasks=["modchain"], limit=4, task_manager=task_manager, device="cpu")
     assert res["results"]["modchain"]["nfe,none"] >= 6  # at least one forward per block
     assert res["config"]["dllm"]["sampler"] == "learned"
+
+
+def test_prompt_fitter_truncates_left_and_warns_once(caplog):
+    from lm_eval_dllm.text import PromptFitter
+    from lm_eval_dllm.utils import DLLMError
+
+    fit = PromptFitter(limit=10)
+    with caplog.at_level("WARNING"):
+        assert fit(list(range(8)), 4) == [2, 3, 4, 5, 6, 7]
+        assert fit(list(range(9)), 4) == [3, 4, 5, 6, 7, 8]
+        assert fit([1, 2], 4) == [1, 2]
+    assert caplog.text.count("exceeds the context of 10") == 1
+    with pytest.raises(DLLMError, match="exceeds the model's context of 10; valid: .*truncation=left"):
+        PromptFitter(limit=10, truncation="error")(list(range(8)), 4)
+    assert PromptFitter(limit=None)(list(range(500)), 4) == list(range(500))

@@ -34,7 +34,7 @@ from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
 from lm_eval_dllm.reward import TaskScorer, nfe_discount
 from lm_eval_dllm.samplers.learned import LearnedSampler
-from lm_eval_dllm.text import completion_text, fit_prompt, stop_strings
+from lm_eval_dllm.text import PromptFitter, completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grpo_loss import clipped_pg_loss, group_advantages
@@ -111,18 +111,12 @@ class Env:
         self.block = min(cfg.block or self.spec.default_block, self.L)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
-        self._warned_trunc = False
+        self._fit = PromptFitter(self.spec.max_length)
 
     def encode(self, context: str) -> list[int]:
         """Token ids of a prompt, left-truncated to the model's context as evaluation does."""
         ids = self.tok(context, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"]
-        fitted, cut = fit_prompt(ids, self.L, self.spec.max_length)
-        if cut and not self._warned_trunc:
-            self._warned_trunc = True
-            log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping the "
-                        "last %d prompt tokens (this warning is shown once)", len(ids), self.L,
-                        self.spec.max_length, len(fitted))
-        return fitted
+        return self._fit(ids, self.L)
 
     def rollout(self, policy, prompts, seeds, mode="sample", record=True):
         """Decode every prompt once (repeat prompts for groups). Returns trajectory, rewards, stats."""
