@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
-from .grid import SWEEPS, TESTBED, Grid, run_grid
+from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, run_grid
 from .report import figures, load_rows, tables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -44,12 +44,17 @@ def main(argv=None) -> None:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None)
-    g.add_argument("--dtype", default="auto", help="model dtype (auto, float32, bfloat16, float16)")
+    g.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"model dtype: auto, float32, bfloat16, float16 "
+                   f"(default {DEFAULT_DTYPE})")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     o.add_argument("--nfe-budget", type=float, default=None, help="NFE budget of the block-size figure (default L/4)")
     o.add_argument("--no-readme", action="store_true", help="do not update README.md's results section")
     a = p.parse_args(argv)
+    # the README shows the default grid only: another model, policy, dtype, seed, task or limit
+    # writes its tables and figures but leaves the README alone
+    a.default_setup = all(getattr(a, k) == p.get_default(k)
+                          for k in ("pretrained", "policy", "dtype", "seed", "tasks", "limit"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
@@ -68,8 +73,7 @@ def _run(a, grid: Grid) -> None:
         paths = run_grid(grid)
     else:
         paths = report_paths(grid)
-    default_setup = a.pretrained is None and not a.policy and a.dtype == "auto"
-    report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and default_setup)
+    report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.default_setup)
 
 
 def report_paths(grid: Grid) -> list[Path]:

@@ -29,6 +29,7 @@ class Row:
     tpf: float
     wall: float
     n: int
+    run_seconds: float = 0.0  # the whole lm-eval run (loading, scoring included), as the run file records
 
     @property
     def label(self) -> str:
@@ -64,7 +65,7 @@ def load_rows(paths: list[Path]) -> list[Row]:
         rows.append(Row(task=s["task"], sampler=s["sampler"], params=tuple(sorted(s["params"].items())),
                         block=min(int(s["block"]), gl), gen_length=gl, acc=float(r[primary_metric(r)]),
                         nfe=float(r["nfe,none"]), tpf=float(r["tpf,none"]), wall=float(r["wall_s,none"]),
-                        n=int(per["n"])))
+                        n=int(per["n"]), run_seconds=float(s.get("run_seconds", 0.0))))
     return rows
 
 
@@ -106,6 +107,8 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
         tr = [r for r in rows if r.task == task]
         n = max(r.n for r in tr)
         parts.append(f"### Task `{task}` ({n} problems)\n")
+        parts.append(f"{len(tr)} lm-eval runs, {sum(r.run_seconds for r in tr) / 60:.1f} minutes of run time "
+                     f"in all (the sum of the `run_seconds` their run files record).\n")
         if testbed:
             want = [(s, tuple(sorted(p.items()))) for s, p in testbed]
             blocks = sorted({r.block for r in tr})
@@ -142,6 +145,11 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
     return "\n".join(parts)
 
 
+def _best(rows: list[Row]) -> Row:
+    """Most accurate, then cheapest, then first by name: the same pick whatever order runs are read in."""
+    return min(rows, key=lambda r: (-r.acc, r.nfe, r.label))
+
+
 def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0.9),))) -> str:
     """Per block size: does some learned setting reach each heuristic setting's accuracy at no more NFE?
 
@@ -160,7 +168,7 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0
         matched = 0
         for h in sorted(heur, key=lambda r: (r.sampler, r.nfe)):
             by = [r for r in learned if r.acc >= h.acc and r.nfe <= h.nfe]
-            w = max(by, key=lambda r: (r.acc, -r.nfe)) if by else None
+            w = _best(by) if by else None
             matched += w is not None
             table.append([block_name(b, h.gen_length), h.label, f"{100 * h.acc:.1f}", f"{h.nfe:.2f}",
                           f"{w.label}: {100 * w.acc:.1f} @ {w.nfe:.2f}" if w else "no"])
@@ -168,9 +176,9 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0
         r9 = [r for r in heur if (r.sampler, r.params) == ref]
         if r9:
             budget = r9[0].nfe
-            bh = max((r for r in heur if r.nfe <= budget), key=lambda r: r.acc)
+            bh = _best([r for r in heur if r.nfe <= budget])
             bl = [r for r in learned if r.nfe <= budget]
-            bl = max(bl, key=lambda r: r.acc) if bl else None
+            bl = _best(bl) if bl else None
             line += (f"; at the NFE of {Setting(*ref, 0).label} ({budget:.2f}): best heuristic "
                      f"{bh.label} {100 * bh.acc:.1f} %, best learned "
                      + (f"{bl.label} {100 * bl.acc:.1f} % ({100 * (bl.acc - bh.acc):+.1f} points)" if bl else "none"))

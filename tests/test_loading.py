@@ -77,3 +77,17 @@ def test_rotary_tiny_model_survives_save_and_load(tmp_path, pos):
     x = torch.randint(0, 15, (2, 10))
     with torch.no_grad():
         assert torch.allclose(m(x).logits, back(x).logits, atol=1e-6)
+
+
+def test_written_out_attention_is_the_fused_one():
+    # the tiny model writes attention out under bf16 on CPU (the fused kernel is slow there)
+    import torch.nn.functional as F
+
+    from lm_eval_dllm.tiny.modeling import explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8, generator=g) for _ in range(3))
+    key_mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    key_mask[1, ..., :4] = False  # a left-padded row
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    torch.testing.assert_close(explicit_attention(q, k, v, key_mask), want, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,23 @@ def test_learned_sampler_contract(mode):
         assert (a.sum(-1)[st.eligible.any(-1)] >= 1).all()
 
 
+def test_greedy_cutoff_trades_commits_for_caution():
+    pol = UnmaskPolicy(PolicyConfig(init="threshold"))
+    g = torch.Generator().manual_seed(1)
+    masked = torch.rand(4, 48, generator=g) < 0.8
+    st = state(torch.rand(4, 48, generator=g), masked, block=(0, 48))
+    acts = [LearnedSampler(LearnedSampler.Config(mode="greedy", cutoff=c), policy=pol).select(st)
+            for c in (0.1, 0.5, 0.9)]
+    assert torch.equal(acts[1], LearnedSampler.from_policy(pol, mode="greedy").select(st))  # default
+    sizes = [int(a.sum()) for a in acts]
+    assert sizes[0] > sizes[1] > sizes[2] >= 4  # fewer commits as the cutoff rises, >= 1 per row
+    assert not (acts[2] & ~acts[1]).any() and not (acts[1] & ~acts[0]).any()  # nested
+    with pytest.raises(DLLMError, match="cutoff=0.8 needs mode=greedy"):
+        make_sampler("learned", {"cutoff": 0.8})
+    with pytest.raises(DLLMError, match=r"cutoff=1.0 is out of range; valid: \(0.0, 1.0\)"):
+        make_sampler("learned", {"mode": "greedy", "cutoff": 1.0})
+
+
 def test_learned_needs_a_policy_for_unknown_models():
     s = make_sampler("learned")
     with pytest.raises(DLLMError, match="no shipped policy for model 'someone/else'"):

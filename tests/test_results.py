@@ -39,6 +39,15 @@ def test_tables_do_not_depend_on_the_order_runs_are_read_in():
     for f in (best_per_sampler, pareto):
         assert [r.sampler for r in f(rows)] == [r.sampler for r in f(rows[::-1])]
     assert [r.sampler for r in best_per_sampler(rows)] == ["confidence", "entropy", "margin", "factor"]
+    # the whole report, learned-vs-heuristics included, with heuristic settings that tie exactly
+    from results.report import tables
+
+    mk2 = lambda s, p, acc, nfe: Row("t", s, p, 8, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
+    rows = [mk2("threshold", (("tau", 0.9),), 0.999, 5.53), mk2("factor", (("f", 1.0),), 0.999, 5.53),
+            mk2("eb", (("gamma", 0.1),), 0.99, 5.53), mk2("learned", (("cutoff", 0.5),), 0.99, 5.4),
+            mk2("learned", (("cutoff", 0.9),), 0.999, 5.53)] + rows
+    assert tables(rows, testbed=TESTBED) == tables(rows[::-1], testbed=TESTBED)
+    assert tables(rows, testbed=TESTBED) == tables(rows[2:] + rows[:2], testbed=TESTBED)
 
 
 def test_pareto_front():
@@ -62,6 +71,15 @@ def test_setting_keys_are_stable_and_distinct():
     assert len(keys) == 2 * len(TESTBED)
     assert Setting.make("threshold", {"tau": 0.9}, 8).key == "threshold-tau0.9-B8"
     assert "pretrained=x" in Setting.make("eb", {}, 8).model_args("x", 4, 1)
+
+
+def test_one_token_per_step_runs_only_at_the_ends_of_the_block_range():
+    keys = {s.key for s in Grid(tasks=["t"], blocks=[8, 16, 48], samplers=["confidence", "random"]).settings()}
+    for k1 in ("confidence-k1", "random-k1"):
+        assert {f"{k1}-B8", f"{k1}-B48"} <= keys and f"{k1}-B16" not in keys
+    assert {"confidence-k2-B16", "random-k4-B16"} <= keys
+    only = {s.key for s in Grid(tasks=["t"], blocks=[16], samplers=["confidence"]).settings()}
+    assert "confidence-k1-B16" in only  # a single block size is both ends
 
 
 def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
@@ -95,3 +113,23 @@ def test_learned_runs_only_with_a_policy_and_are_keyed_by_its_weights(tmp_path, 
     UnmaskPolicy(PolicyConfig()).save(tmp_path / "p")
     other = Grid(tasks=["t"], blocks=[48], samplers=["learned"], policy=str(tmp_path / "p")).settings()
     assert other[0].policy_tag != learned[0].policy_tag and f"policy={tmp_path / 'p'}" in other[0].model_args(None, 4, 1)
+
+
+def test_only_the_default_grid_updates_the_readme(monkeypatch):
+    import results.__main__ as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "report_paths", lambda grid: [])
+    monkeypatch.setattr(cli, "report", lambda grid, paths, nfe, update_readme: calls.append(update_readme))
+    for argv in (["report"], ["report", "--seed", "7"], ["report", "--limit", "10"],
+                 ["report", "--dtype", "float32"], ["report", "--no-readme"], ["report", "--blocks", "8"]):
+        cli.main(argv)
+    assert calls == [True, False, False, False, False, True]
+
+
+def test_dtype_benchmark_runs_and_prints_its_table(capsys):
+    from benchmarks.dtype import SETTINGS, main
+
+    main(["--limit", "4", "--no-write"])
+    out = capsys.readouterr().out
+    assert "time float32 / bfloat16" in out and out.count("\n| ") == len(SETTINGS) + 1  # header and rows

@@ -65,6 +65,7 @@ class GRPOConfig:
     val_split: str = "validation"  # where validation prompts come from (never trained on)
     apply_chat_template: bool = False
     val_every: int = 20
+    val_mode: str = "greedy"  # policy mode for validation (and so for keeping `best`): greedy | sample
     val_size: int = 128
     save_every: int = 10
     batch_size: int = 64  # decode batch for rollouts and validation
@@ -80,6 +81,7 @@ class GRPOConfig:
     out: str = "runs/grpo"
 
 
+CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold")}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
 
@@ -274,7 +276,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
         bar.update(1)
         bar.set_postfix(reward=f"{m[0]:.3f}", acc=f"{m[1]:.2f}", nfe=f"{m[2]:.1f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            vm = validate(env, acc.unwrap_model(ddp_policy), val_prompts, acc)
+            vm = validate(env, acc.unwrap_model(ddp_policy), val_prompts, acc, cfg.val_mode)
             rec |= {f"val_{k}": v for k, v in vm.items()}
             if acc.is_main_process and vm["reward"] > best:
                 best = vm["reward"]
@@ -291,10 +293,12 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
 
 
 @torch.no_grad()
-def validate(env: Env, policy, prompts, acc) -> dict:
-    """Policy in sampling mode with fixed seeds on held-out prompts (sharded over processes)."""
+def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
+    """The policy in `mode` (sampling with fixed seeds, or greedy) on held-out prompts, sharded
+    over processes. Greedy by default: what evaluation with `mode=greedy` runs, without the
+    sampling noise that would otherwise decide which checkpoint is kept."""
     mine = prompts[acc.process_index::acc.num_processes]
-    _, rewards, scores, nfes, _ = env.rollout(policy, mine, list(range(len(mine))), record=False)
+    _, rewards, scores, nfes, _ = env.rollout(policy, mine, list(range(len(mine))), mode=mode, record=False)
     m = torch.tensor([rewards.sum(), scores.sum(), nfes.sum(), float(len(mine))], device=acc.device)
     m = acc.reduce(m, reduction="sum").tolist()
     return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}
@@ -307,7 +311,8 @@ def parse_args(argv=None) -> tuple[GRPOConfig, bool]:
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), str), default=f.default)
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), str),
+                           default=f.default, choices=CHOICES.get(f.name))
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")

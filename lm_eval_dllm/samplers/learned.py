@@ -7,8 +7,9 @@ transformer over the dLLM's per-position confidences, trained with GRPO (`python
     --model_args sampler=learned,policy=runs/grpo/best,mode=greedy
 
 Per eligible position the policy gives p = sigmoid(logit / temperature); `mode=sample` commits
-each with probability p (per-sample seeded), `mode=greedy` commits those with p > 0.5. Either way
-the highest-logit eligible position is committed when nothing else is.
+each with probability p (per-sample seeded), `mode=greedy` commits those with p > cutoff (0.5, the
+Bernoulli's mode, by default; a higher cutoff is more cautious: more NFE, fewer parallel commits).
+Either way the highest-logit eligible position is committed when nothing else is.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ class LearnedSampler(Sampler):
         policy: str = ""  # a policy folder; "" picks the shipped one for the model and block
         mode: str = "sample"  # sample | greedy
         temperature: float = 1.0
+        cutoff: float = 0.5  # greedy: commit where p > cutoff
 
         def __post_init__(self):
             if self.mode not in ("sample", "greedy"):
                 raise DLLMError(f"sampler 'learned': mode={self.mode!r}; valid: sample, greedy")
             check_range("learned", "temperature", self.temperature, 0.0, float("inf"), lo_open=True)
+            check_range("learned", "cutoff", self.cutoff, 0.0, 1.0, lo_open=True, hi_open=True)
+            if self.cutoff != 0.5 and self.mode != "greedy":
+                raise DLLMError(f"sampler 'learned': cutoff={self.cutoff} needs mode=greedy (sampling "
+                                f"commits with probability p); valid: mode=greedy,cutoff=<0..1>")
 
     def __init__(self, config=None, policy=None):
         super().__init__(config)
@@ -79,7 +85,7 @@ class LearnedSampler(Sampler):
         logits = self.logits(state).float()  # (b, L)
         prob = torch.sigmoid(logits / self.config.temperature)
         if self.config.mode == "greedy":
-            act = prob > 0.5
+            act = prob > self.config.cutoff
         else:
             u = torch.stack([torch.rand(prob.shape[1], generator=g, device=g.device)
                              for g in state.generators]).to(prob.device)
