@@ -78,8 +78,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """The same function, fused where that is faster. Under bf16 on CPU PyTorch's fused kernel
-    (flash attention) is several times slower than the written-out form at these sizes: its
-    backward took a third of a pretraining step."""
+    (flash attention) is several times slower than the written-out form at these sizes, most of
+    all in its backward, which made it the largest single cost of a pretraining step."""
     if q.is_cpu and (q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
         return explicit_attention(q, k, v, key_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
