@@ -196,27 +196,35 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
     evaluate_checkpoint(out, cfg.eval_problems)
 
 
+def decode_modchain(model, tok, spec, docs: list[dict], sampler, block: int,
+                    batch_size: int = 64) -> tuple[list[str], int]:
+    """Decode modchain prompts in batches; (completion texts, total NFE). Seeds are per problem."""
+    from lm_eval_dllm.decode import diffuse, model_forward
+    from lm_eval_dllm.text import completion_text
+
+    texts, nfe = [], 0
+    for i in range(0, len(docs), batch_size):
+        batch = docs[i:i + batch_size]
+        prompts = [tok(modchain.prompt(d["question"]))["input_ids"] for d in batch]
+        res = diffuse(model_forward(model), prompts, spec, sampler, GEN_LENGTH, block,
+                      seeds=list(range(i, i + len(batch))))
+        texts += [completion_text(toks, tok, spec) for toks in res.tokens.tolist()]
+        nfe += int(res.nfe.sum())
+    return texts, nfe
+
+
 def evaluate_checkpoint(out: Path, n: int) -> dict:
     """Greedy one-token-per-step confidence decoding on n validation problems; adds to the card."""
-    from lm_eval_dllm.decode import diffuse, model_forward
     from lm_eval_dllm.loading import load
     from lm_eval_dllm.samplers import make_sampler
-    from lm_eval_dllm.text import completion_text
 
     model, tok, spec = load(str(out), dtype="float32", device="cpu")
     docs = modchain.load_split("validation")[:n]
     metrics = {}
     for block in (8, GEN_LENGTH):
-        exact = final = 0
-        for i in range(0, len(docs), 64):
-            batch = docs[i:i + 64]
-            prompts = [tok(modchain.prompt(d["question"]))["input_ids"] for d in batch]
-            res = diffuse(model_forward(model), prompts, spec, make_sampler("confidence"),
-                          GEN_LENGTH, block, seeds=list(range(len(batch))))
-            for d, toks in zip(batch, res.tokens.tolist()):
-                text = completion_text(toks, tok, spec)
-                exact += text == d["answer"]
-                final += text.split("#### ")[-1] == d["answer"].split("#### ")[-1]
+        texts, _ = decode_modchain(model, tok, spec, docs, make_sampler("confidence"), block)
+        exact = sum(t == d["answer"] for t, d in zip(texts, docs))
+        final = sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
         metrics[f"val_B{block}_exact_text"] = exact / len(docs)
         metrics[f"val_B{block}_final_answer"] = final / len(docs)
     card_path = out / "card.json"
