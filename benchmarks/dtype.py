@@ -16,8 +16,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-SETTINGS = [("confidence", {"k": 1}, 48), ("confidence", {"k": 4}, 48), ("threshold", {"tau": 0.9}, 8),
-            ("threshold", {"tau": 0.9}, 48)]
+from lm_eval_dllm.tasks import modchain
+
+FULL = modchain.GEN_LENGTH  # block = L: full diffusion
+SETTINGS = [("confidence", {"k": 1}, FULL), ("confidence", {"k": 4}, FULL), ("threshold", {"tau": 0.9}, 8),
+            ("threshold", {"tau": 0.9}, FULL)]
 OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "dtype.md"
 
 
@@ -34,7 +37,6 @@ def decode_all(model, tok, spec, docs, sampler, block, batch_size):
 def main(argv=None) -> None:
     from lm_eval_dllm.loading import load
     from lm_eval_dllm.samplers import make_sampler
-    from lm_eval_dllm.tasks import modchain
     from lm_eval_dllm.tiny import BUNDLED_DIR
     from lm_eval_dllm.utils import atomic_write
 

@@ -15,15 +15,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def catalog() -> list[dict]:
-    """One entry per shipped policy: path (relative to this package), base_model, task, block, gen_length."""
+    """One entry per shipped policy: path (relative to this package), base_model, task, block,
+    gen_length, alpha (the NFE-discount exponent it was trained with)."""
     out = []
     from lm_eval_dllm.utils import DLLMError
 
     for meta_path in sorted(HERE.glob("*/policy.json")):
         try:
-            cfg = json.loads(meta_path.read_text())["config"]
+            meta = json.loads(meta_path.read_text())
+            cfg = meta["config"]
             out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
-                        "block": cfg["block"], "gen_length": cfg["gen_length"]})
+                        "block": cfg["block"], "gen_length": cfg["gen_length"],
+                        "alpha": float(meta.get("card", {}).get("alpha", 0.0))})
         except (ValueError, KeyError, TypeError) as e:
             raise DLLMError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "
                             f"policy.json as `python -m train.grpo` writes it") from None
@@ -36,7 +39,9 @@ def shipped_for(model_id: str) -> list[dict]:
 
 
 def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -> Path:
-    """An explicit folder, or the catalog entry for this model (exact block first, then nearest)."""
+    """An explicit folder (or a shipped policy's name), or the catalog entry for this model: exact
+    block first, then the nearest; among policies for the same block the lowest alpha (the one that
+    weighs accuracy most; the others, trained to spend fewer forwards, are picked by name)."""
     from lm_eval_dllm.utils import DLLMError
 
     if policy:
@@ -55,5 +60,12 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
         raise DLLMError(f"no shipped policy for model {model_id!r}; valid: policy=<folder from "
                         f"`python -m train.grpo`>, or a model with a shipped policy: {have or '(none)'}")
     best = min(same, key=lambda e: (min(e["block"], e["gen_length"]) != eff,
-                                    abs(min(e["block"], e["gen_length"]) - eff)))
+                                    abs(min(e["block"], e["gen_length"]) - eff), e["alpha"], e["path"]))
     return HERE / best["path"]
+
+
+def variants_for(model_id: str, block: int) -> list[str]:
+    """Names of the shipped policies for this model trained at exactly this block (B >= L: full
+    diffusion), the default pick first: what the results grid sweeps for sampler `learned`."""
+    same = [e for e in shipped_for(model_id) if min(e["block"], e["gen_length"]) == min(block, e["gen_length"])]
+    return [e["path"] for e in sorted(same, key=lambda e: (e["alpha"], e["path"]))]

@@ -3,6 +3,7 @@
     python -m results                         # default grid on the bundled model, then report
     python -m results --preset testbed        # the README's testbed table only (fewer runs)
     python -m results report                  # rebuild tables/figures from runs on disk
+    python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
 
 Runs go through `lm_eval.simple_evaluate`, so every number is what the CLI would print. Raw results
@@ -31,7 +32,7 @@ def _ints(s: str) -> list[int]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report"])
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds"])
     g = p.add_argument_group("grid")
     g.add_argument("--preset", choices=["default", "testbed"], default="default",
                    help="default: every sampler's sweep; testbed: the README's sampler table")
@@ -40,6 +41,8 @@ def main(argv=None) -> None:
     g.add_argument("--blocks", default="8,16,48", help="comma-separated block sizes (>= L: full diffusion)")
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
     g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
+    g.add_argument("--policies", default="", help="seeds: comma-separated policy folders trained by the same "
+                   "command with different --seed (shipped names work too)")
     g.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
@@ -69,11 +72,59 @@ def main(argv=None) -> None:
 
 
 def _run(a, grid: Grid) -> None:
+    if a.command == "seeds":
+        seeds(grid, [x for x in a.policies.split(",") if x])
+        return
     if a.command == "run":
         paths = run_grid(grid)
     else:
         paths = report_paths(grid)
     report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.default_setup)
+
+
+def seeds(grid: Grid, folders: list[str]) -> str:
+    """The learned sweep once per policy folder (one training command, several --seed): the
+    spread of accuracy and NFE between them is the run-to-run noise of policy training.
+    Writes `<out>/<model>/seed_noise.md`."""
+    if len(folders) < 2:
+        raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} folder(s); valid: two or "
+                        f"more policy folders, comma-separated")
+    rows = {}
+    for f in folders:
+        g = Grid(**{**grid.__dict__, "samplers": ["learned"], "only": None, "policy": f})
+        rows[f] = load_rows(run_grid(g))
+    text = seed_table(rows)
+    out_dir = grid.out / grid.model_tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "seed_noise.md", lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    return text
+
+
+def seed_table(rows: dict) -> str:
+    """Per block and setting: each policy's acc @ NFE, then the range (max - min) over policies."""
+    from tabulate import tabulate
+
+    from .report import block_name
+
+    names = list(rows)
+    keys = sorted({(r.task, r.block, r.label) for rs in rows.values() for r in rs})
+    body, worst = [], 0.0
+    for task, block, label in keys:
+        got = [next((r for r in rows[n] if (r.task, r.block, r.label) == (task, block, label)), None) for n in names]
+        have = [r for r in got if r is not None]
+        spread = 100 * (max(r.acc for r in have) - min(r.acc for r in have))
+        worst = max(worst, spread)
+        body.append([task, block_name(block, have[0].gen_length), label]
+                    + [f"{100 * r.acc:.1f} @ {r.nfe:.2f}" if r else "–" for r in got]
+                    + [f"{spread:.1f}", f"{max(r.nfe for r in have) - min(r.nfe for r in have):.2f}"])
+    head = ["task", "block", "setting"] + [f"policy {i + 1}" for i in range(len(names))] + [
+        "acc range (points)", "NFE range"]
+    legend = "\n".join(f"- policy {i + 1}: `{n}`" for i, n in enumerate(names))
+    return (f"Run-to-run noise of policy training (`python -m results seeds`): the same learned sweep for "
+            f"{len(names)} policies trained by one command with different seeds.\n\n{legend}\n\n"
+            + tabulate(body, head, tablefmt="github", disable_numparse=True)
+            + f"\n\nLargest accuracy range over the settings: {worst:.1f} points.\n")
 
 
 def report_paths(grid: Grid) -> list[Path]:

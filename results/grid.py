@@ -104,8 +104,20 @@ class Grid:
             samplers.remove("learned")
         tag = self.policy_fingerprint() if "learned" in samplers else ""
         ends = (min(self.blocks), max(self.blocks)) if self.blocks else ()
-        return [Setting.make(s, p, b, self.policy, tag) for b in self.blocks for s, p in pairs
-                if s in samplers and (b in ends or (s, tuple(sorted(p.items()))) not in ENDS_ONLY)]
+        return [Setting.make(s, q, b, self.policy, tag) for b in self.blocks for s, p in pairs
+                if s in samplers and (b in ends or (s, tuple(sorted(p.items()))) not in ENDS_ONLY)
+                for q in self._variants(s, p, b)]
+
+    def _variants(self, sampler: str, params: dict, block: int) -> list[dict]:
+        """`learned` with the shipped policies: the sweep once per policy shipped for this block
+        (e.g. trained at several alphas); the default pick keeps params without a `policy` key."""
+        if sampler != "learned" or self.policy or "policy" in params:
+            return [params]
+        from lm_eval_dllm.model import BUNDLED_ID
+        from policies import variants_for
+
+        names = variants_for(self.pretrained or BUNDLED_ID, block)
+        return [params] + [params | {"policy": n} for n in names[1:]]
 
     def policy_fingerprint(self) -> str:
         """The policy weights `learned` runs use: retraining a policy never reuses its old runs."""

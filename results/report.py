@@ -30,6 +30,7 @@ class Row:
     wall: float
     n: int
     run_seconds: float = 0.0  # the whole lm-eval run (loading, scoring included), as the run file records
+    stderr: float = 0.0  # lm-eval's standard error of acc (over the problems; 0 when it reports none)
 
     @property
     def label(self) -> str:
@@ -62,10 +63,14 @@ def load_rows(paths: list[Path]) -> list[Row]:
         r = d["results"][s["task"]]
         per = d["config"]["dllm"]["per_task"][s["task"]]
         gl = d["config"]["dllm"].get("gen_length") or _gen_length(d, s["task"])
+        metric = primary_metric(r)
+        name, _, filt = metric.partition(",")
+        se = r.get(f"{name}_stderr,{filt}")
         rows.append(Row(task=s["task"], sampler=s["sampler"], params=tuple(sorted(s["params"].items())),
-                        block=min(int(s["block"]), gl), gen_length=gl, acc=float(r[primary_metric(r)]),
+                        block=min(int(s["block"]), gl), gen_length=gl, acc=float(r[metric]),
                         nfe=float(r["nfe,none"]), tpf=float(r["tpf,none"]), wall=float(r["wall_s,none"]),
-                        n=int(per["n"]), run_seconds=float(s.get("run_seconds", 0.0))))
+                        n=int(per["n"]), run_seconds=float(s.get("run_seconds", 0.0)),
+                        stderr=float(se) if isinstance(se, (int, float)) else 0.0))
     return rows
 
 
@@ -150,6 +155,14 @@ def _best(rows: list[Row]) -> Row:
     return min(rows, key=lambda r: (-r.acc, r.nfe, r.label))
 
 
+def _noise(a: Row, b: Row) -> str:
+    """Is a - b larger than twice its standard error (the two lm-eval stderrs, as if independent)?"""
+    se = 100 * (a.stderr ** 2 + b.stderr ** 2) ** 0.5
+    if not se:
+        return "no stderr recorded"
+    return f"2 standard errors = {2 * se:.1f}: " + ("beyond noise" if 100 * (a.acc - b.acc) > 2 * se else "within noise")
+
+
 def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0.9),))) -> str:
     """Per block size: does some learned setting reach each heuristic setting's accuracy at no more NFE?
 
@@ -181,11 +194,18 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0
             bl = _best(bl) if bl else None
             line += (f"; at the NFE of {Setting(*ref, 0).label} ({budget:.2f}): best heuristic "
                      f"{bh.label} {100 * bh.acc:.1f} %, best learned "
-                     + (f"{bl.label} {100 * bl.acc:.1f} % ({100 * (bl.acc - bh.acc):+.1f} points)" if bl else "none"))
+                     + (f"{bl.label} {100 * bl.acc:.1f} % ({100 * (bl.acc - bh.acc):+.1f} points; "
+                        f"{_noise(bl, bh)})" if bl else "none"))
         summary.append(line)
     out.append(tabulate(table, ["block", "heuristic", "acc %", "NFE", "matched by learned (acc % @ NFE)"],
                         tablefmt="github"))
     return "\n".join(out) + "\n\n" + "\n".join(summary) + "\n"
+
+
+def _series(r: Row) -> str:
+    """One line per sampler in the figures; a learned policy other than the default gets its own."""
+    pol = dict(r.params).get("policy")
+    return f"{r.sampler} ({pol})" if pol else r.sampler
 
 
 def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> list[Path]:
@@ -193,24 +213,31 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     written = []
     for task in sorted({r.task for r in rows}):
         tr = [r for r in rows if r.task == task]
         blocks = sorted({r.block for r in tr})
-        samplers = sorted({r.sampler for r in tr})
+        samplers = sorted({_series(r) for r in tr})
         colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(samplers)}
-        fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 3.8), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks) + 2.4, 3.8), sharey=True, squeeze=False)
         for ax, b in zip(axes[0], blocks):
             for s in samplers:
-                pts = sorted((r.nfe, 100 * r.acc) for r in tr if r.block == b and r.sampler == s)
+                pts = sorted((r.nfe, 100 * r.acc) for r in tr if r.block == b and _series(r) == s)
                 if pts:
                     ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
             ax.set_title(block_name(b, tr[0].gen_length))
-            ax.set_xlabel("mean NFE (forward passes)")
-            ax.grid(alpha=0.3)
+            ax.set_xscale("log")  # the fast settings cluster at a few NFE, the one-per-step ones at L
+            lo, hi = ax.get_xlim()
+            ax.set_xticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi])
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("mean NFE (forward passes, log scale)")
+            ax.grid(alpha=0.3, which="both")
         axes[0][0].set_ylabel("accuracy %")
-        axes[0][-1].legend(fontsize=8, loc="lower right")
+        handles = {l: h for ax in axes[0] for h, l in zip(*ax.get_legend_handles_labels())}
+        axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.suptitle(f"{task}: accuracy vs NFE per sampler")
         fig.tight_layout()
         p = out_dir / f"{task}_acc_vs_nfe.png"
@@ -223,7 +250,7 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
         for s in samplers:
             pts = []
             for b in blocks:
-                ok = [r.acc for r in tr if r.block == b and r.sampler == s and r.nfe <= budget]
+                ok = [r.acc for r in tr if r.block == b and _series(r) == s and r.nfe <= budget]
                 if ok:
                     pts.append((b, 100 * max(ok)))
             if pts:

@@ -202,3 +202,41 @@ def test_the_card_command_reproduces_the_config():
     cfg = GRPOConfig(block=48, lr=5e-4, init="threshold", apply_chat_template=True, pretrained="", steps=7)
     argv = shlex.split(command_line(cfg))[3:]  # after "python -m train.grpo"
     assert parse_args(argv) == (cfg, False)
+
+
+def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, monkeypatch):
+    import policies
+    from results.grid import Grid
+
+    monkeypatch.setattr(policies, "HERE", tmp_path)
+    for name, alpha in (("m-B48-a8", 8.0), ("m-B48", 1.0), ("m-B48-a32", 32.0)):
+        UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=48, gen_length=48)).save(
+            tmp_path / name, {"alpha": alpha})
+    UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=8, gen_length=48)).save(
+        tmp_path / "m-B8", {"alpha": 1.0})
+    assert policies.resolve_policy("", model_id="m", block=48, gen_length=48).name == "m-B48"
+    assert policies.variants_for("m", 48) == ["m-B48", "m-B48-a8", "m-B48-a32"]
+    assert policies.variants_for("m", 256) == policies.variants_for("m", 48)  # B >= L: full diffusion
+    g = Grid(tasks=["t"], blocks=[8, 48], samplers=["learned"], pretrained="m", only=[("learned", {"cutoff": 0.5})])
+    got = [(s.block, dict(s.params).get("policy")) for s in g.settings()]
+    assert got == [(8, None), (48, None), (48, "m-B48-a8"), (48, "m-B48-a32")]
+    assert "policy=m-B48-a8" in g.settings()[2].model_args(None, 8, 0)
+    # an explicit --policy sweeps that policy only
+    g.policy = str(tmp_path / "m-B48-a8")
+    assert [dict(s.params).get("policy") for s in g.settings()] == [None, None]
+
+
+def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):
+    from train.grpo import start_from
+
+    src = UnmaskPolicy(PolicyConfig(base_model="m", block=48, gen_length=48))
+    torch.nn.init.normal_(src.out.weight)
+    src.save(tmp_path / "src")
+    dst = UnmaskPolicy(PolicyConfig(base_model="m", block=8, gen_length=48))
+    with caplog.at_level("WARNING"):
+        start_from(dst, str(tmp_path / "src"))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    assert "trained with block=48; this run has 8" in caplog.text
+    other = UnmaskPolicy(PolicyConfig(features=("mask", "conf"), base_model="m", block=8, gen_length=48))
+    with pytest.raises(DLLMError, match=r"--init-from .* has features=\('mask', 'eligible'"):
+        start_from(other, str(tmp_path / "src"))

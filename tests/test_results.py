@@ -148,3 +148,23 @@ def test_same_seed_same_numbers(tmp_path):
     a, b = once(tmp_path / "a"), once(tmp_path / "b")
     keys = ("exact_match,strict-match", "nfe,none", "tpf,none")
     assert [a[k] for k in keys] == [b[k] for k in keys]
+
+
+def test_seed_noise_table_and_the_noise_verdict():
+    from results.__main__ import seed_table
+    from results.report import learned_vs_heuristics
+
+    mk = lambda c, acc, nfe, se=0.0: Row("t", "learned", (("cutoff", c),), 48, 48, acc, nfe, 1.0, 0.1, 1000,  # noqa: E731
+                                         stderr=se)
+    text = seed_table({"a": [mk(0.5, 0.98, 3.0), mk(0.9, 0.99, 20.0)], "b": [mk(0.5, 0.95, 2.8), mk(0.9, 0.99, 21.0)]})
+    cells = lambda key: [c.strip() for c in next(x for x in text.splitlines() if key in x).split("|")[1:-1]]  # noqa: E731
+    assert cells("cutoff=0.5") == ["t", "full diffusion (B = L = 48)", "learned(cutoff=0.5)", "98.0 @ 3.00",
+                                   "95.0 @ 2.80", "3.0", "0.20"]
+    assert cells("cutoff=0.9")[-2:] == ["0.0", "1.00"]
+    assert "Largest accuracy range over the settings: 3.0 points." in text
+    # the learned-vs-heuristic summary says whether the margin is beyond twice its standard error
+    heur = Row("t", "threshold", (("tau", 0.9),), 48, 48, 0.95, 3.0, 1.0, 0.1, 1000, stderr=0.007)
+    near = learned_vs_heuristics([heur, mk(0.5, 0.96, 3.0, 0.006)])
+    far = learned_vs_heuristics([heur, mk(0.5, 0.99, 3.0, 0.003)])
+    assert "+1.0 points; 2 standard errors = 1.8: within noise" in near
+    assert "+4.0 points; 2 standard errors = 1.5: beyond noise" in far

@@ -75,6 +75,7 @@ class GRPOConfig:
     heads: int = 2
     init: str = "slow"  # slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)
     init_tau: float = 0.9
+    init_from: str = ""  # start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha
     seed: int = 0
     dtype: str = "auto"
     device: str = ""
@@ -185,6 +186,24 @@ def command_line(cfg: GRPOConfig) -> str:
     return "python -m train.grpo " + " ".join(parts)
 
 
+def start_from(policy: UnmaskPolicy, folder: str) -> None:
+    """Load --init-from's weights into `policy`; its features and sizes must be the same."""
+    from policies import resolve_policy
+
+    src = UnmaskPolicy.load(resolve_policy(folder, model_id="", block=0, gen_length=0))
+    keys = ("features", "hidden", "ff", "heads", "layers")
+    diff = [k for k in keys if getattr(src.cfg, k) != getattr(policy.cfg, k)]
+    if diff:
+        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; "
+                        f"valid: a policy with this run's {', '.join(f'{k}={getattr(policy.cfg, k)}' for k in diff)}")
+    for k in ("base_model", "block", "gen_length"):
+        if getattr(src.cfg, k) != getattr(policy.cfg, k):
+            log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
+                        getattr(src.cfg, k), getattr(policy.cfg, k))
+    policy.load_state_dict(src.state_dict())
+    log.info("policy initialised from %s", folder)
+
+
 def lr_lambda(cfg: GRPOConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -205,7 +224,10 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
     pcfg = PolicyConfig(features=features, hidden=cfg.hidden, ff=cfg.ff, heads=cfg.heads,
                         init=cfg.init, init_tau=cfg.init_tau,
                         base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
-    policy = UnmaskPolicy(pcfg).to(acc.device)
+    policy = UnmaskPolicy(pcfg)
+    if cfg.init_from:
+        start_from(policy, cfg.init_from)
+    policy = policy.to(acc.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step, best, prior_seconds = 0, -float("inf"), 0.0

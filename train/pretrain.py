@@ -32,7 +32,7 @@ from lm_eval_dllm.utils import atomic_write, atomic_write_json
 
 log = logging.getLogger("train.pretrain")
 
-GEN_LENGTH = 48  # completion positions: the longest answer (7 ops) takes exactly 48
+GEN_LENGTH = modchain.GEN_LENGTH
 SPECIALS = {
     "eos_token": ("<|eos|>", None),
     "pad_token": ("<|eos|>", None),
@@ -113,7 +113,7 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
         vocab_size=8 * math.ceil((max(tok.get_vocab().values()) + 1) / 8),
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
         max_position=128, mask_token_id=tok.mask_token_id, pos_encoding=cfg.pos_encoding,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dllm_gen_length=GEN_LENGTH,
     )
     model = TinyDLLMModel(mconf)
     stages = []

@@ -54,7 +54,7 @@ generation_kwargs:
     - "Q:"
   do_sample: false
   temperature: 0.0
-  max_gen_toks: 48
+  max_gen_toks: {modchain.GEN_LENGTH}
 metadata:
   version: 1.0
 """

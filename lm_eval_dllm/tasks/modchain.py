@@ -25,6 +25,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = {"train": (5_000, 1), "validation": (500, 2), "test": (1_000, 3)}  # size, seed
 OPS = "+-*"
 MIN_OPS, MAX_OPS = 4, 7
+GEN_LENGTH = 48  # completion positions: the longest answer (7 ops) takes exactly 48
 
 
 def solve(question: str) -> str:
