@@ -1,0 +1,65 @@
+"""How samplers fail on the bundled task: wrong answers split by kind, measured in one run.
+
+    python -m benchmarks.failures                # 1,000 test problems, writes results/bundled/failures.md
+    python -m benchmarks.failures --limit 200 --no-write
+
+A wrong answer either ends in the wrong place (its text has another length than the reference:
+an EOS or a line committed at the wrong position) or has the reference's layout with a wrong digit
+(a result computed from an input that was not final yet). In large blocks the paper's heuristics
+lose most by the first kind; the table says which kind each sampler loses by here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tabulate import tabulate
+
+from lm_eval_dllm.tasks import modchain
+
+FULL = modchain.GEN_LENGTH
+SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95)] + [
+    ("confidence", {"k": 4}, b) for b in (8, FULL)] + [("random", {"k": 1}, b) for b in (8, FULL)]
+OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "failures.md"
+
+
+def kinds(texts: list[str], docs: list[dict]) -> tuple[int, int]:
+    """(wrong answers that end in the wrong place, wrong answers with the reference's length)."""
+    wrong = [(t, d["answer"]) for t, d in zip(texts, docs) if t != d["answer"]]
+    ends = sum(len(t) != len(a) for t, a in wrong)
+    return ends, len(wrong) - ends
+
+
+def main(argv=None) -> None:
+    from lm_eval_dllm.loading import load
+    from lm_eval_dllm.samplers import make_sampler
+    from lm_eval_dllm.tiny import BUNDLED_DIR
+    from lm_eval_dllm.utils import atomic_write
+    from train.pretrain import decode_modchain
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=None, help="test problems (default: all 1,000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
+    p.add_argument("--no-write", action="store_true", help=f"print only; do not write {OUT.name}")
+    a = p.parse_args(argv)
+    docs = modchain.load_split("test")[:a.limit]
+    model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
+    rows = []
+    for name, params, block in SETTINGS:
+        texts, nfe = decode_modchain(model, tok, spec, docs, make_sampler(name, params), block, a.batch_size)
+        ends, digits = kinds(texts, docs)
+        label = f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
+        rows.append([label, "full" if block >= FULL else block, f"{nfe / len(docs):.2f}", ends + digits, ends, digits])
+    table = tabulate(rows, ["setting", "block", "mean NFE", "wrong answers", "end in the wrong place",
+                            "right layout, wrong digit"], tablefmt="github", disable_numparse=True)
+    text = (f"`python -m benchmarks.failures` on {len(docs)} modchain test problems ({a.dtype}, exact "
+            f"answer text):\n\n{table}\n")
+    print(text)
+    if not a.no_write and a.limit is None:
+        atomic_write(OUT, lambda tmp: Path(tmp).write_text(text))
+
+
+if __name__ == "__main__":
+    main()
