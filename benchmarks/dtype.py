@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-write", action="store_true", help=f"print only; do not write {OUT.name}")
     a = p.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        raise SystemExit(f"benchmarks.dtype: error: --limit {a.limit}; valid: a positive number of test problems")
     docs = modchain.load_split("test")[:a.limit]
     models = {d: load(str(BUNDLED_DIR), dtype=d, device="cpu") for d in ("float32", "bfloat16")}
     rows = []

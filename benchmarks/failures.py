@@ -20,7 +20,8 @@ from lm_eval_dllm.tasks import modchain
 
 FULL = modchain.GEN_LENGTH
 SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95)] + [
-    ("confidence", {"k": 4}, b) for b in (8, FULL)] + [("random", {"k": 1}, b) for b in (8, FULL)]
+    ("confidence", {"k": 4}, b) for b in (8, FULL)] + [("random", {"k": 1}, b) for b in (8, FULL)] + [
+    ("learned", {"mode": "greedy", "cutoff": 0.5}, b) for b in (8, FULL)]  # the shipped policy of the block
 OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "failures.md"
 
 
@@ -33,6 +34,7 @@ def kinds(texts: list[str], docs: list[dict]) -> tuple[int, int]:
 
 def main(argv=None) -> None:
     from lm_eval_dllm.loading import load
+    from lm_eval_dllm.model import BUNDLED_ID
     from lm_eval_dllm.samplers import make_sampler
     from lm_eval_dllm.tiny import BUNDLED_DIR
     from lm_eval_dllm.utils import atomic_write
@@ -44,18 +46,23 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
     p.add_argument("--no-write", action="store_true", help=f"print only; do not write {OUT.name}")
     a = p.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        raise SystemExit(f"benchmarks.failures: error: --limit {a.limit}; valid: a positive number of test problems")
     docs = modchain.load_split("test")[:a.limit]
     model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
     rows = []
     for name, params, block in SETTINGS:
-        texts, nfe = decode_modchain(model, tok, spec, docs, make_sampler(name, params), block, a.batch_size)
+        sampler = make_sampler(name, params)
+        sampler.bind(model_id=BUNDLED_ID, block=block, gen_length=FULL, device="cpu")
+        texts, nfe = decode_modchain(model, tok, spec, docs, sampler, block, a.batch_size)
         ends, digits = kinds(texts, docs)
         label = f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
         rows.append([label, "full" if block >= FULL else block, f"{nfe / len(docs):.2f}", ends + digits, ends, digits])
     table = tabulate(rows, ["setting", "block", "mean NFE", "wrong answers", "end in the wrong place",
                             "right layout, wrong digit"], tablefmt="github", disable_numparse=True)
-    text = (f"`python -m benchmarks.failures` on {len(docs)} modchain test problems ({a.dtype}, exact "
-            f"answer text):\n\n{table}\n")
+    text = (f"`python -m benchmarks.failures` on {len(docs)} modchain test problems ({a.dtype}). Wrong = the "
+            f"generated text differs from the reference answer (stricter than lm-eval's strict-match, which "
+            f"reads only the final `#### N`):\n\n{table}\n")
     print(text)
     if not a.no_write and a.limit is None:
         atomic_write(OUT, lambda tmp: Path(tmp).write_text(text))

@@ -24,9 +24,10 @@ def catalog() -> list[dict]:
         try:
             meta = json.loads(meta_path.read_text())
             cfg = meta["config"]
+            alpha = (meta.get("card") or {}).get("alpha")  # none recorded: never the default pick
             out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
                         "block": cfg["block"], "gen_length": cfg["gen_length"],
-                        "alpha": float(meta.get("card", {}).get("alpha", 0.0))})
+                        "alpha": float("inf") if alpha is None else float(alpha)})
         except (ValueError, KeyError, TypeError) as e:
             raise DLLMError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "
                             f"policy.json as `python -m train.grpo` writes it") from None
@@ -66,6 +67,7 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
 
 def variants_for(model_id: str, block: int) -> list[str]:
     """Names of the shipped policies for this model trained at exactly this block (B >= L: full
-    diffusion), the default pick first: what the results grid sweeps for sampler `learned`."""
+    diffusion, L being each policy's own gen_length), the default pick first: what the results
+    grid sweeps for sampler `learned`."""
     same = [e for e in shipped_for(model_id) if min(e["block"], e["gen_length"]) == min(block, e["gen_length"])]
     return [e["path"] for e in sorted(same, key=lambda e: (e["alpha"], e["path"]))]

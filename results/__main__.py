@@ -13,6 +13,7 @@ are kept under results/runs/ keyed by their settings; finished runs are skipped 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
     g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
     g.add_argument("--policies", default="", help="seeds: comma-separated policy folders trained by the same "
-                   "command with different --seed (shipped names work too)")
+                   "command with different --seed (shipped names work too); pass --blocks with their block")
     g.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
@@ -86,13 +87,13 @@ def seeds(grid: Grid, folders: list[str]) -> str:
     """The learned sweep once per policy folder (one training command, several --seed): the
     spread of accuracy and NFE between them is the run-to-run noise of policy training.
     Writes `<out>/<model>/seed_noise.md`."""
+    folders = list(dict.fromkeys(folders))
     if len(folders) < 2:
-        raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} folder(s); valid: two or "
-                        f"more policy folders, comma-separated")
+        raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} distinct folder(s); valid: "
+                        f"two or more policy folders, comma-separated")
     rows = {}
     for f in folders:
-        g = Grid(**{**grid.__dict__, "samplers": ["learned"], "only": None, "policy": f})
-        rows[f] = load_rows(run_grid(g))
+        rows[f] = load_rows(run_grid(dataclasses.replace(grid, samplers=["learned"], only=None, policy=f)))
     text = seed_table(rows)
     out_dir = grid.out / grid.model_tag
     out_dir.mkdir(parents=True, exist_ok=True)

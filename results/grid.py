@@ -111,10 +111,19 @@ class Grid:
     def _variants(self, sampler: str, params: dict, block: int) -> list[dict]:
         """`learned` with the shipped policies: the sweep once per policy shipped for this block
         (e.g. trained at several alphas); the default pick keeps params without a `policy` key."""
-        if sampler != "learned" or self.policy or "policy" in params:
-            return [params]
         from lm_eval_dllm.model import BUNDLED_ID
-        from policies import variants_for
+        from lm_eval_dllm.utils import DLLMError
+        from policies import catalog, variants_for
+
+        if sampler == "learned" and "policy" in params:
+            names = [e["path"] for e in catalog()]
+            if self.policy or params["policy"] not in names:
+                raise DLLMError(f"learned setting policy={params['policy']!r}" + (f" with --policy {self.policy!r}"
+                                if self.policy else "") + f"; valid: one of them, and in a setting only a "
+                                f"shipped policy's name: {', '.join(names) or '(none shipped)'}")
+            return [params]
+        if sampler != "learned" or self.policy:
+            return [params]
 
         names = variants_for(self.pretrained or BUNDLED_ID, block)
         return [params] + [params | {"policy": n} for n in names[1:]]

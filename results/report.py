@@ -156,11 +156,12 @@ def _best(rows: list[Row]) -> Row:
 
 
 def _noise(a: Row, b: Row) -> str:
-    """Is a - b larger than twice its standard error (the two lm-eval stderrs, as if independent)?"""
+    """Is |a - b| larger than twice its standard error (the two lm-eval stderrs, as if independent)?"""
     se = 100 * (a.stderr ** 2 + b.stderr ** 2) ** 0.5
-    if not se:
-        return "no stderr recorded"
-    return f"2 standard errors = {2 * se:.1f}: " + ("beyond noise" if 100 * (a.acc - b.acc) > 2 * se else "within noise")
+    diff = 100 * (a.acc - b.acc)
+    if abs(diff) <= 2 * se or diff == 0:
+        return f"2 standard errors = {2 * se:.1f}: within noise"
+    return f"2 standard errors = {2 * se:.1f}: learned {'better' if diff > 0 else 'worse'}, beyond noise"
 
 
 def learned_vs_heuristics(rows: list[Row], ref: tuple = ("threshold", (("tau", 0.9),))) -> str:
@@ -208,12 +209,26 @@ def _series(r: Row) -> str:
     return f"{r.sampler} ({pol})" if pol else r.sampler
 
 
+def log_nfe_axis(ax) -> None:
+    """Log-scale x (the fast settings cluster at a few NFE, the one-per-step ones at L), labelled
+    with plain numbers: round ones, or three inside a range too narrow for two round ones."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi]
+    if len(ticks) < 2:
+        ticks = [round(lo + (hi - lo) * f, 2) for f in (0.15, 0.5, 0.85)]
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     written = []
     for task in sorted({r.task for r in rows}):
@@ -228,11 +243,7 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
                 if pts:
                     ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
             ax.set_title(block_name(b, tr[0].gen_length))
-            ax.set_xscale("log")  # the fast settings cluster at a few NFE, the one-per-step ones at L
-            lo, hi = ax.get_xlim()
-            ax.set_xticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi])
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
+            log_nfe_axis(ax)
             ax.set_xlabel("mean NFE (forward passes, log scale)")
             ax.grid(alpha=0.3, which="both")
         axes[0][0].set_ylabel("accuracy %")

@@ -224,6 +224,17 @@ def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, mo
     # an explicit --policy sweeps that policy only
     g.policy = str(tmp_path / "m-B48-a8")
     assert [dict(s.params).get("policy") for s in g.settings()] == [None, None]
+    # a policy named in a setting: only a shipped one, and not together with --policy
+    with pytest.raises(DLLMError, match=r"policy='m-B48-a8' with --policy .*; valid: one of them"):
+        Grid(tasks=["t"], blocks=[48], samplers=["learned"], pretrained="m", policy=g.policy,
+             only=[("learned", {"policy": "m-B48-a8"})]).settings()
+    with pytest.raises(DLLMError, match=r"policy='runs/x/best'; valid: .*m-B48-a32"):
+        Grid(tasks=["t"], blocks=[48], samplers=["learned"], pretrained="m",
+             only=[("learned", {"policy": "runs/x/best"})]).settings()
+    # a policy whose card records no alpha (or no card) is never the default pick
+    UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=48, gen_length=48)).save(tmp_path / "a-handmade")
+    assert policies.resolve_policy("", model_id="m", block=48, gen_length=48).name == "m-B48"
+    assert policies.variants_for("m", 48)[-1] == "a-handmade"
 
 
 def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):

@@ -177,5 +177,29 @@ def test_seed_noise_table_and_the_noise_verdict():
     heur = Row("t", "threshold", (("tau", 0.9),), 48, 48, 0.95, 3.0, 1.0, 0.1, 1000, stderr=0.007)
     near = learned_vs_heuristics([heur, mk(0.5, 0.96, 3.0, 0.006)])
     far = learned_vs_heuristics([heur, mk(0.5, 0.99, 3.0, 0.003)])
+    worse = learned_vs_heuristics([heur, mk(0.5, 0.80, 3.0, 0.013)])
     assert "+1.0 points; 2 standard errors = 1.8: within noise" in near
-    assert "+4.0 points; 2 standard errors = 1.5: beyond noise" in far
+    assert "+4.0 points; 2 standard errors = 1.5: learned better, beyond noise" in far
+    assert "-15.0 points; 2 standard errors = 3.0: learned worse, beyond noise" in worse
+
+
+def test_nfe_axis_ticks_wide_and_narrow_ranges():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from results.report import log_nfe_axis
+
+    def labels(xs):
+        fig, ax = plt.subplots()
+        ax.plot(xs, [1] * len(xs))
+        log_nfe_axis(ax)
+        fig.canvas.draw()
+        lo, hi = ax.get_xlim()
+        out = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
+        plt.close(fig)
+        return out
+
+    assert labels([2.2, 3.0, 12.0, 48.0]) == ["2", "3", "5", "10", "20", "50"]
+    assert len(labels([2.2, 2.9])) == 3  # too narrow for two round ticks: three inside the range
