@@ -1,0 +1,40 @@
+"""Benchmarks on the bundled model that print ratios or counts measured in one run.
+
+The pieces both `python -m benchmarks.<name>` scripts share: the command line (--limit,
+--batch-size, --no-write), the test problems, setting labels and writing the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def parser(doc: str, out: Path) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=None, help="test problems (default: all 1,000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-write", action="store_true", help=f"print only; do not write {out.name}")
+    return p
+
+
+def load_test_docs(prog: str, limit: int | None) -> list[dict]:
+    """The modchain test split, the first `limit` problems (a positive number) or all."""
+    from lm_eval_dllm.tasks import modchain
+
+    if limit is not None and limit < 1:
+        raise SystemExit(f"{prog}: error: --limit {limit}; valid: a positive number of test problems")
+    return modchain.load_split("test")[:limit]
+
+
+def label(name: str, params: dict) -> str:
+    return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+
+def finish(text: str, out: Path, args: argparse.Namespace) -> None:
+    """Print the table; write it to `out` only for the full split and without --no-write."""
+    from lm_eval_dllm.utils import atomic_write
+
+    print(text)
+    if not args.no_write and args.limit is None:
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text))

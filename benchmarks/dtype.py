@@ -10,13 +10,14 @@ back to back; the table gives both accuracies and the float32 / bfloat16 time ra
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
+
+from . import finish, label, parser, load_test_docs
 
 FULL = modchain.GEN_LENGTH  # block = L: full diffusion
 SETTINGS = [("confidence", {"k": 1}, FULL), ("confidence", {"k": 4}, FULL), ("threshold", {"tau": 0.9}, 8),
@@ -38,32 +39,22 @@ def main(argv=None) -> None:
     from lm_eval_dllm.loading import load
     from lm_eval_dllm.samplers import make_sampler
     from lm_eval_dllm.tiny import BUNDLED_DIR
-    from lm_eval_dllm.utils import atomic_write
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit", type=int, default=None, help="test problems (default: all 1,000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-write", action="store_true", help=f"print only; do not write {OUT.name}")
-    a = p.parse_args(argv)
-    if a.limit is not None and a.limit < 1:
-        raise SystemExit(f"benchmarks.dtype: error: --limit {a.limit}; valid: a positive number of test problems")
-    docs = modchain.load_split("test")[:a.limit]
+    a = parser(__doc__, OUT).parse_args(argv)
+    docs = load_test_docs("benchmarks.dtype", a.limit)
     models = {d: load(str(BUNDLED_DIR), dtype=d, device="cpu") for d in ("float32", "bfloat16")}
     rows = []
     for name, params, block in SETTINGS:
         r = {}
         for d, (model, tok, spec) in models.items():
             r[d] = decode_all(model, tok, spec, docs, make_sampler(name, params), block, a.batch_size)
-        label = f"{name}({', '.join(f'{k}={v}' for k, v in params.items())}) B={block}"
-        rows.append([label, f"{100 * r['float32'][0]:.1f}", f"{100 * r['bfloat16'][0]:.1f}",
+        rows.append([f"{label(name, params)} B={block}", f"{100 * r['float32'][0]:.1f}", f"{100 * r['bfloat16'][0]:.1f}",
                      f"{r['float32'][1]:.2f}", f"{r['bfloat16'][1]:.2f}", f"{r['float32'][2] / r['bfloat16'][2]:.2f}"])
     table = tabulate(rows, ["setting", "acc % float32", "acc % bfloat16", "NFE float32", "NFE bfloat16",
                             "time float32 / bfloat16"], tablefmt="github")
     text = (f"`python -m benchmarks.dtype` on {len(docs)} modchain test problems (exact answer text), "
             f"batch {a.batch_size}:\n\n{table}\n")
-    print(text)
-    if not a.no_write and a.limit is None:
-        atomic_write(OUT, lambda tmp: Path(tmp).write_text(text))
+    finish(text, OUT, a)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ lose most by the first kind; the table says which kind each sampler loses by her
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
+
+from . import finish, label, parser, load_test_docs
 
 FULL = modchain.GEN_LENGTH
 SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95)] + [
@@ -37,18 +38,12 @@ def main(argv=None) -> None:
     from lm_eval_dllm.model import BUNDLED_ID
     from lm_eval_dllm.samplers import make_sampler
     from lm_eval_dllm.tiny import BUNDLED_DIR
-    from lm_eval_dllm.utils import atomic_write
     from train.pretrain import decode_modchain
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit", type=int, default=None, help="test problems (default: all 1,000)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p = parser(__doc__, OUT)
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
-    p.add_argument("--no-write", action="store_true", help=f"print only; do not write {OUT.name}")
     a = p.parse_args(argv)
-    if a.limit is not None and a.limit < 1:
-        raise SystemExit(f"benchmarks.failures: error: --limit {a.limit}; valid: a positive number of test problems")
-    docs = modchain.load_split("test")[:a.limit]
+    docs = load_test_docs("benchmarks.failures", a.limit)
     model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
     rows = []
     for name, params, block in SETTINGS:
@@ -56,16 +51,13 @@ def main(argv=None) -> None:
         sampler.bind(model_id=BUNDLED_ID, block=block, gen_length=FULL, device="cpu")
         texts, nfe = decode_modchain(model, tok, spec, docs, sampler, block, a.batch_size)
         ends, digits = kinds(texts, docs)
-        label = f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
-        rows.append([label, "full" if block >= FULL else block, f"{nfe / len(docs):.2f}", ends + digits, ends, digits])
+        rows.append([label(name, params), "full" if block >= FULL else block, f"{nfe / len(docs):.2f}", ends + digits, ends, digits])
     table = tabulate(rows, ["setting", "block", "mean NFE", "wrong answers", "end in the wrong place",
                             "right layout, wrong digit"], tablefmt="github", disable_numparse=True)
     text = (f"`python -m benchmarks.failures` on {len(docs)} modchain test problems ({a.dtype}). Wrong = the "
             f"generated text differs from the reference answer (stricter than lm-eval's strict-match, which "
             f"reads only the final `#### N`):\n\n{table}\n")
-    print(text)
-    if not a.no_write and a.limit is None:
-        atomic_write(OUT, lambda tmp: Path(tmp).write_text(text))
+    finish(text, OUT, a)
 
 
 if __name__ == "__main__":
