@@ -20,9 +20,9 @@ from lm_eval_dllm.tasks import modchain
 from . import finish, label, parser, load_test_docs
 
 FULL = modchain.GEN_LENGTH
-SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95)] + [
+SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95, 0.99)] + [
     ("confidence", {"k": 4}, b) for b in (8, FULL)] + [("random", {"k": 1}, b) for b in (8, FULL)] + [
-    ("learned", {"mode": "greedy", "cutoff": 0.5}, b) for b in (8, FULL)]  # the shipped policy of the block
+    ("learned", {"mode": "greedy", "cutoff": 0.5}, b) for b in (8, FULL)]  # every shipped policy of the block
 OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "failures.md"
 
 
@@ -31,6 +31,15 @@ def kinds(texts: list[str], docs: list[dict]) -> tuple[int, int]:
     wrong = [(t, d["answer"]) for t, d in zip(texts, docs) if t != d["answer"]]
     ends = sum(len(t) != len(a) for t, a in wrong)
     return ends, len(wrong) - ends
+
+
+def settings() -> list[tuple[str, dict, int]]:
+    """SETTINGS with `learned` once per shipped policy of the block (named by `policy=`)."""
+    from lm_eval_dllm.model import BUNDLED_ID
+    from policies import variants_for
+
+    return [(n, q, b) for n, p, b in SETTINGS for q in (
+        [p | {"policy": Path(v).name} for v in variants_for(BUNDLED_ID, b)] if n == "learned" else [p])]
 
 
 def main(argv=None) -> None:
@@ -46,7 +55,7 @@ def main(argv=None) -> None:
     docs = load_test_docs("benchmarks.failures", a.limit)
     model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
     rows = []
-    for name, params, block in SETTINGS:
+    for name, params, block in settings():
         sampler = make_sampler(name, params)
         sampler.bind(model_id=BUNDLED_ID, block=block, gen_length=FULL, device="cpu")
         texts, nfe = decode_modchain(model, tok, spec, docs, sampler, block, a.batch_size)

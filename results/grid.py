@@ -25,11 +25,11 @@ SWEEPS: dict[str, list[dict]] = {
     "margin": [{"k": 4}],
     "entropy": [{"k": 4}],
     "random": [{"k": 1}, {"k": 4}],
-    "threshold": [{"tau": t} for t in (0.5, 0.7, 0.9, 0.95)],
+    "threshold": [{"tau": t} for t in (0.5, 0.7, 0.9, 0.95, 0.99)],
     "factor": [{"f": f} for f in (0.5, 1.0, 2.0)],
     "eb": [{"gamma": g} for g in (0.1, 1.0)],
     # the shipped policy for the model and block (or --policy), greedy: commit where p > cutoff
-    "learned": [{"mode": "greedy", "cutoff": c} for c in (0.1, 0.3, 0.5, 0.7, 0.9)],
+    "learned": [{"mode": "greedy", "cutoff": c} for c in (0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)],
 }
 # one-token-per-step runs cost L forwards per sample (most of the grid's time): they mark the ceiling
 # at the smallest block and at full diffusion only

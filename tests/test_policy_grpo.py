@@ -108,6 +108,12 @@ def test_group_advantages_and_loss():
     lp2 = torch.full((1,), 1.0, requires_grad=True)
     clipped_pg_loss(lp2, torch.zeros(1), torch.ones(1), 0.5).backward()
     assert lp2.grad.item() == 0.0
+    # per-rollout normalisation: rollout 0 has three steps, rollout 1 one; each rollout weighs 1/2
+    lp3 = torch.zeros(4, requires_grad=True)
+    loss = clipped_pg_loss(lp3, torch.zeros(4), torch.tensor([1.0, 1.0, 1.0, -1.0]), 0.5, torch.tensor([0, 0, 0, 1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0)
+    assert torch.allclose(lp3.grad, torch.tensor([-1 / 6, -1 / 6, -1 / 6, 1 / 2]))
 
 
 def test_one_grpo_update_changes_every_parameter():

@@ -136,14 +136,14 @@ def test_dtype_benchmark_runs_and_prints_its_table(capsys):
 
 
 def test_failure_kinds_and_the_failures_benchmark(capsys):
-    from benchmarks.failures import SETTINGS, kinds, main
+    from benchmarks.failures import kinds, main, settings
 
     docs = [{"answer": "3+7=0\n#### 0"}, {"answer": "3+7=0\n0*4=0\n#### 0"}, {"answer": "1+1=2\n#### 2"}]
     texts = ["3+7=1\n#### 1", "3+7=0\n#### 0", "1+1=2\n#### 2"]  # a wrong digit, a wrong end, right
     assert kinds(texts, docs) == (1, 1)
     main(["--limit", "4", "--no-write"])
     out = capsys.readouterr().out
-    assert "end in the wrong place" in out and out.count("\n| ") == len(SETTINGS) + 1
+    assert "end in the wrong place" in out and out.count("\n| ") == len(settings()) + 1
 
 
 def test_same_seed_same_numbers(tmp_path):

@@ -56,6 +56,7 @@ class GRPOConfig:
     lr: float = 3e-5
     warmup: int = 0
     clip_eps: float = 0.5
+    loss_norm: str = "step"  # step: mean over (rollout, step) terms, as the paper | rollout: each rollout weighs the same
     inner_steps: int = 2  # optimizer steps per rollout batch (rollouts reused)
     grad_clip: float = 0.2
     weight_decay: float = 0.0
@@ -82,7 +83,7 @@ class GRPOConfig:
     out: str = "runs/grpo"
 
 
-CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold")}
+CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout")}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
 
@@ -162,7 +163,7 @@ def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: 
     losses = []
     for _ in range(cfg.inner_steps):
         logp = bernoulli_logprob(ddp_policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
-        loss = clipped_pg_loss(logp, old, a, cfg.clip_eps)
+        loss = clipped_pg_loss(logp, old, a, cfg.clip_eps, batch["row"] if cfg.loss_norm == "rollout" else None)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(ddp_policy.parameters(), cfg.grad_clip)

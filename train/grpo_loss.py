@@ -11,9 +11,20 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     return (r - r.mean(-1, keepdim=True)).flatten()
 
 
-def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float) -> torch.Tensor:
-    """PPO's clipped surrogate, negated and averaged: inputs are per (rollout, step), shape (N,)."""
+def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float,
+                    row: torch.Tensor | None = None) -> torch.Tensor:
+    """PPO's clipped surrogate, negated and averaged: inputs are per (rollout, step), shape (N,).
+
+    Without `row`, the mean over all (rollout, step) terms (the paper's): a rollout weighs as much
+    as its number of steps, so slow rollouts outweigh fast ones. With `row` (each term's rollout
+    index), the mean over each rollout's steps, then over rollouts: every rollout weighs the same."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - eps, 1 + eps) * adv
-    return -torch.minimum(unclipped, clipped).mean()
+    terms = -torch.minimum(unclipped, clipped)
+    if row is None:
+        return terms.mean()
+    rows, inverse = torch.unique(row, return_inverse=True)
+    per_rollout = torch.zeros(len(rows), dtype=terms.dtype, device=terms.device).index_add_(0, inverse, terms)
+    steps = torch.bincount(inverse, minlength=len(rows)).to(terms.dtype)
+    return (per_rollout / steps).mean()

@@ -2,17 +2,20 @@
 
     python -m lm_eval_dllm.tasks.modchain      # rewrites the shipped splits (deterministic)
 
-A question is a chain of single digits and operators, evaluated left to right mod 10; the answer
-shows one step per line and ends in `#### N`, so lm-eval's gsm8k filters and exact_match score it
-unchanged:
+A question is a chain of single digits and operators, evaluated left to right mod 10 until the
+first result 0 (or the end of the chain); the answer shows one step per line and ends in
+`#### N`, so lm-eval's gsm8k filters and exact_match score it unchanged:
 
-    question: 3+7*4-2+9*3
-    answer:   3+7=0\n0*4=0\n0-2=8\n8+9=7\n7*3=1\n#### 1
+    question: 3+7*4-2+9*3          answer: 3+7=0\n#### 0
+    question: 3+8*4-2+9*3          answer: 3+8=1\n1*4=4\n4-2=2\n2+9=1\n1*3=3\n#### 3
 
 Why this task (facts from a feasibility run, see the README): a 2 M-parameter model learns it on
 a laptop CPU in minutes, and the unmasking order matters a lot — every result digit depends on
 the line above it, so committing a result in the same step as its input is a typical error.
-The number of operations varies (4-7), so where the answer ends (EOS) differs between problems.
+Where the answer ends (EOS) depends on the computation, not only on the question's length: the
+chain has 4-7 operations, but it stops at the first result 0, so an answer has 1-7 lines and a
+decoder cannot place the end before it knows the results. Committing the end too early (or too
+late) is the typical failure of parallel heuristics at full diffusion, as in the paper.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ GEN_LENGTH = 48  # completion positions: the longest answer (7 ops) takes exactl
 
 
 def solve(question: str) -> str:
-    """The GSM8K-style answer of a chain, e.g. '3+7*4' -> '3+7=0\\n0*4=0\\n#### 0'."""
+    """The GSM8K-style answer of a chain, e.g. '3+8*4' -> '3+8=1\\n1*4=4\\n#### 4'."""
     acc, lines = int(question[0]), []
     for i in range(1, len(question), 2):
         op, d = question[i], int(question[i + 1])
         new = {"+": acc + d, "-": acc - d, "*": acc * d}[op] % 10
         lines.append(f"{acc}{op}{d}={new}")
         acc = new
+        if acc == 0:  # the chain stops at its first result 0
+            break
     return "\n".join(lines) + f"\n#### {acc}"
 
 
@@ -84,10 +89,6 @@ def write_splits() -> None:
             f.writelines(json.dumps(d) + "\n" for d in docs)
 
 
-if __name__ == "__main__":
-    write_splits()
-
-
 def prompt(question: str) -> str:
     """The exact zero-shot prompt the lm-eval task `modchain` builds for a doc (its doc_to_text).
 
@@ -95,3 +96,7 @@ def prompt(question: str) -> str:
     compute on this CPU; the trailing space makes the longest answer (7 ops) exactly 48 tokens.
     """
     return f"Q: {question}\nA: "
+
+
+if __name__ == "__main__":
+    write_splits()
