@@ -2,7 +2,10 @@
 
 Input per position (all L generated positions, so the policy sees the whole canvas): the features
 named in `PolicyConfig.features` — mask bit, in-current-block bit, the dLLM's top-1 confidence,
-top-1 minus top-2 margin, entropy, relative position. Conditioning on the diffusion time t (the
+top-1 minus top-2 margin, entropy, relative position, and `left`: the share of the L generated
+positions to its left that are still masked (0 when everything before it is committed; it lets the
+policy hold a token back until what it depends on is known, which one attention layer over mask bits
+and positions learns only slowly). Conditioning on the diffusion time t (the
 fraction still masked) through adaLN, as in DiT. Output: one logit per position; the action is a
 Bernoulli per eligible (masked, in-block) position. The output bias starts at -2 ("slow start":
 few commits per step until training finds it pays to commit more).
@@ -21,12 +24,12 @@ import torch.nn.functional as F
 
 from .utils import DLLMError, atomic_write, atomic_write_json
 
-ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos")
+ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
 
 
 @dataclass
 class PolicyConfig:
-    features: tuple = ("mask", "eligible", "conf", "margin", "entropy", "pos")
+    features: tuple = ALL_FEATURES
     hidden: int = 128
     ff: int = 512
     heads: int = 2
@@ -38,6 +41,10 @@ class PolicyConfig:
     init: str = "slow"
     init_tau: float = 0.9
     init_sharpness: float = 20.0
+    # the linear skip path's output is multiplied by this fixed gain, so its weights live on the
+    # features' own scale and Adam (whose step is ~lr per weight, whatever the weight's size) moves
+    # every feature's contribution at the same rate; 1.0 = no gain (policies written before it)
+    skip_gain: float = 1.0
     # what it was trained for; used to pick a policy and to warn on mismatched use
     base_model: str = ""
     task: str = ""
@@ -52,6 +59,8 @@ class PolicyConfig:
             raise DLLMError(f"unknown policy feature {bad[0]!r}; valid: {', '.join(ALL_FEATURES)}")
         if self.init not in ("slow", "threshold"):
             raise DLLMError(f"policy init {self.init!r}; valid: slow, threshold")
+        if not self.skip_gain > 0:
+            raise DLLMError(f"policy skip_gain={self.skip_gain}; valid: a number > 0")
         if self.init == "threshold" and "conf" not in self.features:
             raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
 
@@ -66,6 +75,7 @@ def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tens
         "margin": lambda: margin.float(),
         "entropy": lambda: entropy.float() / math.log(2.0) / 8.0,  # bits, roughly in [0, 1]
         "pos": lambda: torch.arange(L, device=conf.device).float().div(max(L - 1, 1)).expand(b, L),
+        "left": lambda: (masked.float().cumsum(-1) - masked.float()) / L,  # masked positions before i, / L
     }
     return torch.stack([cols[n]() for n in names], dim=-1)
 
@@ -118,10 +128,10 @@ class UnmaskPolicy(nn.Module):
         self.skip = nn.Linear(len(cfg.features), 1)  # a linear path from the features to the logit
         nn.init.zeros_(self.skip.weight)
         nn.init.zeros_(self.skip.bias)
-        if cfg.init == "threshold":
+        if cfg.init == "threshold":  # gain * (w . f + b) = sharpness * (conf - tau) - init_bias
             with torch.no_grad():
-                self.skip.weight[0, cfg.features.index("conf")] = cfg.init_sharpness
-                self.skip.bias.fill_(-cfg.init_sharpness * cfg.init_tau - cfg.init_bias)
+                self.skip.weight[0, cfg.features.index("conf")] = cfg.init_sharpness / cfg.skip_gain
+                self.skip.bias.fill_((-cfg.init_sharpness * cfg.init_tau - cfg.init_bias) / cfg.skip_gain)
 
     def forward(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """feats (b, L, F), t (b,) in [0, 1] -> logits (b, L)."""
@@ -132,7 +142,7 @@ class UnmaskPolicy(nn.Module):
         c = self.time(torch.cat([tt.sin(), tt.cos()], dim=-1))  # (b, h)
         for blk in self.blocks:
             x = blk(x, c)
-        return (self.out(self.out_ln(x)) + self.skip(feats)).squeeze(-1)  # (b, L)
+        return (self.out(self.out_ln(x)) + self.cfg.skip_gain * self.skip(feats)).squeeze(-1)  # (b, L)
 
     def logits_for(self, conf, margin, entropy, masked, eligible) -> torch.Tensor:
         feats = build_features(self.cfg.features, conf, margin, entropy, masked, eligible)

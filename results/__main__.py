@@ -21,7 +21,7 @@ from pathlib import Path
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, run_grid
-from .report import figures, load_rows, tables
+from .report import REF, figures, load_rows, tables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -94,7 +94,12 @@ def seeds(grid: Grid, folders: list[str]) -> str:
     rows = {}
     for f in folders:
         rows[f] = load_rows(run_grid(dataclasses.replace(grid, samplers=["learned"], only=None, policy=f)))
-    text = seed_table(rows)
+    # the heuristics to beat: the reference run (skipped when on disk) and every heuristic run on disk
+    ref = [(REF[0], dict(REF[1]))]
+    paths = run_grid(dataclasses.replace(grid, samplers=[REF[0]], only=ref, policy=""))
+    paths += [q for q in report_paths(dataclasses.replace(grid, policy="")) if "-pol" not in q.stem]
+    heur = [r for r in load_rows(sorted(set(paths))) if r.block in {min(b, r.gen_length) for b in grid.blocks}]
+    text = seed_table(rows, heur)
     out_dir = grid.out / grid.model_tag
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "seed_noise.md", lambda tmp: Path(tmp).write_text(text))
@@ -102,11 +107,16 @@ def seeds(grid: Grid, folders: list[str]) -> str:
     return text
 
 
-def seed_table(rows: dict) -> str:
-    """Per block and setting: each policy's acc @ NFE, then the range (max - min) over policies."""
+def seed_table(rows: dict, heuristics: list | None = None) -> str:
+    """Per block and setting: each policy's acc @ NFE, then the range (max - min) over policies.
+
+    With heuristic rows: per block, each policy's best accuracy at no more NFE than the reference
+    heuristic (Fast-dLLM's tau = 0.9) against the best heuristic there; the margin counts as larger
+    than the run-to-run noise when every policy beats it and the mean margin exceeds the range of
+    the policies' accuracies."""
     from tabulate import tabulate
 
-    from .report import block_name
+    from .report import _best, block_name
 
     names = list(rows)
     keys = sorted({(r.task, r.block, r.label) for rs in rows.values() for r in rs})
@@ -122,10 +132,37 @@ def seed_table(rows: dict) -> str:
     head = ["task", "block", "setting"] + [f"policy {i + 1}" for i in range(len(names))] + [
         "acc range (points)", "NFE range"]
     legend = "\n".join(f"- policy {i + 1}: `{n}`" for i, n in enumerate(names))
+    verdicts = []
+    for task, block in sorted({(t, b) for t, b, _ in keys}):
+        hs = [r for r in heuristics or [] if (r.task, r.block) == (task, block)]
+        ref = [r for r in hs if (r.sampler, r.params) == REF]
+        if not ref:
+            continue
+        budget = ref[0].nfe
+        bh = _best([r for r in hs if r.nfe <= budget])
+        got = []
+        for n in names:
+            cheap = [r for r in rows[n] if (r.task, r.block) == (task, block) and r.nfe <= budget]
+            got.append(_best(cheap) if cheap else None)
+        if any(g is None for g in got):
+            verdicts.append(f"- {block_name(block, bh.gen_length)}: some policy has no setting at the NFE of "
+                            f"{ref[0].label} ({budget:.2f})")
+            continue
+        margins = [100 * (g.acc - bh.acc) for g in got]
+        spread = 100 * (max(g.acc for g in got) - min(g.acc for g in got))
+        mean = sum(margins) / len(margins)
+        ok = min(margins) > 0 and mean > spread
+        verdicts.append(
+            f"- {block_name(block, bh.gen_length)}, at the NFE of {ref[0].label} ({budget:.2f}): best heuristic "
+            f"{bh.label} {100 * bh.acc:.1f} %; best learned per policy "
+            + ", ".join(f"{100 * g.acc:.1f} % ({g.label} @ {g.nfe:.2f})" for g in got)
+            + f"; margins {', '.join(f'{m:+.1f}' for m in margins)} points, mean {mean:+.1f}; run-to-run range "
+            f"{spread:.1f} points: the margin is {'larger' if ok else 'not larger'} than the run-to-run noise")
     return (f"Run-to-run noise of policy training (`python -m results seeds`): the same learned sweep for "
             f"{len(names)} policies trained by one command with different seeds.\n\n{legend}\n\n"
             + tabulate(body, head, tablefmt="github", disable_numparse=True)
-            + f"\n\nLargest accuracy range over the settings: {worst:.1f} points.\n")
+            + f"\n\nLargest accuracy range over the settings: {worst:.1f} points.\n"
+            + ("\n" + "\n".join(verdicts) + "\n" if verdicts else ""))
 
 
 def report_paths(grid: Grid) -> list[Path]:

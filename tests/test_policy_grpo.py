@@ -10,11 +10,11 @@ import time
 import pytest
 import torch
 
-from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob
+from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
-from train.grpo import GRPOConfig, update
+from train.grpo import GRPOConfig, skip_gain, update
 from train.grpo_loss import clipped_pg_loss, group_advantages
 
 from .test_samplers import state

@@ -181,6 +181,26 @@ def test_seed_noise_table_and_the_noise_verdict():
     assert "+1.0 points; 2 standard errors = 1.8: within noise" in near
     assert "+4.0 points; 2 standard errors = 1.5: learned better, beyond noise" in far
     assert "-15.0 points; 2 standard errors = 3.0: learned worse, beyond noise" in worse
+    # "within 1 point": the most accurate learned setting at no more NFE is at most 1 point below
+    assert "1 of 1 within 1 point" in near and "0 of 1 within 1 point" in worse
+    assert "0 of 1 heuristic settings matched, 1 of 1 within 1 point" in learned_vs_heuristics(
+        [heur, mk(0.5, 0.94, 3.0)])
+
+
+def test_seed_verdict_compares_every_policy_with_the_best_heuristic_at_the_reference_nfe():
+    from results.__main__ import seed_table
+
+    mk = lambda c, acc, nfe: Row("t", "learned", (("cutoff", c),), 48, 48, acc, nfe, 1.0, 0.1, 1000)  # noqa: E731
+    heur = [Row("t", "threshold", (("tau", 0.9),), 48, 48, 0.87, 3.8, 1.0, 0.1, 1000),
+            Row("t", "factor", (("f", 1.0),), 48, 48, 0.88, 3.7, 1.0, 0.1, 1000),  # the best heuristic there
+            Row("t", "threshold", (("tau", 0.99),), 48, 48, 0.99, 4.4, 1.0, 0.1, 1000)]  # over budget
+    close = {"a": [mk(0.5, 0.92, 3.8), mk(0.9, 0.99, 3.9)], "b": [mk(0.5, 0.90, 3.8)], "c": [mk(0.5, 0.91, 3.7)]}
+    text = seed_table(close, heur)
+    assert "best heuristic factor(f=1.0) 88.0 %" in text
+    assert "margins +4.0, +2.0, +3.0 points, mean +3.0; run-to-run range 2.0 points: the margin is larger" in text
+    noisy = {"a": [mk(0.5, 0.95, 3.8)], "b": [mk(0.5, 0.89, 3.8)]}
+    assert "range 6.0 points: the margin is not larger" in seed_table(noisy, heur)
+    assert "the margin is" not in seed_table(noisy)  # no heuristic runs: no verdict
 
 
 def test_nfe_axis_ticks_wide_and_narrow_ranges():

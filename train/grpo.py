@@ -76,6 +76,7 @@ class GRPOConfig:
     heads: int = 2
     init: str = "slow"  # slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)
     init_tau: float = 0.9
+    skip_gain: float = 0.0  # gain of the policy's linear skip path; 0 = --init's own: its sharpness (20) for threshold, 1 for slow
     init_from: str = ""  # start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha
     seed: int = 0
     dtype: str = "auto"
@@ -205,6 +206,14 @@ def start_from(policy: UnmaskPolicy, folder: str) -> None:
     log.info("policy initialised from %s", folder)
 
 
+def skip_gain(cfg: GRPOConfig) -> float:
+    """--skip-gain, or its default: the threshold start's sharpness (so the skip path's weights are
+    O(1) and Adam moves each feature's weight on the scale of conf's), 1 for the slow start."""
+    if cfg.skip_gain < 0:
+        raise DLLMError(f"--skip-gain {cfg.skip_gain}; valid: 0 (automatic) or a number > 0")
+    return cfg.skip_gain or (PolicyConfig.init_sharpness if cfg.init == "threshold" else 1.0)
+
+
 def lr_lambda(cfg: GRPOConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -223,7 +232,7 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
     env = Env(cfg, acc.device)
     features = tuple(f for f in cfg.features.split(",") if f)
     pcfg = PolicyConfig(features=features, hidden=cfg.hidden, ff=cfg.ff, heads=cfg.heads,
-                        init=cfg.init, init_tau=cfg.init_tau,
+                        init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
                         base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
     policy = UnmaskPolicy(pcfg)
     if cfg.init_from:

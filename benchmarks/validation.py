@@ -1,0 +1,70 @@
+"""Accuracy and NFE on the validation split: learned cutoffs next to the threshold rule, to compare
+policies and to choose settings without looking at the test split.
+
+    python -m benchmarks.validation --block 48 --policies modchain-B48-alpha8,runs/grpo/best
+    python -m benchmarks.validation --block 16 --cutoffs 0.1,0.5,0.9 --taus 0.9
+
+Accuracy is the final answer (`#### N`, what lm-eval's strict-match reads) on the 500 validation
+problems of the bundled task, which `train.grpo` validates on and the results grid never runs.
+It prints the table and writes nothing.
+"""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from lm_eval_dllm.tasks import modchain
+
+from . import label
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def main(argv=None) -> None:
+    from lm_eval_dllm.loading import load
+    from lm_eval_dllm.model import BUNDLED_ID
+    from lm_eval_dllm.samplers import make_sampler
+    from lm_eval_dllm.tiny import BUNDLED_DIR
+    from lm_eval_dllm.utils import DLLMError
+    from train.pretrain import decode_modchain
+
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--limit", type=int, default=None, help="validation problems (default: all 500)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--block", type=int, default=modchain.GEN_LENGTH, help="block size (default: full diffusion)")
+    p.add_argument("--policies", default="", help="comma-separated policy folders or shipped names "
+                   "(default: the shipped ones of the block)")
+    p.add_argument("--cutoffs", default="0.03,0.1,0.3,0.5,0.7,0.8,0.9", help="learned greedy cutoffs")
+    p.add_argument("--taus", default="0.7,0.9,0.95,0.99", help="threshold taus")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
+    a = p.parse_args(argv)
+    if a.limit is not None and a.limit < 1:
+        raise SystemExit(f"benchmarks.validation: error: --limit {a.limit}; valid: a positive number")
+    docs = modchain.load_split("validation")[:a.limit]
+    try:
+        from policies import variants_for
+
+        pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
+        settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
+            ("learned", {"mode": "greedy", "cutoff": c, "policy": q}) for q in pols for c in _floats(a.cutoffs)]
+        model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
+        rows = []
+        for name, params in settings:
+            sampler = make_sampler(name, params)
+            sampler.bind(model_id=BUNDLED_ID, block=a.block, gen_length=modchain.GEN_LENGTH, device="cpu")
+            texts, nfe = decode_modchain(model, tok, spec, docs, sampler, a.block, a.batch_size)
+            right = sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
+            rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
+    except DLLMError as e:
+        raise SystemExit(f"benchmarks.validation: error: {e}") from None
+    print(f"`python -m benchmarks.validation` on {len(docs)} modchain validation problems, block {a.block} "
+          f"({a.dtype}):\n")
+    print(tabulate(rows, ["setting", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True))
+
+
+if __name__ == "__main__":
+    main()
