@@ -18,13 +18,13 @@ def parser(doc: str, out: Path) -> argparse.ArgumentParser:
     return p
 
 
-def load_test_docs(prog: str, limit: int | None) -> list[dict]:
-    """The modchain test split, the first `limit` problems (a positive number) or all."""
+def load_test_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
+    """A modchain split (the test split unless told), the first `limit` problems (a positive number) or all."""
     from lm_eval_dllm.tasks import modchain
 
     if limit is not None and limit < 1:
-        raise SystemExit(f"{prog}: error: --limit {limit}; valid: a positive number of test problems")
-    return modchain.load_split("test")[:limit]
+        raise SystemExit(f"{prog}: error: --limit {limit}; valid: a positive number of {split} problems")
+    return modchain.load_split(split)[:limit]
 
 
 def label(name: str, params: dict) -> str:

@@ -11,11 +11,13 @@ It prints the table and writes nothing.
 
 from __future__ import annotations
 
+import argparse
+
 from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
 
-from . import label
+from . import label, load_test_docs
 
 
 def _floats(s: str) -> list[float]:
@@ -28,9 +30,8 @@ def main(argv=None) -> None:
     from lm_eval_dllm.samplers import make_sampler
     from lm_eval_dllm.tiny import BUNDLED_DIR
     from lm_eval_dllm.utils import DLLMError
-    from train.pretrain import decode_modchain
-
-    import argparse
+    from results.grid import SWEEPS
+    from train.pretrain import decode_modchain, final_answers_right
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=None, help="validation problems (default: all 500)")
@@ -38,13 +39,13 @@ def main(argv=None) -> None:
     p.add_argument("--block", type=int, default=modchain.GEN_LENGTH, help="block size (default: full diffusion)")
     p.add_argument("--policies", default="", help="comma-separated policy folders or shipped names "
                    "(default: the shipped ones of the block)")
-    p.add_argument("--cutoffs", default="0.03,0.1,0.3,0.5,0.7,0.8,0.9", help="learned greedy cutoffs")
+    grid_cutoffs = ",".join(str(q["cutoff"]) for q in SWEEPS["learned"])
+    p.add_argument("--cutoffs", default=grid_cutoffs, help=f"learned greedy cutoffs (default: the results "
+                   f"grid's, {grid_cutoffs})")
     p.add_argument("--taus", default="0.7,0.9,0.95,0.99", help="threshold taus")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
     a = p.parse_args(argv)
-    if a.limit is not None and a.limit < 1:
-        raise SystemExit(f"benchmarks.validation: error: --limit {a.limit}; valid: a positive number")
-    docs = modchain.load_split("validation")[:a.limit]
+    docs = load_test_docs("benchmarks.validation", a.limit, split="validation")
     try:
         from policies import variants_for
 
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
             sampler = make_sampler(name, params)
             sampler.bind(model_id=BUNDLED_ID, block=a.block, gen_length=modchain.GEN_LENGTH, device="cpu")
             texts, nfe = decode_modchain(model, tok, spec, docs, sampler, a.block, a.batch_size)
-            right = sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
+            right = final_answers_right(texts, docs)
             rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
     except DLLMError as e:
         raise SystemExit(f"benchmarks.validation: error: {e}") from None

@@ -168,10 +168,9 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
 def report_paths(grid: Grid) -> list[Path]:
     """The finished runs on disk for the grid's model and tasks, any sampler and block size.
 
-    Learned runs of other policies (an older training, another --policy) are left out."""
+    Learned runs of other policy weights (an older training, another --policy) are left out."""
     paths = sorted({q for t in grid.tasks for q in grid.run_dir(t).glob("*.json")})
-    tag = grid.policy_fingerprint() if grid.has_policy() else None
-    return [q for q in paths if "-pol" not in q.stem or (tag is not None and f"-pol{tag}-" in q.stem)]
+    return [q for q in paths if grid.is_current(q)]
 
 
 def render(grid: Grid, rows) -> tuple[str, list[Path]]:

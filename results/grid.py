@@ -29,8 +29,10 @@ SWEEPS: dict[str, list[dict]] = {
     "factor": [{"f": f} for f in (0.5, 1.0, 2.0)],
     "eb": [{"gamma": g} for g in (0.1, 1.0)],
     # the shipped policy for the model and block (or --policy), greedy: commit where p > cutoff
-    # (from 0.01, as aggressive as the threshold rule's low taus, to 0.95, as cautious as its 0.99)
-    "learned": [{"mode": "greedy", "cutoff": c} for c in (0.01, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)],
+    # (from 0.01, as aggressive as the threshold rule's low taus, to 0.98, more cautious than its 0.99);
+    # about as dense as the threshold sweep in NFE, where a policy's accuracy climbs steeply
+    "learned": [{"mode": "greedy", "cutoff": c}
+                for c in (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95, 0.98)],
 }
 # one-token-per-step runs cost L forwards per sample (most of the grid's time): they mark the ceiling
 # at the smallest block and at full diffusion only
@@ -103,9 +105,9 @@ class Grid:
             log.warning("results: skipping sampler 'learned': no shipped policy for %s; valid: "
                         "--policy <folder from train.grpo>", self.pretrained or "the bundled model")
             samplers.remove("learned")
-        tag = self.policy_fingerprint() if "learned" in samplers else ""
         ends = (min(self.blocks), max(self.blocks)) if self.blocks else ()
-        return [Setting.make(s, q, b, self.policy, tag) for b in self.blocks for s, p in pairs
+        return [Setting.make(s, q, b, self.policy, self.policy_tag(q, b) if s == "learned" else "")
+                for b in self.blocks for s, p in pairs
                 if s in samplers and (b in ends or (s, tuple(sorted(p.items()))) not in ENDS_ONLY)
                 for q in self._variants(s, p, b)]
 
@@ -129,24 +131,41 @@ class Grid:
         names = variants_for(self.pretrained or BUNDLED_ID, block)
         return [params] + [params | {"policy": n} for n in names[1:]]
 
-    def policy_fingerprint(self) -> str:
-        """The policy weights `learned` runs use: retraining a policy never reuses its old runs."""
+    def policy_dir(self, params: dict, block: int) -> Path:
+        """The policy folder a `learned` run with these params at this block uses: --policy, the
+        shipped policy its params name, or the shipped default pick for the model and block."""
         from lm_eval_dllm.model import BUNDLED_ID
         from lm_eval_dllm.utils import DLLMError
-        from policies import HERE, resolve_policy, shipped_for
+        from policies import HERE, resolve_policy, variants_for
 
+        model = self.pretrained or BUNDLED_ID
         if self.policy:  # found as `sampler=learned,policy=...` finds it
-            dirs = [resolve_policy(self.policy, model_id="", block=0, gen_length=0)]
-            if not (dirs[0] / "policy.json").exists():
+            d = resolve_policy(self.policy, model_id="", block=0, gen_length=0)
+            if not (d / "policy.json").exists():
                 raise DLLMError(f"--policy {self.policy!r} has no policy.json; valid: a folder written "
                                 f"by `python -m train.grpo` (OUT/best or OUT/last)")
-        else:
-            dirs = [HERE / e["path"] for e in shipped_for(self.pretrained or BUNDLED_ID)]
-        h = hashlib.sha256()
-        for d in dirs:  # weights and config, not the card (its notes may change, the policy does not)
-            h.update((d / "policy.safetensors").read_bytes())
-            h.update(json.dumps(json.loads((d / "policy.json").read_text())["config"], sort_keys=True).encode())
-        return h.hexdigest()[:8]
+            return d
+        if "policy" in params:
+            return HERE / params["policy"]
+        names = variants_for(model, block)
+        return HERE / names[0] if names else resolve_policy("", model_id=model, block=block, gen_length=block)
+
+    def policy_tag(self, params: dict, block: int) -> str:
+        """A fingerprint of the one policy a `learned` run uses, part of its key: retraining that
+        policy never reuses its old runs, and adding or retraining another policy keeps them."""
+        return policy_fingerprint(self.policy_dir(params, block))
+
+    def is_current(self, path: Path) -> bool:
+        """Whether a run file on disk is of the policy its setting would use now (non-learned: always)."""
+        from lm_eval_dllm.utils import DLLMError
+
+        if "-pol" not in path.stem:
+            return True
+        try:
+            s = json.loads(path.read_text())["dllm_setting"]
+            return f"-pol{self.policy_tag(s['params'], s['block'])}-" in path.stem
+        except (OSError, ValueError, KeyError, TypeError, DLLMError):
+            return False  # unreadable, or its policy is no longer shipped
 
     def has_policy(self) -> bool:
         from lm_eval_dllm.model import BUNDLED_ID
@@ -178,6 +197,14 @@ class Grid:
 
     def path(self, task: str, s: Setting) -> Path:
         return self.run_dir(task) / f"{s.key}.json"
+
+
+def policy_fingerprint(d: Path) -> str:
+    """Weights and config of a policy folder, not its card (its notes may change, the policy does not)."""
+    h = hashlib.sha256()
+    h.update((d / "policy.safetensors").read_bytes())
+    h.update(json.dumps(json.loads((d / "policy.json").read_text())["config"], sort_keys=True).encode())
+    return h.hexdigest()[:8]
 
 
 def run_grid(grid: Grid) -> list[Path]:

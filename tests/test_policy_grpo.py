@@ -257,3 +257,16 @@ def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):
     other = UnmaskPolicy(PolicyConfig(features=("mask", "conf"), base_model="m", block=8, gen_length=48))
     with pytest.raises(DLLMError, match=r"--init-from .* has features=\('mask', 'eligible'"):
         start_from(other, str(tmp_path / "src"))
+
+
+def test_grpo_flags_show_defaults_and_reject_bad_counts(capsys):
+    from train.grpo import main, parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--alpha ALPHA NFE discount exponent; 0 = reward accuracy only (default: 1.0)" in text
+    assert "--group GROUP rollouts per prompt (default: 8)" in text
+    for flag in ("--val-every", "--group", "--save-every"):
+        with pytest.raises(SystemExit, match=f"train.grpo: error: {flag} 0; valid: a positive whole number"):
+            main([flag, "0", "--out", "/nonexistent/never-written"])

@@ -115,6 +115,43 @@ def test_learned_runs_only_with_a_policy_and_are_keyed_by_its_weights(tmp_path, 
     assert other[0].policy_tag != learned[0].policy_tag and f"policy={tmp_path / 'p'}" in other[0].model_args(None, 4, 1)
 
 
+def test_learned_run_keys_follow_the_one_policy_each_run_uses(tmp_path, monkeypatch):
+    import shutil
+
+    import policies
+    from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
+
+    for name, block in (("p16", 16), ("p48", 48)):
+        UnmaskPolicy(PolicyConfig(block=block, gen_length=48, base_model="bundled:tiny-modchain",
+                                  task="modchain")).save(tmp_path / name, card={"alpha": 1.0})
+    monkeypatch.setattr(policies, "HERE", tmp_path)
+    grid = Grid(tasks=["t"], blocks=[16, 48], samplers=["learned"], out=tmp_path / "out")
+    before = {s.key for s in grid.settings()}
+    assert len({s.policy_tag for s in grid.settings()}) == 2  # one tag per policy, not one for all
+
+    shutil.copytree(tmp_path / "p48", tmp_path / "p48-alpha8")  # a second policy for B = 48 ...
+    meta = json.loads((tmp_path / "p48-alpha8" / "policy.json").read_text())
+    meta["card"]["alpha"] = 8.0
+    (tmp_path / "p48-alpha8" / "policy.json").write_text(json.dumps(meta))
+    after = {s.key for s in grid.settings()}
+    assert before < after and all("policyp48-alpha8" in k for k in after - before)  # ... adds runs, keeps the old
+
+    UnmaskPolicy(PolicyConfig(block=16, gen_length=48, base_model="bundled:tiny-modchain", task="modchain",
+                              init_tau=0.5)).save(tmp_path / "p16", card={"alpha": 1.0})  # retrained
+    again = {s.key for s in grid.settings()}
+    assert {k for k in again if k.endswith("B48")} == {k for k in after if k.endswith("B48")}
+    assert not {k for k in again if k.endswith("B16")} & {k for k in after if k.endswith("B16")}
+
+    # the report keeps a run file only while its setting's policy is unchanged
+    s16 = next(s for s in grid.settings() if s.block == 16)
+    stale = grid.path("t", s16).with_name(next(k for k in after if k.endswith("B16")) + ".json")
+    fresh = grid.path("t", s16)
+    for f, st in ((stale, s16), (fresh, s16)):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"dllm_setting": {"params": dict(st.params), "block": st.block}}))
+    assert grid.is_current(fresh) and not grid.is_current(stale)
+
+
 def test_only_the_default_grid_updates_the_readme(monkeypatch):
     import results.__main__ as cli
 
@@ -144,6 +181,22 @@ def test_failure_kinds_and_the_failures_benchmark(capsys):
     main(["--limit", "4", "--no-write"])
     out = capsys.readouterr().out
     assert "end in the wrong place" in out and out.count("\n| ") == len(settings()) + 1
+
+
+def test_the_validation_benchmark_reads_the_validation_split(capsys):
+    from benchmarks.validation import main
+    from lm_eval_dllm.model import BUNDLED_ID
+    from policies import variants_for
+    from train.pretrain import final_answers_right
+
+    docs = [{"answer": "1+1=2\n#### 2"}, {"answer": "2+2=4\n#### 4"}]
+    assert final_answers_right(["1+2=2\n#### 2", "2+2=4\n#### 5"], docs) == 1  # the final answer only
+    main(["--limit", "4", "--block", "48", "--cutoffs", "0.1,0.9", "--taus", "0.9"])
+    out = capsys.readouterr().out
+    assert "on 4 modchain validation problems" in out
+    assert out.count("\n| learned(") == 2 * len(variants_for(BUNDLED_ID, 48)) and "| threshold(tau=0.9)" in out
+    with pytest.raises(SystemExit, match="--limit 0; valid: a positive number of validation problems"):
+        main(["--limit", "0"])
 
 
 def test_same_seed_same_numbers(tmp_path):

@@ -15,11 +15,13 @@ the best policy by validation reward is kept in OUT/best, the latest in OUT/last
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
 import os
 import random
+import re
 import shlex
 import time
 from dataclasses import asdict, dataclass, fields
@@ -44,7 +46,7 @@ log = logging.getLogger("train.grpo")
 
 @dataclass
 class GRPOConfig:
-    task: str = "modchain"
+    task: str = "modchain"  # lm-eval task: its training split, prompt format, filters and metric
     include_path: str = ""  # extra folder of task YAMLs, as lm_eval's --include_path
     pretrained: str = ""  # "" = the bundled tiny dLLM
     block: int = 0  # 0 = the model's default block; >= gen_length = full diffusion
@@ -52,36 +54,36 @@ class GRPOConfig:
     alpha: float = 1.0  # NFE discount exponent; 0 = reward accuracy only
     group: int = 8  # rollouts per prompt
     prompts_per_step: int = 8  # per process
-    steps: int = 200
-    lr: float = 3e-5
-    warmup: int = 0
-    clip_eps: float = 0.5
+    steps: int = 200  # rollout batches (each followed by --inner-steps updates)
+    lr: float = 3e-5  # AdamW learning rate
+    warmup: int = 0  # linear learning-rate warmup steps
+    clip_eps: float = 0.5  # PPO-style ratio clip
     loss_norm: str = "step"  # step: mean over (rollout, step) terms, as the paper | rollout: each rollout weighs the same
     inner_steps: int = 2  # optimizer steps per rollout batch (rollouts reused)
-    grad_clip: float = 0.2
-    weight_decay: float = 0.0
+    grad_clip: float = 0.2  # gradient-norm clip
+    weight_decay: float = 0.0  # AdamW weight decay
     dllm_temperature: float = 0.0  # the dLLM's own token choice: 0 = argmax
     num_fewshot: int = -1  # -1 = the task's own
     train_split: str = "train"  # where training prompts come from
     val_split: str = "validation"  # where validation prompts come from (never trained on)
     apply_chat_template: bool = False
-    val_every: int = 20
+    val_every: int = 20  # steps between validations (and one at the last step)
     val_mode: str = "greedy"  # policy mode for validation (and so for keeping `best`): greedy | sample
-    val_size: int = 128
-    save_every: int = 10
+    val_size: int = 128  # validation problems
+    save_every: int = 10  # steps between checkpoints of OUT/last and the trainer state (and at the last step)
     batch_size: int = 64  # decode batch for rollouts and validation
-    features: str = ",".join(PolicyConfig.features)
-    hidden: int = 128
-    ff: int = 512
-    heads: int = 2
+    features: str = ",".join(PolicyConfig.features)  # comma-separated policy input features
+    hidden: int = 128  # policy width
+    ff: int = 512  # policy feed-forward width
+    heads: int = 2  # policy attention heads
     init: str = "slow"  # slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)
-    init_tau: float = 0.9
+    init_tau: float = 0.9  # the threshold start's tau
     skip_gain: float = 0.0  # gain of the policy's linear skip path; 0 = --init's own: its sharpness (20) for threshold, 1 for slow
     init_from: str = ""  # start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = ""
-    out: str = "runs/grpo"
+    seed: int = 0  # policy init, prompt order and rollout sampling
+    dtype: str = "auto"  # the dLLM's dtype: auto, float32, bfloat16, float16
+    device: str = ""  # "" = cuda if available, else cpu
+    out: str = "runs/grpo"  # OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt
 
 
 CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout")}
@@ -226,6 +228,9 @@ def lr_lambda(cfg: GRPOConfig):
 def train(cfg: GRPOConfig, resume: bool) -> None:
     from accelerate import Accelerator
 
+    for k in ("steps", "group", "prompts_per_step", "inner_steps", "val_every", "val_size", "save_every", "batch_size"):
+        if getattr(cfg, k) < 1:
+            raise DLLMError(f"--{k.replace('_', '-')} {getattr(cfg, k)}; valid: a positive whole number")
     acc = Accelerator(cpu=(cfg.device == "cpu"))
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -338,13 +343,16 @@ def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
 
 def parse_args(argv=None) -> tuple[GRPOConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # each flag's help: the comment on its GRPOConfig field, then its default
+    notes = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.+)$", inspect.getsource(GRPOConfig), flags=re.M))
     for f in fields(GRPOConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = (notes[f.name] + " " if f.name in notes else "") + f"(default: {f.default!r})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), str),
-                           default=f.default, choices=CHOICES.get(f.name))
+                           default=f.default, choices=CHOICES.get(f.name), help=text.replace("%", "%%"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")

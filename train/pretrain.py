@@ -213,6 +213,11 @@ def decode_modchain(model, tok, spec, docs: list[dict], sampler, block: int,
     return texts, nfe
 
 
+def final_answers_right(texts: list[str], docs: list[dict]) -> int:
+    """How many texts end in their problem's final answer (`#### N`, what lm-eval's strict-match reads)."""
+    return sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
+
+
 def evaluate_checkpoint(out: Path, n: int) -> dict:
     """Greedy one-token-per-step confidence decoding on n validation problems; adds to the card."""
     from lm_eval_dllm.loading import load
@@ -224,9 +229,8 @@ def evaluate_checkpoint(out: Path, n: int) -> dict:
     for block in (8, GEN_LENGTH):
         texts, _ = decode_modchain(model, tok, spec, docs, make_sampler("confidence"), block)
         exact = sum(t == d["answer"] for t, d in zip(texts, docs))
-        final = sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
         metrics[f"val_B{block}_exact_text"] = exact / len(docs)
-        metrics[f"val_B{block}_final_answer"] = final / len(docs)
+        metrics[f"val_B{block}_final_answer"] = final_answers_right(texts, docs) / len(docs)
     card_path = out / "card.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     card["validation"] = {"problems": len(docs), "sampler": "confidence(k=1), greedy"} | metrics
