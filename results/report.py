@@ -232,6 +232,9 @@ def log_nfe_axis(ax) -> None:
 
 
 def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> list[Path]:
+    """Per task: accuracy vs NFE (one panel per block: each heuristic's sweep, each learned policy's
+    cutoff sweep as a thin line and the learned front over all policies as a bold one) and the
+    best accuracy within an NFE budget vs block size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,14 +244,23 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
     for task in sorted({r.task for r in rows}):
         tr = [r for r in rows if r.task == task]
         blocks = sorted({r.block for r in tr})
-        samplers = sorted({_series(r) for r in tr})
-        colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(samplers)}
+        samplers = sorted({r.sampler for r in tr}, key=lambda s: (s == "learned", s))
+        colors = {s: "black" if s == "learned" else plt.cm.tab10(i % 10) for i, s in enumerate(samplers)}
         fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks) + 2.4, 3.8), sharey=True, squeeze=False)
         for ax, b in zip(axes[0], blocks):
             for s in samplers:
-                pts = sorted((r.nfe, 100 * r.acc) for r in tr if r.block == b and _series(r) == s)
-                if pts:
-                    ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
+                here = [r for r in tr if r.block == b and r.sampler == s]
+                if not here:
+                    continue
+                if s != "learned":
+                    ax.plot(*zip(*sorted((r.nfe, 100 * r.acc) for r in here)), "o-", color=colors[s], label=s, ms=4)
+                    continue
+                for pol in sorted({_series(r) for r in here}):
+                    pts = sorted((r.nfe, 100 * r.acc) for r in here if _series(r) == pol)
+                    ax.plot(*zip(*pts), ".-", color=colors[s], alpha=0.3, lw=0.8, ms=3,
+                            label="learned: one policy's cutoff sweep")
+                ax.plot(*zip(*[(r.nfe, 100 * r.acc) for r in pareto(here)]), "o-", color=colors[s], lw=2,
+                        ms=4, label="learned: best over the policies")
             ax.set_title(block_name(b, tr[0].gen_length))
             log_nfe_axis(ax)
             ax.set_xlabel("mean NFE (forward passes, log scale)")
@@ -264,22 +276,23 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
         written.append(p)
 
         budget = nfe_budget or tr[0].gen_length / 4
-        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        fig, ax = plt.subplots(figsize=(7.4, 3.8))
         for s in samplers:
             pts = []
             for b in blocks:
-                ok = [r.acc for r in tr if r.block == b and _series(r) == s and r.nfe <= budget]
+                ok = [r.acc for r in tr if r.block == b and r.sampler == s and r.nfe <= budget]
                 if ok:
                     pts.append((b, 100 * max(ok)))
             if pts:
-                ax.plot(*zip(*pts), "o-", color=colors[s], label=s, ms=4)
+                ax.plot(*zip(*pts), "o-", color=colors[s], ms=4, lw=2 if s == "learned" else 1.5,
+                        label="learned (best over the policies)" if s == "learned" else s)
         ax.set_xscale("log", base=2)
         ax.set_xticks(blocks, [str(b) for b in blocks])
         ax.set_xlabel("block size (rightmost = full diffusion)")
         ax.set_ylabel(f"best accuracy % at NFE <= {budget:g}")
         ax.set_title(f"{task}: accuracy vs block size at a fixed NFE budget")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         p = out_dir / f"{task}_acc_vs_block.png"
         fig.savefig(p, dpi=110)

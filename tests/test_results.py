@@ -276,3 +276,24 @@ def test_nfe_axis_ticks_wide_and_narrow_ranges():
 
     assert labels([2.2, 3.0, 12.0, 48.0]) == ["2", "3", "5", "10", "20", "50"]
     assert len(labels([2.2, 2.9])) == 3  # too narrow for two round ticks: three inside the range
+
+
+def test_figures_draw_each_policy_thin_and_the_learned_front_bold(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from results.report import Row, figures
+
+    mk = lambda s, p, acc, nfe, b=48: Row("t", s, p, b, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
+    rows = [mk("threshold", (("tau", 0.9),), 0.8, 4.0), mk("threshold", (("tau", 0.5),), 0.5, 3.0),
+            mk("learned", (("cutoff", 0.5),), 0.9, 4.0), mk("learned", (("cutoff", 0.1),), 0.6, 3.5),
+            mk("learned", (("cutoff", 0.5), ("policy", "p-a32")), 0.7, 3.0),
+            mk("learned", (("cutoff", 0.9), ("policy", "p-a32")), 0.55, 3.6)]
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append((a, k)) or real(ax, *a, **k))
+    paths = figures(rows, tmp_path)
+    assert [p.name for p in paths] == ["t_acc_vs_nfe.png", "t_acc_vs_block.png"] and all(p.stat().st_size for p in paths)
+    thin = [a for a, k in drawn if k.get("label") == "learned: one policy's cutoff sweep"]
+    front = [a for a, k in drawn if k.get("label") == "learned: best over the policies"]
+    assert len(thin) == 2  # one per policy
+    assert [list(front[0][0]), list(front[0][1])] == [[3.0, 4.0], [70.0, 90.0]]  # dominated points left out
