@@ -1,7 +1,7 @@
 """Benchmarks on the bundled model that print ratios or counts measured in one run.
 
-The pieces both `python -m benchmarks.<name>` scripts share: the command line (--limit,
---batch-size, --no-write), the test problems, setting labels and writing the Markdown table.
+The pieces the `python -m benchmarks.<name>` scripts share: the command line (--limit,
+--batch-size, --no-write), the modchain problems of a split, setting labels and writing the Markdown table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def parser(doc: str, out: Path) -> argparse.ArgumentParser:
     return p
 
 
-def load_test_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
+def load_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
     """A modchain split (the test split unless told), the first `limit` problems (a positive number) or all."""
     from lm_eval_dllm.tasks import modchain
 

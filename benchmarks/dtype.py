@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
 
-from . import finish, label, parser, load_test_docs
+from . import finish, label, parser, load_docs
 
 FULL = modchain.GEN_LENGTH  # block = L: full diffusion
 SETTINGS = [("confidence", {"k": 1}, FULL), ("confidence", {"k": 4}, FULL), ("threshold", {"tau": 0.9}, 8),
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     from lm_eval_dllm.tiny import BUNDLED_DIR
 
     a = parser(__doc__, OUT).parse_args(argv)
-    docs = load_test_docs("benchmarks.dtype", a.limit)
+    docs = load_docs("benchmarks.dtype", a.limit)
     models = {d: load(str(BUNDLED_DIR), dtype=d, device="cpu") for d in ("float32", "bfloat16")}
     rows = []
     for name, params, block in SETTINGS:

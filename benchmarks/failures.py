@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
 
-from . import finish, label, parser, load_test_docs
+from . import finish, label, parser, load_docs
 
 FULL = modchain.GEN_LENGTH
 SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95, 0.99)] + [
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     p = parser(__doc__, OUT)
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
     a = p.parse_args(argv)
-    docs = load_test_docs("benchmarks.failures", a.limit)
+    docs = load_docs("benchmarks.failures", a.limit)
     model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
     rows = []
     for name, params, block in settings():

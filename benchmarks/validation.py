@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
 
-from . import label, load_test_docs
+from . import label, load_docs
 
 
 def _floats(s: str) -> list[float]:
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--taus", default="0.7,0.9,0.95,0.99", help="threshold taus")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
     a = p.parse_args(argv)
-    docs = load_test_docs("benchmarks.validation", a.limit, split="validation")
+    docs = load_docs("benchmarks.validation", a.limit, split="validation")
     try:
         from policies import variants_for
 

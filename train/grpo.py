@@ -82,7 +82,7 @@ class GRPOConfig:
     init_from: str = ""  # start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha
     seed: int = 0  # policy init, prompt order and rollout sampling
     dtype: str = "auto"  # the dLLM's dtype: auto, float32, bfloat16, float16
-    device: str = ""  # "" = cuda if available, else cpu
+    device: str = ""  # cpu forces the CPU; otherwise accelerate's device (a GPU if there is one)
     out: str = "runs/grpo"  # OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt
 
 
