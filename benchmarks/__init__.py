@@ -27,6 +27,19 @@ def load_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
     return modchain.load_split(split)[:limit]
 
 
+def decode_setting(model, tok, spec, docs: list[dict], name: str, params: dict, block: int,
+                   batch_size: int) -> tuple[list[str], int]:
+    """(texts, total NFE) of one sampler setting on the bundled model, its policy found for the block."""
+    from lm_eval_dllm.model import BUNDLED_ID
+    from lm_eval_dllm.samplers import make_sampler
+    from lm_eval_dllm.tasks import modchain
+    from train.pretrain import decode_modchain
+
+    sampler = make_sampler(name, params)
+    sampler.bind(model_id=BUNDLED_ID, block=block, gen_length=modchain.GEN_LENGTH, device="cpu")
+    return decode_modchain(model, tok, spec, docs, sampler, block, batch_size)
+
+
 def label(name: str, params: dict) -> str:
     return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
 

@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
 
-from . import finish, label, parser, load_docs
+from . import decode_setting, finish, label, load_docs, parser
 
 FULL = modchain.GEN_LENGTH
 SETTINGS = [("threshold", {"tau": t}, b) for b in (8, FULL) for t in (0.5, 0.7, 0.9, 0.95, 0.99)] + [
@@ -44,10 +44,7 @@ def settings() -> list[tuple[str, dict, int]]:
 
 def main(argv=None) -> None:
     from lm_eval_dllm.loading import load
-    from lm_eval_dllm.model import BUNDLED_ID
-    from lm_eval_dllm.samplers import make_sampler
     from lm_eval_dllm.tiny import BUNDLED_DIR
-    from train.pretrain import decode_modchain
 
     p = parser(__doc__, OUT)
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
@@ -56,9 +53,7 @@ def main(argv=None) -> None:
     model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
     rows = []
     for name, params, block in settings():
-        sampler = make_sampler(name, params)
-        sampler.bind(model_id=BUNDLED_ID, block=block, gen_length=FULL, device="cpu")
-        texts, nfe = decode_modchain(model, tok, spec, docs, sampler, block, a.batch_size)
+        texts, nfe = decode_setting(model, tok, spec, docs, name, params, block, a.batch_size)
         ends, digits = kinds(texts, docs)
         rows.append([label(name, params), "full" if block >= FULL else block, f"{nfe / len(docs):.2f}", ends + digits, ends, digits])
     table = tabulate(rows, ["setting", "block", "mean NFE", "wrong answers", "end in the wrong place",

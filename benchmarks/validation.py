@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from lm_eval_dllm.tasks import modchain
 
-from . import label, load_docs
+from . import decode_setting, label, load_docs
 
 
 def _floats(s: str) -> list[float]:
@@ -27,11 +27,10 @@ def _floats(s: str) -> list[float]:
 def main(argv=None) -> None:
     from lm_eval_dllm.loading import load
     from lm_eval_dllm.model import BUNDLED_ID
-    from lm_eval_dllm.samplers import make_sampler
     from lm_eval_dllm.tiny import BUNDLED_DIR
     from lm_eval_dllm.utils import DLLMError
     from results.grid import SWEEPS
-    from train.pretrain import decode_modchain, final_answers_right
+    from train.pretrain import final_answers_right
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=None, help="validation problems (default: all 500)")
@@ -55,9 +54,7 @@ def main(argv=None) -> None:
         model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
         rows = []
         for name, params in settings:
-            sampler = make_sampler(name, params)
-            sampler.bind(model_id=BUNDLED_ID, block=a.block, gen_length=modchain.GEN_LENGTH, device="cpu")
-            texts, nfe = decode_modchain(model, tok, spec, docs, sampler, a.block, a.batch_size)
+            texts, nfe = decode_setting(model, tok, spec, docs, name, params, a.block, a.batch_size)
             right = final_answers_right(texts, docs)
             rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
     except DLLMError as e:
