@@ -16,7 +16,8 @@ HERE = Path(__file__).resolve().parent
 
 def catalog() -> list[dict]:
     """One entry per shipped policy: path (relative to this package), base_model, task, block,
-    gen_length, alpha (the NFE-discount exponent it was trained with)."""
+    gen_length, alpha (the NFE-discount exponent it was trained with) and val_reward (its card's
+    validation reward; -inf if none)."""
     out = []
     from lm_eval_dllm.utils import DLLMError
 
@@ -24,10 +25,13 @@ def catalog() -> list[dict]:
         try:
             meta = json.loads(meta_path.read_text())
             cfg = meta["config"]
-            alpha = (meta.get("card") or {}).get("alpha")  # none recorded: never the default pick
+            card = meta.get("card") or {}
+            alpha = card.get("alpha")  # none recorded: never the default pick
+            val = (card.get("metrics") or {}).get("val_reward")  # of the checkpoint kept
             out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
                         "block": cfg["block"], "gen_length": cfg["gen_length"],
-                        "alpha": float("inf") if alpha is None else float(alpha)})
+                        "alpha": float("inf") if alpha is None else float(alpha),
+                        "val_reward": float("-inf") if val is None else float(val)})
         except (ValueError, KeyError, TypeError) as e:
             raise DLLMError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "
                             f"policy.json as `python -m train.grpo` writes it") from None
@@ -42,7 +46,8 @@ def shipped_for(model_id: str) -> list[dict]:
 def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -> Path:
     """An explicit folder (or a shipped policy's name), or the catalog entry for this model: exact
     block first, then the nearest; among policies for the same block the lowest alpha (the one that
-    weighs accuracy most; the others, trained to spend fewer forwards, are picked by name)."""
+    weighs accuracy most; the others, trained to spend fewer forwards, are picked by name), and among
+    those the highest validation reward on the card (rewards at one alpha are comparable), then name."""
     from lm_eval_dllm.utils import DLLMError
 
     if policy:
@@ -61,7 +66,7 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
         raise DLLMError(f"no shipped policy for model {model_id!r}; valid: policy=<folder from "
                         f"`python -m train.grpo`>, or a model with a shipped policy: {have or '(none)'}")
     best = min(same, key=lambda e: (min(e["block"], e["gen_length"]) != eff,
-                                    abs(min(e["block"], e["gen_length"]) - eff), e["alpha"], e["path"]))
+                                    abs(min(e["block"], e["gen_length"]) - eff), *_rank(e)))
     return HERE / best["path"]
 
 
@@ -70,4 +75,9 @@ def variants_for(model_id: str, block: int) -> list[str]:
     diffusion, L being each policy's own gen_length), the default pick first: what the results
     grid sweeps for sampler `learned`."""
     same = [e for e in shipped_for(model_id) if min(e["block"], e["gen_length"]) == min(block, e["gen_length"])]
-    return [e["path"] for e in sorted(same, key=lambda e: (e["alpha"], e["path"]))]
+    return [e["path"] for e in sorted(same, key=_rank)]
+
+
+def _rank(e: dict) -> tuple:
+    """Order among policies for one block: lowest alpha, then highest validation reward, then name."""
+    return e["alpha"], -e["val_reward"], e["path"]

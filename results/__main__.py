@@ -91,20 +91,36 @@ def seeds(grid: Grid, folders: list[str]) -> str:
     if len(folders) < 2:
         raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} distinct folder(s); valid: "
                         f"two or more policy folders, comma-separated")
-    rows = {}
-    for f in folders:
-        rows[f] = load_rows(run_grid(dataclasses.replace(grid, samplers=["learned"], only=None, policy=f)))
+    rows = {f: load_rows([q for b in grid.blocks for q in run_grid(_sweep_of(grid, f, b))]) for f in folders}
     # the heuristics to beat: the reference run (skipped when on disk) and every heuristic run on disk
     ref = [(REF[0], dict(REF[1]))]
     paths = run_grid(dataclasses.replace(grid, samplers=[REF[0]], only=ref, policy=""))
-    paths += [q for q in report_paths(dataclasses.replace(grid, policy="")) if "-pol" not in q.stem]
-    heur = [r for r in load_rows(sorted(set(paths))) if r.block in {min(b, r.gen_length) for b in grid.blocks}]
+    paths += report_paths(dataclasses.replace(grid, policy=""))
+    heur = [r for r in load_rows(sorted(set(paths)))
+            if r.sampler != "learned" and r.block in {min(b, r.gen_length) for b in grid.blocks}]
     text = seed_table(rows, heur)
     out_dir = grid.out / grid.model_tag
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "seed_noise.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
     return text
+
+
+def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
+    """The learned sweep of one policy folder at one block. A policy shipped for this block, other
+    than its default pick, is named by a `policy` parameter as in the default grid, so its runs get
+    the same keys and are skipped when the default grid has them (a run's key holds the policy's
+    fingerprint, not the --policy folder, so the default pick's keys match either way)."""
+    from lm_eval_dllm.model import BUNDLED_ID
+    from policies import HERE, variants_for
+
+    one = dataclasses.replace(grid, blocks=[block], samplers=["learned"], only=None, policy=folder)
+    names = variants_for(grid.pretrained or BUNDLED_ID, block)
+    if Path(folder).resolve().parent == HERE:  # policies/<name> given as a path
+        folder = Path(folder).name
+    if folder not in names[1:]:
+        return one
+    return dataclasses.replace(one, policy="", only=[("learned", p | {"policy": folder}) for p in SWEEPS["learned"]])
 
 
 def seed_table(rows: dict, heuristics: list | None = None) -> str:
@@ -118,6 +134,9 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
 
     from .report import _best, block_name
 
+    # the column names the policy: a shipped one's `policy` parameter would split its rows from the others'
+    rows = {n: [dataclasses.replace(r, params=tuple(kv for kv in r.params if kv[0] != "policy")) for r in rs]
+            for n, rs in rows.items()}
     names = list(rows)
     keys = sorted({(r.task, r.block, r.label) for rs in rows.values() for r in rs})
     body, worst = [], 0.0

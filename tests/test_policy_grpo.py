@@ -241,6 +241,34 @@ def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, mo
     UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=48, gen_length=48)).save(tmp_path / "a-handmade")
     assert policies.resolve_policy("", model_id="m", block=48, gen_length=48).name == "m-B48"
     assert policies.variants_for("m", 48)[-1] == "a-handmade"
+    # two at the same alpha: the higher validation reward on the card, whatever the names
+    for name, val in (("m-B8-a", 0.5), ("m-B8-z", 0.9)):
+        UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=8, gen_length=48)).save(
+            tmp_path / name, {"alpha": 1.0, "metrics": {"val_reward": val}})
+    assert policies.resolve_policy("", model_id="m", block=8, gen_length=48).name == "m-B8-z"
+    assert policies.variants_for("m", 8) == ["m-B8-z", "m-B8-a", "m-B8"]  # no reward recorded: last
+
+
+def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monkeypatch):
+    import policies
+    from results.__main__ import _sweep_of
+    from results.grid import Grid
+
+    from results.grid import SWEEPS
+
+    shipped, other = tmp_path / "policies", tmp_path / "other"  # other: a policy outside the catalog
+    monkeypatch.setattr(policies, "HERE", shipped)
+    for name, alpha in (("m-B48", 1.0), ("m-B48-a8", 8.0)):
+        UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=48, gen_length=48)).save(
+            shipped / name, {"alpha": alpha})
+    UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=48, gen_length=48, init="threshold")).save(other)
+    g = Grid(tasks=["t"], blocks=[48], samplers=["learned"], pretrained="m")
+    grid_keys = {s.key for s in g.settings()}
+    for folder in ("m-B48", "m-B48-a8", str(shipped / "m-B48-a8")):
+        keys = [s.key for s in _sweep_of(g, folder, 48).settings()]
+        assert len(keys) == len(SWEEPS["learned"]) and set(keys) <= grid_keys, folder
+    keys = {s.key for s in _sweep_of(g, str(other), 48).settings()}
+    assert len(keys) == len(SWEEPS["learned"]) and not keys & grid_keys
 
 
 def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):

@@ -226,6 +226,11 @@ def test_seed_noise_table_and_the_noise_verdict():
                                    "95.0 @ 2.80", "3.0", "0.20"]
     assert cells("cutoff=0.9")[-2:] == ["0.0", "1.00"]
     assert "Largest accuracy range over the settings: 3.0 points." in text
+    # a shipped policy's rows carry its name as a parameter: still one row per setting
+    named = lambda c, acc, nfe: Row("t", "learned", (("cutoff", c), ("policy", "m-B48-a8")), 48, 48, acc, nfe,  # noqa: E731
+                                    1.0, 0.1, 1000)
+    assert seed_table({"m-B48-a8": [named(0.5, 0.98, 3.0), named(0.9, 0.99, 20.0)],
+                       "b": [mk(0.5, 0.95, 2.8), mk(0.9, 0.99, 21.0)]}) == text.replace("`a`", "`m-B48-a8`")
     # the learned-vs-heuristic summary says whether the margin is beyond twice its standard error
     heur = Row("t", "threshold", (("tau", 0.9),), 48, 48, 0.95, 3.0, 1.0, 0.1, 1000, stderr=0.007)
     near = learned_vs_heuristics([heur, mk(0.5, 0.96, 3.0, 0.006)])
