@@ -4,6 +4,7 @@
     python -m results --preset testbed        # the README's testbed table only (fewer runs)
     python -m results report                  # rebuild tables/figures from runs on disk
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
+    python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
 
 Runs go through `lm_eval.simple_evaluate`, so every number is what the CLI would print. Raw results
@@ -42,8 +43,9 @@ def main(argv=None) -> None:
     g.add_argument("--blocks", default="8,16,48", help="comma-separated block sizes (>= L: full diffusion)")
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
     g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
-    g.add_argument("--policies", default="", help="seeds: comma-separated policy folders trained by the same "
-                   "command with different --seed (shipped names work too); pass --blocks with their block")
+    g.add_argument("--policies", action="append", default=[], help="seeds: comma-separated policy folders "
+                   "trained by the same command with different --seed (shipped names work too); give it once "
+                   "per command, each a section of seed_noise.md; pass --blocks with their block")
     g.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
 
 def _run(a, grid: Grid) -> None:
     if a.command == "seeds":
-        seeds(grid, [x for x in a.policies.split(",") if x])
+        seeds(grid, *[[x for x in g.split(",") if x] for g in a.policies or [""]])
         return
     if a.command == "run":
         paths = run_grid(grid)
@@ -83,22 +85,24 @@ def _run(a, grid: Grid) -> None:
     report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.default_setup)
 
 
-def seeds(grid: Grid, folders: list[str]) -> str:
-    """The learned sweep once per policy folder (one training command, several --seed): the
-    spread of accuracy and NFE between them is the run-to-run noise of policy training.
-    Writes `<out>/<model>/seed_noise.md`."""
-    folders = list(dict.fromkeys(folders))
-    if len(folders) < 2:
-        raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} distinct folder(s); valid: "
-                        f"two or more policy folders, comma-separated")
-    rows = {f: load_rows([q for b in grid.blocks for q in run_grid(_sweep_of(grid, f, b))]) for f in folders}
+def seeds(grid: Grid, *groups: list[str]) -> str:
+    """The learned sweep once per policy folder of each group (one training command, several
+    --seed): the spread of accuracy and NFE between them is the run-to-run noise of policy training.
+    Writes `<out>/<model>/seed_noise.md`, one section per group."""
+    groups = [list(dict.fromkeys(g)) for g in groups]
+    for folders in groups:
+        if len(folders) < 2:
+            raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} distinct folder(s); valid: "
+                            f"two or more policy folders, comma-separated")
+    rows = [{f: load_rows([q for b in grid.blocks for q in run_grid(_sweep_of(grid, f, b))]) for f in folders}
+            for folders in groups]
     # the heuristics to beat: the reference run (skipped when on disk) and every heuristic run on disk
     ref = [(REF[0], dict(REF[1]))]
     paths = run_grid(dataclasses.replace(grid, samplers=[REF[0]], only=ref, policy=""))
     paths += report_paths(dataclasses.replace(grid, policy=""))
     heur = [r for r in load_rows(sorted(set(paths)))
             if r.sampler != "learned" and r.block in {min(b, r.gen_length) for b in grid.blocks}]
-    text = seed_table(rows, heur)
+    text = "\n".join(seed_table(r, heur) for r in rows)
     out_dir = grid.out / grid.model_tag
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "seed_noise.md", lambda tmp: Path(tmp).write_text(text))
@@ -153,7 +157,17 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
     legend = "\n".join(f"- policy {i + 1}: `{n}`" for i, n in enumerate(names))
     verdicts = []
     for task, block in sorted({(t, b) for t, b, _ in keys}):
-        hs = [r for r in heuristics or [] if (r.task, r.block) == (task, block)]
+        hs = sorted((r for r in heuristics or [] if (r.task, r.block) == (task, block)), key=lambda r: (r.nfe, r.label))
+        if hs:  # which heuristic settings each policy's sweep matches on its own (acc at least, NFE at most)
+            mine = [[r for r in rows[n] if (r.task, r.block) == (task, block)] for n in names]
+            per = [[any(r.acc >= h.acc and r.nfe <= h.nfe for r in m) for m in mine] for h in hs]
+            every = [h.label for h, got in zip(hs, per) if all(got)]
+            some = [f"{h.label} (policy {', '.join(str(i + 1) for i, g in enumerate(got) if g)})"
+                    for h, got in zip(hs, per) if any(got) and not all(got)]
+            verdicts.append(
+                f"- {block_name(block, hs[0].gen_length)}: heuristic settings matched by each policy's sweep "
+                f"alone: {', '.join(str(sum(got[i] for got in per)) for i in range(len(names)))} of {len(hs)}; "
+                f"by every policy: {', '.join(every) or 'none'}; by some but not all: {'; '.join(some) or 'none'}")
         ref = [r for r in hs if (r.sampler, r.params) == REF]
         if not ref:
             continue

@@ -256,6 +256,8 @@ def test_seed_verdict_compares_every_policy_with_the_best_heuristic_at_the_refer
     text = seed_table(close, heur)
     assert "best heuristic factor(f=1.0) 88.0 %" in text
     assert "margins +4.0, +2.0, +3.0 points, mean +3.0; run-to-run range 2.0 points: the margin is larger" in text
+    assert ("heuristic settings matched by each policy's sweep alone: 2, 1, 2 of 3; by every policy: "
+            "threshold(tau=0.9); by some but not all: factor(f=1.0) (policy 3); threshold(tau=0.99) (policy 1)") in text
     noisy = {"a": [mk(0.5, 0.95, 3.8)], "b": [mk(0.5, 0.89, 3.8)]}
     assert "range 6.0 points: the margin is not larger" in seed_table(noisy, heur)
     assert "the margin is" not in seed_table(noisy)  # no heuristic runs: no verdict
