@@ -54,7 +54,8 @@ def main(argv=None) -> None:
                    f"(default {DEFAULT_DTYPE})")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    o.add_argument("--nfe-budget", type=float, default=None, help="NFE budget of the block-size figure (default L/4)")
+    o.add_argument("--nfe-budget", type=float, default=None, help="fixed NFE budget of the block-size "
+                   "figure's left panel (default L/4; its right panel uses threshold tau=0.9's NFE per block)")
     o.add_argument("--no-readme", action="store_true", help="do not update README.md's results section")
     a = p.parse_args(argv)
     # the README shows the default grid only: another model, policy, dtype, seed, task or limit

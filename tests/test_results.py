@@ -292,7 +292,7 @@ def test_figures_draw_each_policy_thin_and_the_learned_front_bold(tmp_path, monk
 
     mk = lambda s, p, acc, nfe, b=48: Row("t", s, p, b, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
     rows = [mk("threshold", (("tau", 0.9),), 0.8, 4.0), mk("threshold", (("tau", 0.5),), 0.5, 3.0),
-            mk("learned", (("cutoff", 0.5),), 0.9, 4.0), mk("learned", (("cutoff", 0.1),), 0.6, 3.5),
+            mk("threshold", (("tau", 0.99),), 0.95, 6.0), mk("learned", (("cutoff", 0.5),), 0.9, 4.0), mk("learned", (("cutoff", 0.1),), 0.6, 3.5),
             mk("learned", (("cutoff", 0.5), ("policy", "p-a32")), 0.7, 3.0),
             mk("learned", (("cutoff", 0.9), ("policy", "p-a32")), 0.55, 3.6)]
     drawn = []
@@ -304,3 +304,6 @@ def test_figures_draw_each_policy_thin_and_the_learned_front_bold(tmp_path, monk
     front = [a for a, k in drawn if k.get("label") == "learned: best over the policies"]
     assert len(thin) == 2  # one per policy
     assert [list(front[0][0]), list(front[0][1])] == [[3.0, 4.0], [70.0, 90.0]]  # dominated points left out
+    # the block figure: best accuracy within NFE L/4 = 12, then within tau 0.9's NFE (4.0) at each block
+    block = [(list(a[0]), list(a[1])) for a, k in drawn if k.get("label") == "threshold" and list(a[0]) == [48]]
+    assert block == [([48], [95.0]), ([48], [80.0])]
