@@ -28,6 +28,7 @@ def catalog() -> list[dict]:
             card = meta.get("card") or {}
             alpha = card.get("alpha")  # none recorded: never the default pick
             val = (card.get("metrics") or {}).get("val_reward")  # of the checkpoint kept
+            val = None if val is None or val != val else val  # none or NaN: ranked last
             out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
                         "block": cfg["block"], "gen_length": cfg["gen_length"],
                         "alpha": float("inf") if alpha is None else float(alpha),
@@ -47,7 +48,8 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
     """An explicit folder (or a shipped policy's name), or the catalog entry for this model: exact
     block first, then the nearest; among policies for the same block the lowest alpha (the one that
     weighs accuracy most; the others, trained to spend fewer forwards, are picked by name), and among
-    those the highest validation reward on the card (rewards at one alpha are comparable), then name."""
+    those the highest validation reward on the card (at one alpha and block the reward weighs
+    accuracy and NFE alike; the validation sets may still differ in size), then name."""
     from lm_eval_dllm.utils import DLLMError
 
     if policy:

@@ -90,7 +90,10 @@ def seeds(grid: Grid, *groups: list[str]) -> str:
     """The learned sweep once per policy folder of each group (one training command, several
     --seed): the spread of accuracy and NFE between them is the run-to-run noise of policy training.
     Writes `<out>/<model>/seed_noise.md`, one section per group."""
-    groups = [list(dict.fromkeys(g)) for g in groups]
+    if not groups:
+        raise DLLMError("no --policies given; valid: --policies A,B[,...] once per training command")
+    # one policy named twice (a shipped name and its path under policies/) counts once
+    groups = [_distinct(g) for g in groups]
     for folders in groups:
         if len(folders) < 2:
             raise DLLMError(f"--policies {','.join(folders)!r} names {len(folders)} distinct folder(s); valid: "
@@ -103,12 +106,20 @@ def seeds(grid: Grid, *groups: list[str]) -> str:
     paths += report_paths(dataclasses.replace(grid, policy=""))
     heur = [r for r in load_rows(sorted(set(paths)))
             if r.sampler != "learned" and r.block in {min(b, r.gen_length) for b in grid.blocks}]
-    text = "\n".join(seed_table(r, heur) for r in rows)
+    text = "\n".join(f"### Command of `{next(iter(r))}`\n\n" + seed_table(r, heur) for r in rows)
     out_dir = grid.out / grid.model_tag
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "seed_noise.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
     return text
+
+
+def _distinct(folders: list[str]) -> list[str]:
+    """The folders in order, each policy once (the first way it was named)."""
+    seen: dict[str, str] = {}
+    for f in folders:
+        seen.setdefault(_shipped_name(f) or str(Path(f).resolve()), f)
+    return list(seen.values())
 
 
 def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
@@ -117,21 +128,33 @@ def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
     the same keys and are skipped when the default grid has them (a run's key holds the policy's
     fingerprint, not the --policy folder, so the default pick's keys match either way)."""
     from lm_eval_dllm.model import BUNDLED_ID
-    from policies import HERE, variants_for
+    from policies import variants_for
 
     one = dataclasses.replace(grid, blocks=[block], samplers=["learned"], only=None, policy=folder)
-    names = variants_for(grid.pretrained or BUNDLED_ID, block)
-    if Path(folder).resolve().parent == HERE:  # policies/<name> given as a path
-        folder = Path(folder).name
-    if folder not in names[1:]:
+    name = _shipped_name(folder)
+    if name not in variants_for(grid.pretrained or BUNDLED_ID, block)[1:]:
         return one
-    return dataclasses.replace(one, policy="", only=[("learned", p | {"policy": folder}) for p in SWEEPS["learned"]])
+    return dataclasses.replace(one, policy="", only=[("learned", p | {"policy": name}) for p in SWEEPS["learned"]])
+
+
+def _shipped_name(folder: str) -> str | None:
+    """The shipped policy a folder names: `policies/<name>` as a path, or a bare name that is not also
+    a folder here (the sampler would load that folder instead); None for any other folder."""
+    from policies import HERE
+
+    p = Path(folder)
+    if p.resolve().parent == HERE and (HERE / p.name / "policy.json").exists():
+        return p.name
+    if not p.exists() and len(p.parts) == 1 and (HERE / folder / "policy.json").exists():
+        return folder
+    return None
 
 
 def seed_table(rows: dict, heuristics: list | None = None) -> str:
     """Per block and setting: each policy's acc @ NFE, then the range (max - min) over policies.
 
-    With heuristic rows: per block, each policy's best accuracy at no more NFE than the reference
+    With heuristic rows, per block: which heuristic settings each policy's sweep matches on its own
+    (at least as accurate at no more NFE), and each policy's best accuracy at no more NFE than the reference
     heuristic (Fast-dLLM's tau = 0.9) against the best heuristic there; the margin counts as larger
     than the run-to-run noise when every policy beats it and the mean margin exceeds the range of
     the policies' accuracies."""
@@ -186,12 +209,15 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
         spread = 100 * (max(g.acc for g in got) - min(g.acc for g in got))
         mean = sum(margins) / len(margins)
         ok = min(margins) > 0 and mean > spread
+        what = ("the margin is larger than the run-to-run noise" if ok else
+                "every policy is less accurate than the best heuristic here" if max(margins) < 0 else
+                "the margin is not larger than the run-to-run noise")
         verdicts.append(
             f"- {block_name(block, bh.gen_length)}, at the NFE of {ref[0].label} ({budget:.2f}): best heuristic "
             f"{bh.label} {100 * bh.acc:.1f} %; best learned per policy "
             + ", ".join(f"{100 * g.acc:.1f} % ({g.label} @ {g.nfe:.2f})" for g in got)
             + f"; margins {', '.join(f'{m:+.1f}' for m in margins)} points, mean {mean:+.1f}; run-to-run range "
-            f"{spread:.1f} points: the margin is {'larger' if ok else 'not larger'} than the run-to-run noise")
+            f"{spread:.1f} points: {what}")
     return (f"Run-to-run noise of policy training (`python -m results seeds`): the same learned sweep for "
             f"{len(names)} policies trained by one command with different seeds.\n\n{legend}\n\n"
             + tabulate(body, head, tablefmt="github", disable_numparse=True)

@@ -288,7 +288,7 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
                 pts = []
                 for b in blocks:
                     ok = [r.acc for r in tr if r.block == b and r.sampler == s and b in limit
-                          and r.nfe <= limit[b] + 1e-9]
+                          and r.nfe <= limit[b]]  # the tables' "no more NFE"
                     if ok:
                         pts.append((b, 100 * max(ok)))
                 if pts:

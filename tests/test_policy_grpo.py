@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,6 +270,42 @@ def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monke
         assert len(keys) == len(SWEEPS["learned"]) and set(keys) <= grid_keys, folder
     keys = {s.key for s in _sweep_of(g, str(other), 48).settings()}
     assert len(keys) == len(SWEEPS["learned"]) and not keys & grid_keys
+
+
+def test_seeds_one_section_per_command_and_a_policy_named_twice_counts_once(tmp_path, monkeypatch):
+    import policies
+    import results.__main__ as rm
+    from results.grid import Grid
+    from results.report import Row
+
+    shipped = tmp_path / "policies"
+    monkeypatch.setattr(policies, "HERE", shipped)
+    for name, alpha in (("m-B48", 1.0), ("m-B48-a8", 8.0)):
+        UnmaskPolicy(PolicyConfig(base_model="m", task="modchain", block=48, gen_length=48)).save(
+            shipped / name, {"alpha": alpha})
+    ran = []
+
+    def fake_run_grid(g):  # one "run file" per learned sweep: the policy it sweeps
+        if g.samplers != ["learned"]:
+            return []
+        name = g.policy or dict(g.only[0][1])["policy"]
+        ran.append(name)
+        return [name]
+
+    acc = {"m-B48-a8": 0.9, "s1": 0.8, "m-B48": 0.7, "s2": 0.6}
+    monkeypatch.setattr(rm, "run_grid", fake_run_grid)
+    monkeypatch.setattr(rm, "report_paths", lambda g: [])
+    monkeypatch.setattr(rm, "load_rows", lambda paths: [
+        Row("t", "learned", (("cutoff", 0.5),), 48, 48, acc[Path(p).name], 3.0, 1.0, 0.1, 100) for p in paths])
+    g = Grid(tasks=["t"], blocks=[48], samplers=["learned"], pretrained="m", out=tmp_path / "out")
+    text = rm.seeds(g, ["m-B48-a8", str(shipped / "m-B48-a8"), "s1"], ["m-B48", "s2"])
+    assert ran == ["m-B48-a8", "s1", "m-B48", "s2"]  # the path of a shipped policy is the same policy
+    assert text.count("### Command of ") == 2 and "### Command of `m-B48`" in text
+    assert (tmp_path / "out" / g.model_tag / "seed_noise.md").read_text() == text
+    with pytest.raises(DLLMError, match=r"--policies 'm-B48-a8' names 1 distinct folder"):
+        rm.seeds(g, ["m-B48", "s2"], ["m-B48-a8", str(shipped / "m-B48-a8")])
+    with pytest.raises(DLLMError, match="no --policies given"):
+        rm.seeds(g)
 
 
 def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):
