@@ -138,16 +138,15 @@ def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
 
 
 def _shipped_name(folder: str) -> str | None:
-    """The shipped policy a folder names: `policies/<name>` as a path, or a bare name that is not also
-    a folder here (the sampler would load that folder instead); None for any other folder."""
-    from policies import HERE
+    """The shipped policy a folder names, resolved as the sampler resolves `policy=` (a folder here
+    first, then a shipped name); None for any other folder."""
+    from policies import HERE, resolve_policy
 
-    p = Path(folder)
-    if p.resolve().parent == HERE and (HERE / p.name / "policy.json").exists():
-        return p.name
-    if not p.exists() and len(p.parts) == 1 and (HERE / folder / "policy.json").exists():
-        return folder
-    return None
+    try:
+        p = resolve_policy(folder, model_id="", block=0, gen_length=0).resolve()
+    except DLLMError:  # no such folder: not a shipped policy (its run fails with this error later)
+        return None
+    return p.name if p.parent == HERE and (p / "policy.json").exists() else None
 
 
 def seed_table(rows: dict, heuristics: list | None = None) -> str:
@@ -160,7 +159,7 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
     the policies' accuracies."""
     from tabulate import tabulate
 
-    from .report import _best, block_name
+    from .report import best_within, block_name
 
     # the column names the policy: a shipped one's `policy` parameter would split its rows from the others'
     rows = {n: [dataclasses.replace(r, params=tuple(kv for kv in r.params if kv[0] != "policy")) for r in rs]
@@ -184,7 +183,7 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
         hs = sorted((r for r in heuristics or [] if (r.task, r.block) == (task, block)), key=lambda r: (r.nfe, r.label))
         if hs:  # which heuristic settings each policy's sweep matches on its own (acc at least, NFE at most)
             mine = [[r for r in rows[n] if (r.task, r.block) == (task, block)] for n in names]
-            per = [[any(r.acc >= h.acc and r.nfe <= h.nfe for r in m) for m in mine] for h in hs]
+            per = [[(t := best_within(m, h.nfe)) is not None and t.acc >= h.acc for m in mine] for h in hs]
             every = [h.label for h, got in zip(hs, per) if all(got)]
             some = [f"{h.label} (policy {', '.join(str(i + 1) for i, g in enumerate(got) if g)})"
                     for h, got in zip(hs, per) if any(got) and not all(got)]
@@ -196,11 +195,10 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
         if not ref:
             continue
         budget = ref[0].nfe
-        bh = _best([r for r in hs if r.nfe <= budget])
+        bh = best_within(hs, budget)
         got = []
         for n in names:
-            cheap = [r for r in rows[n] if (r.task, r.block) == (task, block) and r.nfe <= budget]
-            got.append(_best(cheap) if cheap else None)
+            got.append(best_within([r for r in rows[n] if (r.task, r.block) == (task, block)], budget))
         if any(g is None for g in got):
             verdicts.append(f"- {block_name(block, bh.gen_length)}: some policy has no setting at the NFE of "
                             f"{ref[0].label} ({budget:.2f})")

@@ -156,6 +156,12 @@ def _best(rows: list[Row]) -> Row:
     return min(rows, key=lambda r: (-r.acc, r.nfe, r.label))
 
 
+def best_within(rows: list[Row], nfe: float) -> Row | None:
+    """The `_best` of the rows that spend no more than `nfe` forwards; None if none does."""
+    cheap = [r for r in rows if r.nfe <= nfe]
+    return _best(cheap) if cheap else None
+
+
 def _noise(a: Row, b: Row) -> str:
     """Is |a - b| larger than twice its standard error (the two lm-eval stderrs, as if independent)?"""
     se = 100 * (a.stderr ** 2 + b.stderr ** 2) ** 0.5
@@ -183,8 +189,7 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = REF) -> str:
         heur = [r for r in br if r.sampler != "learned"]
         matched = close = 0
         for h in sorted(heur, key=lambda r: (r.sampler, r.nfe)):
-            cheaper = [r for r in learned if r.nfe <= h.nfe]
-            top = _best(cheaper) if cheaper else None  # the most accurate learned setting at no more NFE
+            top = best_within(learned, h.nfe)  # the most accurate learned setting at no more NFE
             w = top if top is not None and top.acc >= h.acc else None
             near = top is not None and 100 * (h.acc - top.acc) <= 1 + 1e-9  # float-safe "at most 1 point"
             matched += w is not None
@@ -197,9 +202,7 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = REF) -> str:
         r9 = [r for r in heur if (r.sampler, r.params) == ref]
         if r9:
             budget = r9[0].nfe
-            bh = _best([r for r in heur if r.nfe <= budget])
-            bl = [r for r in learned if r.nfe <= budget]
-            bl = _best(bl) if bl else None
+            bh, bl = best_within(heur, budget), best_within(learned, budget)
             line += (f"; at the NFE of {Setting(*ref, 0).label} ({budget:.2f}): best heuristic "
                      f"{bh.label} {100 * bh.acc:.1f} %, best learned "
                      + (f"{bl.label} {100 * bl.acc:.1f} % ({100 * (bl.acc - bh.acc):+.1f} points; "
@@ -285,12 +288,9 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
         fig, axs = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 3, 3.8), sharey=True, squeeze=False)
         for ax, (title, limit) in zip(axs[0], panels):
             for s in samplers:
-                pts = []
-                for b in blocks:
-                    ok = [r.acc for r in tr if r.block == b and r.sampler == s and b in limit
-                          and r.nfe <= limit[b]]  # the tables' "no more NFE"
-                    if ok:
-                        pts.append((b, 100 * max(ok)))
+                best = {b: best_within([r for r in tr if r.block == b and r.sampler == s], limit[b])
+                        for b in blocks if b in limit}
+                pts = [(b, 100 * r.acc) for b, r in best.items() if r is not None]
                 if pts:
                     ax.plot(*zip(*pts), "o-", color=colors[s], ms=4, lw=2 if s == "learned" else 1.5,
                             label="learned (best over the policies)" if s == "learned" else s)

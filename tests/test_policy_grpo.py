@@ -253,9 +253,7 @@ def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, mo
 def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monkeypatch):
     import policies
     from results.__main__ import _sweep_of
-    from results.grid import Grid
-
-    from results.grid import SWEEPS
+    from results.grid import SWEEPS, Grid
 
     shipped, other = tmp_path / "policies", tmp_path / "other"  # other: a policy outside the catalog
     monkeypatch.setattr(policies, "HERE", shipped)

@@ -292,7 +292,8 @@ def test_figures_draw_each_policy_thin_and_the_learned_front_bold(tmp_path, monk
 
     mk = lambda s, p, acc, nfe, b=48: Row("t", s, p, b, 48, acc, nfe, 1.0, 0.1, 10)  # noqa: E731
     rows = [mk("threshold", (("tau", 0.9),), 0.8, 4.0), mk("threshold", (("tau", 0.5),), 0.5, 3.0),
-            mk("threshold", (("tau", 0.99),), 0.95, 6.0), mk("learned", (("cutoff", 0.5),), 0.9, 4.0), mk("learned", (("cutoff", 0.1),), 0.6, 3.5),
+            mk("threshold", (("tau", 0.99),), 0.95, 6.0),
+            mk("learned", (("cutoff", 0.5),), 0.9, 4.0), mk("learned", (("cutoff", 0.1),), 0.6, 3.5),
             mk("learned", (("cutoff", 0.5), ("policy", "p-a32")), 0.7, 3.0),
             mk("learned", (("cutoff", 0.9), ("policy", "p-a32")), 0.55, 3.6)]
     drawn = []
