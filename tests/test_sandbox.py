@@ -1,8 +1,9 @@
-"""Hostile programs are contained: each call returns promptly, not passed, and leaves nothing behind.
+"""The sandbox's mechanics: limits, statuses, cleanup, processes. Each call returns promptly.
 
-    nice -n 19 python -m pytest tests/test_sandbox.py -q
+    nice -n 19 python -m pytest tests/test_sandbox.py tests/test_sandbox_hostile.py -q
 
 Tests named *_os switch the Python guard off, to check the OS containment on its own.
+Hostile programs that try to escape are in test_sandbox_hostile.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 
@@ -21,8 +23,14 @@ import pytest
 from lm_eval_dllm import sandbox
 from lm_eval_dllm.sandbox import run_python
 
-needs_namespaces = pytest.mark.skipif(not sandbox.isolation().namespaces,
-                                      reason="unshare --user --net --pid does not work here")
+pytestmark = pytest.mark.skipif(not sandbox.isolation().sandboxed,
+                                reason=f"no sandbox here: {sandbox.isolation().reason}")
+
+
+def _leftovers() -> set[str]:
+    """Our run folders in the temporary directory (each run must remove its own)."""
+    tmp = tempfile.gettempdir()
+    return {n for n in os.listdir(tmp) if n.startswith(sandbox.TMP_PREFIX)}
 
 
 def _survivors(marker: str) -> list[int]:
@@ -79,14 +87,14 @@ def test_failures_are_reported():
 def test_runs_in_fresh_temp_dir_with_minimal_env_which_is_removed(monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    before = _leftovers()
     r = run_python("import os, json\nprint(json.dumps([os.getcwd(), dict(os.environ)]))\n"
                    "open('scratch.txt', 'w').write('x')")
-    assert r.passed, r.stderr
+    assert r.passed and r.finished, r.stderr
     cwd, env = json.loads(r.stdout)
-    assert os.path.basename(os.path.dirname(cwd)).startswith(sandbox.TMP_PREFIX)  # <ours>/work
-    assert env["HOME"] == env["TMPDIR"] == cwd
+    assert cwd == sandbox.SANDBOX_DIR and env["HOME"] == env["TMPDIR"] == cwd
     assert "HTTPS_PROXY" not in env and "SECRET_TOKEN" not in env
-    assert not os.path.exists(os.path.dirname(cwd))
+    assert _leftovers() <= before
 
 
 def test_a_link_planted_in_place_of_the_temp_dir_is_not_followed(tmp_path):
@@ -122,9 +130,10 @@ def test_infinite_loop_times_out():
 
 
 def test_timeout_also_removes_the_temp_dir():
+    before = _leftovers()
     r = run_python("import os, sys, time\nprint(os.getcwd(), flush=True)\ntime.sleep(60)", timeout_s=0.5)
-    assert r.status == "timeout"
-    assert not os.path.exists(r.stdout.strip())
+    assert r.status == "timeout" and not r.finished
+    assert _leftovers() <= before
 
 
 def test_memory_limit():
@@ -173,13 +182,14 @@ def test_child_processes_are_refused_by_the_guard():
     assert r.status == "failed" and "subprocess.Popen() is disabled" in r.stderr
 
 
-@pytest.fixture(params=["as_probed", "without_namespaces"])
+@pytest.fixture(params=["sandboxed", "unsandboxed_allowed"])
 def isolation_mode(request, monkeypatch):
-    """Also run without namespaces, so the process-group kill is tested on its own."""
-    if request.param == "without_namespaces":
+    """Also run without bubblewrap (explicitly allowed), so the process-group kill is tested alone."""
+    if request.param == "unsandboxed_allowed":
         probed = sandbox.isolation
         monkeypatch.setattr(sandbox, "isolation",
-                            lambda python=None: dataclasses.replace(probed(python), unshare=()))
+                            lambda python=None: dataclasses.replace(probed(python), bwrap=()))
+        monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
     return request.param
 
 
@@ -191,7 +201,6 @@ def test_child_that_outlives_the_parent_is_killed_os(isolation_mode):
     assert _gone(marker)
 
 
-@needs_namespaces
 def test_child_that_left_the_process_group_is_killed_os():
     marker = f"escapee-{uuid.uuid4().hex}"
     r = run_python(_spawns_orphan(marker, setsid=True), timeout_s=5, guard=False)
@@ -233,7 +242,6 @@ def test_sockets_are_refused_by_the_guard(listener):
     assert not _accepted(listener)
 
 
-@needs_namespaces
 def test_no_network_in_the_namespace_os(listener):
     r = run_python(_connects(listener.getsockname()[1]), timeout_s=3, guard=False)
     assert r.status == "failed" and not _accepted(listener)
@@ -258,8 +266,8 @@ def test_deleting_outside_the_temp_dir_is_refused(tmp_path):
                     f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
                     f"import shutil\nshutil.rmtree({str(victim.parent)!r})",
                     f"import pathlib\npathlib.Path({str(victim)!r}).unlink()"):
-        r = run_python(program)
-        assert r.status == "failed" and "PermissionError" in r.stderr, program
+        r = run_python(program)  # refused by the guard, or the path is not even visible
+        assert r.status == "failed" and ("PermissionError" in r.stderr or "No such file" in r.stderr), program
         assert victim.read_text() == "precious"
 
 
@@ -273,7 +281,8 @@ def test_files_inside_the_temp_dir_are_fine():
 
 
 def test_temp_dir_is_removed_even_when_the_program_locks_it():
+    before = _leftovers()
     r = run_python("import os\nos.makedirs('d/e')\nopen('d/e/f', 'w').close()\n"
                    "os.chmod('d/e', 0)\nos.chmod('d', 0)\nprint(os.getcwd())")
     assert r.passed, r.stderr
-    assert not os.path.exists(r.stdout.strip())
+    assert _leftovers() <= before

@@ -1,0 +1,194 @@
+"""Hostile programs, as a determined model could write them, run by whoever runs the tests.
+
+    python -m pytest tests/test_sandbox_hostile.py -q
+
+CI runs as root, the case that matters most (most GPU containers run as root): the Python guard
+is bypassed first (re-imported `posix`, `io.FileIO`, a re-imported `ctypes`), so only the
+sandbox stands between the program and the machine. Each test asserts what must not happen on
+the host: no file outside the program's directory created, changed or deleted; no secret read;
+no process left; no connection made; no pass forged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lm_eval_dllm import sandbox
+from lm_eval_dllm.sandbox import SandboxUnavailable, run_python, runs_to_the_end
+from lm_eval_dllm.tasks import humaneval
+
+pytestmark = pytest.mark.skipif(not sandbox.isolation().sandboxed,
+                                reason=f"no sandbox here: {sandbox.isolation().reason}")
+
+# Undo the guard the way a program can: fresh copies of the raw modules it patched.
+BYPASS = ("import sys, importlib\n"
+          "for _m in ('posix', 'os', 'ctypes', '_ctypes', 'io', '_io'):\n"
+          "    sys.modules.pop(_m, None)\n"
+          "import posix, io, _io\n")
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A host folder with a file a program must not change, and a root-only secret."""
+    d = tmp_path / "host"
+    d.mkdir()
+    (d / "keep.txt").write_text("precious")
+    (d / "secret.txt").write_text("TOP-SECRET-0600")
+    os.chmod(d / "secret.txt", 0o600)
+    return d
+
+
+def _home_target() -> Path:
+    return Path(os.path.expanduser("~")) / f"lm_eval_dllm-escape-{uuid.uuid4().hex}.txt"
+
+
+def test_the_guard_bypass_itself_works():
+    """Sanity: the bypass really removes the guard, so the tests below test the sandbox."""
+    r = run_python(BYPASS + "print(posix.system is not None, posix.fork.__name__)")
+    assert r.passed, r.stderr
+    assert r.stdout.split() == ["True", "fork"]  # the guard's replacement is called 'refused'
+
+
+@pytest.mark.parametrize("how", ["fileio", "posix_open", "ctypes", "shell"])
+def test_no_file_is_written_outside(victim, how):
+    home = _home_target()
+    targets = [victim / "escape.txt", home, victim / "keep.txt"]
+    writes = {
+        "fileio": "for t in T:\n    try:\n        io.FileIO(t, 'w').write(b'pwned')\n"
+                  "    except OSError as e:\n        print(e)\n",
+        "posix_open": "for t in T:\n    try:\n        fd = posix.open(t, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC)\n"
+                      "        posix.write(fd, b'pwned')\n    except OSError as e:\n        print(e)\n",
+        "ctypes": "import ctypes\nlibc = ctypes.CDLL(None)\nfor t in T:\n"
+                  "    fd = libc.open(t.encode(), 0o1101, 0o644)\n    print(fd, libc.write(fd, b'pwned', 5))\n",
+        "shell": "for t in T:\n    print(posix.system(f'echo pwned > {t}'))\n",
+    }
+    r = run_python(BYPASS + f"T = {[str(t) for t in targets]!r}\n" + writes[how])
+    assert not (victim / "escape.txt").exists() and not home.exists()
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("how", ["posix_unlink", "ctypes_unlink", "shell_rm", "rename"])
+def test_no_file_is_deleted_outside(victim, how):
+    keep = victim / "keep.txt"
+    deletes = {
+        "posix_unlink": f"posix.unlink({str(keep)!r})",
+        "ctypes_unlink": f"import ctypes\nprint(ctypes.CDLL(None).unlink({str(keep).encode()!r}))",
+        "shell_rm": f"print(posix.system('rm -rf {victim}'))",
+        "rename": f"posix.rename({str(keep)!r}, 'stolen.txt')",
+    }
+    run_python(BYPASS + deletes[how])
+    assert keep.read_text() == "precious"
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/etc/shadow", "SECRET", "~/.bash_history"])
+def test_host_files_are_not_readable(victim, path):
+    path = str(victim / "secret.txt") if path == "SECRET" else os.path.expanduser(path)
+    r = run_python(BYPASS + f"fd = posix.open({path!r}, posix.O_RDONLY)\nprint(posix.read(fd, 4096))")
+    assert not r.passed and "No such file" in r.stderr
+    if os.path.exists(path) and os.access(path, os.R_OK):
+        with open(path, "rb") as f:
+            head = f.read(64).strip()
+        assert not head or repr(head)[2:-1][:16] not in r.stdout
+
+
+def test_the_program_runs_as_an_unprivileged_user():
+    r = run_python(BYPASS + "print(posix.getuid(), posix.geteuid(), posix.getgid())\n"
+                            "print([l for l in open('/proc/self/status') if l.startswith(('CapEff', 'NoNewPrivs'))])")
+    assert r.passed, r.stderr
+    ids, caps = r.stdout.splitlines()
+    assert all(int(i) != 0 for i in ids.split())
+    assert "CapEff:\\t0000000000000000" in caps and "NoNewPrivs:\\t1" in caps
+
+
+def _survivors(marker: str) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def test_fork_bomb_after_a_guard_bypass_stays_bounded_and_dies():
+    marker = f"bomb-{uuid.uuid4().hex}"
+    program = (BYPASS + "import time\nn = 0\ntry:\n    while True:\n"
+               f"        if posix.fork() == 0:\n            posix.execv('/bin/sleep', ['sleep', '60', '{marker}'])\n"
+               "        n += 1\nexcept OSError as e:\n    print('forks', n, e, flush=True)\ntime.sleep(60)\n")
+    r = run_python(program, timeout_s=2.0)
+    assert r.status == "timeout" and r.seconds < 4.0
+    forks = int(r.stdout.split()[1])
+    assert forks <= sandbox.EXTRA_PROCESSES, r.stdout  # RLIMIT_NPROC held for the program's uid
+    deadline = time.monotonic() + 2.0
+    while _survivors(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _survivors(marker)  # nothing outlives the deadline
+
+
+def test_no_network_even_without_the_guard():
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    try:
+        port = server.getsockname()[1]
+        r = run_python(BYPASS + "import sys\nfor m in ('socket', '_socket'):\n    sys.modules.pop(m, None)\n"
+                       f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
+                       timeout_s=3)
+        assert r.status == "failed"
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    with gzip.open(humaneval.data_path(), "rt") as f:
+        return json.loads(f.readline())
+
+
+FORGERIES = {  # a completion that tries to make the harness believe the tests ran
+    "own_source": ("    import os, re\n    for tok in re.findall(r'[0-9a-f]{16,}', open(__file__).read()):\n"
+                   "        print(tok)\n    print(open(__file__).read().splitlines()[-1])\n"
+                   "    os._exit(0)\n"),
+    "code_constants": ("    import os, sys\n    f = sys._getframe()\n    while f:\n"
+                       "        for c in f.f_code.co_consts:\n            print(c)\n        f = f.f_back\n"
+                       "    os._exit(0)\n"),
+    "argv_and_env": ("    import os, sys\n    print(*sys.argv, *sys.orig_argv, *os.environ.values())\n"
+                     "    os._exit(0)\n"),
+}
+
+
+@pytest.mark.parametrize("name", FORGERIES)
+def test_forged_completion_signals_score_zero(problem, name):
+    body = FORGERIES[name]
+    program = humaneval.program(problem, body)
+    assert not runs_to_the_end(program, timeout_s=5.0, memory_mb=512)
+    assert humaneval.process_results(problem, [body]) == {"pass@1": 0.0}
+
+
+def test_canonical_case_still_scores_one_and_a_wrong_one_zero(problem):
+    assert humaneval.process_results(problem, [problem["canonical_solution"]]) == {"pass@1": 1.0}
+    assert humaneval.process_results(problem, ["    return False\n"]) == {"pass@1": 0.0}
+
+
+def test_without_a_sandbox_nothing_runs_unless_allowed(monkeypatch):
+    probed = sandbox.isolation
+    monkeypatch.setattr(sandbox, "isolation", lambda python=None: dataclasses.replace(
+        probed(python), bwrap=(), reason="bwrap failed: test"))
+    monkeypatch.delenv(sandbox.ALLOW_ENV, raising=False)
+    with pytest.raises(SandboxUnavailable, match=f"it was not run.*set {sandbox.ALLOW_ENV}=1"):
+        run_python("print('never')")
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
+    r = run_python("print('allowed')")
+    assert r.passed and r.finished and r.stdout == "allowed\n"
