@@ -124,8 +124,9 @@ def diffuse(
     Bk = check_block(block, L)
     nb = L // Bk
     B, P = len(prompts), max(len(p) for p in prompts)
-    if P == 0:
-        raise DLLMError("empty prompt; valid: at least one prompt token")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:  # at every batch size: a row is refused for itself, not for its batch
+        raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
     device = torch.device(device)
     canvas = torch.full((B, P + L), spec.pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((B, P + L), dtype=torch.long, device=device)

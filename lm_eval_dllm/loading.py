@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .spec import FamilySpec, spec_from
-from .utils import DLLMError
+from .utils import DLLMError, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +70,49 @@ def load_tokenizer(pretrained: str, trust_remote_code: bool = True, revision: st
     return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def load(pretrained: str, dtype: str = "auto", device: str | None = None,
-         trust_remote_code: bool = True, revision: str | None = None):
-    """Returns (model in eval mode on device, tokenizer, FamilySpec)."""
-    from transformers import AutoConfig, AutoModel
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint says about itself before any weights load (config, tokenizer, spec)."""
+    path: str
+    config: Any
+    tokenizer: Any
+    spec: FamilySpec
+
+
+def read_checkpoint(pretrained: str, trust_remote_code: bool = True,
+                    revision: str | None = None) -> Checkpoint:
+    """Config, tokenizer and FamilySpec: seconds, no weights (so settings can be checked first)."""
+    from transformers import AutoConfig
 
     from . import tiny  # noqa: F401  (registers the bundled model class with AutoModel)
 
     path = resolve_pretrained(pretrained)
-    torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
         tokenizer = load_tokenizer(path, trust_remote_code, revision)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DLLMError(f"cannot load pretrained {path!r}: {first}") from None
-    spec: FamilySpec = spec_from(config, tokenizer, name=path)
+    return Checkpoint(path, config, tokenizer, spec_from(config, tokenizer, name=path))
+
+
+def load(pretrained: str, dtype: str = "auto", device: str | None = None,
+         trust_remote_code: bool = True, revision: str | None = None,
+         checkpoint: Checkpoint | None = None):
+    """Returns (model in eval mode on device, tokenizer, FamilySpec); `checkpoint` if already read."""
+    from transformers import AutoModel
+
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    ck = checkpoint or read_checkpoint(pretrained, trust_remote_code, revision)
+    path, spec = ck.path, ck.spec
     if torch_dtype == "auto" and dev.type == "cpu":
         torch_dtype = torch.float32  # bf16 weights run slowly and inexactly on CPUs
+    for f in sorted(Path(path).glob("*.safetensors")):  # a local checkpoint: whole files only
+        check_safetensors(f)
     model = AutoModel.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                       revision=revision)
     model.to(dev).eval()
     log.info("loaded %s (%s family, mask id %d, %s) on %s", path, spec.family, spec.mask_id,
              next(model.parameters()).dtype, dev)
-    return model, tokenizer, spec
+    return model, ck.tokenizer, spec

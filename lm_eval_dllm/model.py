@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .config import DLLMConfig
 from .decode import check_block, diffuse, model_forward
-from .loading import load
+from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .samplers import make_sampler
 from .text import PromptFitter, completion_text, stop_strings
 from .utils import DLLMError
@@ -42,12 +42,14 @@ SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
 class DLLM(LM):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
+        self._warned: set[str] = set()
         try:
+            # every setting is checked before the weights load (minutes for an 8B model)
             self.cfg = DLLMConfig.from_model_args(model_args)
-            self.model, self.tokenizer, self.spec = load(
-                self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
-                self.cfg.trust_remote_code, self.cfg.revision)
-            self._device = next(self.model.parameters()).device
+            resolve_dtype(self.cfg.dtype)
+            device = resolve_device(self.cfg.device)
+            ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision)
+            self.spec = ck.spec
             if self.cfg.gen_length is not None:
                 self._block_for(self.cfg.gen_length)  # validate block against gen_length now
             self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
@@ -56,13 +58,16 @@ class DLLM(LM):
             block0 = self.cfg.block if self.cfg.block is not None else self.spec.default_block
             if block0 >= L0 or L0 % block0 == 0:  # fail now, not mid-run (e.g. no such policy)
                 self.sampler.bind(model_id=self.model_id, block=min(block0, L0), gen_length=L0,
-                                  device=self._device)
+                                  device=device)
+            self.model, self.tokenizer, self.spec = load(
+                self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
+                self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
+            self._device = next(self.model.parameters()).device
         except DLLMError as e:
             raise SystemExit(f"lm_eval_dllm: error: {e}") from None
         self.forward = model_forward(self.model)
         self.is_bundled = not self.cfg.pretrained
         self._chat = False
-        self._warned: set[str] = set()
         self._fit = PromptFitter(self.cfg.max_length or self.spec.max_length, self.cfg.truncation)
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import DLLMError, atomic_write, atomic_write_json
+from .utils import DLLMError, atomic_write, atomic_write_json, check_safetensors
 
 ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
 
@@ -166,9 +166,20 @@ class UnmaskPolicy(nn.Module):
         if not (d / "policy.json").exists():
             raise DLLMError(f"policy {str(directory)!r} has no policy.json; valid: a folder written "
                             f"by `python -m train.grpo` (policy.json + policy.safetensors)")
-        meta = json.loads((d / "policy.json").read_text())
-        pol = cls(PolicyConfig(**meta["config"]))
-        pol.load_state_dict(load_file(str(d / "policy.safetensors"), device=str(device)))
+        redo = "a folder written by `python -m train.grpo`; retrain or re-copy it"
+        try:
+            meta = json.loads((d / "policy.json").read_text())
+            pol = cls(PolicyConfig(**meta["config"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DLLMError(f"{d / 'policy.json'} is not a policy card ({type(e).__name__}: "
+                            f"{str(e)[:100]}); valid: {redo}") from None
+        check_safetensors(d / "policy.safetensors", remedy=redo)
+        try:
+            pol.load_state_dict(load_file(str(d / "policy.safetensors"), device=str(device)))
+        except RuntimeError as e:  # names or shapes that do not match policy.json's config
+            first = str(e).strip().splitlines()[-1].strip()[:160]
+            raise DLLMError(f"{d / 'policy.safetensors'} does not match {d / 'policy.json'} "
+                            f"({first}); valid: {redo}") from None
         pol.card = meta.get("card", {})
         return pol.to(device).eval()
 

@@ -45,3 +45,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
             f.write("\n")
 
     atomic_write(path, write)
+
+
+def check_safetensors(path: str | Path, remedy: str = "re-download or re-save it") -> None:
+    """One-line DLLMError naming `path` unless it is a whole safetensors file: a readable header
+    and every tensor's bytes present (a kill or a full disk leaves a truncated one)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: {size} bytes, its header needs {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DLLMError(f"{path} is not a whole safetensors file ({e}); valid: {remedy}") from None

@@ -28,8 +28,14 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+def _ints(s: str, flag: str = "--blocks") -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise DLLMError(f"{flag} {s!r}; valid: comma-separated whole numbers > 0, e.g. 8,16,48")
+    return out
 
 
 def main(argv=None) -> None:
@@ -65,11 +71,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
-    grid = Grid(tasks=a.tasks.split(","), blocks=_ints(a.blocks), samplers=a.samplers.split(","),
-                pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
-                out=a.out, only=TESTBED if a.preset == "testbed" else None,
-                policy=a.policy, dtype=a.dtype, extra={"device": a.device})
     try:
+        grid = Grid(tasks=a.tasks.split(","), blocks=_ints(a.blocks), samplers=a.samplers.split(","),
+                    pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
+                    out=a.out, only=TESTBED if a.preset == "testbed" else None,
+                    policy=a.policy, dtype=a.dtype, extra={"device": a.device})
         _run(a, grid)
     except DLLMError as e:
         raise SystemExit(f"results: error: {e}") from None

@@ -207,6 +207,18 @@ def policy_fingerprint(d: Path) -> str:
     return h.hexdigest()[:8]
 
 
+def run_file_ok(path: Path) -> bool:
+    """Whether a finished run is on disk; a file a kill or a full disk left unreadable is not one."""
+    if not path.exists():
+        return False
+    try:
+        json.loads(path.read_text())["dllm_setting"]["task"]
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("run file %s is corrupt: running it again", path)
+        return False
+
+
 def run_grid(grid: Grid) -> list[Path]:
     """Run every missing (task, setting); returns the paths of all runs of the grid."""
     import lm_eval
@@ -214,7 +226,7 @@ def run_grid(grid: Grid) -> list[Path]:
     from tqdm import tqdm
 
     todo = [(t, s) for t in grid.tasks for s in grid.settings()]
-    missing = [(t, s) for t, s in todo if not grid.path(t, s).exists()]
+    missing = [(t, s) for t, s in todo if not run_file_ok(grid.path(t, s))]
     log.info("grid: %d runs, %d already on disk, %d to run", len(todo), len(todo) - len(missing),
              len(missing))
     tm = TaskManager() if missing else None

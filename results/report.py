@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from lm_eval_dllm.utils import DLLMError
+
 from .grid import Setting
 
 log = logging.getLogger("results")
@@ -59,10 +61,14 @@ def load_rows(paths: list[Path]) -> list[Row]:
     for p in paths:
         if not p.exists():
             continue
-        d = json.loads(p.read_text())
-        s = d["dllm_setting"]
-        r = d["results"][s["task"]]
-        per = d["config"]["dllm"]["per_task"][s["task"]]
+        try:
+            d = json.loads(p.read_text())
+            s = d["dllm_setting"]
+            r = d["results"][s["task"]]
+            per = d["config"]["dllm"]["per_task"][s["task"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DLLMError(f"run file {p} is corrupt ({type(e).__name__}: {str(e)[:80]}); valid: "
+                            f"`python -m results run` re-runs it, or delete it") from None
         gl = d["config"]["dllm"].get("gen_length") or _gen_length(d, s["task"])
         metric = primary_metric(r)
         name, _, filt = metric.partition(",")

@@ -208,7 +208,7 @@ def test_the_card_command_reproduces_the_config():
 
     cfg = GRPOConfig(block=48, lr=5e-4, init="threshold", apply_chat_template=True, pretrained="", steps=7)
     argv = shlex.split(command_line(cfg))[3:]  # after "python -m train.grpo"
-    assert parse_args(argv) == (cfg, False)
+    assert parse_args(argv) == (cfg, False, False)
 
 
 def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, monkeypatch):
@@ -330,6 +330,6 @@ def test_grpo_flags_show_defaults_and_reject_bad_counts(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--alpha ALPHA NFE discount exponent; 0 = reward accuracy only (default: 1.0)" in text
     assert "--group GROUP rollouts per prompt (default: 8)" in text
-    for flag in ("--val-every", "--group", "--save-every"):
+    for flag in ("--val-every", "--prompts-per-step", "--save-every"):
         with pytest.raises(SystemExit, match=f"train.grpo: error: {flag} 0; valid: a positive whole number"):
             main([flag, "0", "--out", "/nonexistent/never-written"])

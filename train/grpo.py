@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,14 +31,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lm_eval_dllm.decode import diffuse, model_forward
-from lm_eval_dllm.loading import load
+from lm_eval_dllm.decode import check_block, diffuse, model_forward
+from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
-from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
+from lm_eval_dllm.policy import ALL_FEATURES, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
 from lm_eval_dllm.reward import TaskScorer, nfe_discount
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.text import PromptFitter, completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError, atomic_write
+from policies import resolve_policy
 
 from .grpo_loss import clipped_pg_loss, group_advantages
 
@@ -98,9 +100,6 @@ class Env:
         path = cfg.pretrained or None
         from lm_eval_dllm.tiny import BUNDLED_DIR
 
-        self.model, self.tok, self.spec = load(path or str(BUNDLED_DIR), cfg.dtype, str(device))
-        self.model_id = cfg.pretrained or BUNDLED_ID
-        self.forward = model_forward(self.model)
         chat = None
         if cfg.apply_chat_template:
             def chat(msgs, add_generation_prompt=True, **kw):
@@ -114,8 +113,14 @@ class Env:
             tm = TaskManager(include_path=cfg.include_path)
         self.scorer = TaskScorer(cfg.task, num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
                                  chat_template=chat, task_manager=tm)
-        self.L = cfg.gen_length or int(self.scorer.gen_kwargs.get("max_gen_toks") or self.spec.default_gen_length)
-        self.block = min(cfg.block or self.spec.default_block, self.L)
+        task_L = cfg.gen_length or int(self.scorer.gen_kwargs.get("max_gen_toks") or 0)
+        if task_L and cfg.block:
+            check_block(cfg.block, task_L)  # before the weights load
+        self.model, self.tok, self.spec = load(path or str(BUNDLED_DIR), cfg.dtype, str(device))
+        self.model_id = cfg.pretrained or BUNDLED_ID
+        self.forward = model_forward(self.model)
+        self.L = task_L or self.spec.default_gen_length
+        self.block = check_block(cfg.block or self.spec.default_block, self.L)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
         self._fit = PromptFitter(self.spec.max_length)
@@ -192,8 +197,6 @@ def command_line(cfg: GRPOConfig) -> str:
 
 def start_from(policy: UnmaskPolicy, folder: str) -> None:
     """Load --init-from's weights into `policy`; its features and sizes must be the same."""
-    from policies import resolve_policy
-
     src = UnmaskPolicy.load(resolve_policy(folder, model_id="", block=0, gen_length=0))
     keys = ("features", "hidden", "ff", "heads", "layers")
     diff = [k for k in keys if getattr(src.cfg, k) != getattr(policy.cfg, k)]
@@ -225,12 +228,92 @@ def lr_lambda(cfg: GRPOConfig):
     return f
 
 
-def train(cfg: GRPOConfig, resume: bool) -> None:
+RUN_FILES = ("best", "last", "trainer_state.pt", "log.jsonl")  # what a run writes into OUT
+
+
+def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
+    """Everything that can be refused before any weights or data load, as one-line errors."""
+    def bad(flag: str, valid: str) -> DLLMError:
+        return DLLMError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}; valid: {valid}")
+
+    for k in ("steps", "prompts_per_step", "inner_steps", "val_every", "val_size", "save_every", "batch_size"):
+        if getattr(cfg, k) < 1:
+            raise bad(k, "a positive whole number")
+    if cfg.group < 2:
+        raise bad("group", "2 or more (advantages are relative to the group: with 1 they are all 0)")
+    for k in ("lr", "clip_eps", "grad_clip"):
+        if not cfg.__dict__[k] > 0:
+            raise bad(k, "a number > 0")
+    for k in ("alpha", "warmup", "block", "gen_length", "weight_decay", "dllm_temperature"):
+        if not cfg.__dict__[k] >= 0:
+            raise bad(k, "a number >= 0" + (" (0 rewards accuracy only; < 0 would reward more NFE)"
+                                              if k == "alpha" else ""))
+    if not 0 < cfg.init_tau <= 1:
+        raise bad("init_tau", "a number in (0, 1]")
+    skip_gain(cfg)
+    resolve_dtype(cfg.dtype)
+    feats = [f for f in cfg.features.split(",") if f]
+    unknown = [f for f in feats if f not in ALL_FEATURES]
+    if not feats or unknown:
+        raise bad("features", f"a comma-separated subset of {', '.join(ALL_FEATURES)}")
+    if cfg.block and cfg.gen_length:
+        check_block(cfg.block, cfg.gen_length)
+    if cfg.init_from:
+        src = UnmaskPolicy.load(resolve_policy(cfg.init_from, model_id="", block=0, gen_length=0))
+        want = {"features": tuple(feats), "hidden": cfg.hidden, "ff": cfg.ff, "heads": cfg.heads}
+        diff = {k: v for k, v in want.items() if tuple(getattr(src.cfg, k)) != v and k == "features"
+                or k != "features" and getattr(src.cfg, k) != v}
+        if diff:
+            raise DLLMError(f"--init-from {cfg.init_from!r} has "
+                            f"{', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; valid: a policy with "
+                            f"this run's {', '.join(f'{k}={v}' for k, v in diff.items())}")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DLLMError(f"--out {cfg.out!r} is a file; valid: a folder (new, or an earlier run's with --resume)")
+    state = out / "trainer_state.pt"
+    if resume and overwrite:
+        raise DLLMError("--resume and --overwrite together; valid: one of them")
+    if resume and not state.exists():
+        raise DLLMError(f"--resume: no trainer state at {state}; valid: the --out of an earlier run, "
+                        f"or drop --resume to start one")
+    if resume:
+        load_state(state)  # a corrupt state fails here, not after the model loaded
+    if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
+        raise DLLMError(f"--out {cfg.out!r} already holds a run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}); "
+                        f"valid: --resume to continue it, --overwrite to replace it, or a new --out")
+
+
+def load_state(path: Path) -> dict:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        st["policy"], st["opt"], st["sched"], st["step"], st["best"], st["config"]  # noqa: B018
+        return st
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a truncated file
+        raise DLLMError(f"{path} cannot be read ({type(e).__name__}: {str(e).strip()[:100]}); valid: a "
+                        f"trainer state as train.grpo writes it; rerun with --overwrite to start over") from None
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """After a resume at `step`, drop log lines of later steps (a kill after them, before the
+    checkpoint), so the log holds each step exactly once."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                kept.append(ln)
+        except (ValueError, KeyError, TypeError):  # half a line written at the kill
+            continue
+    if len(kept) != len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+
+
+def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
     from accelerate import Accelerator
 
-    for k in ("steps", "group", "prompts_per_step", "inner_steps", "val_every", "val_size", "save_every", "batch_size"):
-        if getattr(cfg, k) < 1:
-            raise DLLMError(f"--{k.replace('_', '-')} {getattr(cfg, k)}; valid: a positive whole number")
+    check_config(cfg, resume, overwrite)
     acc = Accelerator(cpu=(cfg.device == "cpu"))
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -247,8 +330,8 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     step, best, prior_seconds = 0, -float("inf"), 0.0
     state_path = out / "trainer_state.pt"
-    if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+    if resume:
+        st = load_state(state_path)
         diff = sorted(k for k in st["config"] if st["config"][k] != asdict(cfg).get(k) and k not in RESUME_MAY_CHANGE)
         if diff:
             raise DLLMError(f"--resume with different settings ({', '.join(diff)}); valid: the "
@@ -266,7 +349,12 @@ def train(cfg: GRPOConfig, resume: bool) -> None:
         log.warning("validating on the training split %r: the validation numbers are not held out",
                     cfg.val_split)
     if acc.is_main_process:
+        if overwrite:
+            for name in RUN_FILES:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        keep_log_until(out / "log.jsonl", step)
         log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%g, %d processes",
                  sum(p.numel() for p in policy.parameters()), cfg.task, len(train_prompts), env.L,
                  env.block, cfg.alpha, acc.num_processes)
@@ -341,7 +429,7 @@ def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
     return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}
 
 
-def parse_args(argv=None) -> tuple[GRPOConfig, bool]:
+def parse_args(argv=None) -> tuple[GRPOConfig, bool, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # each flag's help: the comment on its GRPOConfig field, then its default
     notes = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.+)$", inspect.getsource(GRPOConfig), flags=re.M))
@@ -354,16 +442,18 @@ def parse_args(argv=None) -> tuple[GRPOConfig, bool]:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), str),
                            default=f.default, choices=CHOICES.get(f.name), help=text.replace("%", "%%"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (best, last, "
+                   "trainer state, log); without it an OUT that holds a run is an error")
     a = vars(p.parse_args(argv))
-    resume = a.pop("resume")
-    return GRPOConfig(**a), resume
+    resume, overwrite = a.pop("resume"), a.pop("overwrite")
+    return GRPOConfig(**a), resume, overwrite
 
 
 def main(argv=None) -> None:
-    cfg, resume = parse_args(argv)
+    cfg, resume, overwrite = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        train(cfg, resume)
+        train(cfg, resume, overwrite)
     except DLLMError as e:
         raise SystemExit(f"train.grpo: error: {e}") from None
 
