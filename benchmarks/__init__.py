@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lm_eval_dllm.generate import Generator
+from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.utils import atomic_write
+
 
 def parser(doc: str, out: Path) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,8 +26,6 @@ def parser(doc: str, out: Path) -> argparse.ArgumentParser:
 
 def load_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
     """A modchain split (the test split unless told), the first `limit` problems (a positive number) or all."""
-    from lm_eval_dllm.tasks import modchain
-
     if limit is not None and limit < 1:
         raise SystemExit(f"{prog}: error: --limit {limit}; valid: a positive number of {split} problems")
     return modchain.load_split(split)[:limit]
@@ -30,14 +34,8 @@ def load_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
 def decode_setting(model, tok, spec, docs: list[dict], name: str, params: dict, block: int,
                    batch_size: int) -> tuple[list[str], int]:
     """(texts, total NFE) of one sampler setting on the bundled model, its policy found for the block."""
-    from lm_eval_dllm.model import BUNDLED_ID
-    from lm_eval_dllm.samplers import make_sampler
-    from lm_eval_dllm.tasks import modchain
-    from train.pretrain import decode_modchain
-
-    sampler = make_sampler(name, params)
-    sampler.bind(model_id=BUNDLED_ID, block=block, gen_length=modchain.GEN_LENGTH, device="cpu")
-    return decode_modchain(model, tok, spec, docs, sampler, block, batch_size)
+    gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu")
+    return modchain.decode(gen, docs, make_sampler(name, params), block, batch_size)
 
 
 def label(name: str, params: dict) -> str:
@@ -46,8 +44,6 @@ def label(name: str, params: dict) -> str:
 
 def finish(text: str, out: Path, args: argparse.Namespace) -> None:
     """Print the table; write it to `out` only for the full split and without --no-write."""
-    from lm_eval_dllm.utils import atomic_write
-
     print(text)
     if not args.no_write and args.limit is None:
         atomic_write(out, lambda tmp: Path(tmp).write_text(text))

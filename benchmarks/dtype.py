@@ -15,7 +15,12 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from lm_eval_dllm.generate import Generator
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.tiny import BUNDLED_DIR
 
 from . import finish, label, parser, load_docs
 
@@ -27,18 +32,14 @@ OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "dtype.md
 
 def decode_all(model, tok, spec, docs, sampler, block, batch_size):
     """(exact-answer accuracy, mean NFE, seconds) of one setting."""
-    from train.pretrain import decode_modchain
-
     t0 = time.perf_counter()
-    texts, nfe = decode_modchain(model, tok, spec, docs, sampler, block, batch_size)
+    gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu")
+    texts, nfe = modchain.decode(gen, docs, sampler, block, batch_size)
     right = sum(t == d["answer"] for t, d in zip(texts, docs))
     return right / len(docs), nfe / len(docs), time.perf_counter() - t0
 
 
 def main(argv=None) -> None:
-    from lm_eval_dllm.loading import load
-    from lm_eval_dllm.samplers import make_sampler
-    from lm_eval_dllm.tiny import BUNDLED_DIR
 
     a = parser(__doc__, OUT).parse_args(argv)
     docs = load_docs("benchmarks.dtype", a.limit)

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.tiny import BUNDLED_DIR
+from policies import variants_for
 
 from . import decode_setting, finish, label, load_docs, parser
 
@@ -35,16 +39,12 @@ def kinds(texts: list[str], docs: list[dict]) -> tuple[int, int]:
 
 def settings() -> list[tuple[str, dict, int]]:
     """SETTINGS with `learned` once per shipped policy of the block (named by `policy=`)."""
-    from lm_eval_dllm.model import BUNDLED_ID
-    from policies import variants_for
 
     return [(n, q, b) for n, p, b in SETTINGS for q in (
         [p | {"policy": Path(v).name} for v in variants_for(BUNDLED_ID, b)] if n == "learned" else [p])]
 
 
 def main(argv=None) -> None:
-    from lm_eval_dllm.loading import load
-    from lm_eval_dllm.tiny import BUNDLED_DIR
 
     p = parser(__doc__, OUT)
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")

@@ -15,7 +15,13 @@ import argparse
 
 from tabulate import tabulate
 
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.utils import DLLMError
+from policies import variants_for
+from results.grid import SWEEPS
 
 from . import decode_setting, label, load_docs
 
@@ -25,12 +31,6 @@ def _floats(s: str) -> list[float]:
 
 
 def main(argv=None) -> None:
-    from lm_eval_dllm.loading import load
-    from lm_eval_dllm.model import BUNDLED_ID
-    from lm_eval_dllm.tiny import BUNDLED_DIR
-    from lm_eval_dllm.utils import DLLMError
-    from results.grid import SWEEPS
-    from train.pretrain import final_answers_right
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=None, help="validation problems (default: all 500)")
@@ -46,8 +46,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     docs = load_docs("benchmarks.validation", a.limit, split="validation")
     try:
-        from policies import variants_for
-
+    
         pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
         settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
             ("learned", {"mode": "greedy", "cutoff": c, "policy": q}) for q in pols for c in _floats(a.cutoffs)]
@@ -55,7 +54,7 @@ def main(argv=None) -> None:
         rows = []
         for name, params in settings:
             texts, nfe = decode_setting(model, tok, spec, docs, name, params, a.block, a.batch_size)
-            right = final_answers_right(texts, docs)
+            right = modchain.final_answers_right(texts, docs)
             rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
     except DLLMError as e:
         raise SystemExit(f"benchmarks.validation: error: {e}") from None

@@ -10,7 +10,10 @@ nothing — that acts right after three lm-eval modules finish loading:
 - `lm_eval.tasks.manager`: adds this package's task folder (the bundled `modchain` task) to
   every TaskManager, before any user --include_path (so user tasks can override ours);
 - `lm_eval.evaluator`: wraps `simple_evaluate` so that the NFE, tokens per forward and wall time
-  the `dllm` model measured land in the results (per task) and in the samples (per sample).
+  the `dllm` model measured land in the results (per task) and in the samples (per sample);
+- `lm_eval._cli.harness`: the CLI (`lm_eval`, `python -m lm_eval`, under `accelerate launch` too)
+  prints our `DLLMError`s as one line and exits, instead of a traceback. The library itself only
+  raises, so in-process callers (`simple_evaluate`, `results`) get the exception.
 
 Every step is idempotent: the hook can run twice per interpreter harmlessly.
 """
@@ -67,10 +70,30 @@ def _after_evaluator(module):
     module.simple_evaluate = simple_evaluate
 
 
+def _after_cli(module):
+    cls = module.HarnessCLI
+    if getattr(cls.execute, _MARK, False):
+        return
+    orig = cls.execute
+
+    def execute(self, *args, **kwargs):
+        from lm_eval_dllm.utils import DLLMError
+
+        try:
+            return orig(self, *args, **kwargs)
+        except DLLMError as e:
+            raise SystemExit(f"lm_eval_dllm: error: {e}") from None
+
+    setattr(execute, _MARK, True)
+    execute.__doc__ = orig.__doc__
+    cls.execute = execute
+
+
 _AFTER = {
     "lm_eval.api.registry": _after_registry,
     "lm_eval.tasks.manager": _after_manager,
     "lm_eval.evaluator": _after_evaluator,
+    "lm_eval._cli.harness": _after_cli,
 }
 
 

@@ -11,7 +11,6 @@ under `"dllm"` in what `--log_samples` writes (see `lm_eval_dllm._hook`).
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from collections import defaultdict
 from typing import Any
@@ -22,10 +21,11 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from .config import DLLMConfig
-from .decode import check_block, diffuse, model_forward
+from .decode import check_block
+from .generate import Generator, chat_prompt
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .samplers import make_sampler
-from .text import PromptFitter, completion_text, stop_strings
+from .text import stop_strings
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -43,32 +43,30 @@ class DLLM(LM):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         self._warned: set[str] = set()
-        try:
-            # every setting is checked before the weights load (minutes for an 8B model)
-            self.cfg = DLLMConfig.from_model_args(model_args)
-            resolve_dtype(self.cfg.dtype)
-            device = resolve_device(self.cfg.device)
-            ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision)
-            self.spec = ck.spec
-            if self.cfg.gen_length is not None:
-                self._block_for(self.cfg.gen_length)  # validate block against gen_length now
-            self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
-            self.model_id = BUNDLED_ID if not self.cfg.pretrained else self.cfg.pretrained
-            L0 = self.cfg.gen_length or self.spec.default_gen_length
-            block0 = self.cfg.block if self.cfg.block is not None else self.spec.default_block
-            if block0 >= L0 or L0 % block0 == 0:  # fail now, not mid-run (e.g. no such policy)
-                self.sampler.bind(model_id=self.model_id, block=min(block0, L0), gen_length=L0,
-                                  device=device)
-            self.model, self.tokenizer, self.spec = load(
-                self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
-                self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
-            self._device = next(self.model.parameters()).device
-        except DLLMError as e:
-            raise SystemExit(f"lm_eval_dllm: error: {e}") from None
-        self.forward = model_forward(self.model)
+        # every setting is checked before the weights load (minutes for an 8B model); errors are
+        # DLLMError, which lm-eval's CLI prints as one line (lm_eval_dllm._hook)
+        self.cfg = DLLMConfig.from_model_args(model_args)
+        resolve_dtype(self.cfg.dtype)
+        device = resolve_device(self.cfg.device)
+        ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision)
+        self.spec = ck.spec
+        if self.cfg.gen_length is not None:
+            self._block_for(self.cfg.gen_length)  # validate block against gen_length now
+        self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
+        self.model_id = BUNDLED_ID if not self.cfg.pretrained else self.cfg.pretrained
+        L0 = self.cfg.gen_length or self.spec.default_gen_length
+        block0 = self.cfg.block if self.cfg.block is not None else self.spec.default_block
+        if block0 >= L0 or L0 % block0 == 0:  # fail now, not mid-run (e.g. no such policy)
+            self.sampler.bind(model_id=self.model_id, block=min(block0, L0), gen_length=L0,
+                              device=device)
+        self.model, self.tokenizer, self.spec = load(
+            self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
+            self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
+        self._device = next(self.model.parameters()).device
+        self.gen = Generator(self.model, self.tokenizer, self.spec, model_id=self.model_id,
+                             device=self._device, max_length=self.cfg.max_length,
+                             truncation=self.cfg.truncation, early_exit=self.cfg.early_exit)
         self.is_bundled = not self.cfg.pretrained
-        self._chat = False
-        self._fit = PromptFitter(self.cfg.max_length or self.spec.max_length, self.cfg.truncation)
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
                  self.cfg.pretrained_path)
@@ -100,14 +98,8 @@ class DLLM(LM):
             args["k"] = gen_length // self.cfg.steps
         return args
 
-    def _gen_length(self, gen_kwargs: dict) -> int:
-        if self.cfg.gen_length is not None:
-            return self.cfg.gen_length
-        if gen_kwargs.get("max_gen_toks") is not None:
-            return int(gen_kwargs["max_gen_toks"])
-        return self.spec.default_gen_length
-
     def _block_for(self, L: int) -> int:
+        """The block for gen_length L (Generator.resolve's rule); says once when it is full diffusion."""
         block = self.cfg.block if self.cfg.block is not None else self.spec.default_block
         B = check_block(block, L)
         if B == L and block != L and f"full{L}" not in self._warned:
@@ -139,20 +131,14 @@ class DLLM(LM):
         if chat_template is False or chat_template is None:
             return None
         if not getattr(self.tokenizer, "chat_template", None):
-            raise SystemExit(f"lm_eval_dllm: error: --apply_chat_template given but the tokenizer of "
+            raise DLLMError(f"--apply_chat_template given but the tokenizer of "
                              f"{self.cfg.pretrained_path!r} has no chat template; valid: a chat model "
                              f"such as {REAL_DLLM_HINT}, or drop --apply_chat_template")
         return self.tokenizer.chat_template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        self._chat = True  # the template carries its own special tokens
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt)
-
-    def _encode(self, context: str, L: int) -> list[int]:
-        ids = self.tokenizer(context, add_special_tokens=not self._chat)["input_ids"]
-        return self._fit(ids, L)
+        self.gen.chat = True  # the template carries its own special tokens
+        return chat_prompt(self.tokenizer, chat_history, add_generation_prompt)
 
     def _seed(self, context: str, occurrence: int) -> int:
         # per sample, not per batch position: a row's randomness does not depend on its batch
@@ -174,14 +160,11 @@ class DLLM(LM):
                             group_fn=lambda x: x[1])
         results: list[tuple[str, dict]] = []
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dllm generate")
-        try:
-            for chunk in collator.get_batched(n=self.cfg.batch_size):
-                results.extend(self._generate_batch(chunk))
-                pbar.update(len(chunk))
-                nfe = [s["nfe"] for _, s in results]
-                pbar.set_postfix(nfe=f"{sum(nfe) / len(nfe):.1f}")
-        except DLLMError as e:
-            raise SystemExit(f"lm_eval_dllm: error: {e}") from None
+        for chunk in collator.get_batched(n=self.cfg.batch_size):
+            results.extend(self._generate_batch(chunk))
+            pbar.update(len(chunk))
+            nfe = [s["nfe"] for _, s in results]
+            pbar.set_postfix(nfe=f"{sum(nfe) / len(nfe):.1f}")
         pbar.close()
         ordered = collator.get_original(results)
         for req, (_, st) in zip(requests, ordered):
@@ -193,26 +176,15 @@ class DLLM(LM):
 
     def _generate_batch(self, chunk) -> list[tuple[str, dict]]:
         contexts, gen_kwargs = [c[0] for c in chunk], chunk[0][1]
-        L = self._gen_length(gen_kwargs)
-        block = self._block_for(L)
+        L, block = self.gen.resolve(self.cfg.gen_length, self.cfg.block, gen_kwargs.get("max_gen_toks"))
+        self._block_for(L)
         sampler = (self.sampler if self.cfg.steps is None
                    else make_sampler(self.cfg.sampler, self._sampler_args(L)))
-        until = stop_strings(gen_kwargs, self.tokenizer, self.spec)
-        prompts = [self._encode(c, L) for c in contexts]
-        sampler.bind(model_id=self.model_id, block=block, gen_length=L, device=self._device)
-        t0 = time.perf_counter()
-        out = diffuse(self.forward, prompts, self.spec, sampler, L, block,
-                      temperature=self._temperature(gen_kwargs),
-                      seeds=[self._seed(c[0], c[3]) for c in chunk],
-                      early_exit=self.cfg.early_exit, device=self._device)
-        wall = (time.perf_counter() - t0) / len(chunk)
-        res = []
-        for i in range(len(chunk)):
-            text = completion_text(out.tokens[i].tolist(), self.tokenizer, self.spec, until)
-            nfe, committed = int(out.nfe[i]), int(out.committed[i])
-            res.append((text, {"nfe": nfe, "tokens": committed, "tpf": committed / max(nfe, 1),
-                               "wall_s": wall, "gen_length": L, "block": block}))
-        return res
+        out = self.gen.generate(contexts, sampler, gen_length=L, block=block,
+                                seeds=[self._seed(c[0], c[3]) for c in chunk],
+                                temperature=self._temperature(gen_kwargs),
+                                until=stop_strings(gen_kwargs, self.tokenizer, self.spec))
+        return list(zip(out.texts, out.stats))
 
     # ---------------------------------------------------------------- reporting
     def _warn_task_mismatch(self, tasks: set) -> None:

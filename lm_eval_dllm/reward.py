@@ -20,6 +20,11 @@ def nfe_discount(nfe: int, gen_length: int, alpha: float) -> float:
     return ((L - min(nfe, L) + 1) / L) ** alpha
 
 
+def reward(score: float, nfe: int, gen_length: int, alpha: float) -> float:
+    """The paper's reward: the task's verdict discounted by the forwards spent (the one formula)."""
+    return score * nfe_discount(nfe, gen_length, alpha)
+
+
 @dataclass
 class Prompt:
     doc: dict
@@ -86,4 +91,4 @@ class TaskScorer:
         return float(res[self.metric])
 
     def reward(self, doc: dict, text: str, nfe: int, gen_length: int, alpha: float) -> float:
-        return self.score(doc, text) * nfe_discount(nfe, gen_length, alpha)
+        return reward(self.score(doc, text), nfe, gen_length, alpha)

@@ -110,15 +110,16 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("model_args,needle", BAD_INPUT)
 def test_bad_model_args_are_one_line(model_args, needle, tiny_ckpt):
-    """What lm-eval's CLI does with --model_args, in-process: SystemExit with one line."""
+    """What lm-eval does with --model_args, in-process: one DLLMError line (the CLI prints it)."""
     from lm_eval_dllm.model import DLLM
+    from lm_eval_dllm.utils import DLLMError
 
     if "pretrained" not in model_args:
         model_args = f"pretrained={tiny_ckpt},{model_args}"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(DLLMError) as e:
         DLLM.create_from_arg_string(model_args, {"batch_size": 1, "device": "cpu"})
-    msg = str(e.value.code)
-    assert msg.startswith("lm_eval_dllm: error: ") and needle in msg and "\n" not in msg
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ def test_model_args_fail_before_the_weights_load(monkeypatch, tiny_ckpt, args, w
             dllm_model.DLLM(pretrained=str(tiny_ckpt), **args)
         assert calls
         return
-    with pytest.raises(SystemExit, match=f"lm_eval_dllm: error: .*{words}"):
+    with pytest.raises(DLLMError, match=words):
         dllm_model.DLLM(pretrained=str(tiny_ckpt), **args)
     assert not calls
 

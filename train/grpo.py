@@ -29,15 +29,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
-from lm_eval_dllm.decode import check_block, diffuse, model_forward
+from lm_eval_dllm.decode import check_block
+from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import ALL_FEATURES, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
-from lm_eval_dllm.reward import TaskScorer, nfe_discount
+from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
-from lm_eval_dllm.text import PromptFitter, completion_text, stop_strings
+from lm_eval_dllm.text import stop_strings
+from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
 from policies import resolve_policy
 
@@ -51,8 +54,10 @@ class GRPOConfig:
     task: str = "modchain"  # lm-eval task: its training split, prompt format, filters and metric
     include_path: str = ""  # extra folder of task YAMLs, as lm_eval's --include_path
     pretrained: str = ""  # "" = the bundled tiny dLLM
-    block: int = 0  # 0 = the model's default block; >= gen_length = full diffusion
-    gen_length: int = 0  # 0 = the task's max_gen_toks, else the model's default
+    block: int | None = None  # unset: the model's default block; >= gen_length: full diffusion
+    gen_length: int | None = None  # unset: the task's max_gen_toks, else the model's default
+    max_length: int | None = None  # prompt + gen_length limit; unset: the model's context
+    truncation: str = "left"  # too-long prompts: left (keep the last tokens) | error
     alpha: float = 1.0  # NFE discount exponent; 0 = reward accuracy only
     group: int = 8  # rollouts per prompt
     prompts_per_step: int = 8  # per process
@@ -88,47 +93,39 @@ class GRPOConfig:
     out: str = "runs/grpo"  # OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt
 
 
-CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout")}
+CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
+           "truncation": ("left", "error")}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
 
 class Env:
-    """The frozen dLLM plus the task: prompts in, rewards out, through the shared decode loop."""
+    """The frozen dLLM plus the task: prompts in, rewards out, through the shared generate path."""
 
     def __init__(self, cfg: GRPOConfig, device):
         self.cfg = cfg
-        path = cfg.pretrained or None
-        from lm_eval_dllm.tiny import BUNDLED_DIR
-
         chat = None
         if cfg.apply_chat_template:
             def chat(msgs, add_generation_prompt=True, **kw):
-                return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+                return chat_prompt(self.tok, msgs, add_generation_prompt)
         tm = None
         if cfg.include_path:
-            from lm_eval.tasks import TaskManager
-
             if not os.path.isdir(cfg.include_path):
                 raise DLLMError(f"--include-path {cfg.include_path!r} is not a folder; valid: a folder of task YAMLs")
             tm = TaskManager(include_path=cfg.include_path)
         self.scorer = TaskScorer(cfg.task, num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
                                  chat_template=chat, task_manager=tm)
-        task_L = cfg.gen_length or int(self.scorer.gen_kwargs.get("max_gen_toks") or 0)
-        if task_L and cfg.block:
-            check_block(cfg.block, task_L)  # before the weights load
-        self.model, self.tok, self.spec = load(path or str(BUNDLED_DIR), cfg.dtype, str(device))
+        max_gen_toks = self.scorer.gen_kwargs.get("max_gen_toks")
+        task_L = cfg.gen_length if cfg.gen_length is not None else max_gen_toks
+        if task_L is not None and cfg.block is not None:
+            check_block(cfg.block, int(task_L))  # before the weights load
+        self.model, self.tok, self.spec = load(cfg.pretrained or str(BUNDLED_DIR), cfg.dtype, str(device))
         self.model_id = cfg.pretrained or BUNDLED_ID
-        self.forward = model_forward(self.model)
-        self.L = task_L or self.spec.default_gen_length
-        self.block = check_block(cfg.block or self.spec.default_block, self.L)
+        self.gen = Generator(self.model, self.tok, self.spec, model_id=self.model_id, device=device,
+                             max_length=cfg.max_length, truncation=cfg.truncation,
+                             chat=cfg.apply_chat_template)
+        self.L, self.block = self.gen.resolve(cfg.gen_length, cfg.block, max_gen_toks)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
-        self._fit = PromptFitter(self.spec.max_length)
-
-    def encode(self, context: str) -> list[int]:
-        """Token ids of a prompt, left-truncated to the model's context as evaluation does."""
-        ids = self.tok(context, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"]
-        return self._fit(ids, self.L)
 
     def rollout(self, policy, prompts, seeds, mode="sample", record=True):
         """Decode every prompt once (repeat prompts for groups). Returns trajectory, rewards, stats."""
@@ -137,21 +134,20 @@ class Env:
         texts, nfes, scores, traj_all = [], [], [], []
         for i in range(0, len(prompts), self.cfg.batch_size):
             chunk = prompts[i:i + self.cfg.batch_size]
-            ids = [self.encode(p.context) for p in chunk]
-            out = diffuse(self.forward, ids, self.spec, sampler, self.L, self.block,
-                          temperature=self.cfg.dllm_temperature, seeds=seeds[i:i + len(chunk)],
-                          record=record, device=self.device)
-            for j, p in enumerate(chunk):
-                # exactly the text evaluation would score: stop tokens, then the task's stop strings
-                text = completion_text(out.tokens[j].tolist(), self.tok, self.spec, self.until)
+            # exactly the text evaluation would score: stop tokens, then the task's stop strings
+            out = self.gen.generate([p.context for p in chunk], sampler, gen_length=self.L,
+                                    block=self.block, seeds=seeds[i:i + len(chunk)],
+                                    temperature=self.cfg.dllm_temperature, until=self.until,
+                                    record=record)
+            for p, text, st in zip(chunk, out.texts, out.stats):
                 texts.append(text)
-                nfes.append(int(out.nfe[j]))
+                nfes.append(st["nfe"])
                 scores.append(self.scorer.score(p.doc, text))
             if record:
                 for r in out.trajectory:
                     r.rows = r.rows + i  # rows index the whole rollout batch
                 traj_all += out.trajectory
-        rewards = [s * nfe_discount(n, self.L, self.cfg.alpha) for s, n in zip(scores, nfes)]
+        rewards = [reward(s, n, self.L, self.cfg.alpha) for s, n in zip(scores, nfes)]
         return traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float), texts
 
 
@@ -185,7 +181,7 @@ def command_line(cfg: GRPOConfig) -> str:
     """A `python -m train.grpo ...` line that reproduces cfg (settings that differ from the defaults)."""
     default, parts = GRPOConfig(), []
     for k, v in asdict(cfg).items():
-        if v == getattr(default, k) and k not in ("task", "block", "alpha", "steps", "seed"):
+        if v is None or v == getattr(default, k) and k not in ("task", "block", "alpha", "steps", "seed"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -244,10 +240,13 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
     for k in ("lr", "clip_eps", "grad_clip"):
         if not cfg.__dict__[k] > 0:
             raise bad(k, "a number > 0")
-    for k in ("alpha", "warmup", "block", "gen_length", "weight_decay", "dllm_temperature"):
+    for k in ("alpha", "warmup", "weight_decay", "dllm_temperature"):
         if not cfg.__dict__[k] >= 0:
             raise bad(k, "a number >= 0" + (" (0 rewards accuracy only; < 0 would reward more NFE)"
                                               if k == "alpha" else ""))
+    for k in ("block", "gen_length", "max_length"):
+        if cfg.__dict__[k] is not None and cfg.__dict__[k] < 1:
+            raise bad(k, "a positive whole number (or leave it unset)")
     if not 0 < cfg.init_tau <= 1:
         raise bad("init_tau", "a number in (0, 1]")
     skip_gain(cfg)
@@ -256,7 +255,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
     unknown = [f for f in feats if f not in ALL_FEATURES]
     if not feats or unknown:
         raise bad("features", f"a comma-separated subset of {', '.join(ALL_FEATURES)}")
-    if cfg.block and cfg.gen_length:
+    if cfg.block is not None and cfg.gen_length is not None:
         check_block(cfg.block, cfg.gen_length)
     if cfg.init_from:
         src = UnmaskPolicy.load(resolve_policy(cfg.init_from, model_id="", block=0, gen_length=0))
@@ -439,7 +438,7 @@ def parse_args(argv=None) -> tuple[GRPOConfig, bool, bool]:
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(str(f.type), str),
+            p.add_argument(flag, type={"int": int, "int | None": int, "float": float}.get(str(f.type), str),
                            default=f.default, choices=CHOICES.get(f.name), help=text.replace("%", "%%"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (best, last, "

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lm_eval_dllm.generate import Generator
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
 from lm_eval_dllm.tiny import BUNDLED_DIR, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
 from lm_eval_dllm.tiny.modeling import POS_ENCODINGS
@@ -196,41 +200,17 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
     evaluate_checkpoint(out, cfg.eval_problems)
 
 
-def decode_modchain(model, tok, spec, docs: list[dict], sampler, block: int,
-                    batch_size: int = 64) -> tuple[list[str], int]:
-    """Decode modchain prompts in batches; (completion texts, total NFE). Seeds are per problem."""
-    from lm_eval_dllm.decode import diffuse, model_forward
-    from lm_eval_dllm.text import completion_text
-
-    texts, nfe = [], 0
-    for i in range(0, len(docs), batch_size):
-        batch = docs[i:i + batch_size]
-        prompts = [tok(modchain.prompt(d["question"]))["input_ids"] for d in batch]
-        res = diffuse(model_forward(model), prompts, spec, sampler, GEN_LENGTH, block,
-                      seeds=list(range(i, i + len(batch))))
-        texts += [completion_text(toks, tok, spec) for toks in res.tokens.tolist()]
-        nfe += int(res.nfe.sum())
-    return texts, nfe
-
-
-def final_answers_right(texts: list[str], docs: list[dict]) -> int:
-    """How many texts end in their problem's final answer (`#### N`, what lm-eval's strict-match reads)."""
-    return sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
-
-
 def evaluate_checkpoint(out: Path, n: int) -> dict:
     """Greedy one-token-per-step confidence decoding on n validation problems; adds to the card."""
-    from lm_eval_dllm.loading import load
-    from lm_eval_dllm.samplers import make_sampler
-
     model, tok, spec = load(str(out), dtype="float32", device="cpu")
+    gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu")
     docs = modchain.load_split("validation")[:n]
     metrics = {}
     for block in (8, GEN_LENGTH):
-        texts, _ = decode_modchain(model, tok, spec, docs, make_sampler("confidence"), block)
+        texts, _ = modchain.decode(gen, docs, make_sampler("confidence"), block)
         exact = sum(t == d["answer"] for t, d in zip(texts, docs))
         metrics[f"val_B{block}_exact_text"] = exact / len(docs)
-        metrics[f"val_B{block}_final_answer"] = final_answers_right(texts, docs) / len(docs)
+        metrics[f"val_B{block}_final_answer"] = modchain.final_answers_right(texts, docs) / len(docs)
     card_path = out / "card.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     card["validation"] = {"problems": len(docs), "sampler": "confidence(k=1), greedy"} | metrics

@@ -98,5 +98,23 @@ def prompt(question: str) -> str:
     return f"Q: {question}\nA: "
 
 
+def decode(gen, docs: list[dict], sampler, block: int, batch_size: int = 64) -> tuple[list[str], int]:
+    """(completion texts, total NFE) of `docs` through a `generate.Generator`, in batches; each
+    problem's seed is its index, so a text does not depend on the batch size."""
+    texts, nfe = [], 0
+    for i in range(0, len(docs), batch_size):
+        batch = docs[i:i + batch_size]
+        out = gen.generate([prompt(d["question"]) for d in batch], sampler, gen_length=GEN_LENGTH,
+                           block=block, seeds=list(range(i, i + len(batch))))
+        texts += out.texts
+        nfe += sum(st["nfe"] for st in out.stats)
+    return texts, nfe
+
+
+def final_answers_right(texts: list[str], docs: list[dict]) -> int:
+    """How many texts end in their problem's final answer (`#### N`, what lm-eval's strict-match reads)."""
+    return sum(t.split("#### ")[-1] == d["answer"].split("#### ")[-1] for t, d in zip(texts, docs))
+
+
 if __name__ == "__main__":
     write_splits()
