@@ -18,7 +18,7 @@ nothing — that acts right after three lm-eval modules finish loading:
 Every step is idempotent: the hook can run twice per interpreter harmlessly.
 """
 
-import sys
+import sys  # the only import at start-up: every other one is inside the step that needs it
 
 _MARK = "_lm_eval_dllm_hook"
 

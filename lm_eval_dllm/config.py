@@ -13,12 +13,11 @@ from typing import Any
 
 from .samplers import available_samplers, sampler_class, sampler_params
 from .samplers.base import _coerce
+from .tiny import BUNDLED_DIR
 from .utils import DLLMError
 
 
 def _bundled() -> str:
-    from .tiny import BUNDLED_DIR
-
     return str(BUNDLED_DIR)
 
 
@@ -40,7 +39,6 @@ class DLLMConfig:
     trust_remote_code: bool = True
     revision: str | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)
-    explicit: frozenset = frozenset()  # which fields the user set
 
     @classmethod
     def from_model_args(cls, args: dict[str, Any]) -> "DLLMConfig":
@@ -49,7 +47,7 @@ class DLLMConfig:
         if str(args.get("batch_size", "")).startswith("auto"):
             args["batch_size"] = 16
         hints = typing.get_type_hints(cls)
-        own = {f.name for f in dataclasses.fields(cls)} - {"sampler_args", "explicit"}
+        own = {f.name for f in dataclasses.fields(cls)} - {"sampler_args"}
         sampler = str(args.get("sampler", cls.sampler))
         sampler_class(sampler)  # unknown sampler -> one-line error listing the valid ones
         sparams = sampler_params(sampler)
@@ -62,7 +60,7 @@ class DLLMConfig:
             else:
                 valid = sorted(own) + [f"{p} ({sampler})" for p in sparams]
                 raise DLLMError(f"unknown model_args key {k!r}; valid: {', '.join(valid)}")
-        cfg = cls(**kw, sampler_args=sargs, explicit=frozenset(kw) | frozenset(sargs))
+        cfg = cls(**kw, sampler_args=sargs)
         cfg.validate()
         return cfg
 

@@ -12,19 +12,19 @@ it is committed, the text up to that token is final whatever the rest would beco
 is filled with padding and the row costs no further forward.
 
 The model is a strategy (`forward(ids, attention_mask) -> logits`), so the same loop serves
-plain models, cached models and other families; the family's one difference (Dream's logits
-are shifted one position) comes from the FamilySpec.
+every family; the family's one difference (Dream's logits are shifted one position) comes from
+the FamilySpec.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .samplers.base import Sampler, StepState
+from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
 from .utils import DLLMError
 
@@ -53,8 +53,6 @@ class DecodeOutput:
     nfe: torch.Tensor  # (B,) forward passes each row took part in
     committed: torch.Tensor  # (B,) positions the sampler committed (early-exit fill excluded)
     trajectory: list[StepRecord] | None = None
-    num_blocks: int = 1
-    info: dict = field(default_factory=dict)
 
 
 def check_block(block: int | None, gen_length: int) -> int:
@@ -83,8 +81,7 @@ def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Gen
     p = logp.exp()
     if temperature > 0:
         # Gumbel-max with each row's own generator: a row's draw does not depend on its batch
-        u = torch.stack([torch.rand(logits.shape[1:], generator=g, device=g.device)
-                         for g in generators]).to(logits.device)
+        u = row_uniforms(generators, logits.shape[1:], logits.device)  # (b, L, V)
         x0 = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # (b, L)
     else:
         x0 = logits.argmax(-1)  # (b, L)
@@ -163,8 +160,7 @@ def diffuse(
             row_gens = [gens[i] for i in rows.tolist()]
             x0, conf, margin, entropy = propose(lg, temperature, row_gens)
             state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
-                              eligible=eligible[rows], block=b, num_blocks=nb, step=step,
-                              generators=row_gens)
+                              eligible=eligible[rows], generators=row_gens)
             action = sampler.select(state)
             _check_action(sampler, action, state.eligible)
             if traj is not None:
@@ -182,8 +178,7 @@ def diffuse(
                     done[rows[fin]] = True
             canvas[rows, P:] = new
             step += 1
-    return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,
-                        trajectory=traj, num_blocks=nb)
+    return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed, trajectory=traj)
 
 
 def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode import StepRecord, check_block, diffuse, model_forward
+from .policy import policy_for
 from .samplers.base import Sampler
 from .spec import FamilySpec
 from .text import PromptFitter, completion_text
@@ -48,6 +49,7 @@ class Generator:
         self.early_exit = early_exit
         self.chat = chat  # contexts carry the chat template's own special tokens: add none
         self.fit = PromptFitter(max_length or spec.max_length, truncation)
+        self._policies: dict[tuple, object] = {}  # (name, block, L) -> loaded policy
 
     def resolve(self, gen_length: int | None, block: int | None,
                 max_gen_toks: int | None = None) -> tuple[int, int]:
@@ -57,6 +59,17 @@ class Generator:
             gen_length = int(max_gen_toks) if max_gen_toks is not None else self.spec.default_gen_length
         return gen_length, check_block(self.spec.default_block if block is None else block, gen_length)
 
+    def attach_policy(self, sampler: Sampler, block: int, gen_length: int) -> None:
+        """Load the policy a sampler wants for this (block, L), once, and hand it over."""
+        name = sampler.wanted_policy()
+        if name is None:
+            return
+        key = (name, block, gen_length)
+        if key not in self._policies:
+            self._policies[key] = policy_for(name, model_id=self.model_id, block=block,
+                                             gen_length=gen_length, device=self.device)
+        sampler.policy = self._policies[key]
+
     def encode(self, context: str, gen_length: int) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=not self.chat)["input_ids"]
         return self.fit(ids, gen_length)
@@ -64,7 +77,7 @@ class Generator:
     def generate(self, contexts: list[str], sampler: Sampler, *, gen_length: int, block: int,
                  seeds: list[int], temperature: float = 0.0, until: list[str] | None = None,
                  record: bool = False) -> Generated:
-        sampler.bind(model_id=self.model_id, block=block, gen_length=gen_length, device=self.device)
+        self.attach_policy(sampler, block, gen_length)
         prompts = [self.encode(c, gen_length) for c in contexts]
         t0 = time.perf_counter()
         out = diffuse(self.forward, prompts, self.spec, sampler, gen_length, block,

@@ -18,13 +18,16 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 from lm_eval.models.utils import Collator
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from .config import DLLMConfig
 from .decode import check_block
 from .generate import Generator, chat_prompt
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
+from .policy import policy_for
 from .samplers import make_sampler
+from .tasks import BUNDLED_TASKS
 from .text import stop_strings
 from .utils import DLLMError
 
@@ -56,9 +59,9 @@ class DLLM(LM):
         self.model_id = BUNDLED_ID if not self.cfg.pretrained else self.cfg.pretrained
         L0 = self.cfg.gen_length or self.spec.default_gen_length
         block0 = self.cfg.block if self.cfg.block is not None else self.spec.default_block
-        if block0 >= L0 or L0 % block0 == 0:  # fail now, not mid-run (e.g. no such policy)
-            self.sampler.bind(model_id=self.model_id, block=min(block0, L0), gen_length=L0,
-                              device=device)
+        if self.sampler.wanted_policy() is not None and (block0 >= L0 or L0 % block0 == 0):
+            policy_for(self.sampler.wanted_policy(), model_id=self.model_id, block=min(block0, L0),
+                       gen_length=L0, device=device)  # fail now, not mid-run (no such policy, bad file)
         self.model, self.tokenizer, self.spec = load(
             self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
             self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
@@ -73,8 +76,6 @@ class DLLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        from lm_eval.utils import simple_parse_args_string
-
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
@@ -190,8 +191,6 @@ class DLLM(LM):
     def _warn_task_mismatch(self, tasks: set) -> None:
         if not self.is_bundled:
             return
-        from .tasks import BUNDLED_TASKS
-
         for t in sorted(tasks - set(BUNDLED_TASKS) - self._warned):
             self._warned.add(t)
             log.warning("the bundled tiny model was trained only on %s, not on task %r: expect "

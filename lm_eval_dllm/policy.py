@@ -14,6 +14,7 @@ few commits per step until training finds it pays to commit more).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import policies
 
 from .utils import DLLMError, atomic_write, atomic_write_json, check_safetensors
+
+log = logging.getLogger(__name__)
 
 ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
 
@@ -151,8 +157,6 @@ class UnmaskPolicy(nn.Module):
 
     # ------------------------------------------------------------ persistence
     def save(self, directory: str | Path, card: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write(d / "policy.safetensors", lambda tmp: save_file(state, tmp))
@@ -160,8 +164,6 @@ class UnmaskPolicy(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device="cpu") -> "UnmaskPolicy":
-        from safetensors.torch import load_file
-
         d = Path(directory)
         if not (d / "policy.json").exists():
             raise DLLMError(f"policy {str(directory)!r} has no policy.json; valid: a folder written "
@@ -188,3 +190,27 @@ def bernoulli_logprob(logits: torch.Tensor, action: torch.Tensor, eligible: torc
     """(b,) log-probability of `action` under independent Bernoullis on the eligible positions."""
     lp = -F.binary_cross_entropy_with_logits(logits, action.float(), reduction="none")  # (b, L)
     return (lp * eligible.float()).sum(-1)
+
+
+def find_policy(name: str, *, model_id: str, block: int, gen_length: int) -> Path:
+    """The one catalog lookup: a policy folder or shipped name, or ("") the shipped policy for
+    this model and block (`policies.resolve_policy`'s rule)."""
+    try:
+        return policies.resolve_policy(name, model_id=model_id, block=block, gen_length=gen_length)
+    except policies.CatalogError as e:
+        raise DLLMError(str(e)) from None
+
+
+def policy_for(name: str, *, model_id: str, block: int, gen_length: int, device) -> UnmaskPolicy:
+    """Find and load the policy a learned sampler asked for (`Sampler.wanted_policy`); warns when
+    it was trained on another model or block size (transfer)."""
+    path = find_policy(name, model_id=model_id, block=block, gen_length=gen_length)
+    pol = UnmaskPolicy.load(path, device=device)
+    cfg = pol.cfg
+    if cfg.base_model and cfg.base_model != model_id:
+        log.warning("policy %s was trained on %s, used here with %s (transfer across models)",
+                    path, cfg.base_model, model_id)
+    if cfg.block and min(cfg.block, cfg.gen_length or cfg.block) != min(block, gen_length):
+        log.warning("policy %s was trained with block %d, used here with block %d (transfer "
+                    "across block sizes)", path, cfg.block, block)
+    return pol

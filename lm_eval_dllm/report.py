@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .model import SAMPLE_STATS
+
 # results[task] keys, as lm-eval names metrics ("metric,filter"), so `make_table` prints them
 STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "wall_s": "wall_s_per_sample"}
 
@@ -17,8 +19,6 @@ def attach_stats(results: dict) -> None:
         for key, src in STAT_KEYS.items():
             row[f"{key},none"] = s[src]
             row[f"{key}_stderr,none"] = "N/A"
-    from .model import SAMPLE_STATS
-
     for task, samples in (results.get("samples") or {}).items():
         for sample in samples:
             st = SAMPLE_STATS.get((task, sample.get("doc_id")))

@@ -12,6 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+
 from .utils import DLLMError
 
 
@@ -36,8 +39,6 @@ class Prompt:
 class TaskScorer:
     def __init__(self, task_name: str, *, num_fewshot: int | None = None, chat_template=None,
                  filter_name: str | None = None, metric: str | None = None, task_manager=None):
-        from lm_eval.tasks import TaskManager
-
         tm = task_manager or TaskManager()
         if task_name not in tm.all_tasks:
             raise DLLMError(f"unknown task {task_name!r}; valid: an lm-eval task name, e.g. "
@@ -81,8 +82,6 @@ class TaskScorer:
     # ------------------------------------------------------------ scoring
     def score(self, doc: dict, text: str) -> float:
         """The task's verdict on one completion (filters, then the metric)."""
-        from lm_eval.api.instance import Instance
-
         inst = Instance(request_type="generate_until", doc=doc, arguments=("", self.gen_kwargs),
                         idx=0, metadata=(self.name, 0, 1))
         inst.resps = [text]

@@ -14,13 +14,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+class CatalogError(ValueError):
+    """A one-line user error about policies (this package imports nothing from lm_eval_dllm, which
+    imports it: `lm_eval_dllm.policy` re-raises it as DLLMError)."""
+
+
 def catalog() -> list[dict]:
     """One entry per shipped policy: path (relative to this package), base_model, task, block,
     gen_length, alpha (the NFE-discount exponent it was trained with) and val_reward (its card's
     validation reward; -inf if none)."""
     out = []
-    from lm_eval_dllm.utils import DLLMError
-
     for meta_path in sorted(HERE.glob("*/policy.json")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -34,7 +37,7 @@ def catalog() -> list[dict]:
                         "alpha": float("inf") if alpha is None else float(alpha),
                         "val_reward": float("-inf") if val is None else float(val)})
         except (ValueError, KeyError, TypeError) as e:
-            raise DLLMError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "
+            raise CatalogError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "
                             f"policy.json as `python -m train.grpo` writes it") from None
     return out
 
@@ -50,14 +53,12 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
     weighs accuracy most; the others, trained to spend fewer forwards, are picked by name), and among
     those the highest validation reward on the card (at one alpha and block the reward weighs
     accuracy and NFE alike; the validation sets may still differ in size), then name."""
-    from lm_eval_dllm.utils import DLLMError
-
     if policy:
         p = Path(policy).expanduser()
         if not p.exists() and (HERE / policy).exists():
             p = HERE / policy
         if not p.exists():
-            raise DLLMError(f"policy {policy!r} does not exist; valid: a folder written by "
+            raise CatalogError(f"policy {policy!r} does not exist; valid: a folder written by "
                             f"`python -m train.grpo`, or one of: "
                             f"{', '.join(e['path'] for e in catalog()) or '(none shipped)'}")
         return p
@@ -65,7 +66,7 @@ def resolve_policy(policy: str, *, model_id: str, block: int, gen_length: int) -
     same = shipped_for(model_id)
     if not same:
         have = "; ".join(f"{e['path']} ({e['base_model']}, block {e['block']})" for e in catalog())
-        raise DLLMError(f"no shipped policy for model {model_id!r}; valid: policy=<folder from "
+        raise CatalogError(f"no shipped policy for model {model_id!r}; valid: policy=<folder from "
                         f"`python -m train.grpo`>, or a model with a shipped policy: {have or '(none)'}")
     best = min(same, key=lambda e: (min(e["block"], e["gen_length"]) != eff,
                                     abs(min(e["block"], e["gen_length"]) - eff), *_rank(e)))

@@ -19,10 +19,15 @@ import logging
 import re
 from pathlib import Path
 
+from tabulate import tabulate
+
+from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.utils import DLLMError, atomic_write
+from policies import HERE, variants_for
 
 from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, run_grid
-from .report import REF, figures, load_rows, tables
+from .report import REF, best_within, block_name, figures, load_rows, tables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -133,9 +138,6 @@ def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
     than its default pick, is named by a `policy` parameter as in the default grid, so its runs get
     the same keys and are skipped when the default grid has them (a run's key holds the policy's
     fingerprint, not the --policy folder, so the default pick's keys match either way)."""
-    from lm_eval_dllm.model import BUNDLED_ID
-    from policies import variants_for
-
     one = dataclasses.replace(grid, blocks=[block], samplers=["learned"], only=None, policy=folder)
     name = _shipped_name(folder)
     if name not in variants_for(grid.pretrained or BUNDLED_ID, block)[1:]:
@@ -146,10 +148,8 @@ def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
 def _shipped_name(folder: str) -> str | None:
     """The shipped policy a folder names, resolved as the sampler resolves `policy=` (a folder here
     first, then a shipped name); None for any other folder."""
-    from policies import HERE, resolve_policy
-
     try:
-        p = resolve_policy(folder, model_id="", block=0, gen_length=0).resolve()
+        p = find_policy(folder, model_id="", block=0, gen_length=0).resolve()
     except DLLMError:  # no such folder: not a shipped policy (its run fails with this error later)
         return None
     return p.name if p.parent == HERE and (p / "policy.json").exists() else None
@@ -163,9 +163,6 @@ def seed_table(rows: dict, heuristics: list | None = None) -> str:
     heuristic (Fast-dLLM's tau = 0.9) against the best heuristic there; the margin counts as larger
     than the run-to-run noise when every policy beats it and the mean margin exceeds the range of
     the policies' accuracies."""
-    from tabulate import tabulate
-
-    from .report import best_within, block_name
 
     # the column names the policy: a shipped one's `policy` parameter would split its rows from the others'
     rows = {n: [dataclasses.replace(r, params=tuple(kv for kv in r.params if kv[0] != "policy")) for r in rs]

@@ -14,7 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lm_eval_dllm.utils import atomic_write_json
+import lm_eval
+from lm_eval.tasks import TaskManager
+from tqdm import tqdm
+
+from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.policy import find_policy
+from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.utils import DLLMError, atomic_write_json
+from policies import HERE, catalog, shipped_for, variants_for
 
 log = logging.getLogger("results")
 
@@ -114,10 +122,6 @@ class Grid:
     def _variants(self, sampler: str, params: dict, block: int) -> list[dict]:
         """`learned` with the shipped policies: the sweep once per policy shipped for this block
         (e.g. trained at several alphas); the default pick keeps params without a `policy` key."""
-        from lm_eval_dllm.model import BUNDLED_ID
-        from lm_eval_dllm.utils import DLLMError
-        from policies import catalog, variants_for
-
         if sampler == "learned" and "policy" in params:
             names = [e["path"] for e in catalog()]
             if self.policy or params["policy"] not in names:
@@ -134,13 +138,10 @@ class Grid:
     def policy_dir(self, params: dict, block: int) -> Path:
         """The policy folder a `learned` run with these params at this block uses: --policy, the
         shipped policy its params name, or the shipped default pick for the model and block."""
-        from lm_eval_dllm.model import BUNDLED_ID
-        from lm_eval_dllm.utils import DLLMError
-        from policies import HERE, resolve_policy, variants_for
 
         model = self.pretrained or BUNDLED_ID
         if self.policy:  # found as `sampler=learned,policy=...` finds it
-            d = resolve_policy(self.policy, model_id="", block=0, gen_length=0)
+            d = find_policy(self.policy, model_id="", block=0, gen_length=0)
             if not (d / "policy.json").exists():
                 raise DLLMError(f"--policy {self.policy!r} has no policy.json; valid: a folder written "
                                 f"by `python -m train.grpo` (OUT/best or OUT/last)")
@@ -148,7 +149,7 @@ class Grid:
         if "policy" in params:
             return HERE / params["policy"]
         names = variants_for(model, block)
-        return HERE / names[0] if names else resolve_policy("", model_id=model, block=block, gen_length=block)
+        return HERE / names[0] if names else find_policy("", model_id=model, block=block, gen_length=block)
 
     def policy_tag(self, params: dict, block: int) -> str:
         """A fingerprint of the one policy a `learned` run uses, part of its key: retraining that
@@ -157,7 +158,6 @@ class Grid:
 
     def is_current(self, path: Path) -> bool:
         """Whether a run file on disk is of the policy its setting would use now (non-learned: always)."""
-        from lm_eval_dllm.utils import DLLMError
 
         if "-pol" not in path.stem:
             return True
@@ -168,8 +168,6 @@ class Grid:
             return False  # unreadable, or its policy is no longer shipped
 
     def has_policy(self) -> bool:
-        from lm_eval_dllm.model import BUNDLED_ID
-        from policies import shipped_for
 
         return bool(self.policy) or bool(shipped_for(self.pretrained or BUNDLED_ID))
 
@@ -185,8 +183,6 @@ class Grid:
     @property
     def fingerprint(self) -> str:
         """Which weights: runs of a retrained checkpoint never mix with (or skip because of) old ones."""
-        from lm_eval_dllm.tiny import BUNDLED_DIR
-
         d = Path(self.pretrained) if self.pretrained else BUNDLED_DIR
         if not d.is_dir():
             return "hub"  # a hub id: its revision is the user's to pin
@@ -221,10 +217,6 @@ def run_file_ok(path: Path) -> bool:
 
 def run_grid(grid: Grid) -> list[Path]:
     """Run every missing (task, setting); returns the paths of all runs of the grid."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-    from tqdm import tqdm
-
     todo = [(t, s) for t in grid.tasks for s in grid.settings()]
     missing = [(t, s) for t, s in todo if not run_file_ok(grid.path(t, s))]
     log.info("grid: %d runs, %d already on disk, %d to run", len(todo), len(todo) - len(missing),

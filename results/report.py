@@ -228,7 +228,7 @@ def _series(r: Row) -> str:
 def log_nfe_axis(ax) -> None:
     """Log-scale x (the fast settings cluster at a few NFE, the one-per-step ones at L), labelled
     with plain numbers: round ones, or three inside a range too narrow for two round ones."""
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter  # optional: the [dev] extra
 
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()

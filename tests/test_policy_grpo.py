@@ -72,12 +72,16 @@ def test_greedy_cutoff_trades_commits_for_caution():
 
 
 def test_learned_needs_a_policy_for_unknown_models():
+    from lm_eval_dllm.policy import policy_for
+
     s = make_sampler("learned")
+    assert s.wanted_policy() == "" and s.policy is None  # the sampler asks; it loads nothing itself
     with pytest.raises(DLLMError, match="no shipped policy for model 'someone/else'"):
-        s.bind(model_id="someone/else", block=32, gen_length=256, device="cpu")
+        policy_for(s.wanted_policy(), model_id="someone/else", block=32, gen_length=256, device="cpu")
     s = make_sampler("learned", {"policy": "/no/such/policy"})
     with pytest.raises(DLLMError, match="policy '/no/such/policy' does not exist"):
-        s.bind(model_id="x", block=8, gen_length=48, device="cpu")
+        policy_for(s.wanted_policy(), model_id="x", block=8, gen_length=48, device="cpu")
+    assert LearnedSampler.from_policy(UnmaskPolicy(PolicyConfig())).wanted_policy() is None  # training's own
     with pytest.raises(DLLMError, match="mode='best'; valid: sample, greedy"):
         make_sampler("learned", {"mode": "best"})
 
@@ -193,11 +197,12 @@ def test_catalog_is_read_from_the_shipped_folders(tmp_path, monkeypatch, caplog)
     pick = lambda block: policies.resolve_policy("", model_id="m", block=block, gen_length=48).name  # noqa: E731
     assert pick(48) == "m-B48" and pick(8) == "m-B8" and pick(256) == "m-B48"  # B >= L is full diffusion
     assert pick(16) == "m-B8"  # no exact match: the nearest block size ...
-    s = make_sampler("learned")
+    from lm_eval_dllm.policy import policy_for
+
     with caplog.at_level("WARNING"):
-        s.bind(model_id="m", block=16, gen_length=48, device="cpu")
+        policy_for("", model_id="m", block=16, gen_length=48, device="cpu")
     assert "transfer across block sizes" in caplog.text  # ... with a warning
-    with pytest.raises(DLLMError, match=r"no shipped policy for model 'x'; valid: .*m-B8 \(m, block 8\)"):
+    with pytest.raises(policies.CatalogError, match=r"no shipped policy for model 'x'; valid: .*m-B8 \(m, block 8\)"):
         policies.resolve_policy("", model_id="x", block=8, gen_length=48)
 
 

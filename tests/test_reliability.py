@@ -9,7 +9,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from lm_eval_dllm import model as dllm_model
 from lm_eval_dllm.decode import diffuse

@@ -20,7 +20,7 @@ def state(conf, masked=None, block=(0, None), entropy=None, margin=None, seed=0)
     ent = -(conf * conf.clamp_min(1e-9).log() + (1 - conf) * (1 - conf).clamp_min(1e-9).log())
     return StepState(conf=conf, margin=conf - (1 - conf) if margin is None else margin,
                      entropy=ent if entropy is None else torch.as_tensor(entropy),
-                     masked=masked, eligible=masked & in_block, block=0, num_blocks=1, step=0,
+                     masked=masked, eligible=masked & in_block,
                      generators=[torch.Generator().manual_seed(seed + i) for i in range(B)])
 
 

@@ -71,7 +71,7 @@ def test_no_file_is_written_outside(victim, how):
                   "    fd = libc.open(t.encode(), 0o1101, 0o644)\n    print(fd, libc.write(fd, b'pwned', 5))\n",
         "shell": "for t in T:\n    print(posix.system(f'echo pwned > {t}'))\n",
     }
-    r = run_python(BYPASS + f"T = {[str(t) for t in targets]!r}\n" + writes[how])
+    run_python(BYPASS + f"T = {[str(t) for t in targets]!r}\n" + writes[how])
     assert not (victim / "escape.txt").exists() and not home.exists()
     assert (victim / "keep.txt").read_text() == "precious"
 
@@ -211,7 +211,6 @@ def test_the_same_holds_for_a_normal_user(tmp_path):
     """Run by an unprivileged user (here `nobody`, through a system interpreter it can execute),
     the sandbox takes a user namespace instead of dropping uid: the host is just as safe."""
     import subprocess
-    import sys as _sys
 
     python = "/usr/bin/python3"
     if os.geteuid() != 0 or not os.path.exists(python):

@@ -15,20 +15,19 @@ the best policy by validation reward is kept in OUT/best, the latest in OUT/last
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
 import os
 import random
-import re
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
@@ -36,61 +35,66 @@ from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
-from lm_eval_dllm.policy import ALL_FEATURES, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
+from lm_eval_dllm.policy import (ALL_FEATURES, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features,
+                                 find_policy)
 from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.text import stop_strings
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
-from policies import resolve_policy
 
 from .grpo_loss import clipped_pg_loss, group_advantages
 
 log = logging.getLogger("train.grpo")
 
 
+def opt(default, help: str):
+    """A GRPOConfig field with its --help text (argparse reads it from the field's metadata)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GRPOConfig:
-    task: str = "modchain"  # lm-eval task: its training split, prompt format, filters and metric
-    include_path: str = ""  # extra folder of task YAMLs, as lm_eval's --include_path
-    pretrained: str = ""  # "" = the bundled tiny dLLM
-    block: int | None = None  # unset: the model's default block; >= gen_length: full diffusion
-    gen_length: int | None = None  # unset: the task's max_gen_toks, else the model's default
-    max_length: int | None = None  # prompt + gen_length limit; unset: the model's context
-    truncation: str = "left"  # too-long prompts: left (keep the last tokens) | error
-    alpha: float = 1.0  # NFE discount exponent; 0 = reward accuracy only
-    group: int = 8  # rollouts per prompt
-    prompts_per_step: int = 8  # per process
-    steps: int = 200  # rollout batches (each followed by --inner-steps updates)
-    lr: float = 3e-5  # AdamW learning rate
-    warmup: int = 0  # linear learning-rate warmup steps
-    clip_eps: float = 0.5  # PPO-style ratio clip
-    loss_norm: str = "step"  # step: mean over (rollout, step) terms, as the paper | rollout: each rollout weighs the same
-    inner_steps: int = 2  # optimizer steps per rollout batch (rollouts reused)
-    grad_clip: float = 0.2  # gradient-norm clip
-    weight_decay: float = 0.0  # AdamW weight decay
-    dllm_temperature: float = 0.0  # the dLLM's own token choice: 0 = argmax
-    num_fewshot: int = -1  # -1 = the task's own
-    train_split: str = "train"  # where training prompts come from
-    val_split: str = "validation"  # where validation prompts come from (never trained on)
-    apply_chat_template: bool = False
-    val_every: int = 20  # steps between validations (and one at the last step)
-    val_mode: str = "greedy"  # policy mode for validation (and so for keeping `best`): greedy | sample
-    val_size: int = 128  # validation problems
-    save_every: int = 10  # steps between checkpoints of OUT/last and the trainer state (and at the last step)
-    batch_size: int = 64  # decode batch for rollouts and validation
-    features: str = ",".join(PolicyConfig.features)  # comma-separated policy input features
-    hidden: int = 128  # policy width
-    ff: int = 512  # policy feed-forward width
-    heads: int = 2  # policy attention heads
-    init: str = "slow"  # slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)
-    init_tau: float = 0.9  # the threshold start's tau
-    skip_gain: float = 0.0  # gain of the policy's linear skip path; 0 = --init's own: its sharpness (20) for threshold, 1 for slow
-    init_from: str = ""  # start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha
-    seed: int = 0  # policy init, prompt order and rollout sampling
-    dtype: str = "auto"  # the dLLM's dtype: auto, float32, bfloat16, float16
-    device: str = ""  # cpu forces the CPU; otherwise accelerate's device (a GPU if there is one)
-    out: str = "runs/grpo"  # OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt
+    task: str = opt("modchain", 'lm-eval task: its training split, prompt format, filters and metric')
+    include_path: str = opt("", "extra folder of task YAMLs, as lm_eval's --include_path")
+    pretrained: str = opt("", "a dLLM checkpoint or hub id; unset: the bundled tiny dLLM")
+    block: int | None = opt(None, "unset: the model's default block; >= gen_length: full diffusion")
+    gen_length: int | None = opt(None, "unset: the task's max_gen_toks, else the model's default")
+    max_length: int | None = opt(None, "prompt + gen_length limit; unset: the model's context")
+    truncation: str = opt("left", 'too-long prompts: left (keep the last tokens) | error')
+    alpha: float = opt(1.0, 'NFE discount exponent; 0 = reward accuracy only')
+    group: int = opt(8, 'rollouts per prompt')
+    prompts_per_step: int = opt(8, 'prompts per step, per process (each rolled out --group times)')
+    steps: int = opt(200, 'rollout batches (each followed by --inner-steps updates)')
+    lr: float = opt(3e-5, 'AdamW learning rate')
+    warmup: int = opt(0, 'linear learning-rate warmup steps')
+    clip_eps: float = opt(0.5, 'PPO-style ratio clip')
+    loss_norm: str = opt("step", 'step: mean over (rollout, step) terms, as the paper | rollout: each rollout weighs the same')
+    inner_steps: int = opt(2, 'optimizer steps per rollout batch (rollouts reused)')
+    grad_clip: float = opt(0.2, 'gradient-norm clip')
+    weight_decay: float = opt(0.0, 'AdamW weight decay')
+    dllm_temperature: float = opt(0.0, "the dLLM's own token choice: 0 = argmax")
+    num_fewshot: int = opt(-1, "-1 = the task's own")
+    train_split: str = opt("train", 'where training prompts come from')
+    val_split: str = opt("validation", 'where validation prompts come from (never trained on)')
+    apply_chat_template: bool = opt(False, "format prompts with the tokenizer's chat template")
+    val_every: int = opt(20, 'steps between validations (and one at the last step)')
+    val_mode: str = opt("greedy", 'policy mode for validation (and so for keeping `best`): greedy | sample')
+    val_size: int = opt(128, 'validation problems')
+    save_every: int = opt(10, 'steps between checkpoints of OUT/last and the trainer state (and at the last step)')
+    batch_size: int = opt(64, 'decode batch for rollouts and validation')
+    features: str = opt(",".join(PolicyConfig.features), 'comma-separated policy input features')
+    hidden: int = opt(128, 'policy width')
+    ff: int = opt(512, 'policy feed-forward width')
+    heads: int = opt(2, 'policy attention heads')
+    init: str = opt("slow", "slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)")
+    init_tau: float = opt(0.9, "the threshold start's tau")
+    skip_gain: float = opt(0.0, "gain of the policy's linear skip path; 0 = --init's own: its sharpness (20) for threshold, 1 for slow")
+    init_from: str = opt("", "start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha")
+    seed: int = opt(0, 'policy init, prompt order and rollout sampling')
+    dtype: str = opt("auto", "the dLLM's dtype: auto, float32, bfloat16, float16")
+    device: str = opt("", "cpu forces the CPU; otherwise accelerate's device (a GPU if there is one)")
+    out: str = opt("runs/grpo", 'OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt')
 
 
 CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
@@ -103,10 +107,7 @@ class Env:
 
     def __init__(self, cfg: GRPOConfig, device):
         self.cfg = cfg
-        chat = None
-        if cfg.apply_chat_template:
-            def chat(msgs, add_generation_prompt=True, **kw):
-                return chat_prompt(self.tok, msgs, add_generation_prompt)
+        chat = self._chat if cfg.apply_chat_template else None
         tm = None
         if cfg.include_path:
             if not os.path.isdir(cfg.include_path):
@@ -126,6 +127,9 @@ class Env:
         self.L, self.block = self.gen.resolve(cfg.gen_length, cfg.block, max_gen_toks)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
+
+    def _chat(self, msgs, add_generation_prompt=True, **kw) -> str:  # as lm-eval calls a chat template
+        return chat_prompt(self.tok, msgs, add_generation_prompt)
 
     def rollout(self, policy, prompts, seeds, mode="sample", record=True):
         """Decode every prompt once (repeat prompts for groups). Returns trajectory, rewards, stats."""
@@ -193,7 +197,7 @@ def command_line(cfg: GRPOConfig) -> str:
 
 def start_from(policy: UnmaskPolicy, folder: str) -> None:
     """Load --init-from's weights into `policy`; its features and sizes must be the same."""
-    src = UnmaskPolicy.load(resolve_policy(folder, model_id="", block=0, gen_length=0))
+    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
     keys = ("features", "hidden", "ff", "heads", "layers")
     diff = [k for k in keys if getattr(src.cfg, k) != getattr(policy.cfg, k)]
     if diff:
@@ -258,7 +262,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
     if cfg.block is not None and cfg.gen_length is not None:
         check_block(cfg.block, cfg.gen_length)
     if cfg.init_from:
-        src = UnmaskPolicy.load(resolve_policy(cfg.init_from, model_id="", block=0, gen_length=0))
+        src = UnmaskPolicy.load(find_policy(cfg.init_from, model_id="", block=0, gen_length=0))
         want = {"features": tuple(feats), "hidden": cfg.hidden, "ff": cfg.ff, "heads": cfg.heads}
         diff = {k: v for k, v in want.items() if tuple(getattr(src.cfg, k)) != v and k == "features"
                 or k != "features" and getattr(src.cfg, k) != v}
@@ -310,8 +314,6 @@ def keep_log_until(path: Path, step: int) -> None:
 
 
 def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
-    from accelerate import Accelerator
-
     check_config(cfg, resume, overwrite)
     acc = Accelerator(cpu=(cfg.device == "cpu"))
     out = Path(cfg.out)
@@ -430,11 +432,9 @@ def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
 
 def parse_args(argv=None) -> tuple[GRPOConfig, bool, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # each flag's help: the comment on its GRPOConfig field, then its default
-    notes = dict(re.findall(r"^    (\w+): \w+ = [^#\n]*#\s*(.+)$", inspect.getsource(GRPOConfig), flags=re.M))
-    for f in fields(GRPOConfig):
+    for f in fields(GRPOConfig):  # each flag's help: its field's, then its default
         flag = "--" + f.name.replace("_", "-")
-        text = (notes[f.name] + " " if f.name in notes else "") + f"(default: {f.default!r})"
+        text = f"{f.metadata['help']} (default: {f.default!r})"
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:

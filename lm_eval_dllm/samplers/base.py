@@ -11,6 +11,9 @@ block, the returned mask commits at least one of them and nothing outside them.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,15 +32,14 @@ class StepState:
     entropy: torch.Tensor  # (B, L) entropy of the predictive distribution (nats)
     masked: torch.Tensor  # (B, L) bool, still masked before this step's commit
     eligible: torch.Tensor  # (B, L) bool, masked and inside the current block
-    block: int  # index of the current block
-    num_blocks: int
-    step: int  # index of this step inside the current block
     generators: list[torch.Generator]  # one per row, seeded per sample (batch-invariant)
 
-    @property
-    def t(self) -> torch.Tensor:
-        """(B,) fraction of the generation still masked: the diffusion 'time' of each row."""
-        return self.masked.float().mean(-1)
+
+def row_uniforms(generators: list[torch.Generator], shape, device) -> torch.Tensor:
+    """(rows, *shape) uniform draws in [0, 1), row i from generators[i] on that generator's own
+    device (torch refuses a CUDA generator for a CPU draw), then moved to `device`: a row's draw
+    never depends on which rows share its batch. Every per-row random draw goes through here."""
+    return torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 class Sampler:
@@ -52,8 +54,10 @@ class Sampler:
     def select(self, state: StepState) -> torch.Tensor:  # (B, L) bool
         raise NotImplementedError
 
-    def bind(self, *, model_id: str, block: int, gen_length: int, device) -> None:
-        """Called before decoding with the model and shape it will run on (no-op by default)."""
+    def wanted_policy(self) -> str | None:
+        """A sampler that runs a trained policy names it here ("": the shipped one for the model
+        and block); the caller loads it and sets `.policy` (samplers do no I/O). None: no policy."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -94,10 +98,6 @@ def sampler_class(name: str) -> type[Sampler]:
 
 
 def _import_sampler(spec: str) -> None:
-    import importlib
-    import os
-    import sys
-
     mod_name, _, cls_name = spec.partition(":")
     try:
         try:

@@ -14,15 +14,12 @@ Either way the highest-logit eligible position is committed when nothing else is
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..utils import DLLMError
-from .base import Sampler, StepState, check_range, register_sampler, top_k
-
-log = logging.getLogger(__name__)
+from .base import Sampler, StepState, check_range, register_sampler, row_uniforms, top_k
 
 
 @register_sampler("learned")
@@ -45,32 +42,15 @@ class LearnedSampler(Sampler):
 
     def __init__(self, config=None, policy=None):
         super().__init__(config)
-        self.policy = policy  # a live UnmaskPolicy (training) or None (loaded by bind)
-        self._bound: tuple | None = None
+        self.policy = policy  # an UnmaskPolicy: handed in (training) or set by the caller
+        self._live = policy is not None and not self.config.policy  # training's own policy
 
     @classmethod
     def from_policy(cls, policy, mode: str = "sample", temperature: float = 1.0) -> "LearnedSampler":
         return cls(cls.Config(mode=mode, temperature=temperature), policy=policy)
 
-    def bind(self, *, model_id: str, block: int, gen_length: int, device) -> None:
-        """Load the policy that fits this model and block (once per distinct setting)."""
-        key = (model_id, block, gen_length)
-        if self._bound == key or (self.policy is not None and self._bound is None and not self.config.policy):
-            self._bound = key
-            return
-        from policies import resolve_policy
-        from ..policy import UnmaskPolicy
-
-        path = resolve_policy(self.config.policy, model_id=model_id, block=block, gen_length=gen_length)
-        self.policy = UnmaskPolicy.load(path, device=device)
-        cfg = self.policy.cfg
-        if cfg.base_model and cfg.base_model != model_id:
-            log.warning("policy %s was trained on %s, used here with %s (transfer across models)",
-                        path, cfg.base_model, model_id)
-        if cfg.block and min(cfg.block, cfg.gen_length or cfg.block) != min(block, gen_length):
-            log.warning("policy %s was trained with block %d, used here with block %d (transfer "
-                        "across block sizes)", path, cfg.block, block)
-        self._bound = key
+    def wanted_policy(self) -> str | None:
+        return None if self._live else self.config.policy
 
     def logits(self, state: StepState) -> torch.Tensor:
         if self.policy is None:
@@ -87,9 +67,7 @@ class LearnedSampler(Sampler):
         if self.config.mode == "greedy":
             act = prob > self.config.cutoff
         else:
-            u = torch.stack([torch.rand(prob.shape[1], generator=g, device=g.device)
-                             for g in state.generators]).to(prob.device)
-            act = u < prob
+            act = row_uniforms(state.generators, prob.shape[1], prob.device) < prob
         act = act & state.eligible
         none = ~act.any(-1)
         if none.any():  # always commit at least the highest-logit eligible position

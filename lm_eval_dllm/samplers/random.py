@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import StepState, register_sampler
+from .base import StepState, register_sampler, row_uniforms
 from .topk import TopKConfig, TopKSampler
 
 
@@ -22,5 +20,4 @@ class RandomSampler(TopKSampler):
         _name = "random"
 
     def scores(self, state: StepState):
-        B, L = state.conf.shape
-        return torch.stack([torch.rand(L, generator=g) for g in state.generators]).to(state.conf.device)
+        return row_uniforms(state.generators, state.conf.shape[1], state.conf.device)  # (B, L)

@@ -21,11 +21,10 @@ from . import humaneval, mbpp, minerva, modchain
 log = logging.getLogger(__name__)
 
 BUNDLED_TASKS = ("modchain",)  # what the bundled model was trained for
-SHIPPED_TASKS = BUNDLED_TASKS + ("humaneval_dllm", "mbpp_dllm") + minerva.TASKS  # mbpp_dllm: with $LM_EVAL_DLLM_MBPP
 
 
 def _gsm8k_yaml() -> Path:
-    import lm_eval.tasks
+    import lm_eval.tasks  # here: this module is imported while lm_eval.tasks is loading (the hook)
 
     return Path(lm_eval.tasks.__file__).resolve().parent / "gsm8k" / "gsm8k.yaml"
 

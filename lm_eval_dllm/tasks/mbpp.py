@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from ..sandbox import runs_to_the_end
+
 ENV = "LM_EVAL_DLLM_MBPP"
 TIMEOUT_S = 10.0
 MEMORY_MB = 1024
@@ -44,8 +46,6 @@ def program(doc: dict, completion: str) -> str:
 
 
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    from ..sandbox import runs_to_the_end
-
     return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
 
 

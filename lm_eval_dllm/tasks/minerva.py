@@ -23,13 +23,13 @@ GROUP = "minerva_math_dllm"
 
 
 def _stock_dir() -> Path:
-    import lm_eval.tasks
+    import lm_eval.tasks  # here: this module is imported while lm_eval.tasks is loading (the hook)
 
     return Path(lm_eval.tasks.__file__).resolve().parent / "minerva_math"
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:
-    from ..math_check import score_minerva
+    from ..math_check import score_minerva  # here: math_check is heavy (its worker, lm-eval[math])
 
     return score_minerva(doc, results[0])
 
