@@ -48,7 +48,7 @@ ENDS_ONLY = {("confidence", (("k", 1),)), ("random", (("k", 1),))}
 # the grid's default dtype: faster than float32 on CPUs with bf16 instructions, with accuracies close
 # to float32's on the bundled model (`python -m benchmarks.dtype` measures both); LLaDA and Dream are bf16
 DEFAULT_DTYPE = "bfloat16"
-# the testbed table of the README (issue: sampler choice visibly matters)
+# the testbed table (results/README.md, copied into the README): sampler choice visibly matters
 TESTBED = [("confidence", {"k": 1}), ("random", {"k": 1}), ("confidence", {"k": 4})] + [
     ("threshold", {"tau": t}) for t in (0.5, 0.7, 0.9, 0.95)]
 

@@ -1,11 +1,11 @@
-"""The results pipeline: the README shows exactly what the committed run files say."""
+"""The results pipeline: results/README.md shows exactly what the committed run files say."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from results.__main__ import README, readme_section, render
+from results.__main__ import RESULTS_README, render, results_readme_text
 from results.grid import TESTBED, Grid, Setting
 from results.report import Row, load_rows, pareto
 
@@ -20,15 +20,18 @@ def committed_runs() -> list[Path]:
 
 
 @pytest.mark.skipif(not committed_runs(), reason="no committed results yet")
-def test_readme_numbers_match_the_run_files():
-    """Every table in README.md's results section is re-derived from results/runs/."""
+def test_results_readme_and_tables_match_the_run_files():
+    """results/README.md and results/bundled/tables.md are re-derived from results/runs/, byte for byte."""
     paths = committed_runs()
     rows = load_rows(paths)
     grid = Grid(tasks=sorted({r.task for r in rows}), blocks=[], samplers=[], out=RESULTS)
     body, figs = render(grid, rows)
-    assert readme_section() == body
+    assert RESULTS_README.read_text() == results_readme_text(grid, rows)
+    assert (RESULTS / grid.model_tag / "tables.md").read_text() == body
     for f in figs:
         assert f.exists(), f
+    for link in ("bundled/modchain_acc_vs_nfe.png", "bundled/modchain_acc_vs_block.png", "../docs/testbed.md"):
+        assert f"({link})" in RESULTS_README.read_text() and (RESULTS / link).exists(), link
 
 
 def test_tables_do_not_depend_on_the_order_runs_are_read_in():
@@ -92,7 +95,7 @@ def test_rerun_skips_finished_runs(tmp_path, monkeypatch):
                 only=[("threshold", {"tau": 0.9})])
     path = grid.path("modchain", grid.settings()[0])
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"done": True}))
+    path.write_text(json.dumps({"dllm_setting": {"task": "modchain"}}))  # what run_file_ok reads
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: pytest.fail("re-ran a finished run"))
     assert run_grid(grid) == [path]
 
@@ -152,16 +155,16 @@ def test_learned_run_keys_follow_the_one_policy_each_run_uses(tmp_path, monkeypa
     assert grid.is_current(fresh) and not grid.is_current(stale)
 
 
-def test_only_the_default_grid_updates_the_readme(monkeypatch):
+def test_only_the_default_grid_writes_results_readme(monkeypatch, tmp_path):
     import results.__main__ as cli
 
     calls = []
     monkeypatch.setattr(cli, "report_paths", lambda grid: [])
-    monkeypatch.setattr(cli, "report", lambda grid, paths, nfe, update_readme: calls.append(update_readme))
-    for argv in (["report"], ["report", "--seed", "7"], ["report", "--limit", "10"],
-                 ["report", "--dtype", "float32"], ["report", "--no-readme"], ["report", "--blocks", "8"]):
+    monkeypatch.setattr(cli, "report", lambda grid, paths, nfe, results_readme: calls.append(results_readme))
+    for argv in (["report"], ["report", "--seed", "7"], ["report", "--limit", "10"], ["report", "--dtype", "float32"],
+                 ["report", "--out", str(tmp_path)], ["report", "--out", str(RESULTS)], ["report", "--blocks", "8"]):
         cli.main(argv)
-    assert calls == [True, False, False, False, False, True]
+    assert calls == [True, False, False, False, False, True, True]
 
 
 def test_dtype_benchmark_runs_and_prints_its_table(capsys):

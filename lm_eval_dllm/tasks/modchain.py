@@ -9,7 +9,7 @@ first result 0 (or the end of the chain); the answer shows one step per line and
     question: 3+7*4-2+9*3          answer: 3+7=0\n#### 0
     question: 3+8*4-2+9*3          answer: 3+8=1\n1*4=4\n4-2=2\n2+9=1\n1*3=3\n#### 3
 
-Why this task (facts from a feasibility run, see the README): a 2 M-parameter model learns it on
+Why this task (facts from a feasibility run, see docs/testbed.md): a 2 M-parameter model learns it on
 a laptop CPU in minutes, and the unmasking order matters a lot — every result digit depends on
 the line above it, so committing a result in the same step as its input is a typical error.
 Where the answer ends (EOS) depends on the computation, not only on the question's length: the
