@@ -25,7 +25,7 @@ from tabulate import tabulate
 from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.utils import DLLMError, atomic_write
-from policies import HERE, variants_for
+import policies
 
 from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, run_grid
 from .report import REF, best_within, block_name, figures, load_rows, tables
@@ -149,7 +149,7 @@ def _sweep_of(grid: Grid, folder: str, block: int) -> Grid:
     fingerprint, not the --policy folder, so the default pick's keys match either way)."""
     one = dataclasses.replace(grid, blocks=[block], samplers=["learned"], only=None, policy=folder)
     name = _shipped_name(folder)
-    if name not in variants_for(grid.pretrained or BUNDLED_ID, block)[1:]:
+    if name not in policies.variants_for(grid.pretrained or BUNDLED_ID, block)[1:]:
         return one
     return dataclasses.replace(one, policy="", only=[("learned", p | {"policy": name}) for p in SWEEPS["learned"]])
 
@@ -161,7 +161,7 @@ def _shipped_name(folder: str) -> str | None:
         p = find_policy(folder, model_id="", block=0, gen_length=0).resolve()
     except DLLMError:  # no such folder: not a shipped policy (its run fails with this error later)
         return None
-    return p.name if p.parent == HERE and (p / "policy.json").exists() else None
+    return p.name if p.parent == policies.HERE and (p / "policy.json").exists() else None
 
 
 def seed_table(rows: dict, heuristics: list | None = None) -> str:

@@ -22,7 +22,8 @@ from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write_json
-from policies import HERE, catalog, shipped_for, variants_for
+
+import policies
 
 log = logging.getLogger("results")
 
@@ -123,7 +124,7 @@ class Grid:
         """`learned` with the shipped policies: the sweep once per policy shipped for this block
         (e.g. trained at several alphas); the default pick keeps params without a `policy` key."""
         if sampler == "learned" and "policy" in params:
-            names = [e["path"] for e in catalog()]
+            names = [e["path"] for e in policies.catalog()]
             if self.policy or params["policy"] not in names:
                 raise DLLMError(f"learned setting policy={params['policy']!r}" + (f" with --policy {self.policy!r}"
                                 if self.policy else "") + f"; valid: one of them, and in a setting only a "
@@ -132,7 +133,7 @@ class Grid:
         if sampler != "learned" or self.policy:
             return [params]
 
-        names = variants_for(self.pretrained or BUNDLED_ID, block)
+        names = policies.variants_for(self.pretrained or BUNDLED_ID, block)
         return [params] + [params | {"policy": n} for n in names[1:]]
 
     def policy_dir(self, params: dict, block: int) -> Path:
@@ -147,9 +148,9 @@ class Grid:
                                 f"by `python -m train.grpo` (OUT/best or OUT/last)")
             return d
         if "policy" in params:
-            return HERE / params["policy"]
-        names = variants_for(model, block)
-        return HERE / names[0] if names else find_policy("", model_id=model, block=block, gen_length=block)
+            return policies.HERE / params["policy"]
+        names = policies.variants_for(model, block)
+        return policies.HERE / names[0] if names else find_policy("", model_id=model, block=block, gen_length=block)
 
     def policy_tag(self, params: dict, block: int) -> str:
         """A fingerprint of the one policy a `learned` run uses, part of its key: retraining that
@@ -169,7 +170,7 @@ class Grid:
 
     def has_policy(self) -> bool:
 
-        return bool(self.policy) or bool(shipped_for(self.pretrained or BUNDLED_ID))
+        return bool(self.policy) or bool(policies.shipped_for(self.pretrained or BUNDLED_ID))
 
     @property
     def model_tag(self) -> str:

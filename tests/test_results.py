@@ -189,11 +189,11 @@ def test_failure_kinds_and_the_failures_benchmark(capsys):
 def test_the_validation_benchmark_reads_the_validation_split(capsys):
     from benchmarks.validation import main
     from lm_eval_dllm.model import BUNDLED_ID
+    from lm_eval_dllm.tasks import modchain
     from policies import variants_for
-    from train.pretrain import final_answers_right
 
     docs = [{"answer": "1+1=2\n#### 2"}, {"answer": "2+2=4\n#### 4"}]
-    assert final_answers_right(["1+2=2\n#### 2", "2+2=4\n#### 5"], docs) == 1  # the final answer only
+    assert modchain.final_answers_right(["1+2=2\n#### 2", "2+2=4\n#### 5"], docs) == 1  # the final answer only
     main(["--limit", "4", "--block", "48", "--cutoffs", "0.1,0.9", "--taus", "0.9"])
     out = capsys.readouterr().out
     assert "on 4 modchain validation problems" in out
