@@ -38,6 +38,7 @@ class DLLMConfig:
     max_length: int | None = None  # context limit; None: the model's declared maximum
     truncation: str = "left"  # too-long prompts: "left" (drop the oldest tokens) or "error"
     trust_remote_code: bool = True
+    impl: str = "auto"  # auto: native LLaDA / Dream, remote code for others; native; remote
     revision: str | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)
     explicit: frozenset = frozenset()  # which fields the user set
@@ -82,6 +83,8 @@ class DLLMConfig:
             raise DLLMError(f"batch_size={self.batch_size} must be positive; valid: 1, 2, ...")
         if self.temperature is not None and self.temperature < 0:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
+        if self.impl not in ("auto", "native", "remote"):
+            raise DLLMError(f"impl={self.impl!r}; valid: auto, native, remote")
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 

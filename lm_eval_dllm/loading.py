@@ -1,13 +1,22 @@
-"""Load a dLLM (bundled tiny, LLaDA, Dream, generic) through transformers, with clear errors."""
+"""Load a dLLM (bundled tiny, LLaDA, Dream, generic), with clear errors.
+
+LLaDA and Dream load natively by default (`lm_eval_dllm.models`: no remote code, any
+transformers); `impl=remote` runs the checkpoint's own code through
+`AutoModel.from_pretrained(..., trust_remote_code=True)`, as every other dLLM does.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import transformers
 
+from .models import load_native, native_family
 from .spec import FamilySpec, spec_from
 from .utils import DLLMError
 
@@ -62,6 +71,40 @@ def resolve_pretrained(pretrained: str | os.PathLike) -> str:
     return str(pretrained)  # a hub id: transformers resolves it (or fails offline)
 
 
+IMPLS = ("auto", "native", "remote")
+# what a hub id needs for impl=native: config, weights, tokenizer (with its code), templates
+NATIVE_FILES = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def _hub_error(path: str, e: Exception) -> DLLMError:
+    # offline, unknown repo, no access: one line, not a traceback
+    return DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}")
+
+
+def read_config(path: str, revision: str | None) -> dict:
+    """config.json as a dict, with no code run (a hub id fetches that one file)."""
+    if Path(path).is_dir():
+        return json.loads((Path(path) / "config.json").read_text())
+    from huggingface_hub import hf_hub_download  # only hub ids need it
+
+    try:
+        return json.loads(Path(hf_hub_download(path, "config.json", revision=revision)).read_text())
+    except Exception as e:
+        raise _hub_error(path, e) from None
+
+
+def local_checkpoint(path: str, revision: str | None) -> Path:
+    """A local folder for `path` (a folder already, or a hub id fetched to the HF cache)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=NATIVE_FILES))
+    except Exception as e:
+        raise _hub_error(path, e) from None
+
+
 def load_tokenizer(pretrained: str, trust_remote_code: bool = True, revision: str | None = None):
     from transformers import AutoTokenizer
 
@@ -69,27 +112,83 @@ def load_tokenizer(pretrained: str, trust_remote_code: bool = True, revision: st
 
 
 def load(pretrained: str, dtype: str = "auto", device: str | None = None,
-         trust_remote_code: bool = True, revision: str | None = None):
-    """Returns (model in eval mode on device, tokenizer, FamilySpec)."""
+         trust_remote_code: bool = True, revision: str | None = None, impl: str = "auto"):
+    """Returns (model in eval mode on device, tokenizer, FamilySpec).
+
+    impl: auto (native for LLaDA and Dream, remote code for the rest), native, or remote."""
+    if impl not in IMPLS:
+        raise DLLMError(f"impl={impl!r}; valid: {', '.join(IMPLS)}")
+    path = resolve_pretrained(pretrained)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if torch_dtype == "auto" and dev.type == "cpu":
+        torch_dtype = torch.float32  # bf16 weights run slowly and inexactly on CPUs
+    native = impl != "remote" and native_family(config := read_config(path, revision)) is not None
+    if impl == "native" and not native:
+        raise DLLMError(f"impl=native: {path!r} is not a LLaDA or Dream checkpoint (model_type "
+                        f"{config.get('model_type')!r}); valid: impl=auto or impl=remote")
+    if native:
+        model, tokenizer, spec = _load_native(local_checkpoint(path, revision), torch_dtype, dev,
+                                              trust_remote_code)
+    else:
+        model, tokenizer, spec = _load_remote(path, torch_dtype, dev, trust_remote_code, revision)
+    log.info("loaded %s (%s family, %s, mask id %d, %s) on %s", path, spec.family,
+             "native" if native else "remote code", spec.mask_id,
+             next(model.parameters()).dtype, dev)
+    return model, tokenizer, spec
+
+
+def _load_native(path: Path, dtype, dev: torch.device, trust_remote_code: bool):
+    config = json.loads((path / "config.json").read_text())
+    tokenizer = _tokenizer(str(path), trust_remote_code, None)
+    spec = spec_from(SimpleNamespace(**config), tokenizer, name=str(path))
+    return load_native(path, config, dtype, dev), tokenizer, spec
+
+
+def _load_remote(path: str, dtype, dev: torch.device, trust_remote_code: bool, revision):
     from transformers import AutoConfig, AutoModel
 
     from . import tiny  # noqa: F401  (registers the bundled model class with AutoModel)
 
-    path = resolve_pretrained(pretrained)
-    torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-        tokenizer = load_tokenizer(path, trust_remote_code, revision)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DLLMError(f"cannot load pretrained {path!r}: {first}") from None
+        raise DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}") from None
+    except Exception as e:
+        raise _remote_failure(path, None, e) from None
+    tokenizer = _tokenizer(path, trust_remote_code, revision)
     spec: FamilySpec = spec_from(config, tokenizer, name=path)
-    if torch_dtype == "auto" and dev.type == "cpu":
-        torch_dtype = torch.float32  # bf16 weights run slowly and inexactly on CPUs
-    model = AutoModel.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                      revision=revision)
-    model.to(dev).eval()
-    log.info("loaded %s (%s family, mask id %d, %s) on %s", path, spec.family, spec.mask_id,
-             next(model.parameters()).dtype, dev)
-    return model, tokenizer, spec
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          revision=revision)
+    except OSError as e:  # missing weights, offline
+        raise DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}") from None
+    except Exception as e:
+        raise _remote_failure(path, config, e) from None
+    return model.to(dev).eval(), tokenizer, spec
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _remote_failure(path: str, config, e: Exception) -> Exception:
+    """The official LLaDA / Dream code fails under transformers 5 in known ways: say what to do."""
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        try:
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            pass
+    if native_family({"model_type": model_type}) is None:
+        return e  # not a family we can help with: the original error
+    return DLLMError(f"the remote code of {path!r} ({model_type}) does not load under transformers "
+                     f"{transformers.__version__}: {type(e).__name__}: {_first_line(e)}; valid: "
+                     f"impl=native (the default for {model_type})")
+
+
+def _tokenizer(path: str, trust_remote_code: bool, revision: str | None):
+    try:
+        return load_tokenizer(path, trust_remote_code, revision)
+    except OSError as e:
+        raise DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}") from None

@@ -46,7 +46,7 @@ class DLLM(LM):
             self.cfg = DLLMConfig.from_model_args(model_args)
             self.model, self.tokenizer, self.spec = load(
                 self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
-                self.cfg.trust_remote_code, self.cfg.revision)
+                self.cfg.trust_remote_code, self.cfg.revision, self.cfg.impl)
             self._device = next(self.model.parameters()).device
             if self.cfg.gen_length is not None:
                 self._block_for(self.cfg.gen_length)  # validate block against gen_length now
@@ -59,7 +59,7 @@ class DLLM(LM):
                                   device=self._device)
         except DLLMError as e:
             raise SystemExit(f"lm_eval_dllm: error: {e}") from None
-        self.forward = model_forward(self.model)
+        self.forward = model_forward(self.model, self.spec)
         self.is_bundled = not self.cfg.pretrained
         self._chat = False
         self._warned: set[str] = set()
@@ -240,6 +240,8 @@ class DLLM(LM):
         return {"dllm": {
             "pretrained": self.cfg.pretrained_path,
             "family": self.spec.family,
+            "impl": self.cfg.impl,
+            "model_class": type(self.model).__name__,  # NativeDLLM, or the class transformers built
             "sampler": self.cfg.sampler,
             "sampler_config": {k: v for k, v in vars(self.sampler.config).items()},
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,

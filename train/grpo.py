@@ -100,7 +100,7 @@ class Env:
 
         self.model, self.tok, self.spec = load(path or str(BUNDLED_DIR), cfg.dtype, str(device))
         self.model_id = cfg.pretrained or BUNDLED_ID
-        self.forward = model_forward(self.model)
+        self.forward = model_forward(self.model, self.spec)
         chat = None
         if cfg.apply_chat_template:
             def chat(msgs, add_generation_prompt=True, **kw):

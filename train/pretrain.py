@@ -206,7 +206,7 @@ def decode_modchain(model, tok, spec, docs: list[dict], sampler, block: int,
     for i in range(0, len(docs), batch_size):
         batch = docs[i:i + batch_size]
         prompts = [tok(modchain.prompt(d["question"]))["input_ids"] for d in batch]
-        res = diffuse(model_forward(model), prompts, spec, sampler, GEN_LENGTH, block,
+        res = diffuse(model_forward(model, spec), prompts, spec, sampler, GEN_LENGTH, block,
                       seeds=list(range(i, i + len(batch))))
         texts += [completion_text(toks, tok, spec) for toks in res.tokens.tolist()]
         nfe += int(res.nfe.sum())
