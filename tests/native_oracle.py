@@ -93,10 +93,12 @@ def patched(ref: str) -> str:
 
 
 def official_checkpoint(out: Path, revision: str, patch: bool = True, **kw) -> Path:
+    """A tiny random checkpoint of `revision` carrying the official code (patched unless told);
+    kw: build_tiny_checkpoint's sizes and settings."""
     family, files = CODE[revision]
     n_kv = 2 if family == "dream" else 4  # Dream-7B uses grouped-query attention, LLaDA-8B not
-    ck = build_tiny_checkpoint(out, family, d_model=32, n_heads=4, n_kv_heads=n_kv,
-                               logit_scale=LOGIT_SCALE, **kw)
+    kw = {"d_model": 32, "n_heads": 4, "n_kv_heads": n_kv, "logit_scale": LOGIT_SCALE} | kw
+    ck = build_tiny_checkpoint(out, family, **kw)
     for name, ref in files.items():
         if name.endswith(".py"):
             (ck / name).write_text(patched(ref) if patch else (REFERENCE / ref).read_text())
