@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_dllm.decode import diffuse
+from lm_eval_dllm.decode import diffuse, model_forward
+from lm_eval_dllm.loading import load
 from lm_eval_dllm.model import DLLM
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.testing import build_tiny_checkpoint
@@ -111,6 +112,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def bf16_report(ck: Path) -> dict:
+    """Unpadded logits with both models loaded in bfloat16: the same casts in the same places."""
+    ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for impl in ("native", "remote"):
+        model, _, spec = load(str(ck), dtype="bfloat16", device="cpu", impl=impl)
+        logits[impl] = model_forward(model, spec)(ids, torch.ones_like(ids)).float()
+    return {"unpadded_bf16": max_diff(logits["native"], logits["remote"]),
+            "max_abs_logit_bf16": float(logits["remote"].abs().max())}
+
+
 def logits_report(lms: dict[str, DLLM]) -> dict:
     fn, fo = lms["native"].forward, lms["remote"].forward
     spec, official = lms["native"].spec, lms["remote"].model
@@ -165,8 +177,6 @@ def decode_report(lms: dict[str, DLLM]) -> dict:
 
 def remote_errors(out: Path) -> dict:
     """What impl=remote says for the unpatched official code (LLaDA rev A, Dream)."""
-    from lm_eval_dllm.loading import load
-
     rep = {}
     for revision, family in (("llada-A", "llada"), ("dream", "dream")):
         ck = official_checkpoint(out / f"{revision}-unpatched", revision, patch=False)
@@ -188,7 +198,7 @@ def main(argv=None) -> None:
     ck = official_checkpoint(out / revision, revision)
     lms = {impl: DLLM(pretrained=str(ck), impl=impl, dtype="float32", device="cpu", gen_length=16,
                       block=8) for impl in ("native", "remote")}
-    report = {"logits": logits_report(lms)}
+    report = {"logits": logits_report(lms) | bf16_report(ck)}
     if decode:
         report["decode"] = decode_report(lms)
     print(json.dumps(report))
