@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .loading import IMPLS
 from .samplers import available_samplers, sampler_class, sampler_params
 from .samplers.base import _coerce
 from .utils import DLLMError
@@ -83,8 +84,8 @@ class DLLMConfig:
             raise DLLMError(f"batch_size={self.batch_size} must be positive; valid: 1, 2, ...")
         if self.temperature is not None and self.temperature < 0:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
-        if self.impl not in ("auto", "native", "remote"):
-            raise DLLMError(f"impl={self.impl!r}; valid: auto, native, remote")
+        if self.impl not in IMPLS:
+            raise DLLMError(f"impl={self.impl!r}; valid: {', '.join(IMPLS)}")
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 
