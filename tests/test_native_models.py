@@ -139,3 +139,13 @@ def test_native_batch_equals_single_rows(llada_ckpt):
     batch = diffuse(fwd, prompts, spec, s, 8, 4, seeds=list(range(4)))
     for i, p in enumerate(prompts):
         assert torch.equal(diffuse(fwd, [p], spec, s, 8, 4, seeds=[i]).tokens[0], batch.tokens[i])
+
+
+@pytest.mark.parametrize("family,key", [("llada", "weight_tying"), ("dream", "tie_word_embeddings")])
+def test_tied_output_layer_checkpoints_load_without_one(family, key, tmp_path):
+    ck = build_tiny_checkpoint(tmp_path / family, family, d_model=16, **{key: True})
+    assert json.loads((ck / "config.json").read_text())[key] is True
+    model, _, _ = load(str(ck), dtype="float32", device="cpu")
+    assert model.head is None  # the embedding matrix is the output layer
+    ids = torch.tensor([[5, 6, 7]])
+    assert model(ids)[0].shape == (1, 3, model.embed.weight.shape[0])
