@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .loading import IMPLS
 from .samplers import available_samplers, sampler_class, sampler_params
 from .samplers.base import _coerce
 from .tiny import BUNDLED_DIR
@@ -37,6 +38,7 @@ class DLLMConfig:
     max_length: int | None = None  # context limit; None: the model's declared maximum
     truncation: str = "left"  # too-long prompts: "left" (drop the oldest tokens) or "error"
     trust_remote_code: bool = True
+    impl: str = "auto"  # auto: native LLaDA / Dream, remote code for others; native; remote
     revision: str | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +82,8 @@ class DLLMConfig:
             raise DLLMError(f"batch_size={self.batch_size} must be positive; valid: 1, 2, ...")
         if self.temperature is not None and self.temperature < 0:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
+        if self.impl not in IMPLS:
+            raise DLLMError(f"impl={self.impl!r}; valid: {', '.join(IMPLS)}")
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
 from .utils import DLLMError
@@ -193,12 +194,34 @@ def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor
                            f"must commit at least one masked position of the current block")
 
 
-def model_forward(model) -> Forward:
-    """The plain strategy: a full forward over the canvas, no cache."""
+def positions_from(attn: torch.Tensor) -> torch.Tensor:
+    """(B, T) RoPE positions counted from each row's first real token (0 on left padding)."""
+    return (attn.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def model_forward(model, spec: FamilySpec) -> Forward:
+    """The plain strategy: a full forward over the canvas, no cache.
+
+    A native model (LLaDA, Dream) takes the ids, the 2-D mask and positions counted from each
+    row's first real token. Other models take transformers' keywords: a 2-D attention_mask, or,
+    where the family's code wants it (spec.mask_4d: Dream's remote code), what its own generation
+    code passes for a padded batch: a 4-D bool mask (B, 1, T, T) of real query/key pairs and
+    position ids counted from the first real token (1 on padding), and "full" when nothing is
+    padded."""
 
     @torch.no_grad()
     def forward(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=ids, attention_mask=attn)
+        if isinstance(model, NativeDLLM):
+            return model(ids, attn, positions_from(attn))[0]
+        if not spec.mask_4d:
+            out = model(input_ids=ids, attention_mask=attn)
+        elif bool(attn.all()):
+            out = model(input_ids=ids, attention_mask="full")
+        else:
+            real = attn.bool()
+            mask = real[:, None, None, :] & real[:, None, :, None]  # (B, 1, T, T)
+            pos = positions_from(attn).masked_fill(~real, 1)  # (B, T)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         return out.logits if hasattr(out, "logits") else out[0]
 
     return forward

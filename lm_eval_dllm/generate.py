@@ -43,7 +43,7 @@ class Generator:
     def __init__(self, model, tokenizer, spec: FamilySpec, *, model_id: str, device,
                  max_length: int | None = None, truncation: str = "left", early_exit: bool = True,
                  chat: bool = False):
-        self.forward = model_forward(model)
+        self.forward = model_forward(model, spec)
         self.tokenizer, self.spec, self.model_id = tokenizer, spec, model_id
         self.device = torch.device(device)
         self.early_exit = early_exit

@@ -1,15 +1,26 @@
-"""Load a dLLM (bundled tiny, LLaDA, Dream, generic) through transformers, with clear errors."""
+"""Load a dLLM (bundled tiny, LLaDA, Dream, generic), with clear errors.
+
+LLaDA and Dream load natively by default (`lm_eval_dllm.models`: no remote code, any
+transformers); `impl=remote` runs the checkpoint's own code through
+`AutoModel.from_pretrained(..., trust_remote_code=True)`, as every other dLLM does.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from . import tiny  # noqa: F401  (registers the bundled model class with AutoModel)
+from .models import load_native, native_family
 from .spec import FamilySpec, spec_from
 from .utils import DLLMError, check_safetensors
 
@@ -64,55 +75,139 @@ def resolve_pretrained(pretrained: str | os.PathLike) -> str:
     return str(pretrained)  # a hub id: transformers resolves it (or fails offline)
 
 
-def load_tokenizer(pretrained: str, trust_remote_code: bool = True, revision: str | None = None):
-    from transformers import AutoTokenizer
+IMPLS = ("auto", "native", "remote")
+# what a hub id needs for impl=native: config, weights, tokenizer (with its code), templates
+NATIVE_FILES = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
+
+def _hub_error(path: str, e: Exception) -> DLLMError:
+    # offline, unknown repo, no access: one line, not a traceback
+    return DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}")
+
+
+def read_config(path: str, revision: str | None) -> dict:
+    """config.json as a dict, with no code run (a hub id fetches that one file)."""
+    if Path(path).is_dir():
+        return json.loads((Path(path) / "config.json").read_text())
+    from huggingface_hub import hf_hub_download  # only hub ids need it
+
+    try:
+        return json.loads(Path(hf_hub_download(path, "config.json", revision=revision)).read_text())
+    except Exception as e:
+        raise _hub_error(path, e) from None
+
+
+def local_checkpoint(path: str, revision: str | None) -> Path:
+    """A local folder for `path` (a folder already, or a hub id fetched to the HF cache)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision, allow_patterns=NATIVE_FILES))
+    except Exception as e:
+        raise _hub_error(path, e) from None
+
+
+def load_tokenizer(pretrained: str, trust_remote_code: bool = True, revision: str | None = None):
     return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a checkpoint says about itself before any weights load (config, tokenizer, spec)."""
+    """What a checkpoint says about itself before any weights load (seconds, not minutes)."""
     path: str
-    config: Any
+    native: bool  # loaded by lm_eval_dllm.models (LLaDA, Dream) rather than its remote code
+    config: Any  # config.json as a dict (native), or the transformers config
     tokenizer: Any
     spec: FamilySpec
 
 
-def read_checkpoint(pretrained: str, trust_remote_code: bool = True,
-                    revision: str | None = None) -> Checkpoint:
-    """Config, tokenizer and FamilySpec: seconds, no weights (so settings can be checked first)."""
-    from transformers import AutoConfig
+def read_checkpoint(pretrained: str, trust_remote_code: bool = True, revision: str | None = None,
+                    impl: str = "auto") -> Checkpoint:
+    """Config, tokenizer and FamilySpec, no weights, so every setting can be checked first.
 
-    from . import tiny  # noqa: F401  (registers the bundled model class with AutoModel)
-
+    impl: auto (native for LLaDA and Dream, remote code for the rest), native, or remote."""
+    if impl not in IMPLS:
+        raise DLLMError(f"impl={impl!r}; valid: {', '.join(IMPLS)}")
     path = resolve_pretrained(pretrained)
+    native = False
+    if impl != "remote":
+        config = read_config(path, revision)
+        native = native_family(config) is not None
+        if impl == "native" and not native:
+            raise DLLMError(f"impl=native: {path!r} is not a LLaDA or Dream checkpoint (model_type "
+                            f"{config.get('model_type')!r}); valid: impl=auto or impl=remote")
+    if native:
+        tokenizer = _tokenizer(path, trust_remote_code, revision)
+        return Checkpoint(path, True, config, tokenizer,
+                          spec_from(SimpleNamespace(**config), tokenizer, name=path))
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
-        tokenizer = load_tokenizer(path, trust_remote_code, revision)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DLLMError(f"cannot load pretrained {path!r}: {first}") from None
-    return Checkpoint(path, config, tokenizer, spec_from(config, tokenizer, name=path))
+        raise DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}") from None
+    except Exception as e:
+        raise _remote_failure(path, None, e) from None
+    tokenizer = _tokenizer(path, trust_remote_code, revision)
+    return Checkpoint(path, False, config, tokenizer, spec_from(config, tokenizer, name=path))
 
 
 def load(pretrained: str, dtype: str = "auto", device: str | None = None,
-         trust_remote_code: bool = True, revision: str | None = None,
+         trust_remote_code: bool = True, revision: str | None = None, impl: str = "auto",
          checkpoint: Checkpoint | None = None):
     """Returns (model in eval mode on device, tokenizer, FamilySpec); `checkpoint` if already read."""
-    from transformers import AutoModel
-
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    ck = checkpoint or read_checkpoint(pretrained, trust_remote_code, revision)
-    path, spec = ck.path, ck.spec
     if torch_dtype == "auto" and dev.type == "cpu":
         torch_dtype = torch.float32  # bf16 weights run slowly and inexactly on CPUs
-    for f in sorted(Path(path).glob("*.safetensors")):  # a local checkpoint: whole files only
-        check_safetensors(f)
-    model = AutoModel.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                      revision=revision)
-    model.to(dev).eval()
-    log.info("loaded %s (%s family, mask id %d, %s) on %s", path, spec.family, spec.mask_id,
+    ck = checkpoint or read_checkpoint(pretrained, trust_remote_code, revision, impl)
+    if ck.native:
+        local = local_checkpoint(ck.path, revision)
+        _check_weights(local)
+        model = load_native(local, ck.config, torch_dtype, dev)
+    else:
+        if Path(ck.path).is_dir():
+            _check_weights(Path(ck.path))
+        try:
+            model = AutoModel.from_pretrained(ck.path, dtype=torch_dtype,
+                                              trust_remote_code=trust_remote_code, revision=revision)
+        except OSError as e:  # missing weights, offline
+            raise DLLMError(f"cannot load pretrained {ck.path!r}: {_first_line(e)}") from None
+        except Exception as e:
+            raise _remote_failure(ck.path, ck.config, e) from None
+        model = model.to(dev).eval()
+    log.info("loaded %s (%s family, %s, mask id %d, %s) on %s", ck.path, ck.spec.family,
+             "native" if ck.native else "remote code", ck.spec.mask_id,
              next(model.parameters()).dtype, dev)
-    return model, ck.tokenizer, spec
+    return model, ck.tokenizer, ck.spec
+
+
+def _check_weights(folder: Path) -> None:
+    for f in sorted(folder.glob("*.safetensors")):  # whole files only: a truncated one names itself
+        check_safetensors(f)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _remote_failure(path: str, config, e: Exception) -> Exception:
+    """The official LLaDA / Dream code fails under transformers 5 in known ways: say what to do."""
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        try:
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            pass
+    if native_family({"model_type": model_type}) is None:
+        return e  # not a family we can help with: the original error
+    return DLLMError(f"the remote code of {path!r} ({model_type}) does not load under transformers "
+                     f"{transformers.__version__}: {type(e).__name__}: {_first_line(e)}; valid: "
+                     f"impl=native (the default for {model_type})")
+
+
+def _tokenizer(path: str, trust_remote_code: bool, revision: str | None):
+    try:
+        return load_tokenizer(path, trust_remote_code, revision)
+    except OSError as e:
+        raise DLLMError(f"cannot load pretrained {path!r}: {_first_line(e)}") from None

@@ -51,7 +51,8 @@ class DLLM(LM):
         self.cfg = DLLMConfig.from_model_args(model_args)
         resolve_dtype(self.cfg.dtype)
         device = resolve_device(self.cfg.device)
-        ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision)
+        ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision,
+                             self.cfg.impl)
         self.spec = ck.spec
         if self.cfg.gen_length is not None:
             self._block_for(self.cfg.gen_length)  # validate block against gen_length now
@@ -216,6 +217,8 @@ class DLLM(LM):
         return {"dllm": {
             "pretrained": self.cfg.pretrained_path,
             "family": self.spec.family,
+            "impl": self.cfg.impl,
+            "model_class": type(self.model).__name__,  # NativeDLLM, or the class transformers built
             "sampler": self.cfg.sampler,
             "sampler_config": {k: v for k, v in vars(self.sampler.config).items()},
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,

@@ -13,8 +13,9 @@ from .utils import DLLMError
 
 # model_type (lower case) -> family facts that are not in the config
 FAMILIES = {
-    "llada": {"family": "llada", "shifted": False},
-    "dream": {"family": "dream", "shifted": True},  # logits at i predict token i + 1
+    "llada": {"family": "llada", "shifted": False, "mask_4d": False},
+    # logits at i predict token i + 1; its own code takes a 4-D mask plus position ids
+    "dream": {"family": "dream", "shifted": True, "mask_4d": True},
 }
 # turn-end tokens, looked up by string in the tokenizer (LLaDA's <|eot_id|>, Dream's <|im_end|>)
 TURN_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
@@ -31,6 +32,9 @@ class FamilySpec:
     max_length: int | None  # the model's context, if it declares one
     default_gen_length: int  # completion length when neither model_args nor the task sets one
     default_block: int  # block size when model_args set none (LLaDA's usual semi-AR block: 32)
+    # the family's own (remote) code takes a 4-D bool mask (B, 1, T, T) and position ids, as its
+    # generation code builds them, instead of a 2-D attention mask (Dream)
+    mask_4d: bool = False
 
 
 def _ids(v) -> list[int]:
@@ -42,7 +46,8 @@ def _ids(v) -> list[int]:
 def spec_from(config, tokenizer, name: str = "") -> FamilySpec:
     model_type = str(getattr(config, "model_type", "") or "").lower()
     fam = FAMILIES.get(model_type, {"family": model_type or "generic",
-                                    "shifted": bool(getattr(config, "logits_shifted", False))})
+                                    "shifted": bool(getattr(config, "logits_shifted", False)),
+                                    "mask_4d": False})
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None and tokenizer is not None:
         mask_id = tokenizer.mask_token_id
@@ -74,6 +79,7 @@ def spec_from(config, tokenizer, name: str = "") -> FamilySpec:
         stop_ids=stops,
         pad_id=int(pad),
         shifted=fam["shifted"],
+        mask_4d=fam["mask_4d"],
         suppress_ids=(int(mask_id),),
         max_length=max_len,
         default_gen_length=int(getattr(config, "dllm_gen_length", None) or 256),

@@ -20,14 +20,18 @@ def tiny_ckpt(tmp_path_factory):
 def llada_ckpt(tmp_path_factory):
     from lm_eval_dllm.testing import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("llada"), "llada", d_model=16)
+    # a 512-token context (the real one is 4,096): 5-shot prompts are truncated, so that the
+    # 126k-vocabulary output layer over the whole canvas stays fast
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("llada"), "llada", d_model=16,
+                                 max_sequence_length=512)
 
 
 @pytest.fixture(scope="session")
 def dream_ckpt(tmp_path_factory):
     from lm_eval_dllm.testing import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("dream"), "dream", d_model=16)
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("dream"), "dream", d_model=16,
+                                 max_position_embeddings=512)
 
 
 @pytest.fixture(scope="session")

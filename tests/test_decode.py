@@ -160,7 +160,7 @@ def test_trajectory_records_every_step():
 
 def test_tiny_model_batch_equals_single_and_is_reproducible(tiny_loaded):
     model, tok, sp = tiny_loaded
-    fwd = model_forward(model)
+    fwd = model_forward(model, sp)
     prompts = [tok(t)["input_ids"] for t in
                ["Q: 1+2*3\nA: ", "Q: 9-8*7+6-5\nA: ", "hi", "Q: 4*4*4*4+1-2\nA: ", "x" * 30,
                 "Q: 0\nA: ", "abc", "Q: 5+5+5+5\nA: "]]

@@ -12,7 +12,7 @@ from lm_eval_dllm.utils import DLLMError
 
 def test_llada_interface(llada_ckpt):
     model, tok, sp = load(str(llada_ckpt), dtype="float32", device="cpu")
-    assert type(model).__name__ == "LLaDAModelLM"  # remote code from the checkpoint folder
+    assert type(model).__name__ == "NativeDLLM"  # no remote code: the package's own LLaDA
     assert (sp.family, sp.mask_id, sp.shifted) == ("llada", 126336, False)
     assert 126081 in sp.stop_ids and 126348 in sp.stop_ids  # EOS and <|eot_id|>
     assert sp.suppress_ids == (126336,)

@@ -12,7 +12,8 @@ from .tokenizer import build_char_tokenizer
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-modchain"
 
 # Registering the class in-process lets AutoModel load the bundled checkpoint with no remote
-# code; LLaDA and Dream take the same AutoModel call with their own remote code.
+# code; other dLLMs take the same AutoModel call with their own remote code (LLaDA and Dream
+# load natively, lm_eval_dllm.models).
 AutoConfig.register(TinyDLLMConfig.model_type, TinyDLLMConfig, exist_ok=True)
 AutoModel.register(TinyDLLMConfig, TinyDLLMModel, exist_ok=True)
 

@@ -1,7 +1,7 @@
 """A small bidirectional transformer trained with the masked-diffusion objective.
 
 It is a plain transformers `PreTrainedModel`, so it loads with `AutoModel.from_pretrained`
-through exactly the path LLaDA and Dream take; `forward(input_ids, attention_mask)` returns
+through the path any remote-code dLLM takes; `forward(input_ids, attention_mask)` returns
 logits aligned with positions (logit at i predicts token i), as LLaDA's do.
 
 Positions are counted from each row's first real token (cumsum of the attention mask), so a
