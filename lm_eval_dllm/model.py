@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .config import DLLMConfig
 from .decode import check_block, diffuse, model_forward
 from .loading import load
+from .parallel import DataParallel
 from .samplers import make_sampler
 from .text import PromptFitter, completion_text, stop_strings
 from .utils import DLLMError
@@ -39,13 +40,14 @@ LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
 SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
 
 
-class DLLM(LM):
+class DLLM(DataParallel, LM):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         try:
             self.cfg = DLLMConfig.from_model_args(model_args)
+            device = self._join(self.cfg.device)  # under accelerate launch: rank, world size, local device
             self.model, self.tokenizer, self.spec = load(
-                self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
+                self.cfg.pretrained_path, self.cfg.dtype, device,
                 self.cfg.trust_remote_code, self.cfg.revision)
             self._device = next(self.model.parameters()).device
             if self.cfg.gen_length is not None:
@@ -179,11 +181,12 @@ class DLLM(LM):
             raise SystemExit(f"lm_eval_dllm: error: {e}") from None
         pbar.close()
         ordered = collator.get_original(results)
-        for req, (_, st) in zip(requests, ordered):
-            st = {"task": req.task_name, "doc_id": req.doc_id} | st
-            self.stats[req.task_name].append(st)
-            SAMPLE_STATS[(req.task_name, req.doc_id)].append(st)
-        self._log_summary()
+        stats = [{"task": req.task_name, "doc_id": req.doc_id} | st for req, (_, st) in zip(requests, ordered)]
+        for st in self._gather_stats(requests, stats):  # every rank's on rank 0, padding copies left out
+            self.stats[st["task"]].append(st)
+            SAMPLE_STATS[(st["task"], st["doc_id"])].append(st)
+        if self.rank == 0:
+            self._log_summary()
         return [text for text, _ in ordered]
 
     def _generate_batch(self, chunk) -> list[tuple[str, dict]]:
