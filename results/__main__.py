@@ -6,6 +6,7 @@
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
+    accelerate launch --multi_gpu --num_processes 8 -m results --pretrained ...   # each run over 8 GPUs
 
 Runs go through `lm_eval.simple_evaluate`, so every number is what the CLI would print. Raw results
 are kept under results/runs/ keyed by their settings; finished runs are skipped (resume by rerunning).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
-from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, run_grid
+from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, main_process, run_grid
 from .report import REF, figures, load_rows, tables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -81,6 +82,8 @@ def _run(a, grid: Grid) -> None:
         return
     if a.command == "run":
         paths = run_grid(grid)
+        if not main_process():  # under accelerate launch: the main process reports
+            return
     else:
         paths = report_paths(grid)
     report(grid, paths, a.nfe_budget, update_readme=not a.no_readme and a.default_setup)

@@ -2,6 +2,7 @@
 
 Every run's raw lm-eval results JSON is kept under `<out>/runs/<model>/<task>/<key>.json`, keyed by
 its settings; a rerun skips runs whose file exists, so an interrupted sweep resumes where it stopped.
+Under `accelerate launch` every process runs each run's share of documents and the main one writes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -207,6 +209,11 @@ def policy_fingerprint(d: Path) -> str:
     return h.hexdigest()[:8]
 
 
+def main_process() -> bool:
+    """False in the processes other than the first of a launch (accelerate launch, torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_grid(grid: Grid) -> list[Path]:
     """Run every missing (task, setting); returns the paths of all runs of the grid."""
     import lm_eval
@@ -218,7 +225,9 @@ def run_grid(grid: Grid) -> list[Path]:
     log.info("grid: %d runs, %d already on disk, %d to run", len(todo), len(todo) - len(missing),
              len(missing))
     tm = TaskManager() if missing else None
-    bar = tqdm(missing, desc="results grid", dynamic_ncols=True)
+    # every process decided `missing` before the first run (whose collectives wait for all of
+    # them), so all take the same runs in the same order; lm-eval returns results on rank 0 only
+    bar = tqdm(missing, desc="results grid", dynamic_ncols=True, disable=not main_process())
     for task, s in bar:
         bar.set_postfix_str(f"{task} {s.key}")
         t0 = time.time()
@@ -227,6 +236,8 @@ def run_grid(grid: Grid) -> list[Path]:
             tasks=[task], limit=grid.limit, task_manager=tm, device=grid.extra.get("device"),
             random_seed=grid.seed, numpy_random_seed=grid.seed, torch_random_seed=grid.seed,
             fewshot_random_seed=grid.seed, log_samples=False)
+        if res is None:  # not the main process: its share is in rank 0's results
+            continue
         res.pop("samples", None)
         res["dllm_setting"] = {"sampler": s.sampler, "params": dict(s.params), "block": s.block,
                                "task": task, "limit": grid.limit, "seed": grid.seed, "dtype": grid.dtype,

@@ -1,11 +1,12 @@
 """One GRPO update on fixed rollouts, this process's share of them (run by tests/test_grpo_parallel.py).
 
-    python tests/grpo_dp_worker.py OUT.pt step                                              # all rollouts
-    accelerate launch --multi_gpu --num_processes 2 tests/grpo_dp_worker.py OUT.pt step   # half each
+    python tests/grpo_dp_worker.py OUT.pt                                              # all rollouts
+    accelerate launch --multi_gpu --num_processes 2 tests/grpo_dp_worker.py OUT.pt   # half each
 
 The rollouts are built from a fixed seed, not rolled out, so every process count sees the same
 ones: 4 prompts x 4 rollouts, each rollout with 1-5 steps, so halves hold unequal step counts.
-The main process saves the policy's parameters after the update.
+One update per --loss-norm, each from the same start; the main process saves the parameters
+after each, {loss_norm: state_dict}.
 """
 
 import sys
@@ -42,20 +43,23 @@ def share(batch: dict, adv: torch.Tensor, rank: int, world: int) -> tuple[dict, 
     return mine, adv[lo:hi]
 
 
-def main(out: str, loss_norm: str) -> None:
+def main(out: str) -> None:
     acc = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    policy = UnmaskPolicy(PolicyConfig())
-    cfg = GRPOConfig(loss_norm=loss_norm)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     batch, adv = share(*fixed_rollouts(), acc.process_index, acc.num_processes)
-    ddp, opt = acc.prepare(policy, opt)
-    update(ddp, acc.unwrap_model(ddp), opt, sched, batch, adv, cfg, acc)
+    params = {}
+    for norm in ("step", "rollout"):
+        torch.manual_seed(0)
+        policy = UnmaskPolicy(PolicyConfig())
+        cfg = GRPOConfig(loss_norm=norm)
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        ddp, opt = acc.prepare(policy, opt)
+        update(ddp, acc.unwrap_model(ddp), opt, sched, batch, adv, cfg, acc)
+        params[norm] = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(ddp).state_dict().items()}
     if acc.is_main_process:
-        torch.save({k: v.cpu() for k, v in acc.unwrap_model(ddp).state_dict().items()}, out)
+        torch.save(params, out)
     acc.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

@@ -34,21 +34,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _update(launch: list[str], out: Path, norm: str) -> dict:
-    r = subprocess.run([sys.executable] + launch + [str(WORKER), str(out), norm],
+def _update(launch: list[str], out: Path) -> dict:
+    r = subprocess.run([sys.executable] + launch + [str(WORKER), str(out)],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["step", "rollout"])
-def test_two_processes_make_one_process_update(norm, tmp_path):
+def test_two_processes_make_one_process_update(tmp_path):
+    """Per loss normalisation: with "step", halves hold unequal step counts, so averaging the
+    processes' own means would be off (by 1e-4 here); the global count puts it within 1e-6."""
     torch.manual_seed(0)
     init = UnmaskPolicy(PolicyConfig()).state_dict()  # what the worker starts from
-    one = _update([], tmp_path / "one.pt", norm)
+    one = _update([], tmp_path / "one.pt")
     two = _update(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--main_process_port", str(_free_port())], tmp_path / "two.pt", norm)
-    assert all(not torch.equal(one[k], init[k]) for k in init)  # the update moved every parameter
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert diff <= 1e-6, diff
+                   "--main_process_port", str(_free_port())], tmp_path / "two.pt")
+    for norm in ("step", "rollout"):
+        assert all(not torch.equal(one[norm][k], init[k]) for k in init)  # the update moved every parameter
+        diff = max((one[norm][k] - two[norm][k]).abs().max().item() for k in init)
+        assert diff <= 1e-6, (norm, diff)
