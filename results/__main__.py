@@ -2,6 +2,7 @@
 
     python -m results                         # default grid on the bundled model, then report
     python -m results --preset testbed        # the README's testbed table only (fewer runs)
+    python -m results --preset paper --pretrained GSAI-ML/LLaDA-8B-Instruct --policy P --dry-run   # plan, cost
     python -m results report                  # rebuild tables/figures from runs on disk
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
-from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, main_process, run_grid
+from .grid import DEFAULT_DTYPE, PRESETS, SWEEPS, TESTBED, Grid, main_process, run_grid
+from .plan import plan
 from .report import REF, figures, load_rows, tables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -37,11 +39,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds"])
     g = p.add_argument_group("grid")
-    g.add_argument("--preset", choices=["default", "testbed"], default="default",
-                   help="default: every sampler's sweep; testbed: the README's sampler table")
+    g.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="default: every sampler's sweep; testbed: the README's sampler table; paper: the "
+                   "seed paper's grid (L 256, blocks 32 and 256, GSM8K, MATH-500, HumanEval, MBPP; results/grid.py)")
     g.add_argument("--pretrained", default=None, help="model (default: the bundled tiny dLLM)")
-    g.add_argument("--tasks", default="modchain", help="comma-separated lm-eval tasks")
-    g.add_argument("--blocks", default="8,16,48", help="comma-separated block sizes (>= L: full diffusion)")
+    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (default: the preset's)")
+    g.add_argument("--blocks", default=None, help="comma-separated block sizes, >= L: full diffusion "
+                   "(default: the preset's)")
+    g.add_argument("--gen-length", type=int, default=None, help="generation length L (default: the preset's; "
+                   "the default preset: each task's max_gen_toks)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and an upper bound of its device "
+                   "hours from a short timing probe of the model; run nothing")
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
     g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
     g.add_argument("--policies", action="append", default=[], help="seeds: comma-separated policy folders "
@@ -61,15 +69,19 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     # the README shows the default grid only: another model, policy, dtype, seed, task or limit
     # writes its tables and figures but leaves the README alone
-    a.default_setup = all(getattr(a, k) == p.get_default(k)
-                          for k in ("pretrained", "policy", "dtype", "seed", "tasks", "limit"))
+    a.default_setup = a.preset != "paper" and all(getattr(a, k) == p.get_default(k) for k in (
+        "pretrained", "policy", "dtype", "seed", "tasks", "limit", "gen_length"))
+    preset = PRESETS[a.preset]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
-    grid = Grid(tasks=a.tasks.split(","), blocks=_ints(a.blocks), samplers=a.samplers.split(","),
+    grid = Grid(tasks=a.tasks.split(",") if a.tasks else list(preset.tasks),
+                blocks=_ints(a.blocks) if a.blocks else list(preset.blocks), samplers=a.samplers.split(","),
                 pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
                 out=a.out, only=TESTBED if a.preset == "testbed" else None,
-                policy=a.policy, dtype=a.dtype, extra={"device": a.device})
+                policy=a.policy, dtype=a.dtype, extra={"device": a.device},
+                gen_length=a.gen_length or preset.gen_length, fewshot=dict(preset.fewshot),
+                require_policy=preset.require_policy)
     try:
         _run(a, grid)
     except DLLMError as e:
@@ -79,6 +91,10 @@ def main(argv=None) -> None:
 def _run(a, grid: Grid) -> None:
     if a.command == "seeds":
         seeds(grid, *[[x for x in g.split(",") if x] for g in a.policies or [""]])
+        return
+    if a.command == "run" and a.dry_run:
+        if main_process():
+            print(plan(grid))
         return
     if a.command == "run":
         paths = run_grid(grid)

@@ -67,18 +67,3 @@ def test_two_processes_report_what_one_does(tmp_path):
     assert all(s["dllm"]["rank"] == s["doc_id"] % 2 for s in two_s)
     assert all("rank" not in s["dllm"] for s in one_s)
 
-
-@pytest.mark.slow
-def test_results_grid_under_accelerate(tmp_path):
-    """`python -m results` under a 2-process launch: the main process writes the run file once,
-    over all documents (that two processes score as one does is the test above), and reports."""
-    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(_free_port())]
-    args = ["-m", "results", "--tasks", "modchain", "--blocks", "48", "--samplers", "margin", "--limit", "3",
-            "--batch-size", "2", "--no-readme", "--out", str(tmp_path)]
-    r = subprocess.run([sys.executable] + launch + args, capture_output=True, text=True, env=ENV, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (f,) = (tmp_path / "runs").rglob("*.json")
-    run = json.loads(f.read_text())
-    assert run["config"]["dllm"]["per_task"]["modchain"]["n"] == 3 and run["n-samples"]["modchain"]["effective"] == 3
-    assert (tmp_path / "bundled" / "tables.md").exists()
