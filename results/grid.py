@@ -135,7 +135,7 @@ class Grid:
         if "learned" in samplers and not self.has_policy():
             msg = (f"no shipped policy for {self.pretrained or 'the bundled model'}; valid: --policy "
                    f"<folder>, the OUT/best of " + " or ".join(f"`{c}`" for c in self.train_commands())
-                   + f", or --samplers without learned")
+                   + ", or --samplers without learned")
             if self.require_policy:
                 from lm_eval_dllm.utils import DLLMError
 
