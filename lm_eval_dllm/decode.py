@@ -74,22 +74,49 @@ def check_block(block: int | None, gen_length: int) -> int:
     return block
 
 
-def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]):
-    """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy."""
-    if temperature > 0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits, dim=-1)  # (b, L, V)
-    p = logp.exp()
-    if temperature > 0:
-        # Gumbel-max with each row's own generator: a row's draw does not depend on its batch
-        u = row_uniforms(generators, logits.shape[1:], logits.device)  # (b, L, V)
-        x0 = (logp - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)  # (b, L)
-    else:
-        x0 = logits.argmax(-1)  # (b, L)
-    conf = p.gather(-1, x0[..., None]).squeeze(-1)  # (b, L)
-    top2 = p.topk(2, dim=-1).values  # (b, L, 2)
-    margin = top2[..., 0] - top2[..., 1]
-    entropy = torch.special.entr(p).sum(-1)  # (b, L), 0 log 0 = 0
+# Elements of one chunk of the statistics' float32 temporaries (16 MB each). The statistics need
+# log-probabilities, probabilities and entropy terms over the whole vocabulary; for LLaDA
+# (V = 126,464) at L = 256 one such tensor is 130 MB per row, so holding them for the whole batch
+# caps the batch long before the model does. Chunks of at least 32 positions keep the per-position
+# reductions on the same kernels as one pass over everything (bitwise-equal results on CPU).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
+            chunk_elements: int = CHUNK_ELEMENTS):
+    """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy.
+
+    Computed chunk by chunk (whole rows while they fit in `chunk_elements`, else runs of positions
+    of one row), so the extra memory is a few chunks plus, with temperature, one row's noise.
+    """
+    b, L, V = logits.shape
+    rows_per = max(1, chunk_elements // (L * V))  # rows per group; 1 when one row is bigger than a chunk
+    pos_per = L if rows_per > 1 else min(L, max(32, chunk_elements // V))  # positions per chunk
+    x0 = torch.empty((b, L), dtype=torch.long, device=logits.device)
+    conf, margin, entropy = (torch.empty((b, L), dtype=logits.dtype, device=logits.device)
+                             for _ in range(3))
+    for r in range(0, b, rows_per):
+        rs = slice(r, r + rows_per)
+        if temperature > 0:
+            # Gumbel-max with each row's own generator: a row's draw does not depend on its batch.
+            # Drawn as one (L, V) call per row, as ever, so the stream is the same on every device
+            u = row_uniforms(generators[rs], (L, V), logits.device)  # (r, L, V)
+        for s in range(0, L, pos_per):
+            ps = slice(s, s + pos_per)
+            lg = logits[rs, ps]  # (r, c, V)
+            if temperature > 0:
+                lg = lg / temperature
+            logp = F.log_softmax(lg, dim=-1)  # (r, c, V)
+            p = logp.exp()
+            if temperature > 0:
+                x0[rs, ps] = (logp - torch.log(-torch.log(u[:, ps].clamp_min(1e-20)))).argmax(-1)
+            else:
+                x0[rs, ps] = lg.argmax(-1)
+            conf[rs, ps] = p.gather(-1, x0[rs, ps, None]).squeeze(-1)
+            top2 = p.topk(2, dim=-1).values  # (r, c, 2)
+            margin[rs, ps] = top2[..., 0] - top2[..., 1]
+            entropy[rs, ps] = torch.special.entr(p).sum(-1)  # 0 log 0 = 0
+            del logp, p  # free this chunk's temporaries before the next chunk allocates its own
     return x0, conf, margin, entropy
 
 

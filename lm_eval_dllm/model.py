@@ -25,6 +25,7 @@ from .config import DLLMConfig
 from .decode import check_block
 from .generate import Generator, chat_prompt
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
+from .parallel import DataParallel
 from .policy import policy_for
 from .samplers import make_sampler
 from .tasks import BUNDLED_TASKS
@@ -42,7 +43,7 @@ LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
 SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
 
 
-class DLLM(LM):
+class DLLM(DataParallel, LM):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         self._warned: set[str] = set()
@@ -50,7 +51,7 @@ class DLLM(LM):
         # DLLMError, which lm-eval's CLI prints as one line (lm_eval_dllm._hook)
         self.cfg = DLLMConfig.from_model_args(model_args)
         resolve_dtype(self.cfg.dtype)
-        device = resolve_device(self.cfg.device)
+        device = resolve_device(self._join(self.cfg.device))  # launched: rank, world size, local device
         ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision,
                              self.cfg.impl)
         self.spec = ck.spec
@@ -64,7 +65,7 @@ class DLLM(LM):
             policy_for(self.sampler.wanted_policy(), model_id=self.model_id, block=min(block0, L0),
                        gen_length=L0, device=device)  # fail now, not mid-run (no such policy, bad file)
         self.model, self.tokenizer, self.spec = load(
-            self.cfg.pretrained_path, self.cfg.dtype, self.cfg.device,
+            self.cfg.pretrained_path, self.cfg.dtype, str(device),
             self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
         self._device = next(self.model.parameters()).device
         self.gen = Generator(self.model, self.tokenizer, self.spec, model_id=self.model_id,
@@ -169,11 +170,12 @@ class DLLM(LM):
             pbar.set_postfix(nfe=f"{sum(nfe) / len(nfe):.1f}")
         pbar.close()
         ordered = collator.get_original(results)
-        for req, (_, st) in zip(requests, ordered):
-            st = {"task": req.task_name, "doc_id": req.doc_id} | st
-            self.stats[req.task_name].append(st)
-            SAMPLE_STATS[(req.task_name, req.doc_id)].append(st)
-        self._log_summary()
+        stats = [{"task": req.task_name, "doc_id": req.doc_id} | st for req, (_, st) in zip(requests, ordered)]
+        for st in self._gather_stats(requests, stats):  # every rank's on rank 0, padding copies left out
+            self.stats[st["task"]].append(st)
+            SAMPLE_STATS[(st["task"], st["doc_id"])].append(st)
+        if self.rank == 0:
+            self._log_summary()
         return [text for text, _ in ordered]
 
     def _generate_batch(self, chunk) -> list[tuple[str, dict]]:

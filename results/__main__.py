@@ -2,10 +2,12 @@
 
     python -m results                         # default grid on the bundled model, then report
     python -m results --preset testbed        # the testbed table's settings only (fewer runs)
+    python -m results --preset paper --pretrained GSAI-ML/LLaDA-8B-Instruct --policy P --dry-run   # plan, cost
     python -m results report                  # rebuild tables/figures (and results/README.md) from runs on disk
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
+    accelerate launch --multi_gpu --num_processes 8 -m results --pretrained ...   # each run over 8 GPUs
 
 Runs go through `lm_eval.simple_evaluate`, so every number is what the CLI would print. Raw results
 are kept under results/runs/ keyed by their settings; finished runs are skipped (resume by rerunning).
@@ -27,7 +29,8 @@ from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.utils import DLLMError, atomic_write
 import policies
 
-from .grid import DEFAULT_DTYPE, SWEEPS, TESTBED, Grid, run_grid
+from .grid import DEFAULT_DTYPE, PRESETS, SWEEPS, TESTBED, Grid, main_process, run_grid
+from .plan import plan
 from .report import REF, best_within, block_name, figures, load_rows, tables
 
 HERE = Path(__file__).resolve().parent
@@ -57,11 +60,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds"])
     g = p.add_argument_group("grid")
-    g.add_argument("--preset", choices=["default", "testbed"], default="default",
-                   help="default: every sampler's sweep; testbed: the testbed table's settings")
+    g.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="default: every sampler's sweep; testbed: the testbed table's settings; paper: the "
+                   "seed paper's grid (L 256, blocks 32 and 256, GSM8K, MATH-500, HumanEval, MBPP; results/grid.py)")
     g.add_argument("--pretrained", default=None, help="model (default: the bundled tiny dLLM)")
-    g.add_argument("--tasks", default="modchain", help="comma-separated lm-eval tasks")
-    g.add_argument("--blocks", default="8,16,48", help="comma-separated block sizes (>= L: full diffusion)")
+    g.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (default: the preset's)")
+    g.add_argument("--blocks", default=None, help="comma-separated block sizes, >= L: full diffusion "
+                   "(default: the preset's)")
+    g.add_argument("--gen-length", type=int, default=None, help="generation length L (default: the preset's; "
+                   "the default preset: each task's max_gen_toks)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and an upper bound of its device "
+                   "hours from a short timing probe of the model; run nothing")
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
     g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
     g.add_argument("--policies", action="append", default=[], help="seeds: comma-separated policy folders "
@@ -78,18 +87,23 @@ def main(argv=None) -> None:
     o.add_argument("--nfe-budget", type=float, default=None, help="fixed NFE budget of the block-size "
                    "figure's left panel (default L/4; its right panel uses threshold tau=0.9's NFE per block)")
     a = p.parse_args(argv)
-    # results/README.md shows the default grid only: another model, policy, dtype, seed, task, limit
-    # or output folder writes its tables and figures but leaves results/README.md alone
-    a.default_setup = a.out.resolve() == HERE and all(
-        getattr(a, k) == p.get_default(k) for k in ("pretrained", "policy", "dtype", "seed", "tasks", "limit"))
+    # results/README.md shows the default grid only: another model, policy, dtype, seed, task, limit,
+    # generation length or output folder writes its tables and figures but leaves it alone
+    a.default_setup = a.out.resolve() == HERE and a.preset != "paper" and all(
+        getattr(a, k) == p.get_default(k)
+        for k in ("pretrained", "policy", "dtype", "seed", "tasks", "limit", "gen_length"))
+    preset = PRESETS[a.preset]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
     try:
-        grid = Grid(tasks=a.tasks.split(","), blocks=_ints(a.blocks), samplers=a.samplers.split(","),
+        grid = Grid(tasks=a.tasks.split(",") if a.tasks else list(preset.tasks),
+                    blocks=_ints(a.blocks) if a.blocks else list(preset.blocks), samplers=a.samplers.split(","),
                     pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
                     out=a.out, only=TESTBED if a.preset == "testbed" else None,
-                    policy=a.policy, dtype=a.dtype, extra={"device": a.device})
+                    policy=a.policy, dtype=a.dtype, extra={"device": a.device},
+                    gen_length=a.gen_length or preset.gen_length, fewshot=dict(preset.fewshot),
+                    require_policy=preset.require_policy)
         _run(a, grid)
     except DLLMError as e:
         raise SystemExit(f"results: error: {e}") from None
@@ -99,8 +113,14 @@ def _run(a, grid: Grid) -> None:
     if a.command == "seeds":
         seeds(grid, *[[x for x in g.split(",") if x] for g in a.policies or [""]])
         return
+    if a.command == "run" and a.dry_run:
+        if main_process():
+            print(plan(grid))
+        return
     if a.command == "run":
         paths = run_grid(grid)
+        if not main_process():  # under accelerate launch: the main process reports
+            return
     else:
         paths = report_paths(grid)
     report(grid, paths, a.nfe_budget, results_readme=a.default_setup)

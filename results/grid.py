@@ -2,6 +2,7 @@
 
 Every run's raw lm-eval results JSON is kept under `<out>/runs/<model>/<task>/<key>.json`, keyed by
 its settings; a rerun skips runs whose file exists, so an interrupted sweep resumes where it stopped.
+Under `accelerate launch` every process runs each run's share of documents and the main one writes.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lm_eval
+import torch
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
@@ -55,6 +58,27 @@ TESTBED = [("confidence", {"k": 1}), ("random", {"k": 1}), ("confidence", {"k": 
 
 
 @dataclass(frozen=True)
+class Preset:
+    tasks: tuple[str, ...]
+    blocks: tuple[int, ...]
+    gen_length: int | None = None  # None: each task's max_gen_toks
+    fewshot: tuple[tuple[str, int], ...] = ()  # (task, shots); a task not named keeps its own count
+    require_policy: bool = False  # `learned` without a policy is an error (with the command to train one)
+
+
+PRESETS = {
+    "default": Preset(tasks=("modchain",), blocks=(8, 16, 48)),
+    "testbed": Preset(tasks=("modchain",), blocks=(8, 16, 48)),
+    # the seed paper's grid: L = 256, semi-autoregressive block 32 and full diffusion (256).
+    # Few-shot counts as Fast-dLLM evaluates LLaDA (GSM8K 5, MATH 4, HumanEval 0); MBPP runs
+    # 0-shot because mbpp_dllm's data (the hub's test split) carries no few-shot split
+    "paper": Preset(tasks=("gsm8k", "minerva_math500_dllm", "humaneval_dllm", "mbpp_dllm"), blocks=(32, 256),
+                    gen_length=256, fewshot=(("gsm8k", 5), ("minerva_math500_dllm", 4), ("humaneval_dllm", 0),
+                                             ("mbpp_dllm", 0)), require_policy=True),
+}
+
+
+@dataclass(frozen=True)
 class Setting:
     sampler: str
     params: tuple  # sorted (key, value) pairs
@@ -79,8 +103,11 @@ class Setting:
         p = ", ".join(f"{k}={v}" for k, v in self.params)
         return f"{self.sampler}({p})" if p else self.sampler
 
-    def model_args(self, pretrained: str | None, batch_size: int, seed: int, dtype: str = "auto") -> str:
+    def model_args(self, pretrained: str | None, batch_size: int, seed: int, dtype: str = "auto",
+                   gen_length: int | None = None) -> str:
         args = {"sampler": self.sampler, "block": self.block, "batch_size": batch_size, "seed": seed}
+        if gen_length:
+            args["gen_length"] = gen_length
         if dtype != "auto":
             args["dtype"] = dtype
         if pretrained:
@@ -105,14 +132,21 @@ class Grid:
     policy: str = ""  # policy folder for `learned` ("" = the shipped one for the model and block)
     dtype: str = DEFAULT_DTYPE
     extra: dict = field(default_factory=dict)
+    gen_length: int | None = None  # None: each task's max_gen_toks
+    fewshot: dict = field(default_factory=dict)  # task -> shots; a task not named keeps its own count
+    require_policy: bool = False  # `learned` without a policy: an error, not a skipped sampler
 
     def settings(self) -> list[Setting]:
         pairs = self.only if self.only is not None else [
             (s, p) for s in self.samplers for p in SWEEPS.get(s, [{}])]
         samplers = list(self.samplers)
         if "learned" in samplers and not self.has_policy():
-            log.warning("results: skipping sampler 'learned': no shipped policy for %s; valid: "
-                        "--policy <folder from train.grpo>", self.pretrained or "the bundled model")
+            msg = (f"no shipped policy for {self.pretrained or 'the bundled model'}; valid: --policy "
+                   f"<folder>, the OUT/best of " + " or ".join(f"`{c}`" for c in self.train_commands())
+                   + ", or --samplers without learned")
+            if self.require_policy:
+                raise DLLMError(msg)
+            log.warning("results: skipping sampler 'learned': %s", msg)
             samplers.remove("learned")
         ends = (min(self.blocks), max(self.blocks)) if self.blocks else ()
         return [Setting.make(s, q, b, self.policy, self.policy_tag(q, b) if s == "learned" else "")
@@ -168,6 +202,16 @@ class Grid:
         except (OSError, ValueError, KeyError, TypeError, DLLMError):
             return False  # unreadable, or its policy is no longer shipped
 
+    def train_commands(self) -> list[str]:
+        """The `python -m train.grpo` command that trains a policy for this grid's model, per block
+        (on its first task, at its generation length)."""
+        from train.grpo import GRPOConfig, command_line  # imported here: results needs train only for this
+
+        return [command_line(GRPOConfig(task=self.tasks[0], pretrained=self.pretrained or "", block=b,
+                                        gen_length=self.gen_length,
+                                        out=f"runs/grpo-{self.model_tag}-{self.tasks[0]}-B{b}"))
+                for b in self.blocks]
+
     def has_policy(self) -> bool:
 
         return bool(self.policy) or bool(policies.shipped_for(self.pretrained or BUNDLED_ID))
@@ -179,7 +223,9 @@ class Grid:
     def run_dir(self, task: str) -> Path:
         lim = f"-limit{self.limit}" if self.limit else ""
         dt = f"-{self.dtype}" if self.dtype != "auto" else ""
-        return self.out / "runs" / self.model_tag / self.fingerprint / f"{task}{lim}{dt}-seed{self.seed}"
+        gl = f"-L{self.gen_length}" if self.gen_length else ""
+        shots = f"-{self.fewshot[task]}shot" if task in self.fewshot else ""
+        return self.out / "runs" / self.model_tag / self.fingerprint / f"{task}{gl}{shots}{lim}{dt}-seed{self.seed}"
 
     @property
     def fingerprint(self) -> str:
@@ -216,6 +262,11 @@ def run_file_ok(path: Path) -> bool:
         return False
 
 
+def main_process() -> bool:
+    """False in the processes other than the first of a launch (accelerate launch, torchrun)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_grid(grid: Grid) -> list[Path]:
     """Run every missing (task, setting); returns the paths of all runs of the grid."""
     todo = [(t, s) for t in grid.tasks for s in grid.settings()]
@@ -223,19 +274,31 @@ def run_grid(grid: Grid) -> list[Path]:
     log.info("grid: %d runs, %d already on disk, %d to run", len(todo), len(todo) - len(missing),
              len(missing))
     tm = TaskManager() if missing else None
-    bar = tqdm(missing, desc="results grid", dynamic_ncols=True)
+    # every process decided `missing` before the first run (whose collectives wait for all of
+    # them), so all take the same runs in the same order; lm-eval returns results on rank 0 only
+    bar = tqdm(missing, desc="results grid", dynamic_ncols=True, disable=not main_process())
     for task, s in bar:
         bar.set_postfix_str(f"{task} {s.key}")
         t0 = time.time()
         res = lm_eval.simple_evaluate(
-            model="dllm", model_args=s.model_args(grid.pretrained, grid.batch_size, grid.seed, grid.dtype),
-            tasks=[task], limit=grid.limit, task_manager=tm, device=grid.extra.get("device"),
+            model="dllm", model_args=s.model_args(grid.pretrained, grid.batch_size, grid.seed, grid.dtype,
+                                                  grid.gen_length),
+            tasks=[task], num_fewshot=grid.fewshot.get(task), limit=grid.limit, task_manager=tm,
+            device=grid.extra.get("device"),
             random_seed=grid.seed, numpy_random_seed=grid.seed, torch_random_seed=grid.seed,
             fewshot_random_seed=grid.seed, log_samples=False)
+        if res is None:  # not the main process: its share is in rank 0's results
+            continue
         res.pop("samples", None)
         res["dllm_setting"] = {"sampler": s.sampler, "params": dict(s.params), "block": s.block,
                                "task": task, "limit": grid.limit, "seed": grid.seed, "dtype": grid.dtype,
                                "pretrained": grid.pretrained or "bundled",
                                "run_seconds": round(time.time() - t0, 2)}
+        if task in grid.fewshot:
+            res["dllm_setting"]["num_fewshot"] = grid.fewshot[task]
+        if grid.gen_length:
+            res["dllm_setting"]["gen_length"] = grid.gen_length
         atomic_write_json(grid.path(task, s), json.loads(json.dumps(res, default=str)))
+    if missing and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the files are written before any process looks for the next grid's
     return [grid.path(t, s) for t, s in todo]

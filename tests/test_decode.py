@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lm_eval_dllm.decode import check_block, diffuse, model_forward
+from benchmarks.stats_memory import propose_reference
+from lm_eval_dllm.decode import check_block, diffuse, model_forward, propose
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.spec import FamilySpec
 from lm_eval_dllm.utils import DLLMError
@@ -173,3 +174,21 @@ def test_tiny_model_batch_equals_single_and_is_reproducible(tiny_loaded):
             one = diffuse(fwd, [p], sp, s, 24, 8, seeds=[i])
             assert torch.equal(one.tokens[0], batch.tokens[i]), (name, i)
             assert one.nfe.item() == batch.nfe[i].item()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("shape,chunk", [((3, 37, 50), 500), ((3, 37, 50), 3 * 37 * 50), ((5, 8, 50), 1000),
+                                         ((2, 40, 126_464), None)])
+def test_propose_chunked_equals_one_pass(temperature, shape, chunk):
+    """Chunked statistics are bitwise those of one pass over the batch (the former propose), on
+    uneven chunks of positions, groups of rows, one chunk, and LLaDA's vocabulary at the default."""
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(shape, generator=g) * 4  # (b, L, V)
+    lg[..., 3] = float("-inf")  # a suppressed token
+    lg[0, 1, 7] = 1e4  # a position with zero entropy
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(shape[0])]  # noqa: E731
+    kw = {} if chunk is None else {"chunk_elements": chunk}
+    new = propose(lg, temperature, gens(), **kw)
+    old = propose_reference(lg, temperature, gens())
+    for n, o in zip(new, old):
+        assert n.dtype == o.dtype and torch.equal(n, o)

@@ -37,7 +37,7 @@ ALLOWED = {
     "lm_eval_dllm": {"lm_eval_dllm", "policies"},
     "policies": {"policies"},
     "train": {"train", "lm_eval_dllm"},
-    "results": {"results", "lm_eval_dllm", "policies"},
+    "results": {"results", "lm_eval_dllm", "policies", "train"},  # train: the command to make a policy
     "benchmarks": {"benchmarks", "lm_eval_dllm", "policies", "results"},
 }
 

@@ -2,7 +2,7 @@
 
     python -m train.grpo --task modchain --block 48 --alpha 1.0 --out runs/grpo-modchain-B48
     python -m train.grpo ... --resume                      # continue a killed run
-    accelerate launch --num_processes 2 -m train.grpo ...  # data parallel over rollouts
+    accelerate launch --multi_gpu --num_processes 2 -m train.grpo ...  # data parallel over prompts
 
 Each step: sample prompts from the task's training split (its own prompt format), roll out a group
 of completions per prompt through the same decode loop as evaluation with the policy sampling its
@@ -10,6 +10,11 @@ actions, score each with the task's own filters + metric times the NFE discount,
 advantages, and make --inner-steps clipped policy-gradient updates by replaying the stored per-step
 features through the policy (the dLLM is not re-run). Validation on the task's validation split;
 the best policy by validation reward is kept in OUT/best, the latest in OUT/last.
+
+Under `accelerate launch` each process rolls out --prompts-per-step prompts of one shared draw
+(with the seeds one process would give them), the loss is normalised over all processes' rollouts
+and gradients are averaged, so the update is the one a single process makes on the whole batch;
+validation is split over processes, and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from lm_eval_dllm.text import stop_strings
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
-from .grpo_loss import clipped_pg_loss, group_advantages
+from .grpo_loss import clipped_pg_loss, group_advantages, loss_count
 
 log = logging.getLogger("train.grpo")
 
@@ -168,17 +173,41 @@ def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: 
     with torch.no_grad():  # the behaviour policy: the one that sampled the actions
         old = bernoulli_logprob(policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
     a = adv[batch["row"]]  # (N,) each step inherits its rollout's advantage
+    per_rollout = cfg.loss_norm == "rollout"
+    total = None
+    if acc.num_processes > 1:
+        # DDP averages the processes' gradients: each divides its share's sum by the count over
+        # all shares over the process count, so shares of unequal size (rollouts of different
+        # lengths) weigh as they do when one process holds the whole batch
+        n = torch.tensor([float(loss_count(batch["row"], per_rollout))], device=acc.device)
+        total = acc.reduce(n, reduction="sum") / acc.num_processes
     losses = []
     for _ in range(cfg.inner_steps):
         logp = bernoulli_logprob(ddp_policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
-        loss = clipped_pg_loss(logp, old, a, cfg.clip_eps, batch["row"] if cfg.loss_norm == "rollout" else None)
+        loss = clipped_pg_loss(logp, old, a, cfg.clip_eps, batch["row"] if per_rollout else None, total)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(ddp_policy.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append((loss if total is None else acc.reduce(loss.detach(), reduction="mean")).item())
     return losses
+
+
+def step_prompts(cfg: GRPOConfig, step: int, n_train: int, rank: int = 0, world: int = 1) -> tuple[list[int], list[int]]:
+    """This process's training prompts of a step (indices, each --group times in a row) and their
+    rollout seeds: its slice of one draw of world x --prompts-per-step prompts, seeded by global
+    rollout index, so the processes roll out together what one process drawing them all would."""
+    k = cfg.prompts_per_step
+    if k * world > n_train:
+        raise DLLMError(f"--prompts-per-step {k} x {world} processes > {n_train} {cfg.train_split} "
+                        f"prompts; valid: at most {n_train // world}")
+    rng = random.Random(cfg.seed * 1_000_003 + step * 1_009)
+    picks = rng.sample(range(n_train), k * world)[rank * k:(rank + 1) * k]
+    n = k * cfg.group
+    # the 0 stands where the process index once was, so a single process draws as it always has
+    seeds = [hash((cfg.seed, step, 0, rank * n + j)) % (2**62) for j in range(n)]
+    return [i for i in picks for _ in range(cfg.group)], seeds
 
 
 def command_line(cfg: GRPOConfig) -> str:
@@ -315,7 +344,8 @@ def keep_log_until(path: Path, step: int) -> None:
 
 def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
     check_config(cfg, resume, overwrite)
-    acc = Accelerator(cpu=(cfg.device == "cpu"))
+    # without a GPU accelerate must be told so, or a launch leaves every process alone as rank 0
+    acc = Accelerator(cpu=(cfg.device == "cpu" or not torch.cuda.is_available()))
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     env = Env(cfg, acc.device)
@@ -386,10 +416,8 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo", disable=not acc.is_main_process, dynamic_ncols=True)
     while step < cfg.steps:
         t0 = time.time()
-        rng = random.Random(cfg.seed * 1_000_003 + step * 1_009 + acc.process_index)
-        picks = rng.sample(range(len(train_prompts)), cfg.prompts_per_step)
-        prompts = [train_prompts[i] for i in picks for _ in range(cfg.group)]
-        seeds = [hash((cfg.seed, step, acc.process_index, k)) % (2**62) for k in range(len(prompts))]
+        picks, seeds = step_prompts(cfg, step, len(train_prompts), acc.process_index, acc.num_processes)
+        prompts = [train_prompts[i] for i in picks]
         traj, rewards, scores, nfes, _ = env.rollout(acc.unwrap_model(ddp_policy), prompts, seeds)
         adv = group_advantages(rewards, cfg.group)
         batch = {k: v.to(acc.device) for k, v in stack_steps(traj, features).items()}
@@ -423,8 +451,9 @@ def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
     """The policy in `mode` (sampling with fixed seeds, or greedy) on held-out prompts, sharded
     over processes. Greedy by default: what evaluation with `mode=greedy` runs, without the
     sampling noise that would otherwise decide which checkpoint is kept."""
-    mine = prompts[acc.process_index::acc.num_processes]
-    _, rewards, scores, nfes, _ = env.rollout(policy, mine, list(range(len(mine))), mode=mode, record=False)
+    idx = range(acc.process_index, len(prompts), acc.num_processes)
+    mine = [prompts[i] for i in idx]  # seeded by index in the whole set: the same draws whatever the split
+    _, rewards, scores, nfes, _ = env.rollout(policy, mine, list(idx), mode=mode, record=False)
     m = torch.tensor([rewards.sum(), scores.sum(), nfes.sum(), float(len(mine))], device=acc.device)
     m = acc.reduce(m, reduction="sum").tolist()
     return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}

@@ -39,6 +39,8 @@ def row_uniforms(generators: list[torch.Generator], shape, device) -> torch.Tens
     """(rows, *shape) uniform draws in [0, 1), row i from generators[i] on that generator's own
     device (torch refuses a CUDA generator for a CPU draw), then moved to `device`: a row's draw
     never depends on which rows share its batch. Every per-row random draw goes through here."""
+    if len(generators) == 1:  # one row: no stacked copy (a row of LLaDA's noise is 130 MB)
+        return torch.rand(shape, generator=generators[0], device=generators[0].device)[None].to(device)
     return torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
