@@ -62,7 +62,7 @@ def plan(grid: Grid) -> str:
 
     model, tok, spec = load(grid.pretrained or str(BUNDLED_DIR), grid.dtype, grid.extra.get("device"))
     device = next(model.parameters()).device
-    forward = model_forward(model)
+    forward = model_forward(model, spec)
     vocab = getattr(model.config, "vocab_size", None) or len(tok)
     fit = PromptFitter(spec.max_length)
     tm = TaskManager()

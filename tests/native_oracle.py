@@ -124,7 +124,7 @@ def bf16_report(ck: Path) -> dict:
 
 
 def logits_report(lms: dict[str, DLLM]) -> dict:
-    fn, fo = lms["native"].forward, lms["remote"].forward
+    fn, fo = lms["native"].gen.forward, lms["remote"].gen.forward
     spec, official = lms["native"].spec, lms["remote"].model
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.mask_id + 1, (3, 12), generator=g)  # (B, T) mask token included
@@ -157,9 +157,9 @@ def decode_report(lms: dict[str, DLLM]) -> dict:
         res = {}
         for impl, lm in lms.items():
             sampler = make_sampler(name, args)
-            sampler.bind(model_id=lm.model_id, block=8, gen_length=16, device="cpu")
+            lm.gen.attach_policy(sampler, 8, 16)  # the shipped policy, as evaluation loads it
             prompts = [lm.tokenizer(p)["input_ids"] for p in PROMPTS]
-            res[impl] = diffuse(lm.forward, prompts, lm.spec, sampler, 16, 8, seeds=list(range(8)))
+            res[impl] = diffuse(lm.gen.forward, prompts, lm.spec, sampler, 16, 8, seeds=list(range(8)))
         nat, rem = res["native"], res["remote"]
         out[name] = {
             "native_equals_remote": bool(torch.equal(nat.tokens, rem.tokens)),
@@ -170,7 +170,7 @@ def decode_report(lms: dict[str, DLLM]) -> dict:
         if name == "threshold":
             lm = lms["native"]
             out[name]["batch8_equals_batch1"] = all(
-                torch.equal(diffuse(lm.forward, [p], lm.spec, sampler, 16, 8, seeds=[i]).tokens[0],
+                torch.equal(diffuse(lm.gen.forward, [p], lm.spec, sampler, 16, 8, seeds=[i]).tokens[0],
                             nat.tokens[i]) for i, p in enumerate(prompts))
     return out
 

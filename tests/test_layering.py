@@ -75,5 +75,5 @@ def test_every_per_row_draw_uses_the_generators_device(monkeypatch, tiny_loaded)
     samplers = [make_sampler("random", {"k": 2}),
                 LearnedSampler.from_policy(UnmaskPolicy(PolicyConfig(block=8, gen_length=16)))]
     for sampler in samplers:
-        diffuse(model_forward(model), [[5, 6, 7], [8]], spec, sampler, 16, 8, temperature=0.7)
+        diffuse(model_forward(model, spec), [[5, 6, 7], [8]], spec, sampler, 16, 8, temperature=0.7)
     assert len(calls) > 10 and all(g and same for g, same in calls), calls[:5]

@@ -174,4 +174,4 @@ def test_an_empty_prompt_is_refused_at_every_batch_size(tiny_loaded, prompts):
 
     model, _, spec = tiny_loaded
     with pytest.raises(DLLMError, match=r"empty prompt \(row \d+ of \d+\); valid: at least one prompt token"):
-        diffuse(model_forward(model), prompts, spec, make_sampler("confidence", {}), 8, 8)
+        diffuse(model_forward(model, spec), prompts, spec, make_sampler("confidence", {}), 8, 8)
