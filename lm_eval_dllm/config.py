@@ -37,6 +37,9 @@ class DLLMConfig:
     early_exit: bool = True
     max_length: int | None = None  # context limit; None: the model's declared maximum
     truncation: str = "left"  # too-long prompts: "left" (drop the oldest tokens) or "error"
+    mc_num: int = 128  # loglikelihood: Monte-Carlo draws of the ELBO per request (LLaDA's default)
+    mc_batch: int = 8  # loglikelihood: draws whose mask counts are stratified together (LLaDA: 8)
+    ll_pad: bool | None = None  # loglikelihood: score continuation + EOS up to gen_length; None: model's
     trust_remote_code: bool = True
     revision: str | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +85,10 @@ class DLLMConfig:
             raise DLLMError(f"batch_size={self.batch_size} must be positive; valid: 1, 2, ...")
         if self.temperature is not None and self.temperature < 0:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
+        if self.mc_num <= 0:
+            raise DLLMError(f"mc_num={self.mc_num} must be a positive integer; valid: 1, 2, ... (LLaDA: 128)")
+        if self.mc_batch <= 0:
+            raise DLLMError(f"mc_batch={self.mc_batch} must be a positive integer; valid: 1, 2, ... (LLaDA: 8)")
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 
