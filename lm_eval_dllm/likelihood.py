@@ -36,10 +36,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .decode import Forward
 from .spec import FamilySpec
 from .utils import DLLMError
 
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, attn) -> (B, T, V) logits
 EXACT_MAX_TOKENS = 16  # enumerate every mask pattern only for targets this short (2^16 rows at most)
 
 
@@ -92,7 +92,7 @@ def plan(L: int, mc_num: int, mc_batch: int, seed: int, exact: bool | None = Non
     every pattern when that takes no more rows than mc_num draws (and L <= EXACT_MAX_TOKENS).
     """
     if L < 1:
-        raise ValueError(f"empty target (L={L}); valid: at least one target token")
+        raise DLLMError(f"empty target (L={L}); valid: at least one target token")
     if exact is None:
         exact = L <= EXACT_MAX_TOKENS and 2**L - 1 <= mc_num
     if exact:
@@ -139,7 +139,7 @@ def rolling_windows(ids: list[int], max_length: int, prefix: int) -> list[tuple[
     is the sum over windows; every window after the first sees half a context of history.
     """
     if max_length < 2:
-        raise ValueError(f"max_length={max_length}; valid: at least 2 (one context and one target token)")
+        raise DLLMError(f"max_length={max_length}; valid: at least 2 (one context and one target token)")
     out = []
     first = ids[: max_length - 1]
     if first:
@@ -190,7 +190,7 @@ def elbo_loglikelihoods(
     reqs = []
     for ctx, tgt, seed in pairs:
         if not ctx:
-            raise ValueError("empty context; valid: at least one token (a BOS/EOS prefix)")
+            raise DLLMError("empty context; valid: at least one token (a BOS/EOS prefix)")
         masks, w = plan(len(tgt), mc_num, mc_batch, seed, exact)
         full = masks.all(-1).nonzero()
         if len(full):

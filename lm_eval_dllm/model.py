@@ -123,6 +123,7 @@ class DLLM(LM):
         """ELBO estimates (see `likelihood`): (log-likelihood, is_greedy) per (context, continuation)."""
         if not requests:
             return []
+        self._warn_task_mismatch({r.task_name for r in requests})
         pad = self.cfg.ll_pad if self.cfg.ll_pad is not None else self.spec.ll_pad
         pad_to = (self.cfg.gen_length or self.spec.default_gen_length) if pad else 0
         try:
@@ -144,6 +145,7 @@ class DLLM(LM):
         of the model's context (max_length; no limit when the model declares none)."""
         if not requests:
             return []
+        self._warn_task_mismatch({r.task_name for r in requests})
         limit = self.cfg.max_length or self.spec.max_length
         items, owner = [], []
         try:
@@ -195,12 +197,11 @@ class DLLM(LM):
         t0 = time.perf_counter()
         out = elbo_loglikelihoods(self.forward, items, self.spec, self.cfg.mc_num, self.cfg.mc_batch,
                                   self.cfg.batch_size, device=self._device, on_done=pbar.update)
-        wall = (time.perf_counter() - t0) / len(items)
+        wall = (time.perf_counter() - t0) / max(len(items), 1)
         pbar.close()
         return [((ll, g), f) for ll, g, f in out], wall
 
     def _record_ll(self, requests, stats: list[dict]) -> None:
-        self._warn_task_mismatch({r.task_name for r in requests})
         for req in requests:  # a new run of these docs replaces what an earlier run measured
             SAMPLE_STATS.pop((req.task_name, req.doc_id), None)
         for req, st in zip(requests, stats):

@@ -151,6 +151,7 @@ def test_loglikelihood_rolling_sums_its_windows(tiny_ckpt):
     parts = lm.loglikelihood(_requests([("", doc[:7]), (doc[3:7], doc[7:11]), (doc[4:11], doc[11:])]),
                              disable_tqdm=True)
     assert abs(rolled - sum(ll for ll, _ in parts)) < 1e-6
+    assert lm.loglikelihood_rolling(_requests([("",)], "loglikelihood_rolling"), disable_tqdm=True) == [0.0]
 
 
 def test_split_pair_moves_whitespace_only_when_the_tokenizer_needs_it():
