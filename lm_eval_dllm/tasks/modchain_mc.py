@@ -12,10 +12,12 @@ chain that ends in another final answer:
                        slip:  3+8=1\\n1*4=4\\n4-2=5\\n5+9=4\\n4*3=2\\n#### 2
 
 The four final answers differ. When fewer than three slips change the final answer (a chain
-whose tail multiplies by 10), the rest copy a wrong digit into the `####` line instead. Slips, distractor order and the position of the right answer come
-from a generator seeded by the question, so the file is the same on every machine. The task
-scores the choices by log-likelihood (`output_type: multiple_choice`): accuracy is how often the
-right chain gets the highest (estimated) log-likelihood; chance is 25 %. The context is the
+whose tail multiplies by 10), the rest copy a wrong digit into the `####` line instead. Slips,
+distractor order and the position of the right answer come from a generator seeded by the
+question, so the file is the same on every machine.
+
+The task scores the choices by log-likelihood (`output_type: multiple_choice`): accuracy is how
+often the right chain gets the highest (estimated) log-likelihood; chance is 25 %. The context is the
 generation task's prompt exactly (`modchain.prompt`, trailing space included, no delimiter), so
 context + choice is token for token what the model writes when it generates the answer.
 """
