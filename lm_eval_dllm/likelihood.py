@@ -17,8 +17,8 @@ value does not depend on which other requests share its forward batch, nor on th
 
 `is_greedy`: every target token is the model's argmax at its position when the whole target is
 masked at once (one extra forward unless the plan already has that pattern). LLaDA's own check
-unmasks the target one most-confident token at a time (|target| forwards); a target that passes
-this one-step check also passes that one in practice, not by construction.
+unmasks the target one most-confident token at a time (|target| forwards); the two rules can
+disagree (a later token may be the argmax only once earlier ones are visible).
 
 Pure helpers (`mask_counts`, `draw_masks`, `all_patterns`, `plan`, `rolling_windows`) plus one
 batched runner, `elbo_loglikelihoods`, that is handed the model as a `forward(ids, attn)` strategy,

@@ -216,3 +216,15 @@ def test_cli_modchain_mc_and_a_local_arc_style_task(tmp_path):
     assert 0 <= res["results"]["arc_local"]["acc,none"] <= 1 and res["results"]["arc_local"]["ll_forwards,none"] > 0
     sample = json.loads(open(glob.glob(str(tmp_path / "out" / "*" / "samples_arc_local_*.jsonl"))[0]).readline())
     assert len(sample["dllm"]) == 4 and all(s["ll_forwards"] >= 1 for s in sample["dllm"])
+
+
+@pytest.mark.slow
+def test_the_loglikelihood_benchmark_prints_its_table(capsys):
+    from benchmarks.loglikelihood import main
+
+    with pytest.raises(SystemExit, match="--limit 0; valid: a positive number of questions"):
+        main(["--limit", "0"])
+    main(["--limit", "2", "--no-write", "--mc-num", "1", "--plain-mc-num"])
+    out = capsys.readouterr().out
+    assert "(2 questions" in out and out.count("\n| ") == 2  # header and one row
+    assert "| yes (default)" in out
