@@ -8,10 +8,7 @@ modchain_mc` offline and reads the results JSON that run writes: accuracy (chanc
 forwards each request cost (`ll_forwards`: mc_num draws, plus one all-masked row for is_greedy
 when no draw masked the whole target) and seconds per request. Each question has four choices, so
 a question costs four requests; each run uses one torch thread unless --threads says otherwise
-(on a shared 2-core machine two threads per run were three times slower). The settings are the
-bundled model's default scoring (each choice followed by EOS padding up to its 48-position canvas,
-`ll_pad` from its config) at several mc_num, and the plain estimate of the continuation alone
-(`ll_pad=false`) for comparison.
+(on a shared 2-core machine two threads per run were three times slower).
 """
 
 from __future__ import annotations
@@ -51,35 +48,28 @@ def run_lm_eval(model_args: str, limit: int | None, out_dir: str, threads: int) 
 
 def main(argv=None) -> None:
     p = parser(__doc__, OUT)
-    p.add_argument("--mc-num", type=int, nargs="+", default=[1, 8, 16],
-                   help="mc_num values of the default scoring, one run each")
-    p.add_argument("--plain-mc-num", type=int, nargs="*", default=[8],
-                   help="mc_num values of the plain estimate (ll_pad=false), one run each")
+    p.add_argument("--mc-num", type=int, nargs="+", default=[1, 8, 32], help="mc_num values, one run each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per lm_eval run (0: torch's default)")
     a = p.parse_args(argv)
     if a.limit is not None and a.limit < 1:
         raise SystemExit(f"benchmarks.loglikelihood: error: --limit {a.limit}; valid: a positive number of questions")
-    settings = [(mc, "") for mc in a.mc_num] + [(mc, ",ll_pad=false") for mc in a.plain_mc_num]
     rows, n = [], None
-    for mc, extra in settings:
+    for mc in a.mc_num:
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_lm_eval(f"mc_num={mc},batch_size={a.batch_size}{extra}", a.limit, tmp, a.threads)
+            res = run_lm_eval(f"mc_num={mc},batch_size={a.batch_size}", a.limit, tmp, a.threads)
         r = res["results"][TASK]
         n = res["n-samples"][TASK]["effective"]
-        rows.append([mc, "no (plain)" if extra else "yes (default)",
-                     f"{100 * r['acc,none']:.1f} ± {100 * r['acc_stderr,none']:.1f}",
+        rows.append([mc, f"{100 * r['acc,none']:.1f} ± {100 * r['acc_stderr,none']:.1f}",
                      f"{100 * r['acc_norm,none']:.1f}", f"{r['ll_forwards,none']:.2f}",
                      f"{1000 * r['wall_s,none']:.1f}"])
-    head = ["mc_num", "EOS-padded canvas (ll_pad)", "acc % (± stderr)", "acc_norm %", "forwards / request",
+    head = ["mc_num", "acc % (± stderr)", "acc_norm %", "forwards / request",
             "ms / request"]
     table = tabulate(rows, head, tablefmt="github")
     text = (f"`python -m benchmarks.loglikelihood`: the bundled model on `{TASK}` ({n} questions, four "
             f"choices each, chance 25 %), `lm_eval --model dllm --model_args mc_num=M,batch_size={a.batch_size} "
-            f"--tasks {TASK}` on CPU, float32, {a.threads or 'default'} torch thread(s) (`,ll_pad=false` "
-            f"for the plain rows). By default the bundled "
-            f"model scores each choice followed by EOS padding up to its 48-position canvas (its config's "
-            f"`dllm_ll_pad`), so the four choices of a question share their mask draws; the plain estimate "
-            f"scores the continuation alone.\n\n{table}\n")
+            f"--tasks {TASK}` on CPU, float32, {a.threads or 'default'} torch thread(s). The choices of a "
+            f"question with the same number of tokens share their mask draws (the seed comes from the "
+            f"context).\n\n{table}\n")
     finish(text, OUT, a)
 
 

@@ -39,7 +39,6 @@ class DLLMConfig:
     truncation: str = "left"  # too-long prompts: "left" (drop the oldest tokens) or "error"
     mc_num: int = 128  # loglikelihood: Monte-Carlo draws of the ELBO per request (LLaDA's default)
     mc_batch: int = 8  # loglikelihood: draws whose mask counts are stratified together (LLaDA: 8)
-    ll_pad: bool | None = None  # loglikelihood: score continuation + EOS up to gen_length; None: model's
     trust_remote_code: bool = True
     revision: str | None = None
     sampler_args: dict[str, Any] = field(default_factory=dict)

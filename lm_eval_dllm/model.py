@@ -124,14 +124,11 @@ class DLLM(LM):
         if not requests:
             return []
         self._warn_task_mismatch({r.task_name for r in requests})
-        pad = self.cfg.ll_pad if self.cfg.ll_pad is not None else self.spec.ll_pad
-        pad_to = (self.cfg.gen_length or self.spec.default_gen_length) if pad else 0
         try:
             items = []
             for req in requests:
                 context, continuation = req.args[0], req.args[1]
                 ctx, tgt = split_pair(self._tokenize, context, continuation)
-                tgt = tgt + [self.spec.pad_id] * (pad_to - len(tgt))  # EOS padding, when ll_pad
                 items.append((self._ll_context(ctx, tgt), tgt, self._ll_seed(context)))
             res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood")
         except DLLMError as e:

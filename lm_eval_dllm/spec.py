@@ -31,9 +31,6 @@ class FamilySpec:
     max_length: int | None  # the model's context, if it declares one
     default_gen_length: int  # completion length when neither model_args nor the task sets one
     default_block: int  # block size when model_args set none (LLaDA's usual semi-AR block: 32)
-    # loglikelihood scores continuation + EOS padding up to default_gen_length when model_args
-    # set no ll_pad: a model trained on a fixed completion canvas (the bundled one) reads it so
-    ll_pad: bool = False
 
 
 def _ids(v) -> list[int]:
@@ -81,5 +78,4 @@ def spec_from(config, tokenizer, name: str = "") -> FamilySpec:
         max_length=max_len,
         default_gen_length=int(getattr(config, "dllm_gen_length", None) or 256),
         default_block=int(getattr(config, "dllm_block", None) or 32),
-        ll_pad=bool(getattr(config, "dllm_ll_pad", False)),
     )

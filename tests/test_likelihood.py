@@ -224,7 +224,6 @@ def test_the_loglikelihood_benchmark_prints_its_table(capsys):
 
     with pytest.raises(SystemExit, match="--limit 0; valid: a positive number of questions"):
         main(["--limit", "0"])
-    main(["--limit", "2", "--no-write", "--mc-num", "1", "--plain-mc-num"])
+    main(["--limit", "2", "--no-write", "--mc-num", "1"])
     out = capsys.readouterr().out
     assert "(2 questions" in out and out.count("\n| ") == 2  # header and one row
-    assert "| yes (default)" in out

@@ -114,7 +114,6 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
         max_position=128, mask_token_id=tok.mask_token_id, pos_encoding=cfg.pos_encoding,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dllm_gen_length=GEN_LENGTH,
-        dllm_ll_pad=True,  # trained on answer + EOS padding: loglikelihood scores that canvas
     )
     model = TinyDLLMModel(mconf)
     stages = []
