@@ -37,6 +37,8 @@ class DLLMConfig:
     early_exit: bool = True
     max_length: int | None = None  # context limit; None: the model's declared maximum
     truncation: str = "left"  # too-long prompts: "left" (drop the oldest tokens) or "error"
+    mc_num: int = 128  # loglikelihood: Monte-Carlo draws of the ELBO per request (LLaDA's default)
+    mc_batch: int = 8  # loglikelihood: draws whose mask counts are stratified together (LLaDA: 8)
     trust_remote_code: bool = True
     impl: str = "auto"  # auto: native LLaDA / Dream, remote code for others; native; remote
     revision: str | None = None
@@ -84,6 +86,10 @@ class DLLMConfig:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
         if self.impl not in IMPLS:
             raise DLLMError(f"impl={self.impl!r}; valid: {', '.join(IMPLS)}")
+        if self.mc_num <= 0:
+            raise DLLMError(f"mc_num={self.mc_num} must be a positive integer; valid: 1, 2, ... (LLaDA: 128)")
+        if self.mc_batch <= 0:
+            raise DLLMError(f"mc_batch={self.mc_batch} must be a positive integer; valid: 1, 2, ... (LLaDA: 8)")
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 

@@ -11,6 +11,7 @@ under `"dllm"` in what `--log_samples` writes (see `lm_eval_dllm._hook`).
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections import defaultdict
 from typing import Any
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from .config import DLLMConfig
 from .decode import check_block
 from .generate import Generator, chat_prompt
+from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .parallel import DataParallel
 from .policy import policy_for
@@ -118,13 +120,88 @@ class DLLM(DataParallel, LM):
         return float(gen_kwargs.get("temperature", 0.0) or 0.0)
 
     # ---------------------------------------------------------------- lm-eval interface
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError("dllm: loglikelihood is not supported yet; use generation tasks "
-                                  "(output_type: generate_until), e.g. gsm8k or modchain")
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """ELBO estimates (see `likelihood`): (log-likelihood, is_greedy) per (context, continuation)."""
+        if not requests:
+            return []
+        self._warn_task_mismatch({r.task_name for r in requests})
+        items = []
+        for req in requests:
+            context, continuation = req.args[0], req.args[1]
+            ctx, tgt = split_pair(self._tokenize, context, continuation)
+            items.append((self._ll_context(ctx, tgt), tgt, self._ll_seed(context)))
+        res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood")
+        self._record_ll(requests, [{"ll_forwards": f, "target_tokens": len(t), "wall_s": wall}
+                                   for (_, f), (_, t, _) in zip(res, items)])
+        return [ll_greedy for ll_greedy, _ in res]
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError("dllm: loglikelihood_rolling is not supported yet; use "
-                                  "generation tasks (output_type: generate_until)")
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """A document's log-likelihood: the sum of ELBO estimates over `likelihood.rolling_windows`
+        of the model's context (max_length; no limit when the model declares none)."""
+        if not requests:
+            return []
+        self._warn_task_mismatch({r.task_name for r in requests})
+        limit = self.cfg.max_length or self.spec.max_length
+        items, owner = [], []
+        for i, req in enumerate(requests):
+            ids = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+            wins = rolling_windows(ids, limit or len(ids) + 1, self._prefix_id())
+            for w, (ctx, tgt) in enumerate(wins):
+                items.append((ctx, tgt, self._ll_seed(req.args[0]) + w))
+                owner.append(i)
+        res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood_rolling")
+        totals = [0.0] * len(requests)
+        stats = [{"ll_forwards": 0, "target_tokens": 0, "windows": 0} for _ in requests]
+        for i, ((ll, _), f), (_, tgt, _) in zip(owner, res, items):
+            totals[i] += ll
+            stats[i]["ll_forwards"] += f
+            stats[i]["target_tokens"] += len(tgt)
+            stats[i]["windows"] += 1
+        n_win = [s["windows"] for s in stats]
+        self._record_ll(requests, [s | {"wall_s": wall * n} for s, n in zip(stats, n_win)])
+        return totals
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=not self.gen.chat)["input_ids"]
+
+    def _prefix_id(self) -> int:
+        # the context of a continuation that has none (as lm-eval's HF model: BOS, else EOS)
+        bos = self.tokenizer.bos_token_id
+        return int(bos) if bos is not None else (self.spec.stop_ids or (self.spec.pad_id,))[0]
+
+    def _ll_context(self, ctx: list[int], tgt: list[int]) -> list[int]:
+        fitted = fit_pair(ctx, tgt, self.cfg.max_length or self.spec.max_length, self.cfg.truncation)
+        if len(fitted) < len(ctx) and "ll_truncation" not in self._warned:
+            self._warned.add("ll_truncation")
+            log.warning("context of %d tokens + continuation of %d exceeds the model's context: keeping "
+                        "the last %d context tokens (truncation=left; shown once)", len(ctx), len(tgt),
+                        len(fitted))
+        return fitted or [self._prefix_id()]
+
+    def _ll_seed(self, context: str) -> int:
+        # from the context alone: the choices of one question share their mask draws (common random
+        # numbers, a less noisy comparison); never from batch position or order
+        return (self.cfg.seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919) % (2**63)
+
+    def _elbo(self, items, disable_tqdm: bool, desc: str):
+        """[((ll, is_greedy), forwards)] for (ctx, tgt, seed) items, and the wall seconds per item."""
+        pbar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc=desc)
+        t0 = time.perf_counter()
+        out = elbo_loglikelihoods(self.gen.forward, items, self.spec, self.cfg.mc_num, self.cfg.mc_batch,
+                                  self.cfg.batch_size, device=self._device, on_done=pbar.update)
+        wall = (time.perf_counter() - t0) / max(len(items), 1)
+        pbar.close()
+        return [((ll, g), f) for ll, g, f in out], wall
+
+    def _record_ll(self, requests, stats: list[dict]) -> None:
+        for req in requests:  # a new run of these docs replaces what an earlier run measured
+            SAMPLE_STATS.pop((req.task_name, req.doc_id), None)
+        stats = [{"task": req.task_name, "doc_id": req.doc_id} | st for req, st in zip(requests, stats)]
+        for st in self._gather_stats(requests, stats):  # every rank's on rank 0, padding copies left out
+            self.stats[st["task"]].append(st)
+            SAMPLE_STATS[(st["task"], st["doc_id"])].append(st)
+        if self.rank == 0:
+            self._log_summary()
 
     @property
     def tokenizer_name(self) -> str:
@@ -204,16 +281,23 @@ class DLLM(DataParallel, LM):
         out = {}
         for task, sts in self.stats.items():
             n = len(sts)
-            nfe = sum(s["nfe"] for s in sts)
-            toks = sum(s["tokens"] for s in sts)
-            out[task] = {"n": n, "mean_nfe": nfe / n, "tpf": toks / max(nfe, 1),
-                         "wall_s_per_sample": sum(s["wall_s"] for s in sts) / n}
+            s = {"n": n, "wall_s_per_sample": sum(st["wall_s"] for st in sts) / n}
+            if "nfe" in sts[0]:  # generation
+                nfe = sum(st["nfe"] for st in sts)
+                s |= {"mean_nfe": nfe / n, "tpf": sum(st["tokens"] for st in sts) / max(nfe, 1)}
+            else:  # loglikelihood: forwards per request
+                s["mean_ll_forwards"] = sum(st["ll_forwards"] for st in sts) / n
+            out[task] = s
         return out
 
     def _log_summary(self) -> None:
         for task, s in self.task_summary().items():
-            log.info("dllm %s: %d samples, mean NFE %.2f, tokens/forward %.2f, %.3f s/sample",
-                     task, s["n"], s["mean_nfe"], s["tpf"], s["wall_s_per_sample"])
+            if "mean_nfe" in s:
+                log.info("dllm %s: %d samples, mean NFE %.2f, tokens/forward %.2f, %.3f s/sample",
+                         task, s["n"], s["mean_nfe"], s["tpf"], s["wall_s_per_sample"])
+            else:
+                log.info("dllm %s: %d requests, %.1f forwards/request, %.4f s/request",
+                         task, s["n"], s["mean_ll_forwards"], s["wall_s_per_sample"])
 
     def get_model_info(self) -> dict:
         return {"dllm": {
@@ -226,5 +310,7 @@ class DLLM(DataParallel, LM):
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,
             "gen_length": self.cfg.gen_length,
             "seed": self.cfg.seed,
+            "mc_num": self.cfg.mc_num,
+            "mc_batch": self.cfg.mc_batch,
             "per_task": self.task_summary(),
         }}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from .model import SAMPLE_STATS
 
 # results[task] keys, as lm-eval names metrics ("metric,filter"), so `make_table` prints them
-STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "wall_s": "wall_s_per_sample"}
+STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "wall_s": "wall_s_per_sample",
+             "ll_forwards": "mean_ll_forwards"}
 
 
 def attach_stats(results: dict) -> None:
@@ -17,6 +18,8 @@ def attach_stats(results: dict) -> None:
         if row is None:
             continue
         for key, src in STAT_KEYS.items():
+            if src not in s:  # generation tasks have no ll_forwards, loglikelihood ones no nfe
+                continue
             row[f"{key},none"] = s[src]
             row[f"{key}_stderr,none"] = "N/A"
     for task, samples in (results.get("samples") or {}).items():

@@ -16,11 +16,11 @@ from pathlib import Path
 from ..utils import atomic_write
 import logging
 
-from . import humaneval, mbpp, minerva, modchain
+from . import humaneval, mbpp, minerva, modchain, modchain_mc
 
 log = logging.getLogger(__name__)
 
-BUNDLED_TASKS = ("modchain",)  # what the bundled model was trained for
+BUNDLED_TASKS = ("modchain", "modchain_mc")  # what the bundled model was trained for (mc: scored by likelihood)
 
 
 def _gsm8k_yaml() -> Path:
@@ -61,7 +61,8 @@ metadata:
 
 def task_dir() -> Path:
     """The folder holding the generated task YAMLs and their shims (written once per content hash)."""
-    yamls = {"modchain.yaml": _modchain_yaml(), "humaneval_dllm.yaml": humaneval.yaml_text(),
+    yamls = {"modchain.yaml": _modchain_yaml(), "modchain_mc.yaml": modchain_mc.yaml_text(),
+             "humaneval_dllm.yaml": humaneval.yaml_text(),
              "dllm_humaneval.py": humaneval.SHIM} | minerva.yaml_files()
     mbpp_file = mbpp.data_file()
     if mbpp_file is not None:
