@@ -28,14 +28,15 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 @torch.no_grad()
-def exact_elbo(model, ctx: list[int], tgt: list[int], mask_id: int, shifted: bool) -> float:
-    """E_k E_M [(L/k) sum_{i in M} log p(x_i)] by scoring every mask pattern, written out here."""
+def exact_elbo(forward, ctx: list[int], tgt: list[int], mask_id: int, shifted: bool) -> float:
+    """E_k E_M [(L/k) sum_{i in M} log p(x_i)] by scoring every mask pattern, written out here
+    (`forward`: the model's forward strategy, `decode.model_forward`; the enumeration is the oracle)."""
     L, P, total = len(tgt), len(ctx), 0.0
     for k in range(1, L + 1):
         subsets = list(itertools.combinations(range(L), k))
         for M in subsets:
             seq = torch.tensor([ctx + [mask_id if j in M else t for j, t in enumerate(tgt)]])
-            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0]
+            logits = forward(seq, torch.ones_like(seq))[0]
             lp = F.log_softmax(logits.double(), -1)
             s = sum(float(lp[P + j - (1 if shifted else 0), tgt[j]]) for j in M)
             total += (1 / L) * (1 / len(subsets)) * (L / k) * s
@@ -67,8 +68,8 @@ def test_estimator_matches_exact_elbo_and_its_error_shrinks(tiny_loaded):
     model, tok, spec = tiny_loaded
     ctx, tgt = tok("Q: 7*")["input_ids"], tok("3=1")["input_ids"]
     assert len(tgt) == 3
-    exact = exact_elbo(model, ctx, tgt, spec.mask_id, spec.shifted)
-    fwd = model_forward(model)
+    exact = exact_elbo(model_forward(model, spec), ctx, tgt, spec.mask_id, spec.shifted)
+    fwd = model_forward(model, spec)
 
     def estimates(mc_num: int, n: int) -> torch.Tensor:
         pairs = [(ctx, tgt, seed) for seed in range(n)]
@@ -90,9 +91,9 @@ def test_exact_path_per_family(family, llada_ckpt, dream_ckpt):
     model, tok, spec = load(str(llada_ckpt if family == "llada" else dream_ckpt), dtype="float32", device="cpu")
     assert spec.shifted == (family == "dream")
     ctx, tgt = tok("Q: 7*")["input_ids"], tok("3=1")["input_ids"]
-    (ll, _, forwards), = elbo_loglikelihoods(model_forward(model), [(ctx, tgt, 0)], spec, 7, 8, 8)
-    assert forwards == 7 and abs(ll - exact_elbo(model, ctx, tgt, spec.mask_id, spec.shifted)) < 1e-6
-    wrong = exact_elbo(model, ctx, tgt, spec.mask_id, not spec.shifted)
+    (ll, _, forwards), = elbo_loglikelihoods(model_forward(model, spec), [(ctx, tgt, 0)], spec, 7, 8, 8)
+    assert forwards == 7 and abs(ll - exact_elbo(model_forward(model, spec), ctx, tgt, spec.mask_id, spec.shifted)) < 1e-6
+    wrong = exact_elbo(model_forward(model, spec), ctx, tgt, spec.mask_id, not spec.shifted)
     assert abs(ll - wrong) > 1e-3  # reading the other alignment would be caught
 
 
@@ -124,7 +125,7 @@ def test_is_greedy_follows_the_all_masked_argmax(tiny_loaded):
     seq = torch.tensor([ctx + [spec.mask_id] * 2])
     best = model(input_ids=seq).logits[0, len(ctx):].argmax(-1).tolist()
     other = [(best[0] + 1) % 90, best[1]]
-    out = elbo_loglikelihoods(model_forward(model), [(ctx, best, 0), (ctx, other, 0)], spec, 4, 4, 8)
+    out = elbo_loglikelihoods(model_forward(model, spec), [(ctx, best, 0), (ctx, other, 0)], spec, 4, 4, 8)
     assert [g for _, g, _ in out] == [True, False]
 
 
@@ -169,7 +170,7 @@ def test_split_pair_moves_whitespace_only_when_the_tokenizer_needs_it():
 def test_bad_mc_args_fail_before_loading(key, value, needle):
     with pytest.raises(DLLMError, match=needle):
         DLLMConfig.from_model_args({key: value})
-    with pytest.raises(SystemExit, match=needle):  # the config fails before the (missing) model loads
+    with pytest.raises(DLLMError, match=needle):  # the config fails before the (missing) model loads
         DLLM(pretrained="/nonexistent/never/loaded", **{key: value})
 
 
