@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache import check_cache
 from .loading import IMPLS
 from .samplers import available_samplers, sampler_class, sampler_params
 from .samplers.base import _coerce
@@ -40,6 +41,8 @@ class DLLMConfig:
     trust_remote_code: bool = True
     impl: str = "auto"  # auto: native LLaDA / Dream, remote code for others; native; remote
     revision: str | None = None
+    cache: str = "none"  # key/value cache across steps of a block: none, prefix, dual (lm_eval_dllm.cache)
+    refresh: int = 0  # cache: steps between full forwards within a block; 0 = at block starts only
     sampler_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -84,6 +87,7 @@ class DLLMConfig:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
         if self.impl not in IMPLS:
             raise DLLMError(f"impl={self.impl!r}; valid: {', '.join(IMPLS)}")
+        check_cache(self.cache, self.refresh)
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 
