@@ -6,7 +6,8 @@
 The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
 canvas columns [lo, hi) whose logits the block needs (for Dream, whose logit at i predicts token
 i + 1, that is the column before the block up to the block's last but one), and `step(ids, attn,
-rows)` once per step; a step returns logits for a span of columns and where that span starts.
+rows)` once per step, and `release()` when the decode ends; a step returns logits for a span of
+columns and where that span starts.
 
 - none: every step is a full forward over the canvas (span = everything).
 - prefix: the first step of a block is a full forward that also keeps every layer's keys/values;
@@ -82,6 +83,9 @@ class FullForward:
     def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self.forward(ids, attn), 0
 
+    def release(self) -> None:
+        pass
+
 
 class CachedForward:
     """cache=prefix or dual over a model's span forward (see the module docstring)."""
@@ -101,7 +105,12 @@ class CachedForward:
         return self.run(ids, attn, positions_from(attn), None, False)[0]
 
     def start_block(self, lo: int, hi: int) -> None:
-        self.lo, self.hi, self.rows, self.past = lo, hi, None, []
+        self.lo, self.hi = lo, hi
+        self.release()  # before the block's full forward: never two blocks' keys/values at once
+
+    def release(self) -> None:
+        """Drop the kept keys/values (the loop calls it when a decode ends: they can be GBs)."""
+        self.rows, self.past, self.past_attn = None, [], None
 
     def _reused(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """The reused columns of x (..., T, ...) along dim -2 (keys/values) or -1 (attn)."""

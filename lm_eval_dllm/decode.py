@@ -231,6 +231,7 @@ def diffuse(
                     done[rows[fin]] = True
             canvas[rows, P:] = new
             step += 1
+    strategy.release()
     return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,
                         positions=positions, trajectory=traj)
 
