@@ -106,7 +106,7 @@ class GRPOConfig:
 
 
 CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
-           "truncation": ("left", "error")}
+           "truncation": ("left", "error"), "cache": CACHE_MODES}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
 
@@ -287,7 +287,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("init_tau", "a number in (0, 1]")
     skip_gain(cfg)
     resolve_dtype(cfg.dtype)
-    check_cache(cfg.cache, 0)
+    check_cache(cfg.cache, 0)  # main() already refuses others (CHOICES); this is for callers of the API
     feats = [f for f in cfg.features.split(",") if f]
     unknown = [f for f in feats if f not in ALL_FEATURES]
     if not feats or unknown:
