@@ -1,6 +1,6 @@
 """Time per forward (NFE) and per sample with cache=none / prefix / dual, measured in one run.
 
-    python -m benchmarks.kv_cache                    # writes results/kv_cache.md (a few minutes on 2 CPU cores)
+    python -m benchmarks.kv_cache                    # writes results/kv_cache.md (about 10 minutes on 2 CPU cores)
     python -m benchmarks.kv_cache --steps 256 --device cuda --dtype bfloat16 --out results/kv_cache_gpu.md
 
 A random LLaDA-architecture model (NativeDLLM, LLaDA's settings: no biases, RoPE in float32,
@@ -67,7 +67,7 @@ class Timed:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=64, help="decode steps per sample (divides --gen-length; "
+    p.add_argument("--steps", type=int, default=128, help="decode steps per sample (divides --gen-length; "
                                                          "a multiple of the number of blocks)")
     p.add_argument("--prompt", type=int, default=900, help="prompt tokens")
     p.add_argument("--gen-length", type=int, default=256)

@@ -4,10 +4,10 @@
     python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual
 
 The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
-canvas columns [lo, hi) whose logits the block needs (for Dream, whose logit at i predicts token
-i + 1, that is the column before the block up to the block's last but one), and `step(ids, attn,
-rows)` once per step, and `release()` when the decode ends; a step returns logits for a span of
-columns and where that span starts.
+canvas columns [lo, hi) to recompute: the block's, and for Dream, whose logit at i predicts token
+i + 1, also the column before the block (so every logit the block needs is fresh, and so are the
+keys/values of all the block's tokens); then `step(ids, attn, rows)` once per step, which returns
+logits for a span of columns and where that span starts; and `release()` when the decode ends.
 
 - none: every step is a full forward over the canvas (span = everything).
 - prefix: the first step of a block is a full forward that also keeps every layer's keys/values;

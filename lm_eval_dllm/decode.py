@@ -188,7 +188,8 @@ def diffuse(
 
     for b in range(nb):
         in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
-        strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk - shift)  # the block's logit columns
+        # the block's columns, and for Dream the one before it (which holds the first one's logit)
+        strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk)
         step = 0
         while True:
             gen = canvas[:, P:]  # (B, L) view

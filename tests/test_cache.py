@@ -52,7 +52,7 @@ def test_span_forward_with_current_keys_values_equals_the_full_forward(loaded, m
     ids, attn, P = canvas(tok, spec, L, filled=Bk)
     full = model_forward(model, spec)(ids, attn)  # (B, T, V)
     for b in (1, 3):  # a middle block, and the last (the suffix is empty)
-        lo, hi = P + b * Bk - shift, P + (b + 1) * Bk - shift  # Dream: the column before the block too
+        lo, hi = P + b * Bk - shift, P + (b + 1) * Bk  # Dream: the column before the block too
         cached = model_forward(model, spec, cache=mode)
         rows = torch.arange(ids.shape[0])
         cached.start_block(lo, hi)
