@@ -136,3 +136,16 @@ def test_cache_through_lm_eval_reports_positions_per_forward(tiny_ckpt, task_man
         sum(s["positions"] for s in samples) / sum(s["nfe"] for s in samples))
     # a full forward computes the prompt and all 48 generated positions; per block, 1 full + 7 of 8
     assert all(s["positions_per_forward"] < 48 for s in samples)
+
+
+def test_unsupported_model_is_refused_before_its_weights_load(monkeypatch, tiny_ckpt):
+    import lm_eval_dllm.model as model_mod
+    from lm_eval_dllm.loading import read_checkpoint
+
+    ck = read_checkpoint(str(tiny_ckpt))
+    other = type(ck)(ck.path, False, type("Cfg", (), {"model_type": "other_dllm"})(), ck.tokenizer, ck.spec)
+    monkeypatch.setattr(model_mod, "read_checkpoint", lambda *a, **k: other)
+    monkeypatch.setattr(model_mod, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(DLLMError, match="cache=prefix is not supported by .*; valid: cache=none, or a "
+                                        "model that supports it: the bundled tiny model and native"):
+        model_mod.DLLM(pretrained=str(tiny_ckpt), cache="prefix", device="cpu")
