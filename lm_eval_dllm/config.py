@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache import check_cache
 from .loading import IMPLS
 from .samplers import available_samplers, sampler_class, sampler_params
 from .samplers.base import _coerce
@@ -42,6 +43,8 @@ class DLLMConfig:
     trust_remote_code: bool = True
     impl: str = "auto"  # auto: native LLaDA / Dream, remote code for others; native; remote
     revision: str | None = None
+    cache: str = "none"  # key/value cache across steps of a block: none, prefix, dual (lm_eval_dllm.cache)
+    refresh: int = 0  # cache: steps between full forwards within a block; 0 = at block starts only
     sampler_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -90,6 +93,7 @@ class DLLMConfig:
             raise DLLMError(f"mc_num={self.mc_num} must be a positive integer; valid: 1, 2, ... (LLaDA: 128)")
         if self.mc_batch <= 0:
             raise DLLMError(f"mc_batch={self.mc_batch} must be a positive integer; valid: 1, 2, ... (LLaDA: 8)")
+        check_cache(self.cache, self.refresh)
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 

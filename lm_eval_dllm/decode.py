@@ -11,9 +11,12 @@ Early exit: once a row has committed a stop token (EOS / end of turn) and every 
 it is committed, the text up to that token is final whatever the rest would become, so the rest
 is filled with padding and the row costs no further forward.
 
-The model is a strategy (`forward(ids, attention_mask) -> logits`), so the same loop serves
-every family; the family's one difference (Dream's logits are shifted one position) comes from
-the FamilySpec.
+The model is a strategy (lm_eval_dllm.cache): told where each block starts, it returns logits for
+a span of the canvas each step: everything (cache=none, or a plain `forward(ids, attn) ->
+logits`), or only what a key/value cache recomputes (prefix, dual). The statistics of positions
+outside the span are those of the last forward that computed them. The same loop serves every
+family; the family's one difference (Dream's logits are shifted one position) comes from the
+FamilySpec.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cache import FullForward, forward_strategy, positions_from
 from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
@@ -53,6 +57,7 @@ class DecodeOutput:
     tokens: torch.Tensor  # (B, L) generated region; positions after an early exit hold pad
     nfe: torch.Tensor  # (B,) forward passes each row took part in
     committed: torch.Tensor  # (B,) positions the sampler committed (early-exit fill excluded)
+    positions: torch.Tensor  # (B,) real (non-padding) positions the forwards computed, summed
     trajectory: list[StepRecord] | None = None
 
 
@@ -83,11 +88,14 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
-            chunk_elements: int = CHUNK_ELEMENTS):
+            chunk_elements: int = CHUNK_ELEMENTS, length: int | None = None, offset: int = 0):
     """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy.
 
     Computed chunk by chunk (whole rows while they fit in `chunk_elements`, else runs of positions
     of one row), so the extra memory is a few chunks plus, with temperature, one row's noise.
+    logits may be positions [offset, offset + L) of a `length`-long region (a cached step's
+    span): the noise is drawn for the whole region, as ever, and the span's part used, so a
+    position's draw does not depend on the cache mode.
     """
     b, L, V = logits.shape
     rows_per = max(1, chunk_elements // (L * V))  # rows per group; 1 when one row is bigger than a chunk
@@ -100,7 +108,7 @@ def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Gen
         if temperature > 0:
             # Gumbel-max with each row's own generator: a row's draw does not depend on its batch.
             # Drawn as one (L, V) call per row, as ever, so the stream is the same on every device
-            u = row_uniforms(generators[rs], (L, V), logits.device)  # (r, L, V)
+            u = row_uniforms(generators[rs], (length or L, V), logits.device)[:, offset:offset + L]  # (r, L, V)
         for s in range(0, L, pos_per):
             ps = slice(s, s + pos_per)
             lg = logits[rs, ps]  # (r, c, V)
@@ -132,7 +140,7 @@ def _finished(gen: torch.Tensor, mask_id: int, stop: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def diffuse(
-    forward: Forward,
+    forward: Forward | FullForward,
     prompts: list[list[int]],
     spec: FamilySpec,
     sampler: Sampler,
@@ -144,7 +152,10 @@ def diffuse(
     record: bool = False,
     device: torch.device | str = "cpu",
 ) -> DecodeOutput:
-    """Generate gen_length tokens after each prompt (a list of token ids), batched."""
+    """Generate gen_length tokens after each prompt (a list of token ids), batched.
+
+    forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`."""
+    strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
     L = gen_length
     Bk = check_block(block, L)
     nb = L // Bk
@@ -166,12 +177,19 @@ def diffuse(
     suppress = list(spec.suppress_ids)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     committed = torch.zeros(B, dtype=torch.long, device=device)
+    positions = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     traj: list[StepRecord] | None = [] if record else None
     pos = torch.arange(L, device=device)[None, :]
+    shift = 1 if spec.shifted else 0  # the logit of generated position j sits at column P + j - shift
+    # per row, the statistics of every position from the last forward that computed it
+    x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
+    conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
 
     for b in range(nb):
         in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
+        # the block's columns, and for Dream the one before it (which holds the first one's logit)
+        strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk)
         step = 0
         while True:
             gen = canvas[:, P:]  # (B, L) view
@@ -180,13 +198,21 @@ def diffuse(
             rows = eligible.any(-1).nonzero().squeeze(-1)  # (b,)
             if rows.numel() == 0:
                 break
-            logits = forward(canvas[rows], attn[rows])  # (b, P + L, V): the one forward
+            logits, start = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
             nfe[rows] += 1
-            lg = logits[:, P - 1:P + L - 1] if spec.shifted else logits[:, P:P + L]  # (b, L, V)
-            lg = lg.float()
+            positions[rows] += attn[rows, start:start + logits.shape[1]].sum(-1)
+            g0 = max(start + shift - P, 0)  # generated positions [g0, g1) the span has logits for
+            g1 = min(start + logits.shape[1] + shift - P, L)
+            if g0 > b * Bk or g1 < (b + 1) * Bk:
+                raise RuntimeError(f"forward strategy returned columns from {start} for "
+                                   f"{logits.shape[1]}, which miss block {b}")
+            lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].float()  # (b, g1 - g0, V)
             lg[..., suppress] = float("-inf")
             row_gens = [gens[i] for i in rows.tolist()]
-            x0, conf, margin, entropy = propose(lg, temperature, row_gens)
+            stats = propose(lg, temperature, row_gens, length=L, offset=g0)
+            for full, new in zip((x0_all, conf_all, margin_all, entropy_all), stats):
+                full[rows, g0:g1] = new.to(full.dtype)
+            x0, conf, margin, entropy = x0_all[rows], conf_all[rows], margin_all[rows], entropy_all[rows]
             state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
                               eligible=eligible[rows], generators=row_gens)
             action = sampler.select(state)
@@ -206,7 +232,9 @@ def diffuse(
                     done[rows[fin]] = True
             canvas[rows, P:] = new
             step += 1
-    return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed, trajectory=traj)
+    strategy.release()
+    return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,
+                        positions=positions, trajectory=traj)
 
 
 def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor) -> None:
@@ -221,13 +249,9 @@ def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor
                            f"must commit at least one masked position of the current block")
 
 
-def positions_from(attn: torch.Tensor) -> torch.Tensor:
-    """(B, T) RoPE positions counted from each row's first real token (0 on left padding)."""
-    return (attn.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def model_forward(model, spec: FamilySpec) -> Forward:
-    """The plain strategy: a full forward over the canvas, no cache.
+def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0):
+    """The model's forward strategy for the decode loop: the plain full forward (cache=none), or
+    the key/value cache `cache` (lm_eval_dllm.cache) over it. Callable as `forward(ids, attn)`.
 
     A native model (LLaDA, Dream) takes the ids, the 2-D mask and positions counted from each
     row's first real token. Other models take transformers' keywords: a 2-D attention_mask, or,
@@ -251,4 +275,4 @@ def model_forward(model, spec: FamilySpec) -> Forward:
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    return forward
+    return forward_strategy(model, forward, cache, refresh)

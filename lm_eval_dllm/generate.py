@@ -3,7 +3,7 @@
     gen = Generator(model, tokenizer, spec, model_id=..., device="cpu")
     L, B = gen.resolve(gen_length=None, block=None, max_gen_toks=64)  # model_args > task > model
     out = gen.generate(contexts, sampler, gen_length=L, block=B, seeds=[...], until=["\\n\\n"])
-    out.texts, out.stats                                             # stats: nfe, tokens, tpf, ...
+    out.texts, out.stats                          # stats: nfe, tokens, tpf, positions_per_forward, ...
 
 The lm-eval model, GRPO rollouts and validation, pretraining's check and the benchmarks all call
 it, so they tokenize, apply the chat template, fit the context (max_length, truncation), resolve
@@ -33,7 +33,7 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 @dataclass
 class Generated:
     texts: list[str]  # what the task scores: cut at the first stop token, then at its stop strings
-    stats: list[dict]  # per sample: nfe, tokens, tpf, wall_s, gen_length, block
+    stats: list[dict]  # per sample: nfe, tokens, tpf, positions_per_forward, wall_s, gen_length, block
     trajectory: list[StepRecord] | None  # record=True: what the policy gradient replays
 
 
@@ -42,8 +42,8 @@ class Generator:
 
     def __init__(self, model, tokenizer, spec: FamilySpec, *, model_id: str, device,
                  max_length: int | None = None, truncation: str = "left", early_exit: bool = True,
-                 chat: bool = False):
-        self.forward = model_forward(model, spec)
+                 chat: bool = False, cache: str = "none", refresh: int = 0):
+        self.forward = model_forward(model, spec, cache, refresh)  # the decode loop's strategy
         self.tokenizer, self.spec, self.model_id = tokenizer, spec, model_id
         self.device = torch.device(device)
         self.early_exit = early_exit
@@ -87,7 +87,8 @@ class Generator:
         texts, stats = [], []
         for i, toks in enumerate(out.tokens.tolist()):
             texts.append(completion_text(toks, self.tokenizer, self.spec, until))
-            nfe, committed = int(out.nfe[i]), int(out.committed[i])
+            nfe, committed, computed = int(out.nfe[i]), int(out.committed[i]), int(out.positions[i])
             stats.append({"nfe": nfe, "tokens": committed, "tpf": committed / max(nfe, 1),
+                          "positions": computed, "positions_per_forward": computed / max(nfe, 1),
                           "wall_s": wall, "gen_length": gen_length, "block": block})
         return Generated(texts, stats, out.trajectory)

@@ -4,7 +4,8 @@
 
 Generation goes through the one decode loop (`decode.diffuse`). Per-sample NFE, tokens per
 forward and wall time are kept and reach lm-eval's output: per task in the results JSON
-(`results[task]["nfe,none"]`, `"tpf,none"`, `"wall_s,none"` and `config.dllm`) and per sample
+(`results[task]["nfe,none"]`, `"tpf,none"`, `"positions_per_forward,none"`, `"wall_s,none"`
+and `config.dllm`) and per sample
 under `"dllm"` in what `--log_samples` writes (see `lm_eval_dllm._hook`).
 """
 
@@ -22,7 +23,9 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
+from .cache import CACHE_MODELS
 from .config import DLLMConfig
+from .tiny import TinyDLLMConfig
 from .decode import check_block
 from .generate import Generator, chat_prompt
 from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
@@ -57,6 +60,10 @@ class DLLM(DataParallel, LM):
         ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision,
                              self.cfg.impl)
         self.spec = ck.spec
+        if self.cfg.cache != "none" and not (ck.native or getattr(ck.config, "model_type", None)
+                                             == TinyDLLMConfig.model_type):
+            raise DLLMError(f"cache={self.cfg.cache} is not supported by {self.cfg.pretrained_path!r}; "
+                            f"valid: cache=none, or a model that supports it: {CACHE_MODELS}")
         if self.cfg.gen_length is not None:
             self._block_for(self.cfg.gen_length)  # validate block against gen_length now
         self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
@@ -72,7 +79,8 @@ class DLLM(DataParallel, LM):
         self._device = next(self.model.parameters()).device
         self.gen = Generator(self.model, self.tokenizer, self.spec, model_id=self.model_id,
                              device=self._device, max_length=self.cfg.max_length,
-                             truncation=self.cfg.truncation, early_exit=self.cfg.early_exit)
+                             truncation=self.cfg.truncation, early_exit=self.cfg.early_exit,
+                             cache=self.cfg.cache, refresh=self.cfg.refresh)
         self.is_bundled = not self.cfg.pretrained
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
@@ -284,7 +292,8 @@ class DLLM(DataParallel, LM):
             s = {"n": n, "wall_s_per_sample": sum(st["wall_s"] for st in sts) / n}
             if "nfe" in sts[0]:  # generation
                 nfe = sum(st["nfe"] for st in sts)
-                s |= {"mean_nfe": nfe / n, "tpf": sum(st["tokens"] for st in sts) / max(nfe, 1)}
+                s |= {"mean_nfe": nfe / n, "tpf": sum(st["tokens"] for st in sts) / max(nfe, 1),
+                      "positions_per_forward": sum(st["positions"] for st in sts) / max(nfe, 1)}
             else:  # loglikelihood: forwards per request
                 s["mean_ll_forwards"] = sum(st["ll_forwards"] for st in sts) / n
             out[task] = s
@@ -293,8 +302,9 @@ class DLLM(DataParallel, LM):
     def _log_summary(self) -> None:
         for task, s in self.task_summary().items():
             if "mean_nfe" in s:
-                log.info("dllm %s: %d samples, mean NFE %.2f, tokens/forward %.2f, %.3f s/sample",
-                         task, s["n"], s["mean_nfe"], s["tpf"], s["wall_s_per_sample"])
+                log.info("dllm %s: %d samples, mean NFE %.2f, tokens/forward %.2f, positions/forward "
+                         "%.1f, %.3f s/sample", task, s["n"], s["mean_nfe"], s["tpf"],
+                         s["positions_per_forward"], s["wall_s_per_sample"])
             else:
                 log.info("dllm %s: %d requests, %.1f forwards/request, %.4f s/request",
                          task, s["n"], s["mean_ll_forwards"], s["wall_s_per_sample"])
@@ -309,6 +319,7 @@ class DLLM(DataParallel, LM):
             "sampler_config": {k: v for k, v in vars(self.sampler.config).items()},
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,
             "gen_length": self.cfg.gen_length,
+            "cache": self.cfg.cache, "refresh": self.cfg.refresh,
             "seed": self.cfg.seed,
             "mc_num": self.cfg.mc_num,
             "mc_batch": self.cfg.mc_batch,

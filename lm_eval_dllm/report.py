@@ -5,8 +5,8 @@ from __future__ import annotations
 from .model import SAMPLE_STATS
 
 # results[task] keys, as lm-eval names metrics ("metric,filter"), so `make_table` prints them
-STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "wall_s": "wall_s_per_sample",
-             "ll_forwards": "mean_ll_forwards"}
+STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "positions_per_forward": "positions_per_forward",
+             "wall_s": "wall_s_per_sample", "ll_forwards": "mean_ll_forwards"}
 
 
 def attach_stats(results: dict) -> None:

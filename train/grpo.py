@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
+from lm_eval_dllm.cache import CACHE_MODES, check_cache
 from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
@@ -79,6 +80,8 @@ class GRPOConfig:
     grad_clip: float = opt(0.2, 'gradient-norm clip')
     weight_decay: float = opt(0.0, 'AdamW weight decay')
     dllm_temperature: float = opt(0.0, "the dLLM's own token choice: 0 = argmax")
+    cache: str = opt("none", f"the dLLM's key/value cache in rollouts and validation, as the cache "
+                             f"model_arg: {' | '.join(CACHE_MODES)} (train a policy for the cached setting)")
     num_fewshot: int = opt(-1, "-1 = the task's own")
     train_split: str = opt("train", 'where training prompts come from')
     val_split: str = opt("validation", 'where validation prompts come from (never trained on)')
@@ -103,7 +106,7 @@ class GRPOConfig:
 
 
 CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
-           "truncation": ("left", "error")}
+           "truncation": ("left", "error"), "cache": CACHE_MODES}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
 
@@ -128,7 +131,7 @@ class Env:
         self.model_id = cfg.pretrained or BUNDLED_ID
         self.gen = Generator(self.model, self.tok, self.spec, model_id=self.model_id, device=device,
                              max_length=cfg.max_length, truncation=cfg.truncation,
-                             chat=cfg.apply_chat_template)
+                             chat=cfg.apply_chat_template, cache=cfg.cache)
         self.L, self.block = self.gen.resolve(cfg.gen_length, cfg.block, max_gen_toks)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
@@ -284,6 +287,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("init_tau", "a number in (0, 1]")
     skip_gain(cfg)
     resolve_dtype(cfg.dtype)
+    check_cache(cfg.cache, 0)  # main() already refuses others (CHOICES); this is for callers of the API
     feats = [f for f in cfg.features.split(",") if f]
     unknown = [f for f in feats if f not in ALL_FEATURES]
     if not feats or unknown:

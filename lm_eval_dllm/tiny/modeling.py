@@ -14,6 +14,8 @@ on sit at fixed offsets before it) much faster than absolute embeddings alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,12 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 
 POS_ENCODINGS = ("absolute", "rope", "both")
+KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, T, Dh) keys (after RoPE) and values of one block
+
+
+@dataclass
+class TinyDLLMOutput(MaskedLMOutput):
+    kv: list[KV] | None = None  # return_kv=True: each block's keys/values of the span
 
 
 class TinyDLLMConfig(PretrainedConfig):
@@ -97,14 +105,18 @@ class Block(nn.Module):
             nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
         )
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, cos, sin) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, cos, sin,
+                past: KV | None = None) -> tuple[torch.Tensor, KV]:
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, D // self.n_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
+        kv = (k, v)
+        if past is not None:  # keys/values of other positions, in the order `key_mask` describes
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, Tk, Dh)
         a = attention(q, k, v, key_mask)  # bidirectional
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
-        return x + self.ff(self.ln2(x))
+        return x + self.ff(self.ln2(x)), kv
 
 
 class TinyDLLMModel(PreTrainedModel):
@@ -142,13 +154,17 @@ class TinyDLLMModel(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        past_kv: list[KV] | None = None,
+        return_kv: bool = False,
         **kwargs,
-    ) -> MaskedLMOutput:
+    ) -> TinyDLLMOutput:
+        """attention_mask (B, Tpast + T) covers past_kv's positions, then the span's (as
+        lm_eval_dllm.models.transformer's forward; the KV cache of lm_eval_dllm.cache uses both)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.bool()
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        if position_ids is None:  # (B, T) counted from each row's first real token
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         if int(position_ids.max()) >= self.config.max_position:
             raise ValueError(
                 f"sequence needs position {int(position_ids.max())} but this model has "
@@ -161,7 +177,10 @@ class TinyDLLMModel(PreTrainedModel):
             position_ids = torch.zeros_like(position_ids)  # RoPE at angle 0 is the identity
         ang = position_ids.float()[:, None, :, None] * self.inv_freq(x.device)  # (B, 1, T, Dh/2)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-        key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
-        for block in self.blocks:
-            x = block(x, key_mask, cos, sin)
-        return MaskedLMOutput(logits=self.head(self.ln_f(x)))  # (B, T, V)
+        key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, Tpast + T)
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, key_mask, cos, sin, None if past_kv is None else past_kv[i])
+            if return_kv:
+                kvs.append(kv)
+        return TinyDLLMOutput(logits=self.head(self.ln_f(x)), kv=kvs if return_kv else None)  # (B, T, V)

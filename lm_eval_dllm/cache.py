@@ -1,0 +1,152 @@
+"""Forward strategies of the one decode loop: no cache, or a block-wise key/value cache.
+
+    lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8,cache=dual --tasks modchain
+    python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual
+
+The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
+canvas columns [lo, hi) to recompute: the block's, and for Dream, whose logit at i predicts token
+i + 1, also the column before the block (so every logit the block needs is fresh, and so are the
+keys/values of all the block's tokens); then `step(ids, attn, rows)` once per step, which returns
+logits for a span of columns and where that span starts; and `release()` when the decode ends.
+
+- none: every step is a full forward over the canvas (span = everything).
+- prefix: the first step of a block is a full forward that also keeps every layer's keys/values;
+  later steps recompute [lo, end of canvas) and reuse the kept keys/values of [0, lo) (the prompt
+  and the committed blocks before this one).
+- dual: as prefix, but later steps recompute only [lo, hi) and reuse the kept keys/values of the
+  prefix and of the suffix (the later, still masked blocks).
+
+Reused keys/values are those of the last full forward, so they miss what was committed since
+("approximate cache", as Fast-dLLM's): prefix tokens do not change within a block, but their
+keys/values depend on the block's tokens through attention. `refresh=n` redoes the full forward
+every n steps within a block. The loop keeps the statistics of positions outside the span from the
+last forward that computed them (decode.diffuse), so a sampler or a learned policy that reads the
+whole canvas sees those.
+
+Given keys/values computed from the current canvas, a span forward equals the full forward on the
+span (tests/test_cache.py), so any accuracy difference comes only from the staleness.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .models import NativeDLLM
+from .tiny import TinyDLLMModel
+from .utils import DLLMError
+
+CACHE_MODES = ("none", "prefix", "dual")
+CACHE_MODELS = "the bundled tiny model and native LLaDA / Dream (impl=auto or native)"
+KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, T, Dh) keys (after RoPE) and values of one layer
+# (ids, attn, positions, past_kv, return_kv) -> (logits, kv of the span or None)
+SpanForward = Callable[..., tuple[torch.Tensor, list[KV] | None]]
+
+
+def check_cache(cache: str, refresh: int) -> None:
+    if cache not in CACHE_MODES:
+        raise DLLMError(f"cache={cache!r}; valid: {', '.join(CACHE_MODES)}")
+    if refresh < 0:
+        raise DLLMError(f"refresh={refresh} must be >= 0; valid: 0 (never within a block), 1, 2, ...")
+
+
+def span_forward(model) -> SpanForward | None:
+    """The model's forward over a span with reused keys/values, if its class has one."""
+    if isinstance(model, NativeDLLM):
+        return lambda ids, attn, pos, past, ret: model(ids, attn, pos, past, ret)
+    if isinstance(model, TinyDLLMModel):
+        def run(ids, attn, pos, past, ret):
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_kv=past, return_kv=ret)
+            return out.logits, out.kv
+        return run
+    return None
+
+
+def positions_from(attn: torch.Tensor) -> torch.Tensor:
+    """(B, T) RoPE positions counted from each row's first real token (0 on left padding)."""
+    return (attn.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class FullForward:
+    """cache=none, and any plain `forward(ids, attn) -> logits`: every step sees everything."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.forward = forward
+
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.forward(ids, attn)
+
+    def start_block(self, lo: int, hi: int) -> None:
+        pass
+
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.forward(ids, attn), 0
+
+    def release(self) -> None:
+        pass
+
+
+class CachedForward:
+    """cache=prefix or dual over a model's span forward (see the module docstring)."""
+
+    def __init__(self, run: SpanForward, mode: str, refresh: int = 0):
+        check_cache(mode, refresh)
+        if mode == "none":
+            raise DLLMError("CachedForward(mode='none'); valid: prefix, dual (none is FullForward)")
+        self.run, self.mode, self.refresh = run, mode, refresh
+        self.lo = self.hi = 0
+        self.rows: torch.Tensor | None = None  # (b,) rows of the last full forward, ascending
+        self.past: list[KV] = []  # per layer: kept keys/values of the reused columns, rows as self.rows
+        self.past_attn: torch.Tensor | None = None  # (b, Tpast)
+        self.since = 0  # steps since the last full forward
+
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.run(ids, attn, positions_from(attn), None, False)[0]
+
+    def start_block(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.release()  # before the block's full forward: never two blocks' keys/values at once
+
+    def release(self) -> None:
+        """Drop the kept keys/values (the loop calls it when a decode ends: they can be GBs)."""
+        self.rows, self.past, self.past_attn = None, [], None
+
+    def _reused(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """The reused columns of x (..., T, ...) along dim -2 (keys/values) or -1 (attn)."""
+        d = -2 if x.dim() == 4 else -1
+        pre = x.narrow(d, 0, self.lo)
+        if self.mode == "prefix":
+            return pre
+        return torch.cat([pre, x.narrow(d, self.hi, T - self.hi)], dim=d)
+
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        T = ids.shape[1]
+        pos = positions_from(attn)  # (b, T): each row's own positions, left padding included
+        if self.rows is None or (self.refresh and self.since >= self.refresh):
+            logits, kv = self.run(ids, attn, pos, None, True)  # (b, T, V): the block's full forward
+            self.past = [(self._reused(k, T), self._reused(v, T)) for k, v in kv]
+            self.past_attn = self._reused(attn, T)
+            self.rows, self.since = rows, 1
+            return logits, 0
+        if rows.numel() != self.rows.numel():  # rows only leave within a block (done or block filled)
+            idx = torch.searchsorted(self.rows, rows)
+            self.past = [(k[idx], v[idx]) for k, v in self.past]
+            self.past_attn, self.rows = self.past_attn[idx], rows
+        end = T if self.mode == "prefix" else self.hi
+        span_attn = torch.cat([self.past_attn, attn[:, self.lo:end]], dim=1)  # (b, Tpast + span)
+        logits, _ = self.run(ids[:, self.lo:end], span_attn, pos[:, self.lo:end], self.past, False)
+        self.since += 1
+        return logits, self.lo
+
+
+def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0):
+    """FullForward(plain) for cache=none, else a CachedForward over the model's span forward."""
+    check_cache(cache, refresh)
+    if cache == "none":
+        return FullForward(plain)
+    run = span_forward(model)
+    if run is None:
+        raise DLLMError(f"cache={cache} is not supported by {type(model).__name__}; valid: cache=none, "
+                        f"or a model that supports it: {CACHE_MODELS}")
+    return CachedForward(run, cache, refresh)
