@@ -30,6 +30,15 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
                                          continue_final_message=not add_generation_prompt)
 
 
+def resolve_shape(spec: FamilySpec, gen_length: int | None, block: int | None,
+                  max_gen_toks: int | None = None) -> tuple[int, int]:
+    """(L, block), the one rule: L from gen_length, else the task's max_gen_toks, else the model's
+    default; block from `block`, else the model's default; B >= L is full diffusion, else B divides L."""
+    if gen_length is None:
+        gen_length = int(max_gen_toks) if max_gen_toks is not None else spec.default_gen_length
+    return gen_length, check_block(spec.default_block if block is None else block, gen_length)
+
+
 @dataclass
 class Generated:
     texts: list[str]  # what the task scores: cut at the first stop token, then at its stop strings
@@ -53,11 +62,7 @@ class Generator:
 
     def resolve(self, gen_length: int | None, block: int | None,
                 max_gen_toks: int | None = None) -> tuple[int, int]:
-        """(L, block): L from gen_length, else the task's max_gen_toks, else the model's default;
-        block from `block`, else the model's default; B >= L is full diffusion, else B divides L."""
-        if gen_length is None:
-            gen_length = int(max_gen_toks) if max_gen_toks is not None else self.spec.default_gen_length
-        return gen_length, check_block(self.spec.default_block if block is None else block, gen_length)
+        return resolve_shape(self.spec, gen_length, block, max_gen_toks)
 
     def attach_policy(self, sampler: Sampler, block: int, gen_length: int) -> None:
         """Load the policy a sampler wants for this (block, L), once, and hand it over."""

@@ -26,8 +26,7 @@ from tqdm import tqdm
 from .cache import CACHE_MODELS
 from .config import DLLMConfig
 from .tiny import TinyDLLMConfig
-from .decode import check_block
-from .generate import Generator, chat_prompt
+from .generate import Generator, chat_prompt, resolve_shape
 from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .parallel import DataParallel
@@ -64,15 +63,17 @@ class DLLM(DataParallel, LM):
                                              == TinyDLLMConfig.model_type):
             raise DLLMError(f"cache={self.cfg.cache} is not supported by {self.cfg.pretrained_path!r}; "
                             f"valid: cache=none, or a model that supports it: {CACHE_MODELS}")
-        if self.cfg.gen_length is not None:
-            self._block_for(self.cfg.gen_length)  # validate block against gen_length now
+        if self.cfg.gen_length is not None:  # validate block against gen_length now
+            resolve_shape(self.spec, self.cfg.gen_length, self.cfg.block)
         self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))
         self.model_id = BUNDLED_ID if not self.cfg.pretrained else self.cfg.pretrained
-        L0 = self.cfg.gen_length or self.spec.default_gen_length
-        block0 = self.cfg.block if self.cfg.block is not None else self.spec.default_block
-        if self.sampler.wanted_policy() is not None and (block0 >= L0 or L0 % block0 == 0):
-            policy_for(self.sampler.wanted_policy(), model_id=self.model_id, block=min(block0, L0),
-                       gen_length=L0, device=device)  # fail now, not mid-run (no such policy, bad file)
+        try:  # the policy for the model's default length: fail now, not mid-run (no such policy, bad file)
+            L0, block0 = resolve_shape(self.spec, self.cfg.gen_length, self.cfg.block)
+        except DLLMError:  # a block that fits only the task's max_gen_toks: checked per request
+            L0 = None
+        if L0 is not None and self.sampler.wanted_policy() is not None:
+            policy_for(self.sampler.wanted_policy(), model_id=self.model_id, block=block0,
+                       gen_length=L0, device=device)
         self.model, self.tokenizer, self.spec = load(
             self.cfg.pretrained_path, self.cfg.dtype, str(device),
             self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
@@ -111,14 +112,12 @@ class DLLM(DataParallel, LM):
             args["k"] = gen_length // self.cfg.steps
         return args
 
-    def _block_for(self, L: int) -> int:
-        """The block for gen_length L (Generator.resolve's rule); says once when it is full diffusion."""
-        block = self.cfg.block if self.cfg.block is not None else self.spec.default_block
-        B = check_block(block, L)
-        if B == L and block != L and f"full{L}" not in self._warned:
+    def _say_if_full(self, L: int, B: int) -> None:
+        """Once per L: a block asked for >= L runs as full diffusion."""
+        asked = self.cfg.block if self.cfg.block is not None else self.spec.default_block
+        if B == L and asked != L and f"full{L}" not in self._warned:
             self._warned.add(f"full{L}")
-            log.info("block=%s >= gen_length=%d: full diffusion", block, L)
-        return B
+            log.info("block=%s >= gen_length=%d: full diffusion", asked, L)
 
     def _temperature(self, gen_kwargs: dict) -> float:
         if self.cfg.temperature is not None:
@@ -266,7 +265,7 @@ class DLLM(DataParallel, LM):
     def _generate_batch(self, chunk) -> list[tuple[str, dict]]:
         contexts, gen_kwargs = [c[0] for c in chunk], chunk[0][1]
         L, block = self.gen.resolve(self.cfg.gen_length, self.cfg.block, gen_kwargs.get("max_gen_toks"))
-        self._block_for(L)
+        self._say_if_full(L, block)
         sampler = (self.sampler if self.cfg.steps is None
                    else make_sampler(self.cfg.sampler, self._sampler_args(L)))
         out = self.gen.generate(contexts, sampler, gen_length=L, block=block,
