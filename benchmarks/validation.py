@@ -3,15 +3,19 @@ policies and to choose settings without looking at the test split.
 
     python -m benchmarks.validation --block 48 --policies modchain-B48-alpha8,runs/grpo/best
     python -m benchmarks.validation --block 16 --cutoffs 0.1,0.5,0.9 --taus 0.9
+    python -m benchmarks.validation --split fresh --fresh-seed 4 --write results/bundled/fresh.md
 
 Accuracy is the final answer (`#### N`, what lm-eval's strict-match reads) on the 500 validation
-problems of the bundled task, which `train.grpo` validates on and the results grid never runs.
-It prints the table and writes nothing.
+problems of the bundled task, which `train.grpo` validates on and the results grid never runs
+(`--split fresh`: problems from the same generator that no split holds, `modchain.fresh`). It
+prints the table, and writes it only to `--write`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -19,7 +23,7 @@ from lm_eval_dllm.loading import load
 from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.tasks import modchain
 from lm_eval_dllm.tiny import BUNDLED_DIR
-from lm_eval_dllm.utils import DLLMError
+from lm_eval_dllm.utils import DLLMError, atomic_write
 from policies import variants_for
 from results.grid import SWEEPS
 
@@ -43,8 +47,18 @@ def main(argv=None) -> None:
                    f"grid's, {grid_cutoffs})")
     p.add_argument("--taus", default="0.7,0.9,0.95,0.99", help="threshold taus")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
+    p.add_argument("--split", default="validation", choices=("validation", "fresh"))
+    p.add_argument("--fresh-seed", type=int, default=4, help="--split fresh: the generator's seed")
+    p.add_argument("--fresh-n", type=int, default=1000, help="--split fresh: how many problems")
+    p.add_argument("--write", default="", help="also write the table (Markdown) to this file")
     a = p.parse_args(argv)
-    docs = load_docs("benchmarks.validation", a.limit, split="validation")
+    if a.split == "fresh":
+        try:
+            docs = modchain.fresh(a.fresh_n, a.fresh_seed)[:a.limit]
+        except ValueError as e:
+            raise SystemExit(f"benchmarks.validation: error: --fresh-seed: {e}") from None
+    else:
+        docs = load_docs("benchmarks.validation", a.limit, split="validation")
     try:
     
         pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
@@ -58,9 +72,13 @@ def main(argv=None) -> None:
             rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
     except DLLMError as e:
         raise SystemExit(f"benchmarks.validation: error: {e}") from None
-    print(f"`python -m benchmarks.validation` on {len(docs)} modchain validation problems, block {a.block} "
-          f"({a.dtype}):\n")
-    print(tabulate(rows, ["setting", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True))
+    what = "validation problems" if a.split == "validation" else f"fresh problems (seed {a.fresh_seed}, in no split)"
+    text = (f"`python -m benchmarks.validation {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}):\n\n"
+            + tabulate(rows, ["setting", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True) + "\n")
+    print(text)
+    if a.write:
+        atomic_write(Path(a.write), lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class StepRecord:
     block: int
     num_blocks: int
     step: int
+    rank: torch.Tensor | None = None  # (b, L) long, the order of the commits (ordered samplers only)
 
 
 @dataclass
@@ -215,13 +216,15 @@ def diffuse(
             x0, conf, margin, entropy = x0_all[rows], conf_all[rows], margin_all[rows], entropy_all[rows]
             state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
                               eligible=eligible[rows], generators=row_gens)
+            sampler.last_rank = None
             action = sampler.select(state)
             _check_action(sampler, action, state.eligible)
             if traj is not None:
                 traj.append(StepRecord(rows=rows.cpu(), conf=conf.cpu(), margin=margin.cpu(),
                                        entropy=entropy.cpu(), masked=state.masked.cpu(),
                                        eligible=state.eligible.cpu(), action=action.cpu(),
-                                       block=b, num_blocks=nb, step=step))
+                                       block=b, num_blocks=nb, step=step,
+                                       rank=None if sampler.last_rank is None else sampler.last_rank.cpu()))
             new = torch.where(action, x0, gen[rows])
             committed[rows] += action.sum(-1)
             if early_exit:

@@ -26,11 +26,13 @@ from safetensors.torch import load_file, save_file
 
 import policies
 
+from .plackett_luce import pl_logprob
 from .utils import DLLMError, atomic_write, atomic_write_json, check_safetensors
 
 log = logging.getLogger(__name__)
 
 ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
+SAMPLINGS = ("bernoulli", "pl")
 
 
 @dataclass
@@ -51,6 +53,11 @@ class PolicyConfig:
     # features' own scale and Adam (whose step is ~lr per weight, whatever the weight's size) moves
     # every feature's contribution at the same rate; 1.0 = no gain (policies written before it)
     skip_gain: float = 1.0
+    # how training sampled actions from the logits: "bernoulli" (one coin per position) or "pl"
+    # (Plackett-Luce: a forced first pick, then picks in order until a STOP item of utility
+    # stop_logit); it sets the policy's default evaluation mode
+    sampling: str = "bernoulli"
+    stop_logit: float = 0.0
     # what it was trained for; used to pick a policy and to warn on mismatched use
     base_model: str = ""
     task: str = ""
@@ -67,6 +74,8 @@ class PolicyConfig:
             raise DLLMError(f"policy init {self.init!r}; valid: slow, threshold")
         if not self.skip_gain > 0:
             raise DLLMError(f"policy skip_gain={self.skip_gain}; valid: a number > 0")
+        if self.sampling not in SAMPLINGS:
+            raise DLLMError(f"policy sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
         if self.init == "threshold" and "conf" not in self.features:
             raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
 
@@ -190,6 +199,14 @@ def bernoulli_logprob(logits: torch.Tensor, action: torch.Tensor, eligible: torc
     """(b,) log-probability of `action` under independent Bernoullis on the eligible positions."""
     lp = -F.binary_cross_entropy_with_logits(logits, action.float(), reduction="none")  # (b, L)
     return (lp * eligible.float()).sum(-1)
+
+
+def action_logprob(cfg: PolicyConfig, logits: torch.Tensor, action: torch.Tensor,
+                   rank: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """(b,) log-probability of a step's commits under the policy's own sampling."""
+    if cfg.sampling == "pl":
+        return pl_logprob(logits, rank, eligible, cfg.stop_logit)
+    return bernoulli_logprob(logits, action, eligible)
 
 
 def find_policy(name: str, *, model_id: str, block: int, gen_length: int) -> Path:

@@ -41,15 +41,16 @@ from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
-from lm_eval_dllm.policy import (ALL_FEATURES, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features,
-                                 find_policy)
+from lm_eval_dllm.policy import (ALL_FEATURES, SAMPLINGS, PolicyConfig, UnmaskPolicy, action_logprob,
+                                 build_features, find_policy)
 from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.samplers.threshold import ThresholdSampler
 from lm_eval_dllm.text import stop_strings
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
-from .grpo_loss import clipped_pg_loss, group_advantages, loss_count
+from .grpo_loss import clipped_pg_loss, expert_mixture, group_advantages, loss_count, mixed_advantages
 
 log = logging.getLogger("train.grpo")
 
@@ -70,12 +71,15 @@ class GRPOConfig:
     truncation: str = opt("left", 'too-long prompts: left (keep the last tokens) | error')
     alpha: float = opt(1.0, 'NFE discount exponent; 0 = reward accuracy only')
     group: int = opt(8, 'rollouts per prompt')
+    sampling: str = opt("bernoulli", "how the policy samples a step's commits: bernoulli (a coin per position) | pl (Plackett-Luce until STOP, the paper's dpls)")
+    stop_logit: float = opt(0.0, "--sampling pl: the STOP item's utility (higher: fewer commits per step)")
+    expert_tau: str = opt("", "expert steering: comma-separated thresholds; each prompt's group also gets one rollout of Fast-dLLM's threshold rule per tau, scored in the baseline and in the loss as off-policy draws of the mixture (the paper's es_thresholds)")
     prompts_per_step: int = opt(8, 'prompts per step, per process (each rolled out --group times)')
     steps: int = opt(200, 'rollout batches (each followed by --inner-steps updates)')
     lr: float = opt(3e-5, 'AdamW learning rate')
     warmup: int = opt(0, 'linear learning-rate warmup steps')
     clip_eps: float = opt(0.5, 'PPO-style ratio clip')
-    loss_norm: str = opt("step", 'step: mean over (rollout, step) terms, as the paper | rollout: each rollout weighs the same')
+    loss_norm: str = opt("step", 'step: mean over (rollout, step) terms | rollout: each rollout weighs the same (the paper code\'s)')
     inner_steps: int = opt(2, 'optimizer steps per rollout batch (rollouts reused)')
     grad_clip: float = opt(0.2, 'gradient-norm clip')
     weight_decay: float = opt(0.0, 'AdamW weight decay')
@@ -105,7 +109,7 @@ class GRPOConfig:
     out: str = opt("runs/grpo", 'OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt')
 
 
-CHOICES = {"val_mode": ("greedy", "sample"), "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
+CHOICES = {"val_mode": ("greedy", "sample"), "sampling": SAMPLINGS, "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
            "truncation": ("left", "error"), "cache": CACHE_MODES}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
@@ -139,10 +143,11 @@ class Env:
     def _chat(self, msgs, add_generation_prompt=True, **kw) -> str:  # as lm-eval calls a chat template
         return chat_prompt(self.tok, msgs, add_generation_prompt)
 
-    def rollout(self, policy, prompts, seeds, mode="sample", record=True):
-        """Decode every prompt once (repeat prompts for groups). Returns trajectory, rewards, stats."""
+    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None):
+        """Decode every prompt once (repeat prompts for groups) with the policy in `mode`, or with
+        `sampler` (an expert). Returns trajectory, rewards, stats."""
         # temperature 1: the replayed log-probabilities are those of the distribution sampled here
-        sampler = LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
+        sampler = sampler or LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
         texts, nfes, scores, traj_all = [], [], [], []
         for i in range(0, len(prompts), self.cfg.batch_size):
             chunk = prompts[i:i + self.cfg.batch_size]
@@ -163,18 +168,49 @@ class Env:
         return traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float), texts
 
 
+def commit_rank(r) -> torch.Tensor:
+    """A step's commits in order, (b, L) long (-1 = not committed): the sampler's own order, or for
+    an unordered one (an expert) by the dLLM's confidence, most confident first."""
+    if r.rank is not None:
+        return r.rank
+    key = torch.where(r.action, r.conf.float(), torch.full_like(r.conf, -float("inf"), dtype=torch.float))
+    order = key.argsort(-1, descending=True)
+    pos = torch.arange(key.shape[1]).expand_as(order)
+    return torch.full_like(order, -1).scatter(-1, order, torch.where(r.action.gather(-1, order), pos, -1))
+
+
 def stack_steps(traj, features) -> dict:
-    """All (rollout, step) records as one batch: features (N, L, F), t (N,), action/eligible (N, L), row (N,)."""
+    """All (rollout, step) records as one batch: features (N, L, F), t (N,), action/eligible/rank
+    (N, L), row (N,)."""
     cat = lambda name: torch.cat([getattr(r, name) for r in traj])  # noqa: E731
     conf, margin, entropy, masked, eligible = (cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible"))
     return {"feats": build_features(features, conf, margin, entropy, masked, eligible),
-            "t": masked.float().mean(-1), "action": cat("action"), "eligible": eligible, "row": cat("rows")}
+            "t": masked.float().mean(-1), "action": cat("action"), "eligible": eligible, "row": cat("rows"),
+            "rank": torch.cat([commit_rank(r) for r in traj])}
 
 
-def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: GRPOConfig, acc) -> list[float]:
-    """--inner-steps clipped policy-gradient steps on one rollout batch; returns the losses."""
+def step_logprob(pol, policy: UnmaskPolicy, batch: dict, cfg: GRPOConfig, n_policy: int) -> torch.Tensor:
+    """(N,) log-probability of each recorded step's commits under `pol` (policy or its DDP wrapper);
+    the steps of rollouts n_policy and up are expert steering's, scored as draws of the mixture."""
+    logp = action_logprob(policy.cfg, pol(batch["feats"], batch["t"]), batch["action"], batch.get("rank"),
+                          batch["eligible"])
+    experts = len(expert_taus(cfg))
+    if experts:
+        logp = torch.where(batch["row"] >= n_policy, expert_mixture(logp, cfg.group, experts), logp)
+    return logp
+
+
+def expert_taus(cfg: GRPOConfig) -> list[float]:
+    return [float(t) for t in cfg.expert_tau.split(",") if t.strip()]
+
+
+def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: GRPOConfig, acc,
+           n_policy: int | None = None) -> list[float]:
+    """--inner-steps clipped policy-gradient steps on one rollout batch; returns the losses.
+    Rollouts n_policy and up (default: none) are expert steering's."""
+    n_policy = len(adv) if n_policy is None else n_policy
     with torch.no_grad():  # the behaviour policy: the one that sampled the actions
-        old = bernoulli_logprob(policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
+        old = step_logprob(policy, policy, batch, cfg, n_policy)
     a = adv[batch["row"]]  # (N,) each step inherits its rollout's advantage
     per_rollout = cfg.loss_norm == "rollout"
     total = None
@@ -186,7 +222,7 @@ def update(ddp_policy, policy, opt, sched, batch: dict, adv: torch.Tensor, cfg: 
         total = acc.reduce(n, reduction="sum") / acc.num_processes
     losses = []
     for _ in range(cfg.inner_steps):
-        logp = bernoulli_logprob(ddp_policy(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
+        logp = step_logprob(ddp_policy, policy, batch, cfg, n_policy)
         loss = clipped_pg_loss(logp, old, a, cfg.clip_eps, batch["row"] if per_rollout else None, total)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -285,6 +321,14 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
             raise bad(k, "a positive whole number (or leave it unset)")
     if not 0 < cfg.init_tau <= 1:
         raise bad("init_tau", "a number in (0, 1]")
+    try:
+        taus = expert_taus(cfg)
+    except ValueError:
+        raise bad("expert_tau", "comma-separated thresholds in (0, 1], e.g. 0.9,0.7") from None
+    if any(not 0 < t <= 1 for t in taus):
+        raise bad("expert_tau", "comma-separated thresholds in (0, 1], e.g. 0.9,0.7")
+    if cfg.sampling not in SAMPLINGS:
+        raise bad("sampling", ", ".join(SAMPLINGS))
     skip_gain(cfg)
     resolve_dtype(cfg.dtype)
     check_cache(cfg.cache, 0)  # main() already refuses others (CHOICES); this is for callers of the API
@@ -356,6 +400,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
     features = tuple(f for f in cfg.features.split(",") if f)
     pcfg = PolicyConfig(features=features, hidden=cfg.hidden, ff=cfg.ff, heads=cfg.heads,
                         init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
+                        sampling=cfg.sampling, stop_logit=cfg.stop_logit,
                         base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
     policy = UnmaskPolicy(pcfg)
     if cfg.init_from:
@@ -417,24 +462,44 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    taus = expert_taus(cfg)
     bar = tqdm(total=cfg.steps, initial=step, desc="grpo", disable=not acc.is_main_process, dynamic_ncols=True)
     while step < cfg.steps:
         t0 = time.time()
         picks, seeds = step_prompts(cfg, step, len(train_prompts), acc.process_index, acc.num_processes)
         prompts = [train_prompts[i] for i in picks]
-        traj, rewards, scores, nfes, _ = env.rollout(acc.unwrap_model(ddp_policy), prompts, seeds)
+        pol = acc.unwrap_model(ddp_policy)
+        traj, rewards, scores, nfes, _ = env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
+        n_policy = len(rewards)
         adv = group_advantages(rewards, cfg.group)
+        if taus:  # expert steering: one rollout per tau and prompt, rows after the policy's
+            firsts = prompts[::cfg.group]
+            ex = [env.rollout(None, firsts, seeds[::cfg.group], sampler=ThresholdSampler(ThresholdSampler.Config(tau=t)))
+                  for t in taus]
+            for j, e in enumerate(ex):
+                for r in e[0]:
+                    r.rows = r.rows + n_policy + j * len(firsts)
+                traj += e[0]
+            ex_rewards = torch.stack([e[1] for e in ex], dim=1)  # (k, E)
+            a_pol, a_ex = mixed_advantages(rewards.view(-1, cfg.group), ex_rewards)
+            adv = torch.cat([a_pol.flatten(), a_ex.T.flatten()])  # row order: policy, then tau by tau
         batch = {k: v.to(acc.device) for k, v in stack_steps(traj, features).items()}
-        losses = update(ddp_policy, acc.unwrap_model(ddp_policy), opt, sched, batch, adv.to(acc.device), cfg, acc)
+        losses = update(ddp_policy, pol, opt, sched, batch, adv.to(acc.device), cfg, acc, n_policy)
         step += 1
         m = torch.tensor([rewards.mean(), scores.mean(), nfes.mean()], device=acc.device)
         m = acc.reduce(m, reduction="mean").tolist()
         rec = {"step": step, "reward": m[0], "accuracy": m[1], "nfe": m[2], "loss": sum(losses) / len(losses),
                "lr": sched.get_last_lr()[0]}
+        if taus:  # logged apart: the experts' rollouts are not the policy's
+            em = torch.stack([torch.stack([e[1].mean(), e[2].mean(), e[3].mean()]) for e in ex]).to(acc.device)
+            em = acc.reduce(em, reduction="mean").tolist()
+            rec |= {"expert": {f"{t:g}": {"reward": r, "accuracy": a, "nfe": n} for t, (r, a, n) in zip(taus, em)},
+                    "expert_advantage": a_ex.mean().item()}
         bar.update(1)
         bar.set_postfix(reward=f"{m[0]:.3f}", acc=f"{m[1]:.2f}", nfe=f"{m[2]:.1f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
-            vm = validate(env, acc.unwrap_model(ddp_policy), val_prompts, acc, cfg.val_mode)
+            vm = validate(env, acc.unwrap_model(ddp_policy), val_prompts, acc,
+                          policy_mode(cfg) if cfg.val_mode == "sample" else "greedy")
             rec |= {f"val_{k}": v for k, v in vm.items()}
             if acc.is_main_process and vm["reward"] > best:
                 best = vm["reward"]
@@ -448,6 +513,11 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
                 save({k: v for k, v in rec.items() if k.startswith("val_")} | {"train_reward": m[0]})
         acc.wait_for_everyone()
     bar.close()
+
+
+def policy_mode(cfg: GRPOConfig) -> str:
+    """The learned sampler's mode that samples as training does."""
+    return "pl" if cfg.sampling == "pl" else "sample"
 
 
 @torch.no_grad()

@@ -11,11 +11,32 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     return (r - r.mean(-1, keepdim=True)).flatten()
 
 
+def mixed_advantages(policy_rewards: torch.Tensor, expert_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert steering's advantages: policy_rewards (k, G) and expert_rewards (k, E) of k prompts
+    form k groups of G + E; each reward minus its group's mean over all G + E. Returns the
+    policy rollouts' (k, G) and the expert rollouts' (k, E) advantages."""
+    r = torch.cat([policy_rewards, expert_rewards], dim=1)  # (k, G + E)
+    a = r - r.mean(-1, keepdim=True)
+    return a[:, :policy_rewards.shape[1]], a[:, policy_rewards.shape[1]:]
+
+
+def expert_mixture(logp: torch.Tensor, group: int, experts: int) -> torch.Tensor:
+    """Expert steering's off-policy correction (the paper's code, `es_thresholds`): an expert
+    rollout is scored as a draw from the group's mixture, (G / (G + E)) pi_theta + (1 / (G + E))
+    delta_expert, where the expert's own (deterministic) rule gives its action probability 1. Per
+    step: log(G/(G+E) * exp(logp) + 1/(G+E)). Applied to the new and the old log-probabilities
+    alike, so the ratio compares mixtures; its gradient is pi_theta's, damped where the policy
+    already agrees little with the expert."""
+    n = group + experts
+    return torch.logaddexp(logp + torch.log(torch.tensor(group / n, dtype=logp.dtype)),
+                           torch.log(torch.tensor(1.0 / n, dtype=logp.dtype)).expand_as(logp))
+
+
 def clipped_pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float,
                     row: torch.Tensor | None = None, total: torch.Tensor | float | None = None) -> torch.Tensor:
     """PPO's clipped surrogate, negated and averaged: inputs are per (rollout, step), shape (N,).
 
-    Without `row`, the mean over all (rollout, step) terms (the paper's): a rollout weighs as much
+    Without `row`, the mean over all (rollout, step) terms: a rollout weighs as much
     as its number of steps, so slow rollouts outweigh fast ones. With `row` (each term's rollout
     index), the mean over each rollout's steps, then over rollouts: every rollout weighs the same.
 

@@ -49,6 +49,9 @@ class Sampler:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = None  # type: ignore[assignment]
+    # a sampler whose commits come in an order (Plackett-Luce) leaves the last step's order here,
+    # (b, L) long, -1 = not committed; the decode loop records it for training to replay
+    last_rank: torch.Tensor | None = None
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()

@@ -9,7 +9,10 @@ transformer over the dLLM's per-position confidences, trained with GRPO (`python
 Per eligible position the policy gives p = sigmoid(logit / temperature); `mode=sample` commits
 each with probability p (per-sample seeded), `mode=greedy` commits those with p > cutoff (0.5, the
 Bernoulli's mode, by default; a higher cutoff is more cautious: more NFE, fewer parallel commits).
-Either way the highest-logit eligible position is committed when nothing else is.
+Either way the highest-logit eligible position is committed when nothing else is. `mode=pl` draws
+the commits as a Plackett-Luce sequence over logit / temperature (`policy.pl_sample`): a first
+pick, then more in order until the STOP item (the policy's `stop_logit`) comes up — how a policy
+trained with `--sampling pl` samples.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import DLLMError
+from ..plackett_luce import pl_sample
 from .base import Sampler, StepState, check_range, register_sampler, row_uniforms, top_k
+
+
+MODES = ("sample", "greedy", "pl")
 
 
 @register_sampler("learned")
@@ -27,13 +34,13 @@ class LearnedSampler(Sampler):
     @dataclass(frozen=True)
     class Config:
         policy: str = ""  # a policy folder; "" picks the shipped one for the model and block
-        mode: str = "sample"  # sample | greedy
+        mode: str = "sample"  # sample | greedy | pl
         temperature: float = 1.0
         cutoff: float = 0.5  # greedy: commit where p > cutoff
 
         def __post_init__(self):
-            if self.mode not in ("sample", "greedy"):
-                raise DLLMError(f"sampler 'learned': mode={self.mode!r}; valid: sample, greedy")
+            if self.mode not in MODES:
+                raise DLLMError(f"sampler 'learned': mode={self.mode!r}; valid: {', '.join(MODES)}")
             check_range("learned", "temperature", self.temperature, 0.0, float("inf"), lo_open=True)
             check_range("learned", "cutoff", self.cutoff, 0.0, 1.0, lo_open=True, hi_open=True)
             if self.cutoff != 0.5 and self.mode != "greedy":
@@ -63,6 +70,11 @@ class LearnedSampler(Sampler):
 
     def select(self, state: StepState) -> torch.Tensor:
         logits = self.logits(state).float()  # (b, L)
+        if self.config.mode == "pl":
+            u = row_uniforms(state.generators, 2 * logits.shape[1] + 1, logits.device)
+            self.last_rank = pl_sample(logits / self.config.temperature, state.eligible,
+                                       self.policy.cfg.stop_logit, u)
+            return self.last_rank >= 0
         prob = torch.sigmoid(logits / self.config.temperature)
         if self.config.mode == "greedy":
             act = prob > self.config.cutoff

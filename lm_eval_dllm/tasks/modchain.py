@@ -77,6 +77,16 @@ def held_out_questions() -> set[str]:
     return {d["question"] for s in ("validation", "test") for d in load_split(s)}
 
 
+def fresh(n: int, seed: int) -> list[dict]:
+    """n problems from the same generator that no shipped split holds (seed 0, 4, 5, ...: any seed
+    but the splits' own), to check that a choice made on the validation split, or a table read
+    from the test split, carries over to problems nobody looked at. (Pretraining draws from the
+    same generator, so these may include problems the dLLM saw; so may the train split.)"""
+    if seed in {s for _, s in SPLITS.values()}:
+        raise ValueError(f"fresh problems with seed {seed}: that is a split's seed; valid: any other")
+    return generate(n, seed, exclude={d["question"] for s in SPLITS for d in load_split(s)})
+
+
 def write_splits() -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
