@@ -91,14 +91,19 @@ def evaluate(env: Env, pol: UnmaskPolicy, prompts, cand: dict, alpha: float, bat
                                until=env.until)
         scores += [env.scorer.score(p.doc, t) for p, t in zip(chunk, out.texts)]
         nfes += [st["nfe"] for st in out.stats]
-    n = len(prompts)
+    return summarize(cand, scores, nfes, env.L, alpha)
+
+
+def summarize(cand: dict, scores: list[float], nfes: list[int], gen_length: int, alpha: float) -> Trial:
+    """A candidate's mean accuracy, NFE and reward (the training reward, per problem, then averaged)."""
+    n = len(scores)
     return Trial(**cand, accuracy=sum(scores) / n, nfe=sum(nfes) / n,
-                 reward=sum(reward(s, k, env.L, alpha) for s, k in zip(scores, nfes)) / n)
+                 reward=sum(reward(s, k, gen_length, alpha) for s, k in zip(scores, nfes)) / n)
 
 
 def recommend(policy: str, *, limit: int | None = None, batch_size: int = 64, dtype: str | None = None,
               device: str | None = None, temperatures=TEMPERATURES, cutoffs=CUTOFFS,
-              write: bool = True) -> dict:
+              write: bool = True, cache_dir: Path = CACHE) -> dict:
     """Sweep the candidates on validation, choose by the rule, write the card's `recommended`."""
     folder = find_policy(policy, model_id="", block=0, gen_length=0)
     pol = UnmaskPolicy.load(folder)
@@ -120,7 +125,7 @@ def recommend(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
                     env.block, env.L, pol.cfg.block, pol.cfg.gen_length)
     prompts = env.scorer.prompts(cfg.val_split, n=n, seed=cfg.seed)
     pol = pol.to(dev)
-    cache = CACHE / f"{policy_fingerprint(folder)}-{cfg.val_split}-n{len(prompts)}-seed{cfg.seed}-{cfg.dtype}.jsonl"
+    cache = cache_dir / f"{policy_fingerprint(folder)}-{cfg.val_split}-n{len(prompts)}-seed{cfg.seed}-{cfg.dtype}.jsonl"
     done = _read_cache(cache)
     trials = []
     for cand in candidates(temperatures, cutoffs):
