@@ -7,6 +7,7 @@
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
     python -m results recommend --policy modchain-B48   # a policy's default mode/temperature/cutoff, on validation
+    python -m results recommend               # the same for every shipped policy of the model
     python -m results transfer                # every shipped policy at other blocks and a longer L -> transfer.md
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
     accelerate launch --multi_gpu --num_processes 8 -m results --pretrained ...   # each run over 8 GPUs
@@ -116,11 +117,10 @@ def main(argv=None) -> None:
 
 
 def _run(a, grid: Grid) -> None:
-    if a.command == "recommend":
-        if not a.policy:
-            raise DLLMError("recommend needs --policy; valid: a policy folder or a shipped name, e.g. "
-                            + ", ".join(e["path"] for e in policies.catalog()[:3]))
-        recommend(a.policy, limit=a.limit, batch_size=a.batch_size, dtype=a.dtype, device=a.device)
+    if a.command == "recommend":  # --policy, --policies, or every shipped policy of the model
+        names = ([a.policy] if a.policy else []) + [x for g in a.policies for x in g.split(",") if x]
+        for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)]:
+            recommend(name, limit=a.limit, batch_size=a.batch_size, dtype=a.dtype, device=a.device)
         return
     if a.command == "transfer":
         transfer(dataclasses.replace(grid, tasks=grid.tasks[:1], gen_length=None),

@@ -2,6 +2,7 @@
 
     python -m results recommend --policy modchain-B48-alpha2-left     # a shipped name or a policy folder
     python -m results recommend --policy runs/grpo-x/best --limit 100 # fewer validation problems (a quick look)
+    python -m results recommend                                       # every shipped policy of the bundled model
 
 The policy runs on its task's validation split (the problems `train.grpo` validated it on: its card's
 command's --val-split, --val-size and --seed; --limit takes fewer) at the block and L it was trained

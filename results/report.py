@@ -226,8 +226,8 @@ def _series(r: Row) -> str:
 
 
 def _swept(r: Row) -> bool:
-    """A learned row of a cutoff sweep, not a policy run with nothing but its name (card defaults)."""
-    return "mode" in dict(r.params)
+    """A learned row of a sweep, not a policy run with nothing but its name (its card's defaults)."""
+    return bool({"mode", "temperature", "policy_temperature", "cutoff"} & set(dict(r.params)))
 
 
 def log_nfe_axis(ax) -> None:

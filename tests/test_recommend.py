@@ -50,6 +50,8 @@ def test_a_card_gives_its_recommendation_and_given_values_win():
     # a card's temperature or cutoff was chosen for its mode: another mode given gets that mode's defaults
     assert used({"mode": "sample"}, GREEDY_CARD, 8, 48) == ("sample", 0.5, 0.5)
     assert used({"mode": "greedy"}, SAMPLE_CARD, 8, 48) == ("greedy", 1.0, 0.5)
+    with pytest.raises(DLLMError, match="card recommends mode='best'; valid: sample, greedy"):
+        used({}, {"recommended": {"mode": "best"}}, 8, 48)
 
 
 def test_the_sampler_runs_what_it_resolved():
@@ -65,6 +67,14 @@ def test_the_sampler_runs_what_it_resolved():
     given = make_sampler("learned", {"mode": "greedy", "cutoff": "0.9"})
     given.attach(pol, 48, 48)
     assert given.settings["cutoff"] == 0.9 and given.settings["source"]["cutoff"] == "given"
+
+
+def test_the_policy_temperature_has_its_own_model_arg():
+    from lm_eval_dllm.config import DLLMConfig
+
+    cfg = DLLMConfig.from_model_args({"sampler": "learned", "policy_temperature": "0.7", "temperature": "0"})
+    assert cfg.temperature == 0.0 and cfg.sampler_args == {"temperature": "0.7"}  # the dLLM's, the policy's
+    assert make_sampler("learned", cfg.sampler_args).config.temperature == 0.7
 
 
 @pytest.mark.parametrize("params, msg", [

@@ -5,8 +5,10 @@ transformer over the dLLM's per-position confidences, trained with GRPO (`python
 
     --model_args sampler=learned                       # the shipped policy for this model and block
     --model_args sampler=learned,policy=runs/grpo/best,mode=greedy
+    --model_args sampler=learned,policy=modchain-B48,mode=sample,policy_temperature=1.0
 
-Per eligible position the policy gives p = sigmoid(logit / temperature); `mode=sample` commits
+Per eligible position the policy gives p = sigmoid(logit / temperature) (`policy_temperature` in
+--model_args, where `temperature` is the dLLM's own); `mode=sample` commits
 each with probability p (per-sample seeded), `mode=greedy` commits those with p > cutoff (0.5, the
 Bernoulli's mode, by default; a higher cutoff is more cautious: more NFE, fewer parallel commits).
 Either way the highest-logit eligible position is committed when nothing else is.
@@ -46,6 +48,9 @@ def from_card(given: dict, card: dict | None) -> dict:
     rec = (card or {}).get("recommended") or {}
     if not rec.get("mode"):
         return {}
+    if rec["mode"] not in MODES:  # a card written by a newer version, or by hand
+        raise DLLMError(f"sampler 'learned': the policy card recommends mode={rec['mode']!r}; valid: "
+                        f"{', '.join(MODES)} (or give mode= in model_args)")
     out = {} if given.get("mode") is not None else {"mode": rec["mode"]}
     mode = given.get("mode") or rec["mode"]
     if mode == rec["mode"]:
@@ -74,6 +79,9 @@ def resolve_settings(given: dict, card: dict | None, block: int, gen_length: int
 
 @register_sampler("learned")
 class LearnedSampler(Sampler):
+    # in --model_args `temperature` is the dLLM's token temperature: the policy's is policy_temperature
+    model_arg_names = {"policy_temperature": "temperature"}
+
     @dataclass(frozen=True)
     class Config:
         policy: str = ""  # a policy folder; "" picks the shipped one for the model and block
