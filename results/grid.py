@@ -195,7 +195,9 @@ class Grid:
         settings the run takes from the policy's card (those its params leave unset) follow it, so
         a new recommendation on the card makes a new run."""
         d = self.policy_dir(params, block)
-        used = from_card({k: params.get(k) for k in SETTINGS}, policy_card(d))
+        # params are model_args: the policy's temperature is `policy_temperature` there
+        given = {k: params.get("policy_temperature" if k == "temperature" else k) for k in SETTINGS}
+        used = from_card(given, policy_card(d))
         return policy_fingerprint(d) + ("-card" + "".join(f"-{k}{v}" for k, v in used.items()) if used else "")
 
     def is_current(self, path: Path) -> bool:
