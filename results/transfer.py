@@ -72,7 +72,8 @@ def transfer(grid: Grid, names: list[str], long_L: int = LONG_L) -> str:
                          block_name(mine.block, mine.gen_length).replace("full diffusion", "full")
                          + ("" if mine.gen_length == cfg.gen_length else " (longer L)"),
                          _settings(path), f"{100 * mine.acc:.1f} @ {mine.nfe:.2f}",
-                         f"tau={dict(heur.params)['tau']}: {100 * heur.acc:.1f} @ {heur.nfe:.2f}" if heur else
+                         f"tau={dict(heur.params)['tau']}: {100 * heur.acc:.1f} @ {heur.nfe:.2f}"
+                         + (" (its costliest)" if heur.nfe == max(r.nfe for r in thresholds[block, L]) else "") if heur else
                          f"none (cheapest {min(thresholds[block, L], key=lambda r: r.nfe).nfe:.2f})",
                          f"{100 * (mine.acc - heur.acc):+.1f}" if heur else "–"])
     n = max(r.n for rs in thresholds.values() for r in rs)
@@ -85,8 +86,9 @@ def transfer(grid: Grid, names: list[str], long_L: int = LONG_L) -> str:
             f"mode, temperature and cutoff that gave and where each came from (card: the policy card's "
             f"`recommended`; default: the paper's; see lm_eval_dllm/samplers/learned.py). The threshold "
             f"rule ran at tau = {', '.join(f'{t:g}' for t in TAUS)} at the same block and L; its column is "
-            f"its most accurate setting that spends no more NFE than the policy did, and the margin is "
-            f"learned minus that, in points. \"longer L\": L = {long_L}, the same problems with room for "
+            f"its most accurate setting that spends no more NFE than the policy did (\"its costliest\": even "
+            f"tau = {max(TAUS):g} spends less than the policy, so a higher tau might do better there), and the "
+            f"margin is learned minus that, in points. \"longer L\": L = {long_L}, the same problems with room for "
             f"twice the longest answer.\n\n"
             + tabulate(body, head, tablefmt="github", disable_numparse=True) + "\n")
     out_dir = grid.out / grid.model_tag
