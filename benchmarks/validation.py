@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("--block", type=int, default=modchain.GEN_LENGTH, help="block size (default: full diffusion)")
     p.add_argument("--policies", default="", help="comma-separated policy folders or shipped names "
                    "(default: the shipped ones of the block)")
-    grid_cutoffs = ",".join(str(q["cutoff"]) for q in SWEEPS["learned"])
+    grid_cutoffs = ",".join(str(q["cutoff"]) for q in SWEEPS["learned"] if "cutoff" in q)
     p.add_argument("--cutoffs", default=grid_cutoffs, help=f"learned greedy cutoffs (default: the results "
                    f"grid's, {grid_cutoffs})")
     p.add_argument("--taus", default="0.7,0.9,0.95,0.99", help="threshold taus")

@@ -57,13 +57,17 @@ class DLLMConfig:
         own = {f.name for f in dataclasses.fields(cls)} - {"sampler_args"}
         sampler = str(args.get("sampler", cls.sampler))
         sampler_class(sampler)  # unknown sampler -> one-line error listing the valid ones
-        sparams = sampler_params(sampler)
+        # a sampler parameter whose name a model_arg of our own already takes (learned's policy
+        # `temperature` vs the dLLM's token temperature) goes by another name in model_args
+        alias = getattr(sampler_class(sampler), "model_arg_names", {})
+        sparams = {a: alias.get(a, a) for a in (*alias, *(p for p in sampler_params(sampler)
+                                                          if p not in alias.values()))}
         kw, sargs = {}, {}
         for k, v in args.items():
             if k in own:
                 kw[k] = _coerce_arg(k, v, hints[k])
             elif k in sparams:
-                sargs[k] = v
+                sargs[sparams[k]] = v
             else:
                 valid = sorted(own) + [f"{p} ({sampler})" for p in sparams]
                 raise DLLMError(f"unknown model_args key {k!r}; valid: {', '.join(valid)}")

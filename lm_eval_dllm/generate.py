@@ -73,7 +73,7 @@ class Generator:
         if key not in self._policies:
             self._policies[key] = policy_for(name, model_id=self.model_id, block=block,
                                              gen_length=gen_length, device=self.device)
-        sampler.policy = self._policies[key]
+        sampler.attach(self._policies[key], block, gen_length)
 
     def encode(self, context: str, gen_length: int) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=not self.chat)["input_ids"]

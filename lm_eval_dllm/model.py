@@ -316,6 +316,10 @@ class DLLM(DataParallel, LM):
             "model_class": type(self.model).__name__,  # NativeDLLM, or the class transformers built
             "sampler": self.cfg.sampler,
             "sampler_config": {k: v for k, v in vars(self.sampler.config).items()},
+            # what a sampler resolved per (block, L) from what was not given (learned: the card's
+            # recommended mode/temperature/cutoff or the paper's defaults), and from where
+            "sampler_resolved": [{"block": b, "gen_length": n} | st for (b, n), st in
+                                 sorted(getattr(self.sampler, "resolved", {}).items())],
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,
             "gen_length": self.cfg.gen_length,
             "cache": self.cfg.cache, "refresh": self.cfg.refresh,

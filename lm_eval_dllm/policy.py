@@ -195,6 +195,20 @@ class UnmaskPolicy(nn.Module):
         return pol.to(device).eval()
 
 
+def update_card(directory: str | Path, **entries) -> dict:
+    """Set entries of a policy folder's card (policy.json, rewritten atomically); the config and the
+    weights stay as they are, and so does the policy's fingerprint (results.grid.policy_fingerprint)."""
+    path = Path(directory) / "policy.json"
+    try:
+        meta = json.loads(path.read_text())
+        meta["card"] = {**(meta.get("card") or {}), **entries}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DLLMError(f"{path} is not a policy card ({type(e).__name__}: {str(e)[:100]}); valid: a folder "
+                        f"written by `python -m train.grpo`") from None
+    atomic_write_json(path, meta)
+    return meta["card"]
+
+
 def bernoulli_logprob(logits: torch.Tensor, action: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """(b,) log-probability of `action` under independent Bernoullis on the eligible positions."""
     lp = -F.binary_cross_entropy_with_logits(logits, action.float(), reduction="none")  # (b, L)

@@ -6,6 +6,9 @@
     python -m results report                  # rebuild tables/figures (and results/README.md) from runs on disk
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
+    python -m results recommend --policy modchain-B48   # a policy's default mode/temperature/cutoff, on validation
+    python -m results recommend               # the same for every shipped policy of the model
+    python -m results transfer                # every shipped policy at other blocks and a longer L -> transfer.md
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
     accelerate launch --multi_gpu --num_processes 8 -m results --pretrained ...   # each run over 8 GPUs
 
@@ -31,7 +34,9 @@ import policies
 
 from .grid import DEFAULT_DTYPE, PRESETS, SWEEPS, TESTBED, Grid, main_process, run_grid
 from .plan import plan
+from .recommend import recommend
 from .report import REF, best_within, block_name, figures, load_rows, tables
+from .transfer import LONG_L, transfer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,7 +63,7 @@ def _ints(s: str, flag: str = "--blocks") -> list[int]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds"])
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds", "recommend", "transfer"])
     g = p.add_argument_group("grid")
     g.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="default: every sampler's sweep; testbed: the testbed table's settings; paper: the "
@@ -68,15 +73,17 @@ def main(argv=None) -> None:
     g.add_argument("--blocks", default=None, help="comma-separated block sizes, >= L: full diffusion "
                    "(default: the preset's)")
     g.add_argument("--gen-length", type=int, default=None, help="generation length L (default: the preset's; "
-                   "the default preset: each task's max_gen_toks)")
+                   f"the default preset: each task's max_gen_toks); transfer: the longer L (default {LONG_L})")
     g.add_argument("--dry-run", action="store_true", help="print the plan and an upper bound of its device "
                    "hours from a short timing probe of the model; run nothing")
     g.add_argument("--samplers", default=",".join(SWEEPS), help="comma-separated samplers")
-    g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one)")
+    g.add_argument("--policy", default="", help="policy folder for sampler `learned` (default: the shipped one); "
+                   "recommend: the policy (folder or shipped name) whose card gets the recommendation")
     g.add_argument("--policies", action="append", default=[], help="seeds: comma-separated policy folders "
                    "trained by the same command with different --seed (shipped names work too); give it once "
                    "per command, each a section of seed_noise.md; pass --blocks with their block")
-    g.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    g.add_argument("--limit", type=int, default=None, help="documents per task (default: all); recommend: "
+                   "validation problems (default: those the policy was validated on in training)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None)
@@ -110,6 +117,15 @@ def main(argv=None) -> None:
 
 
 def _run(a, grid: Grid) -> None:
+    if a.command == "recommend":  # --policy, --policies, or every shipped policy of the model
+        names = ([a.policy] if a.policy else []) + [x for g in a.policies for x in g.split(",") if x]
+        for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)]:
+            recommend(name, limit=a.limit, batch_size=a.batch_size, dtype=a.dtype, device=a.device)
+        return
+    if a.command == "transfer":
+        transfer(dataclasses.replace(grid, tasks=grid.tasks[:1], gen_length=None),
+                 [x for g in a.policies for x in g.split(",") if x], a.gen_length or LONG_L)
+        return
     if a.command == "seeds":
         seeds(grid, *[[x for x in g.split(",") if x] for g in a.policies or [""]])
         return

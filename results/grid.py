@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import find_policy
+from lm_eval_dllm.samplers.learned import SETTINGS, from_card
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write_json
 
@@ -40,11 +41,13 @@ SWEEPS: dict[str, list[dict]] = {
     "threshold": [{"tau": t} for t in (0.5, 0.7, 0.9, 0.95, 0.99)],
     "factor": [{"f": f} for f in (0.5, 1.0, 2.0)],
     "eb": [{"gamma": g} for g in (0.1, 1.0)],
-    # the shipped policy for the model and block (or --policy), greedy: commit where p > cutoff, every
-    # 0.05 from 0.05 to 0.95 plus 0.01 (as aggressive as the threshold rule's low taus) and 0.98 (more
-    # cautious than its 0.99): a policy's accuracy climbs steeply with NFE, so its sweep is dense
-    "learned": [{"mode": "greedy", "cutoff": c}
-                for c in (0.01, *(round(0.05 * i, 2) for i in range(1, 20)), 0.98)],
+    # the shipped policy for the model and block (or --policy): first with nothing but the policy, as
+    # a user types it (its card's recommended mode/temperature/cutoff, else the paper's defaults), then
+    # greedy: commit where p > cutoff, every 0.05 from 0.05 to 0.95 plus 0.01 (as aggressive as the
+    # threshold rule's low taus) and 0.98 (more cautious than its 0.99): a policy's accuracy climbs
+    # steeply with NFE, so its sweep is dense
+    "learned": [{}] + [{"mode": "greedy", "cutoff": c}
+                       for c in (0.01, *(round(0.05 * i, 2) for i in range(1, 20)), 0.98)],
 }
 # one-token-per-step runs cost L forwards per sample (most of the grid's time): they mark the ceiling
 # at the smallest block and at full diffusion only
@@ -188,8 +191,14 @@ class Grid:
 
     def policy_tag(self, params: dict, block: int) -> str:
         """A fingerprint of the one policy a `learned` run uses, part of its key: retraining that
-        policy never reuses its old runs, and adding or retraining another policy keeps them."""
-        return policy_fingerprint(self.policy_dir(params, block))
+        policy never reuses its old runs, and adding or retraining another policy keeps them. The
+        settings the run takes from the policy's card (those its params leave unset) follow it, so
+        a new recommendation on the card makes a new run."""
+        d = self.policy_dir(params, block)
+        # params are model_args: the policy's temperature is `policy_temperature` there
+        given = {k: params.get("policy_temperature" if k == "temperature" else k) for k in SETTINGS}
+        used = from_card(given, policy_card(d))
+        return policy_fingerprint(d) + ("-card" + "".join(f"-{k}{v}" for k, v in used.items()) if used else "")
 
     def is_current(self, path: Path) -> bool:
         """Whether a run file on disk is of the policy its setting would use now (non-learned: always)."""
@@ -248,6 +257,13 @@ def policy_fingerprint(d: Path) -> str:
     h.update((d / "policy.safetensors").read_bytes())
     h.update(json.dumps(json.loads((d / "policy.json").read_text())["config"], sort_keys=True).encode())
     return h.hexdigest()[:8]
+
+
+def policy_card(d: Path) -> dict:
+    try:
+        return json.loads((d / "policy.json").read_text()).get("card") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # no readable card: the run fails on it with the sampler's own error
 
 
 def run_file_ok(path: Path) -> bool:

@@ -225,6 +225,11 @@ def _series(r: Row) -> str:
     return f"{r.sampler} ({pol})" if pol else r.sampler
 
 
+def _swept(r: Row) -> bool:
+    """A learned row of a sweep, not a policy run with nothing but its name (its card's defaults)."""
+    return bool({"mode", "temperature", "policy_temperature", "cutoff"} & set(dict(r.params)))
+
+
 def log_nfe_axis(ax) -> None:
     """Log-scale x (the fast settings cluster at a few NFE, the one-per-step ones at L), labelled
     with plain numbers: round ones, or three inside a range too narrow for two round ones."""
@@ -265,9 +270,14 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
                     ax.plot(*zip(*sorted((r.nfe, 100 * r.acc) for r in here)), "o-", color=colors[s], label=s, ms=4)
                     continue
                 for pol in sorted({_series(r) for r in here}):
-                    pts = sorted((r.nfe, 100 * r.acc) for r in here if _series(r) == pol)
-                    ax.plot(*zip(*pts), ".-", color=colors[s], alpha=0.3, lw=0.8, ms=3,
-                            label="learned: one policy's cutoff sweep")
+                    pts = sorted((r.nfe, 100 * r.acc) for r in here if _series(r) == pol and _swept(r))
+                    if pts:
+                        ax.plot(*zip(*pts), ".-", color=colors[s], alpha=0.3, lw=0.8, ms=3,
+                                label="learned: one policy's cutoff sweep")
+                typed = [r for r in here if not _swept(r)]
+                if typed:  # each policy as `sampler=learned,policy=X` runs it: its card's defaults
+                    ax.plot([r.nfe for r in typed], [100 * r.acc for r in typed], "*", color=colors[s], ms=8,
+                            alpha=0.6, label="learned: policy=X alone (card defaults)")
                 ax.plot(*zip(*[(r.nfe, 100 * r.acc) for r in pareto(here)]), "o-", color=colors[s], lw=2,
                         ms=4, label="learned: best over the policies")
             ax.set_title(block_name(b, tr[0].gen_length))

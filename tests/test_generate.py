@@ -23,7 +23,7 @@ def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt
     prompts = env.scorer.prompts("validation", n=6, seed=0)
 
     lm = DLLM(pretrained=str(tiny_ckpt), sampler="learned", policy=str(tmp_path / "pol"), mode=mode,
-              block=8, batch_size=4, device="cpu")
+              policy_temperature=1.0, block=8, batch_size=4, device="cpu")  # as rollouts sample
     reqs = [Instance(request_type="generate_until", doc=p.doc, arguments=(p.context, p.gen_kwargs), idx=0,
                      metadata=("modchain", p.doc_id, 1)) for p in prompts]
     texts = lm.generate_until(reqs, disable_tqdm=True)

@@ -61,8 +61,12 @@ class Sampler:
 
     def wanted_policy(self) -> str | None:
         """A sampler that runs a trained policy names it here ("": the shipped one for the model
-        and block); the caller loads it and sets `.policy` (samplers do no I/O). None: no policy."""
+        and block); the caller loads it and calls `attach` (samplers do no I/O). None: no policy."""
         return None
+
+    def attach(self, policy, block: int, gen_length: int) -> None:
+        """The caller hands over the policy it loaded for `wanted_policy`, before decoding at (block, L)."""
+        self.policy = policy
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

@@ -5,18 +5,27 @@ transformer over the dLLM's per-position confidences, trained with GRPO (`python
 
     --model_args sampler=learned                       # the shipped policy for this model and block
     --model_args sampler=learned,policy=runs/grpo/best,mode=greedy
+    --model_args sampler=learned,policy=modchain-B48,mode=sample,policy_temperature=1.0
 
-Per eligible position the policy gives p = sigmoid(logit / temperature); `mode=sample` commits
+Per eligible position the policy gives p = sigmoid(logit / temperature) (`policy_temperature` in
+--model_args, where `temperature` is the dLLM's own); `mode=sample` commits
 each with probability p (per-sample seeded), `mode=greedy` commits those with p > cutoff (0.5, the
 Bernoulli's mode, by default; a higher cutoff is more cautious: more NFE, fewer parallel commits).
 Either way the highest-logit eligible position is committed when nothing else is. `mode=pl` draws
-the commits as a Plackett-Luce sequence over logit / temperature (`policy.pl_sample`): a first
+the commits as a Plackett-Luce sequence over logit / temperature (`plackett_luce.pl_sample`): a first
 pick, then more in order until the STOP item (the policy's `stop_logit`) comes up — how a policy
 trained with `--sampling pl` samples.
+
+mode, temperature and cutoff left unset come from the policy card's `recommended` entry (chosen on
+the validation split by `python -m results recommend`), else the paper's evaluation defaults:
+mode=sample (mode=pl for a policy trained with --sampling pl) at temperature 0.5 in
+semi-autoregressive blocks (block < L) and 1.0 at full diffusion. Given ones always win. A card's temperature and cutoff apply only in the mode they were chosen for;
+greedy runs at temperature 1 unless told (there a temperature only rescales the cutoff).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,25 +34,81 @@ from ..utils import DLLMError
 from ..plackett_luce import pl_sample
 from .base import Sampler, StepState, check_range, register_sampler, row_uniforms, top_k
 
-
+log = logging.getLogger(__name__)
 MODES = ("sample", "greedy", "pl")
+SETTINGS = ("mode", "temperature", "cutoff")
+
+
+def paper_defaults(block: int, gen_length: int, sampling: str = "bernoulli") -> dict:
+    """Where neither model_args nor the card say: the policy's own sampling (Bernoulli, or
+    Plackett-Luce for a policy trained with it) at the paper's evaluation temperature, 0.5 for
+    semi-autoregressive blocks and 1.0 at full diffusion (block >= L)."""
+    return {"mode": "pl" if sampling == "pl" else "sample", "temperature": 0.5 if block < gen_length else 1.0,
+            "cutoff": 0.5}
+
+
+def from_card(given: dict, card: dict | None) -> dict:
+    """The settings a policy card supplies for the ones not given (None): its recommended mode,
+    and its temperature (sampling modes) or cutoff (greedy) when the mode in use is the one they were
+    chosen for. Depends on the card alone, so it can name a run (results.grid keys runs by it)."""
+    rec = (card or {}).get("recommended") or {}
+    if not rec.get("mode"):
+        return {}
+    if rec["mode"] not in MODES:  # a card written by a newer version, or by hand
+        raise DLLMError(f"sampler 'learned': the policy card recommends mode={rec['mode']!r}; valid: "
+                        f"{', '.join(MODES)} (or give mode= in model_args)")
+    out = {} if given.get("mode") is not None else {"mode": rec["mode"]}
+    mode = given.get("mode") or rec["mode"]
+    if mode == rec["mode"]:
+        key = "cutoff" if mode == "greedy" else "temperature"
+        if given.get(key) is None and rec.get(key) is not None:
+            out[key] = rec[key]
+    return out
+
+
+def resolve_settings(given: dict, card: dict | None, block: int, gen_length: int,
+                     sampling: str = "bernoulli") -> dict:
+    """mode, temperature, cutoff in use: given > the card's `recommended` > paper defaults (greedy:
+    temperature 1), plus `source`: where each came from."""
+    card_part = from_card(given, card)
+    out, source = {}, {}
+    for k in SETTINGS:
+        if given.get(k) is not None:
+            out[k], source[k] = given[k], "given"
+        elif k in card_part:
+            out[k], source[k] = card_part[k], "card"
+    base = paper_defaults(block, gen_length, sampling) | ({"temperature": 1.0} if out.get("mode") == "greedy" else {})
+    for k in SETTINGS:
+        if k not in out:
+            out[k], source[k] = base[k], "default"
+    return {**out, "source": source}
+
+
+def _sampling(policy) -> str:
+    return getattr(getattr(policy, "cfg", None), "sampling", "bernoulli")
 
 
 @register_sampler("learned")
 class LearnedSampler(Sampler):
+    # in --model_args `temperature` is the dLLM's token temperature: the policy's is policy_temperature
+    model_arg_names = {"policy_temperature": "temperature"}
+
     @dataclass(frozen=True)
     class Config:
         policy: str = ""  # a policy folder; "" picks the shipped one for the model and block
-        mode: str = "sample"  # sample | greedy | pl
-        temperature: float = 1.0
-        cutoff: float = 0.5  # greedy: commit where p > cutoff
+        # None: the card's recommended value, else the paper's default (module docstring)
+        mode: str | None = None  # sample | greedy | pl
+        temperature: float | None = None
+        cutoff: float | None = None  # greedy: commit where p > cutoff
 
         def __post_init__(self):
-            if self.mode not in MODES:
+            if self.mode is not None and self.mode not in MODES:
                 raise DLLMError(f"sampler 'learned': mode={self.mode!r}; valid: {', '.join(MODES)}")
-            check_range("learned", "temperature", self.temperature, 0.0, float("inf"), lo_open=True)
-            check_range("learned", "cutoff", self.cutoff, 0.0, 1.0, lo_open=True, hi_open=True)
-            if self.cutoff != 0.5 and self.mode != "greedy":
+            if self.temperature is not None:
+                check_range("learned", "temperature", self.temperature, 0.0, float("inf"), lo_open=True)
+            if self.cutoff is not None:
+                check_range("learned", "cutoff", self.cutoff, 0.0, 1.0, lo_open=True, hi_open=True)
+            if self.cutoff is not None and self.cutoff != 0.5 and self.mode != "greedy":
                 raise DLLMError(f"sampler 'learned': cutoff={self.cutoff} needs mode=greedy (sampling "
                                 f"commits with probability p); valid: mode=greedy,cutoff=<0..1>")
 
@@ -51,6 +116,8 @@ class LearnedSampler(Sampler):
         super().__init__(config)
         self.policy = policy  # an UnmaskPolicy: handed in (training) or set by the caller
         self._live = policy is not None and not self.config.policy  # training's own policy
+        self.settings: dict | None = None  # in use: resolved by `attach` for the batch's (block, L)
+        self.resolved: dict[tuple, dict] = {}  # (block, L) -> settings, for the run's record
 
     @classmethod
     def from_policy(cls, policy, mode: str = "sample", temperature: float = 1.0) -> "LearnedSampler":
@@ -58,6 +125,25 @@ class LearnedSampler(Sampler):
 
     def wanted_policy(self) -> str | None:
         return None if self._live else self.config.policy
+
+    def attach(self, policy, block: int, gen_length: int) -> None:
+        """Use `policy` at (block, L); the settings not given resolve from its card (logged once)."""
+        self.policy = policy
+        given = {k: getattr(self.config, k) for k in SETTINGS}
+        self.settings = resolve_settings(given, getattr(policy, "card", None), block, gen_length,
+                                         _sampling(policy))
+        if (block, gen_length) not in self.resolved:
+            self.resolved[(block, gen_length)] = self.settings
+            log.info("sampler learned at block %d, L %d: %s", block, gen_length, ", ".join(
+                f"{k}={self.settings[k]} ({self.settings['source'][k]})" for k in SETTINGS))
+
+    def _in_use(self) -> dict:
+        if self.settings is None:  # a policy handed in, never attached (training): its own shape
+            cfg = self.policy.cfg
+            self.settings = resolve_settings({k: getattr(self.config, k) for k in SETTINGS},
+                                             getattr(self.policy, "card", None), cfg.block or 1,
+                                             cfg.gen_length or cfg.block or 1, _sampling(self.policy))
+        return self.settings
 
     def logits(self, state: StepState) -> torch.Tensor:
         if self.policy is None:
@@ -70,14 +156,15 @@ class LearnedSampler(Sampler):
 
     def select(self, state: StepState) -> torch.Tensor:
         logits = self.logits(state).float()  # (b, L)
-        if self.config.mode == "pl":
+        use = self._in_use()
+        if use["mode"] == "pl":
             u = row_uniforms(state.generators, 2 * logits.shape[1] + 1, logits.device)
-            self.last_rank = pl_sample(logits / self.config.temperature, state.eligible,
+            self.last_rank = pl_sample(logits / use["temperature"], state.eligible,
                                        self.policy.cfg.stop_logit, u)
             return self.last_rank >= 0
-        prob = torch.sigmoid(logits / self.config.temperature)
-        if self.config.mode == "greedy":
-            act = prob > self.config.cutoff
+        prob = torch.sigmoid(logits / use["temperature"])
+        if use["mode"] == "greedy":
+            act = prob > use["cutoff"]
         else:
             act = row_uniforms(state.generators, prob.shape[1], prob.device) < prob
         act = act & state.eligible
