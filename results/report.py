@@ -149,6 +149,7 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
             parts.append(_fmt(best_per_sampler(by_block[full[0]])) + "\n")
         if any(r.sampler == "learned" for r in tr):
             parts.append(learned_vs_heuristics(tr) + "\n")
+            parts.append(targets(tr) + "\n")
         parts.append("Pareto-optimal settings (no other setting is both more accurate and cheaper):\n")
         parts.append(_fmt([r for b in sorted(by_block) for r in pareto(by_block[b])], with_block=True) + "\n")
         parts.append("<details><summary>All settings</summary>\n\n"
@@ -217,6 +218,45 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = REF) -> str:
     out.append(tabulate(table, ["block", "heuristic", "acc %", "NFE", "matched by learned (acc % @ NFE)",
                                 "within 1 point"], tablefmt="github"))
     return "\n".join(out) + "\n\n" + "\n".join(summary) + "\n"
+
+
+FULL_TARGET = (99.5, 4.0)  # issue 23: at full diffusion, this accuracy (%) at no more than this NFE
+
+
+def targets(rows: list[Row]) -> str:
+    """The shipped policies against the heuristics, each target met or missed with its number:
+    at full diffusion >= 99.5 % at <= 4.0 NFE, and every heuristic setting matched (at least as
+    accurate at no more NFE by some learned setting: the policies' sweeps and their card defaults);
+    in semi-autoregressive blocks each policy as typed (`policy=X` alone, its card's defaults) at
+    least as accurate as the best heuristic setting at no more NFE."""
+    out = ["Targets for the shipped policies (each met or missed, with its number):\n"]
+    for b in sorted({r.block for r in rows}):
+        br = [r for r in rows if r.block == b]
+        learned = [r for r in br if r.sampler == "learned"]
+        heur = [r for r in br if r.sampler != "learned"]
+        if not learned or not heur:
+            continue
+        name = block_name(b, br[0].gen_length)
+        missed = [h for h in heur if not ((w := best_within(learned, h.nfe)) and w.acc >= h.acc)]
+        line = (f"- {name}: every heuristic setting matched by a learned one: "
+                + ("met" if not missed else f"missed for {len(missed)} of {len(heur)} ("
+                   + ", ".join(f"{h.label} {100 * h.acc:.1f} % @ {h.nfe:.2f}" for h in missed[:4])
+                   + (", ..." if len(missed) > 4 else "") + ")"))
+        if b >= br[0].gen_length:
+            acc, nfe = FULL_TARGET
+            top = best_within(learned, nfe)
+            got = f"{top.label} {100 * top.acc:.1f} % @ {top.nfe:.2f}" if top else "no learned setting"
+            ok = top is not None and 100 * top.acc >= acc - 1e-9
+            line += (f"; >= {acc} % at <= {nfe} NFE: " + ("met" if ok else
+                     f"missed by {acc - 100 * top.acc:.1f} points" if top else "missed") + f" (best: {got})")
+        for t in sorted((r for r in learned if not _swept(r)), key=lambda r: r.label):
+            h = best_within(heur, t.nfe)
+            verdict = ("no heuristic setting spends so few NFE" if h is None else
+                       f"best heuristic at no more NFE {h.label} {100 * h.acc:.1f} % @ {h.nfe:.2f}: "
+                       + ("met" if t.acc >= h.acc else f"missed by {100 * (h.acc - t.acc):.1f} points"))
+            line += f"\n  - as typed, {t.label}: {100 * t.acc:.1f} % @ {t.nfe:.2f}; {verdict}"
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _series(r: Row) -> str:

@@ -311,3 +311,23 @@ def test_figures_draw_each_policy_thin_and_the_learned_front_bold(tmp_path, monk
     # the block figure: best accuracy within NFE L/4 = 12, then within tau 0.9's NFE (4.0) at each block
     block = [(list(a[0]), list(a[1])) for a, k in drawn if k.get("label") == "threshold" and list(a[0]) == [48]]
     assert block == [([48], [95.0]), ([48], [80.0])]
+
+
+def test_targets_state_each_goal_met_or_missed_with_its_number():
+    from results.report import targets
+
+    def mk(s, p, b, acc, nfe):
+        return Row("t", s, p, b, 48, acc, nfe, 1.0, 0.1, 1000)
+    full = [mk("threshold", (("tau", 0.9),), 48, 0.873, 3.84), mk("threshold", (("tau", 0.99),), 48, 0.99, 4.42),
+            mk("learned", (("cutoff", 0.5), ("mode", "greedy")), 48, 0.986, 3.99),
+            mk("learned", (("cutoff", 0.9), ("mode", "greedy")), 48, 0.995, 4.4), mk("learned", (), 48, 0.98, 3.84)]
+    semi = [mk("threshold", (("tau", 0.9),), 8, 0.99, 5.06), mk("learned", (), 8, 0.998, 5.0),
+            mk("learned", (("policy", "cheap"),), 8, 0.9, 4.5)]
+    text = targets(full + semi)
+    assert "- full diffusion (B = L = 48): every heuristic setting matched by a learned one: met" in text
+    assert ">= 99.5 % at <= 4.0 NFE: missed by 0.9 points (best: learned(cutoff=0.5, mode=greedy) 98.6 % @ 3.99)" in text
+    assert "as typed, learned: 98.0 % @ 3.84; best heuristic at no more NFE threshold(tau=0.9) 87.3 % @ 3.84: met" in text
+    assert "as typed, learned(policy=cheap): 90.0 % @ 4.50; no heuristic setting spends so few NFE" in text
+    assert "- B = 8: every heuristic setting matched by a learned one: met" in text
+    semi.append(mk("threshold", (("tau", 0.7),), 8, 0.958, 4.4))
+    assert "missed for 1 of 2 (threshold(tau=0.7) 95.8 % @ 4.40)" in targets(semi)
