@@ -133,14 +133,15 @@ def test_cache_through_lm_eval_reports_positions_per_forward(tiny_ckpt, task_man
     import lm_eval  # slow to import: only this test needs it
 
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=confidence,block=8,cache=dual,batch_size=4",
+        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=confidence,block=8,cache=dual,window=8,batch_size=4",
         tasks=["modchain"], limit=4, task_manager=task_manager, device="cpu", log_samples=True)
     row = res["results"]["modchain"]
     samples = [s["dllm"] for s in res["samples"]["modchain"] if s["filter"] == "strict-match"]
-    assert res["config"]["dllm"]["cache"] == "dual"
+    assert res["config"]["dllm"]["cache"] == "dual" and res["config"]["dllm"]["window"] == 8
     assert row["positions_per_forward,none"] == pytest.approx(
         sum(s["positions"] for s in samples) / sum(s["nfe"] for s in samples))
-    # a full forward computes the prompt and all 48 generated positions; per block, 1 full + 7 of 8
+    # a full forward computes the prompt and all 48 generated positions; per block, 1 full + 7 of
+    # 16 (the block and the 8 after it)
     assert all(s["positions_per_forward"] < 48 for s in samples)
 
 
