@@ -7,8 +7,9 @@ The cache reuses keys/values of the block's first forward (lm_eval_dllm.cache), 
 the model sees stale keys/values of the positions it does not recompute; this measures what that
 costs. Settings: threshold(tau=0.9) and the default learned policy (sampler=learned: the shipped
 policy of the block, sampling) at block 8, 16 and full diffusion (48), each with every cache mode,
-and dual with window = the block (the positions right after the block recomputed too; at full
-diffusion there are none, so that row would repeat dual's), in bfloat16 as the results grid.
+and two remedies for dual's stale suffix: refresh=2 (a full forward every second step) and
+window = the block (the positions right after the block recomputed too); at full diffusion there
+is no suffix, so those rows would repeat dual's. In bfloat16, as the results grid.
 Accuracy is the final answer (`#### N`, lm-eval's strict-match). Cost is counted, not timed:
 positions per forward is what each forward computed, averaged over all forwards (each block's
 first is a full one); seconds per forward by cache mode are in results/kv_cache.md, measured on a
@@ -33,10 +34,10 @@ SAMPLERS = [("threshold", {"tau": 0.9}), ("learned", {})]
 OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "cache_accuracy.md"
 
 
-def settings(block: int) -> list[tuple[str, int]]:
-    """(cache, window) rows of a block: every mode, and dual with window = the block if it has a suffix."""
-    rows = [("none", 0), ("prefix", 0), ("dual", 0)]
-    return rows + ([("dual", block)] if block < modchain.GEN_LENGTH else [])
+def settings(block: int) -> list[tuple[str, int, int]]:
+    """(cache, refresh, window) rows of a block: every mode, and dual's remedies if it has a suffix."""
+    rows = [("none", 0, 0), ("prefix", 0, 0), ("dual", 0, 0)]
+    return rows + ([("dual", 2, 0), ("dual", 0, block)] if block < modchain.GEN_LENGTH else [])
 
 
 def main(argv=None) -> None:
@@ -49,14 +50,15 @@ def main(argv=None) -> None:
     for name, params in SAMPLERS:
         for block in BLOCKS:
             base = None
-            for cache, window in settings(block):
+            for cache, refresh, window in settings(block):
                 stats: list[dict] = []
                 texts, nfe = decode_setting(model, tok, spec, docs, name, params, block, a.batch_size,
-                                            cache, window, stats)
+                                            cache, window, stats, refresh)
                 acc = 100 * modchain.final_answers_right(texts, docs) / len(docs)
                 base = acc if base is None else base
                 positions = sum(s["positions"] for s in stats)
-                rows.append([label(name, params), block, cache + (f", window={window}" if window else ""),
+                mode = cache + (f", refresh={refresh}" if refresh else "") + (f", window={window}" if window else "")
+                rows.append([label(name, params), block, mode,
                              f"{acc:.1f}", f"{acc - base:+.1f}", f"{nfe / len(docs):.2f}",
                              f"{positions / nfe:.1f}"])
     table = tabulate(rows, ["sampler", "block", "cache", "accuracy %", "vs none (points)", "mean NFE",
