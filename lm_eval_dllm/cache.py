@@ -1,7 +1,7 @@
 """Forward strategies of the one decode loop: no cache, or a block-wise key/value cache.
 
     lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8,cache=dual,window=8 --tasks modchain
-    python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual
+    python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual (and window)
 
 The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
 canvas columns [lo, hi) to recompute: the block's, and for Dream, whose logit at i predicts token
@@ -30,8 +30,8 @@ what follows (on the bundled task: does the chain stop at the result 0 just comm
 `#### 0` comes next?); their keys/values from the block's first forward predate what the block
 committed since, and the block's positions read them. Recomputing the positions right after the
 block (window = the block size) restores cache=none's accuracy on the bundled model at B = 8,
-where `refresh` cannot help much (blocks there take one or two steps):
-results/bundled/cache_accuracy.md, and the speed it costs, results/kv_cache.md.
+where `refresh` cannot help much (blocks there take one or two steps): see
+results/bundled/cache_accuracy.md; `python -m benchmarks.kv_cache` times what it costs.
 
 Given keys/values computed from the current canvas, a span forward equals the full forward on the
 span (tests/test_cache.py), so any accuracy difference comes only from the staleness.
