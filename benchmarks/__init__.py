@@ -32,10 +32,13 @@ def load_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
 
 
 def decode_setting(model, tok, spec, docs: list[dict], name: str, params: dict, block: int,
-                   batch_size: int, cache: str = "none") -> tuple[list[str], int]:
-    """(texts, total NFE) of one sampler setting on the bundled model, its policy found for the block."""
-    gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu", cache=cache)
-    return modchain.decode(gen, docs, make_sampler(name, params), block, batch_size)
+                   batch_size: int, cache: str = "none", window: int = 0,
+                   stats: list[dict] | None = None, refresh: int = 0) -> tuple[list[str], int]:
+    """(texts, total NFE) of one sampler setting on the bundled model, its policy found for the
+    block; `stats`, if given, receives the per-sample statistics."""
+    gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu", cache=cache, refresh=refresh,
+                    window=window)
+    return modchain.decode(gen, docs, make_sampler(name, params), block, batch_size, stats)
 
 
 def label(name: str, params: dict) -> str:

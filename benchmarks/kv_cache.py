@@ -1,4 +1,4 @@
-"""Time per forward (NFE) and per sample with cache=none / prefix / dual, measured in one run.
+"""Time per forward (NFE) and per sample with cache=none / prefix / dual (and dual with a window), measured in one run.
 
     python -m benchmarks.kv_cache                    # writes results/kv_cache.md (about 10 minutes on 2 CPU cores)
     python -m benchmarks.kv_cache --steps 256 --device cuda --dtype bfloat16 --out results/kv_cache_gpu.md
@@ -9,7 +9,10 @@ output layer alone 100 M), one 900-token prompt (the length of a 5-shot GSM8K pr
 block 32. Each mode decodes the same prompt with the top-k confidence sampler at k = L / --steps
 (a fixed number of steps, so every mode makes the same NFE: --steps 256 is one token per step,
 Fast-dLLM's setting; fewer steps keep a CPU run short, and each block's first forward, a full one
-in every mode, then weighs more). The modes take turns, --repeats times; medians are reported.
+in every mode, then weighs more). Besides the three modes, dual with window = --window (default:
+the block; 0 leaves the row out) recomputes that many positions after the block too, the setting
+results/bundled/cache_accuracy.md recommends. The modes take turns, --repeats times; medians are
+reported.
 Random weights say nothing about accuracy: see results/bundled/cache_accuracy.md for that.
 """
 
@@ -31,7 +34,7 @@ from lm_eval_dllm.spec import FamilySpec
 from lm_eval_dllm.utils import atomic_write
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "kv_cache.md"
-MODES = ("none", "prefix", "dual")
+MODES = ("none", "prefix", "dual")  # and "dual, window=n" (--window)
 
 
 def build(vocab: int, d_model: int, layers: int, dtype: torch.dtype, device: str) -> NativeDLLM:
@@ -72,6 +75,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=900, help="prompt tokens")
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block", type=int, default=32)
+    p.add_argument("--window", type=int, default=None, help="dual's extra row: positions after the block "
+                                                           "recomputed too (default: the block; 0: no such row)")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
@@ -97,13 +102,17 @@ def main(argv=None) -> None:
         if torch.device(a.device).type == "cuda":
             torch.cuda.synchronize()
 
-    fwd = {m: Timed(model_forward(model, spec, m), sync) for m in MODES}
+    window = a.block if a.window is None else a.window
+    settings = {m: (m, 0) for m in MODES}  # row label -> (cache, window)
+    if window:
+        settings[f"dual, window={window}"] = ("dual", window)
+    fwd = {m: Timed(model_forward(model, spec, c, window=w), sync) for m, (c, w) in settings.items()}
     diffuse(model_forward(model, spec, "dual"), [prompt[:64]], spec, sampler, a.block, a.block,
             device=a.device)  # warm-up
-    wall: dict[str, list[float]] = {m: [] for m in MODES}
+    wall: dict[str, list[float]] = {m: [] for m in settings}
     outs = {}
     for _ in range(a.repeats):
-        for m in MODES:
+        for m in settings:
             sync()
             t0 = time.perf_counter()
             outs[m] = diffuse(fwd[m], [prompt], spec, sampler, L, a.block, early_exit=False, device=a.device)
@@ -112,7 +121,7 @@ def main(argv=None) -> None:
     full_ms = 1000 * statistics.median(fwd["none"].full)
     rows = []
     base = statistics.median(wall["none"]) / int(outs["none"].nfe[0])
-    for m in MODES:
+    for m in settings:
         nfe, s = int(outs[m].nfe[0]), statistics.median(wall[m])
         same = (outs[m].tokens == outs["none"].tokens).float().mean().item()
         cached = 1000 * statistics.median(fwd[m].cached) if fwd[m].cached else None

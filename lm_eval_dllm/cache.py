@@ -1,7 +1,7 @@
 """Forward strategies of the one decode loop: no cache, or a block-wise key/value cache.
 
-    lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8,cache=dual --tasks modchain
-    python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual
+    lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8,cache=dual,window=8 --tasks modchain
+    python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual (and window)
 
 The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
 canvas columns [lo, hi) to recompute: the block's, and for Dream, whose logit at i predicts token
@@ -13,15 +13,25 @@ logits for a span of columns and where that span starts; and `release()` when th
 - prefix: the first step of a block is a full forward that also keeps every layer's keys/values;
   later steps recompute [lo, end of canvas) and reuse the kept keys/values of [0, lo) (the prompt
   and the committed blocks before this one).
-- dual: as prefix, but later steps recompute only [lo, hi) and reuse the kept keys/values of the
-  prefix and of the suffix (the later, still masked blocks).
+- dual: as prefix, but later steps recompute only [lo, hi + window) and reuse the kept keys/values
+  of the prefix and of the rest of the suffix (the later, still masked blocks). window=0 is
+  Fast-dLLM's dual cache (the block alone).
 
 Reused keys/values are those of the last full forward, so they miss what was committed since
 ("approximate cache", as Fast-dLLM's): prefix tokens do not change within a block, but their
 keys/values depend on the block's tokens through attention. `refresh=n` redoes the full forward
-every n steps within a block. The loop keeps the statistics of positions outside the span from the
-last forward that computed them (decode.diffuse), so a sampler or a learned policy that reads the
-whole canvas sees those.
+every n steps within a block.
+
+The loop keeps the statistics of positions outside the span from the last forward that computed
+them (decode.diffuse), so a sampler or a learned policy that reads the whole canvas sees those.
+
+Why `window`: in dual what goes stale is the suffix. Its mask positions carry the model's plan of
+what follows (on the bundled task: does the chain stop at the result 0 just committed, so that
+`#### 0` comes next?); their keys/values from the block's first forward predate what the block
+committed since, and the block's positions read them. Recomputing the positions right after the
+block (window = the block size) restores cache=none's accuracy on the bundled model at B = 8,
+where `refresh` cannot help much (blocks there take one or two steps): see
+results/bundled/cache_accuracy.md; `python -m benchmarks.kv_cache` times what it costs.
 
 Given keys/values computed from the current canvas, a span forward equals the full forward on the
 span (tests/test_cache.py), so any accuracy difference comes only from the staleness.
@@ -44,11 +54,16 @@ KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, T, Dh) keys (after RoPE) and va
 SpanForward = Callable[..., tuple[torch.Tensor, list[KV] | None]]
 
 
-def check_cache(cache: str, refresh: int) -> None:
+def check_cache(cache: str, refresh: int, window: int = 0) -> None:
     if cache not in CACHE_MODES:
         raise DLLMError(f"cache={cache!r}; valid: {', '.join(CACHE_MODES)}")
     if refresh < 0:
         raise DLLMError(f"refresh={refresh} must be >= 0; valid: 0 (never within a block), 1, 2, ...")
+    if window < 0:
+        raise DLLMError(f"window={window} must be >= 0; valid: 0 (the block alone), 1, 2, ... (e.g. the block size)")
+    if window and cache != "dual":  # prefix already recomputes everything after the block
+        raise DLLMError(f"window={window} applies to cache=dual only, not cache={cache}; valid: window=0, "
+                        f"or cache=dual")
 
 
 def span_forward(model) -> SpanForward | None:
@@ -90,11 +105,11 @@ class FullForward:
 class CachedForward:
     """cache=prefix or dual over a model's span forward (see the module docstring)."""
 
-    def __init__(self, run: SpanForward, mode: str, refresh: int = 0):
-        check_cache(mode, refresh)
+    def __init__(self, run: SpanForward, mode: str, refresh: int = 0, window: int = 0):
         if mode == "none":
             raise DLLMError("CachedForward(mode='none'); valid: prefix, dual (none is FullForward)")
-        self.run, self.mode, self.refresh = run, mode, refresh
+        check_cache(mode, refresh, window)
+        self.run, self.mode, self.refresh, self.window = run, mode, refresh, window
         self.lo = self.hi = 0
         self.rows: torch.Tensor | None = None  # (b,) rows of the last full forward, ascending
         self.past: list[KV] = []  # per layer: kept keys/values of the reused columns, rows as self.rows
@@ -112,13 +127,15 @@ class CachedForward:
         """Drop the kept keys/values (the loop calls it when a decode ends: they can be GBs)."""
         self.rows, self.past, self.past_attn = None, [], None
 
+    def _end(self, T: int) -> int:
+        """Where the recomputed span [lo, end) ends on a canvas of T columns."""
+        return T if self.mode == "prefix" else min(self.hi + self.window, T)
+
     def _reused(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """The reused columns of x (..., T, ...) along dim -2 (keys/values) or -1 (attn)."""
         d = -2 if x.dim() == 4 else -1
-        pre = x.narrow(d, 0, self.lo)
-        if self.mode == "prefix":
-            return pre
-        return torch.cat([pre, x.narrow(d, self.hi, T - self.hi)], dim=d)
+        end = self._end(T)
+        return torch.cat([x.narrow(d, 0, self.lo), x.narrow(d, end, T - end)], dim=d)
 
     def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         T = ids.shape[1]
@@ -133,20 +150,20 @@ class CachedForward:
             idx = torch.searchsorted(self.rows, rows)
             self.past = [(k[idx], v[idx]) for k, v in self.past]
             self.past_attn, self.rows = self.past_attn[idx], rows
-        end = T if self.mode == "prefix" else self.hi
+        end = self._end(T)
         span_attn = torch.cat([self.past_attn, attn[:, self.lo:end]], dim=1)  # (b, Tpast + span)
         logits, _ = self.run(ids[:, self.lo:end], span_attn, pos[:, self.lo:end], self.past, False)
         self.since += 1
         return logits, self.lo
 
 
-def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0):
+def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0):
     """FullForward(plain) for cache=none, else a CachedForward over the model's span forward."""
-    check_cache(cache, refresh)
+    check_cache(cache, refresh, window)
     if cache == "none":
         return FullForward(plain)
     run = span_forward(model)
     if run is None:
         raise DLLMError(f"cache={cache} is not supported by {type(model).__name__}; valid: cache=none, "
                         f"or a model that supports it: {CACHE_MODELS}")
-    return CachedForward(run, cache, refresh)
+    return CachedForward(run, cache, refresh, window)

@@ -45,6 +45,7 @@ class DLLMConfig:
     revision: str | None = None
     cache: str = "none"  # key/value cache across steps of a block: none, prefix, dual (lm_eval_dllm.cache)
     refresh: int = 0  # cache: steps between full forwards within a block; 0 = at block starts only
+    window: int = 0  # cache=dual: positions after the block recomputed too; 0 = the block alone
     sampler_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -97,7 +98,7 @@ class DLLMConfig:
             raise DLLMError(f"mc_num={self.mc_num} must be a positive integer; valid: 1, 2, ... (LLaDA: 128)")
         if self.mc_batch <= 0:
             raise DLLMError(f"mc_batch={self.mc_batch} must be a positive integer; valid: 1, 2, ... (LLaDA: 8)")
-        check_cache(self.cache, self.refresh)
+        check_cache(self.cache, self.refresh, self.window)
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 

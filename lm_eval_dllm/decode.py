@@ -252,9 +252,10 @@ def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor
                            f"must commit at least one masked position of the current block")
 
 
-def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0):
+def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0, window: int = 0):
     """The model's forward strategy for the decode loop: the plain full forward (cache=none), or
-    the key/value cache `cache` (lm_eval_dllm.cache) over it. Callable as `forward(ids, attn)`.
+    the key/value cache `cache` (with `refresh`, `window`: lm_eval_dllm.cache) over it. Callable
+    as `forward(ids, attn)`.
 
     A native model (LLaDA, Dream) takes the ids, the 2-D mask and positions counted from each
     row's first real token. Other models take transformers' keywords: a 2-D attention_mask, or,
@@ -278,4 +279,4 @@ def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    return forward_strategy(model, forward, cache, refresh)
+    return forward_strategy(model, forward, cache, refresh, window)

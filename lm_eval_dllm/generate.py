@@ -51,8 +51,8 @@ class Generator:
 
     def __init__(self, model, tokenizer, spec: FamilySpec, *, model_id: str, device,
                  max_length: int | None = None, truncation: str = "left", early_exit: bool = True,
-                 chat: bool = False, cache: str = "none", refresh: int = 0):
-        self.forward = model_forward(model, spec, cache, refresh)  # the decode loop's strategy
+                 chat: bool = False, cache: str = "none", refresh: int = 0, window: int = 0):
+        self.forward = model_forward(model, spec, cache, refresh, window)  # the decode loop's strategy
         self.tokenizer, self.spec, self.model_id = tokenizer, spec, model_id
         self.device = torch.device(device)
         self.early_exit = early_exit

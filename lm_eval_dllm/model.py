@@ -81,7 +81,8 @@ class DLLM(DataParallel, LM):
         self.gen = Generator(self.model, self.tokenizer, self.spec, model_id=self.model_id,
                              device=self._device, max_length=self.cfg.max_length,
                              truncation=self.cfg.truncation, early_exit=self.cfg.early_exit,
-                             cache=self.cfg.cache, refresh=self.cfg.refresh)
+                             cache=self.cfg.cache, refresh=self.cfg.refresh,
+                             window=self.cfg.window)
         self.is_bundled = not self.cfg.pretrained
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
@@ -322,7 +323,7 @@ class DLLM(DataParallel, LM):
                                  sorted(getattr(self.sampler, "resolved", {}).items())],
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,
             "gen_length": self.cfg.gen_length,
-            "cache": self.cfg.cache, "refresh": self.cfg.refresh,
+            "cache": self.cfg.cache, "refresh": self.cfg.refresh, "window": self.cfg.window,
             "seed": self.cfg.seed,
             "mc_num": self.cfg.mc_num,
             "mc_batch": self.cfg.mc_batch,

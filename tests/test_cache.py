@@ -40,8 +40,8 @@ def canvas(tok, spec, L: int, filled: int, seed: int = 0):
     return ids, attn, P
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
-def test_span_forward_with_current_keys_values_equals_the_full_forward(loaded, mode):
+@pytest.mark.parametrize("mode,window", [("prefix", 0), ("dual", 0), ("dual", 3)])
+def test_span_forward_with_current_keys_values_equals_the_full_forward(loaded, mode, window):
     """Mechanics exact: once the block's full forward has kept keys/values of the current canvas,
     a cached step on that canvas gives the full forward's logits on its span (padded rows
     included, and for a subset of rows as when some leave the block); so a cached decode differs
@@ -53,22 +53,22 @@ def test_span_forward_with_current_keys_values_equals_the_full_forward(loaded, m
     full = model_forward(model, spec)(ids, attn)  # (B, T, V)
     for b in (1, 3):  # a middle block, and the last (the suffix is empty)
         lo, hi = P + b * Bk - shift, P + (b + 1) * Bk  # Dream: the column before the block too
-        cached = model_forward(model, spec, cache=mode)
+        cached = model_forward(model, spec, cache=mode, window=window)
         rows = torch.arange(ids.shape[0])
         cached.start_block(lo, hi)
         first, start = cached.step(ids, attn, rows)
         assert start == 0 and torch.equal(first, full)
-        end = ids.shape[1] if mode == "prefix" else hi
+        end = ids.shape[1] if mode == "prefix" else min(hi + window, ids.shape[1])
         for sub in (rows, rows[1:], rows[[1, 3]]):
             part, start = cached.step(ids[sub], attn[sub], sub)
             assert start == lo and part.shape[1] == end - lo
             torch.testing.assert_close(part, full[sub, lo:end], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["none", "prefix", "dual"])
-def test_batch_of_eight_equals_each_row_alone(tiny_loaded, mode):
+@pytest.mark.parametrize("mode,window", [("none", 0), ("prefix", 0), ("dual", 0), ("dual", 8)])
+def test_batch_of_eight_equals_each_row_alone(tiny_loaded, mode, window):
     model, tok, spec = tiny_loaded
-    fwd = model_forward(model, spec, cache=mode)
+    fwd = model_forward(model, spec, cache=mode, window=window)
     prompts = [tok(t)["input_ids"] for t in TEXTS]
     s = make_sampler("threshold", {"tau": 0.3})
     batch = diffuse(fwd, prompts, spec, s, 24, 8, seeds=list(range(8)))
@@ -98,15 +98,17 @@ def test_cached_steps_compute_fewer_positions(tiny_loaded):
     prompts = [tok(t)["input_ids"] for t in TEXTS[:2]]
     s = make_sampler("confidence", {"k": 1})  # 8 steps per block: 1 full forward, 7 cached
     per = {}
-    for mode in ("none", "prefix", "dual"):
-        out = diffuse(model_forward(model, spec, mode), prompts, spec, s, 16, 8, seeds=[0, 1],
-                      early_exit=False)
+    for mode, window in (("none", 0), ("prefix", 0), ("dual", 0), ("dual", 3), ("dual", 9)):
+        out = diffuse(model_forward(model, spec, mode, window=window), prompts, spec, s, 16, 8,
+                      seeds=[0, 1], early_exit=False)
         assert out.nfe.tolist() == [16, 16]
-        per[mode] = out.positions
+        per[mode, window] = out.positions
     T = torch.tensor([len(p) + 16 for p in prompts])
-    assert torch.equal(per["none"], 16 * T)
-    assert torch.equal(per["dual"], 2 * T + 14 * 8)  # per block: one full forward, then the block
-    assert torch.equal(per["prefix"], 2 * T + 7 * 16 + 7 * 8)  # the block and what follows it
+    assert torch.equal(per["none", 0], 16 * T)
+    assert torch.equal(per["dual", 0], 2 * T + 14 * 8)  # per block: one full forward, then the block
+    assert torch.equal(per["prefix", 0], 2 * T + 7 * 16 + 7 * 8)  # the block and what follows it
+    assert torch.equal(per["dual", 3], 2 * T + 7 * 11 + 7 * 8)  # the block and 3 after it (none after the last)
+    assert torch.equal(per["dual", 9], per["prefix", 0])  # a window past the canvas is prefix
 
 
 def test_unsupported_models_and_bad_values_are_one_line():
@@ -120,6 +122,10 @@ def test_unsupported_models_and_bad_values_are_one_line():
         DLLMConfig.from_model_args({"cache": "dual", "refresh": -1})
     with pytest.raises(DLLMError, match="valid: prefix, dual"):
         CachedForward(lambda *a: None, "none")
+    with pytest.raises(DLLMError, match="window=-1 must be >= 0"):
+        DLLMConfig.from_model_args({"cache": "dual", "window": -1})
+    with pytest.raises(DLLMError, match="window=8 applies to cache=dual only, not cache=prefix; valid: window=0, or cache=dual"):
+        DLLMConfig.from_model_args({"cache": "prefix", "window": 8})
 
 
 @pytest.mark.slow
@@ -127,14 +133,15 @@ def test_cache_through_lm_eval_reports_positions_per_forward(tiny_ckpt, task_man
     import lm_eval  # slow to import: only this test needs it
 
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=confidence,block=8,cache=dual,batch_size=4",
+        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=confidence,block=8,cache=dual,window=8,batch_size=4",
         tasks=["modchain"], limit=4, task_manager=task_manager, device="cpu", log_samples=True)
     row = res["results"]["modchain"]
     samples = [s["dllm"] for s in res["samples"]["modchain"] if s["filter"] == "strict-match"]
-    assert res["config"]["dllm"]["cache"] == "dual"
+    assert res["config"]["dllm"]["cache"] == "dual" and res["config"]["dllm"]["window"] == 8
     assert row["positions_per_forward,none"] == pytest.approx(
         sum(s["positions"] for s in samples) / sum(s["nfe"] for s in samples))
-    # a full forward computes the prompt and all 48 generated positions; per block, 1 full + 7 of 8
+    # a full forward computes the prompt and all 48 generated positions; per block, 1 full + 7 of
+    # 16 (the block and the 8 after it)
     assert all(s["positions_per_forward"] < 48 for s in samples)
 
 

@@ -86,6 +86,7 @@ class GRPOConfig:
     dllm_temperature: float = opt(0.0, "the dLLM's own token choice: 0 = argmax")
     cache: str = opt("none", f"the dLLM's key/value cache in rollouts and validation, as the cache "
                              f"model_arg: {' | '.join(CACHE_MODES)} (train a policy for the cached setting)")
+    cache_window: int = opt(0, "with --cache dual: positions after the block recomputed too, as the window model_arg")
     num_fewshot: int = opt(-1, "-1 = the task's own")
     train_split: str = opt("train", 'where training prompts come from')
     val_split: str = opt("validation", 'where validation prompts come from (never trained on)')
@@ -135,7 +136,8 @@ class Env:
         self.model_id = cfg.pretrained or BUNDLED_ID
         self.gen = Generator(self.model, self.tok, self.spec, model_id=self.model_id, device=device,
                              max_length=cfg.max_length, truncation=cfg.truncation,
-                             chat=cfg.apply_chat_template, cache=cfg.cache)
+                             chat=cfg.apply_chat_template, cache=cfg.cache,
+                             window=cfg.cache_window)
         self.L, self.block = self.gen.resolve(cfg.gen_length, cfg.block, max_gen_toks)
         self.until = stop_strings(self.scorer.gen_kwargs, self.tok, self.spec)
         self.device = device
@@ -331,7 +333,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("sampling", ", ".join(SAMPLINGS))
     skip_gain(cfg)
     resolve_dtype(cfg.dtype)
-    check_cache(cfg.cache, 0)  # main() already refuses others (CHOICES); this is for callers of the API
+    check_cache(cfg.cache, 0, cfg.cache_window)  # main() refuses other modes (CHOICES); this is for callers of the API
     feats = [f for f in cfg.features.split(",") if f]
     unknown = [f for f in feats if f not in ALL_FEATURES]
     if not feats or unknown:

@@ -108,9 +108,11 @@ def prompt(question: str) -> str:
     return f"Q: {question}\nA: "
 
 
-def decode(gen, docs: list[dict], sampler, block: int, batch_size: int = 64) -> tuple[list[str], int]:
+def decode(gen, docs: list[dict], sampler, block: int, batch_size: int = 64,
+           stats: list[dict] | None = None) -> tuple[list[str], int]:
     """(completion texts, total NFE) of `docs` through a `generate.Generator`, in batches; each
-    problem's seed is its index, so a text does not depend on the batch size."""
+    problem's seed is its index, so a text does not depend on the batch size. `stats`, if given,
+    receives each problem's per-sample statistics (nfe, positions, ...)."""
     texts, nfe = [], 0
     for i in range(0, len(docs), batch_size):
         batch = docs[i:i + batch_size]
@@ -118,6 +120,8 @@ def decode(gen, docs: list[dict], sampler, block: int, batch_size: int = 64) -> 
                            block=block, seeds=list(range(i, i + len(batch))))
         texts += out.texts
         nfe += sum(st["nfe"] for st in out.stats)
+        if stats is not None:
+            stats += out.stats
     return texts, nfe
 
 
