@@ -1,7 +1,7 @@
 """Accuracy and NFE on the validation split: learned cutoffs next to the threshold rule, to compare
 policies and to choose settings without looking at the test split.
 
-    python -m benchmarks.validation --block 48 --policies modchain-B48-alpha8,runs/grpo/best
+    python -m benchmarks.validation --block 48 --policies modchain-B48-alpha3,runs/grpo/best
     python -m benchmarks.validation --block 16 --cutoffs 0.1,0.5,0.9 --taus 0.9
     python -m benchmarks.validation --split fresh --fresh-seed 4 --write results/bundled/fresh.md
 

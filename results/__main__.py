@@ -6,7 +6,7 @@
     python -m results report                  # rebuild tables/figures (and results/README.md) from runs on disk
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
-    python -m results recommend --policy modchain-B48   # a policy's default mode/temperature/cutoff, on validation
+    python -m results recommend --policy modchain-B48-alpha3   # a policy's default mode/temperature/cutoff, on validation
     python -m results recommend               # the same for every shipped policy of the model
     python -m results transfer                # every shipped policy at other blocks and a longer L -> transfer.md
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200

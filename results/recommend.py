@@ -1,6 +1,6 @@
 """Choose a policy's default mode, temperature and cutoff on the validation split; write them into its card.
 
-    python -m results recommend --policy modchain-B48-alpha2-left     # a shipped name or a policy folder
+    python -m results recommend --policy modchain-B48-alpha3          # a shipped name or a policy folder
     python -m results recommend --policy runs/grpo-x/best --limit 100 # fewer validation problems (a quick look)
     python -m results recommend                                       # every shipped policy of the bundled model
 

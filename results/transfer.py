@@ -2,7 +2,7 @@
 next to the threshold rule at the same NFE.
 
     python -m results transfer                 # every shipped policy of the bundled model -> results/bundled/transfer.md
-    python -m results transfer --policies modchain-B8,modchain-B48 --limit 50 --out /tmp/t   # a quick look
+    python -m results transfer --policies modchain-B8,modchain-B48-alpha3 --limit 50 --out /tmp/t   # a quick look
 
 Each policy runs as a user types it, `sampler=learned,policy=X` (its card's recommended mode,
 temperature and cutoff, else the paper's defaults), on the task's test problems at every --blocks

@@ -5,7 +5,7 @@ transformer over the dLLM's per-position confidences, trained with GRPO (`python
 
     --model_args sampler=learned                       # the shipped policy for this model and block
     --model_args sampler=learned,policy=runs/grpo/best,mode=greedy
-    --model_args sampler=learned,policy=modchain-B48,mode=sample,policy_temperature=1.0
+    --model_args sampler=learned,policy=modchain-B48-alpha3,mode=sample,policy_temperature=1.0
 
 Per eligible position the policy gives p = sigmoid(logit / temperature) (`policy_temperature` in
 --model_args, where `temperature` is the dLLM's own); `mode=sample` commits
