@@ -237,7 +237,8 @@ def targets(rows: list[Row]) -> str:
         if not learned or not heur:
             continue
         name = block_name(b, br[0].gen_length)
-        missed = [h for h in heur if not ((w := best_within(learned, h.nfe)) and w.acc >= h.acc)]
+        missed = [h for h in sorted(heur, key=lambda r: (r.sampler, r.nfe, r.label))
+                  if not ((w := best_within(learned, h.nfe)) and w.acc >= h.acc)]
         line = (f"- {name}: every heuristic setting matched by a learned one: "
                 + ("met" if not missed else f"missed for {len(missed)} of {len(heur)} ("
                    + ", ".join(f"{h.label} {100 * h.acc:.1f} % @ {h.nfe:.2f}" for h in missed[:4])

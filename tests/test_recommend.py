@@ -11,6 +11,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+import policies
+
 from lm_eval_dllm.model import DLLM
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, update_card
 from lm_eval_dllm.samplers import make_sampler
@@ -157,6 +159,8 @@ def test_transfer_table_of_one_policy(tmp_path, monkeypatch):
     text = transfer.transfer(grid, ["modchain-B8"], long_L=64)
     rows = [line for line in text.splitlines() if line.startswith("| `modchain-B8`")]
     assert len(rows) == 2 and "full (B = L = 48)" in rows[0] and "B = 8 (longer L)" in rows[1]
-    assert "sample, T=1 (default)" in rows[0] and "sample, T=0.5 (default)" in rows[1]
+    rec = json.loads((policies.HERE / "modchain-B8" / "policy.json").read_text())["card"]["recommended"]
+    assert rec["mode"] == "greedy"  # the shipped card's choice, which the table shows it ran
+    assert all(f"greedy, T=1, cutoff={rec['cutoff']:g} (card/default)" in r for r in rows)
     assert (tmp_path / "bundled" / "transfer.md").read_text() == text
     assert transfer.transfer(grid, ["modchain-B8"], long_L=64) == text  # the second time: every run on disk
