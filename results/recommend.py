@@ -84,18 +84,12 @@ def training_config(card: dict, pol: UnmaskPolicy) -> GRPOConfig:
                       block=c.block or None, gen_length=c.gen_length or None, alpha=float(card["alpha"]))
 
 
-def evaluate(env: Env, pol: UnmaskPolicy, prompts, cand: dict, alpha: float, batch_size: int) -> Trial:
-    """One candidate on the validation prompts, seeded by index as train.grpo's validation is."""
+def evaluate(env: Env, pol: UnmaskPolicy, prompts, cand: dict, alpha: float) -> Trial:
+    """One candidate on the validation prompts through train.grpo's own rollout (its batches, the
+    task's scorer), seeded by index as train.grpo's validation is."""
     sampler = LearnedSampler(LearnedSampler.Config(**cand), policy=pol)
-    scores, nfes = [], []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        out = env.gen.generate([p.context for p in chunk], sampler, gen_length=env.L, block=env.block,
-                               seeds=list(range(i, i + len(chunk))), temperature=env.cfg.dllm_temperature,
-                               until=env.until)
-        scores += [env.scorer.score(p.doc, t) for p, t in zip(chunk, out.texts)]
-        nfes += [st["nfe"] for st in out.stats]
-    return summarize(cand, scores, nfes, env.L, alpha)
+    _, _, scores, nfes, _ = env.rollout(pol, prompts, list(range(len(prompts))), record=False, sampler=sampler)
+    return summarize(cand, scores.tolist(), nfes.int().tolist(), env.L, alpha)
 
 
 def summarize(cand: dict, scores: list[float], nfes: list[int], gen_length: int, alpha: float) -> Trial:
@@ -135,7 +129,7 @@ def recommend(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
     for cand in candidates(temperatures, cutoffs, pol.cfg.sampling):
         key = json.dumps(cand, sort_keys=True)
         if key not in done:
-            t = evaluate(env, pol, prompts, cand, alpha, batch_size)
+            t = evaluate(env, pol, prompts, cand, alpha)
             cache.parent.mkdir(parents=True, exist_ok=True)
             with open(cache, "a") as f:
                 f.write(json.dumps({"key": key, "trial": asdict(t)}) + "\n")
