@@ -51,6 +51,9 @@ class StepRecord:
     num_blocks: int
     step: int
     rank: torch.Tensor | None = None  # (b, L) long, the order of the commits (ordered samplers only)
+    top: torch.Tensor | None = None  # (b, L, K) top-K token probabilities (samplers that read them)
+    steps: torch.Tensor | None = None  # (b,) decode steps each row took before this one
+    block_size: int = 0
 
 
 @dataclass
@@ -89,8 +92,9 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
-            chunk_elements: int = CHUNK_ELEMENTS, length: int | None = None, offset: int = 0):
-    """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy.
+            chunk_elements: int = CHUNK_ELEMENTS, length: int | None = None, offset: int = 0, top_k: int = 0):
+    """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy, and
+    top (b, L, top_k) the top_k highest probabilities (None when top_k is 0).
 
     Computed chunk by chunk (whole rows while they fit in `chunk_elements`, else runs of positions
     of one row), so the extra memory is a few chunks plus, with temperature, one row's noise.
@@ -104,6 +108,7 @@ def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Gen
     x0 = torch.empty((b, L), dtype=torch.long, device=logits.device)
     conf, margin, entropy = (torch.empty((b, L), dtype=logits.dtype, device=logits.device)
                              for _ in range(3))
+    top = torch.empty((b, L, top_k), dtype=logits.dtype, device=logits.device) if top_k else None
     for r in range(0, b, rows_per):
         rs = slice(r, r + rows_per)
         if temperature > 0:
@@ -122,11 +127,13 @@ def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Gen
             else:
                 x0[rs, ps] = lg.argmax(-1)
             conf[rs, ps] = p.gather(-1, x0[rs, ps, None]).squeeze(-1)
-            top2 = p.topk(2, dim=-1).values  # (r, c, 2)
+            top2 = p.topk(max(2, top_k), dim=-1).values  # (r, c, max(2, top_k))
             margin[rs, ps] = top2[..., 0] - top2[..., 1]
+            if top_k:
+                top[rs, ps] = top2[..., :top_k]
             entropy[rs, ps] = torch.special.entr(p).sum(-1)  # 0 log 0 = 0
             del logp, p  # free this chunk's temporaries before the next chunk allocates its own
-    return x0, conf, margin, entropy
+    return x0, conf, margin, entropy, top
 
 
 def _finished(gen: torch.Tensor, mask_id: int, stop: torch.Tensor) -> torch.Tensor:
@@ -186,6 +193,8 @@ def diffuse(
     # per row, the statistics of every position from the last forward that computed it
     x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
     conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
+    k_top = sampler.top_probs()
+    top_all = torch.zeros((B, L, k_top), device=device)
 
     for b in range(nb):
         in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
@@ -210,12 +219,14 @@ def diffuse(
             lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].float()  # (b, g1 - g0, V)
             lg[..., suppress] = float("-inf")
             row_gens = [gens[i] for i in rows.tolist()]
-            stats = propose(lg, temperature, row_gens, length=L, offset=g0)
-            for full, new in zip((x0_all, conf_all, margin_all, entropy_all), stats):
-                full[rows, g0:g1] = new.to(full.dtype)
+            stats = propose(lg, temperature, row_gens, length=L, offset=g0, top_k=k_top)
+            for full, new in zip((x0_all, conf_all, margin_all, entropy_all, top_all), stats):
+                if new is not None:
+                    full[rows, g0:g1] = new.to(full.dtype)
             x0, conf, margin, entropy = x0_all[rows], conf_all[rows], margin_all[rows], entropy_all[rows]
             state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
-                              eligible=eligible[rows], generators=row_gens)
+                              eligible=eligible[rows], generators=row_gens, top=top_all[rows] if k_top else None,
+                              steps=nfe[rows] - 1, block_start=b * Bk, block_size=Bk)
             sampler.last_rank = None
             action = sampler.select(state)
             _check_action(sampler, action, state.eligible)
@@ -224,7 +235,9 @@ def diffuse(
                                        entropy=entropy.cpu(), masked=state.masked.cpu(),
                                        eligible=state.eligible.cpu(), action=action.cpu(),
                                        block=b, num_blocks=nb, step=step,
-                                       rank=None if sampler.last_rank is None else sampler.last_rank.cpu()))
+                                       rank=None if sampler.last_rank is None else sampler.last_rank.cpu(),
+                                       top=None if state.top is None else state.top.cpu(),
+                                       steps=state.steps.cpu(), block_size=Bk))
             new = torch.where(action, x0, gen[rows])
             committed[rows] += action.sum(-1)
             if early_exit:

@@ -9,6 +9,12 @@ and positions learns only slowly). Conditioning on the diffusion time t (the
 fraction still masked) through adaLN, as in DiT. Output: one logit per position; the action is a
 Bernoulli per eligible (masked, in-block) position. The output bias starts at -2 ("slow start":
 few commits per step until training finds it pays to commit more).
+
+That is `arch=features`, the default. `arch=dit_confidence` is the paper's own network
+(`policy_dit.py`) with its own inputs: the top-`top_p` token probabilities and the mask bit of the
+current block (the whole generated region with `full_context`), time = decode steps taken / L.
+Every arch answers `inputs(step)` (a StepState, or a stack of StepRecords: the tensors its forward
+takes) and `forward(*inputs) -> (b, L)` logits over the generated region.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -27,12 +34,14 @@ from safetensors.torch import load_file, save_file
 import policies
 
 from .plackett_luce import pl_logprob
+from .policy_dit import DiTConfidenceNet
 from .utils import DLLMError, atomic_write, atomic_write_json, check_safetensors
 
 log = logging.getLogger(__name__)
 
 ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
 SAMPLINGS = ("bernoulli", "pl")
+ARCHS = ("features", "dit_confidence")
 
 
 @dataclass
@@ -58,6 +67,17 @@ class PolicyConfig:
     # stop_logit); it sets the policy's default evaluation mode
     sampling: str = "bernoulli"
     stop_logit: float = 0.0
+    # the network: "features" (ours, above) or "dit_confidence" (the paper's; policy_dit.py), which
+    # reads the top_p most likely tokens' probabilities, of the current block unless full_context
+    # (the paper's default), with its time embedding's width and period, smart_init the output
+    # bias it starts with (None: PyTorch's init), and dropout in training
+    arch: str = "features"
+    top_p: int = 1
+    full_context: bool = True
+    time_embed_dim: int = 128
+    time_period: float = 1.0
+    smart_init: float | None = -2.0
+    dropout: float = 0.0
     # what it was trained for; used to pick a policy and to warn on mismatched use
     base_model: str = ""
     task: str = ""
@@ -76,6 +96,11 @@ class PolicyConfig:
             raise DLLMError(f"policy skip_gain={self.skip_gain}; valid: a number > 0")
         if self.sampling not in SAMPLINGS:
             raise DLLMError(f"policy sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
+        if self.arch not in ARCHS:
+            raise DLLMError(f"policy arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.top_p < 1 or self.time_embed_dim < 1:
+            raise DLLMError(f"policy top_p={self.top_p}, time_embed_dim={self.time_embed_dim}; "
+                            f"valid: whole numbers >= 1")
         if self.init == "threshold" and "conf" not in self.features:
             raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
 
@@ -128,7 +153,53 @@ class AdaLNBlock(nn.Module):
         return x + (1 + g2) * self.ff(y)
 
 
-class UnmaskPolicy(nn.Module):
+class Policy(nn.Module):
+    """What every arch shares: its config, its card, step logits on the policy's device, its files."""
+
+    cfg: PolicyConfig
+    card: dict | None = None  # set by load: the card of the folder it came from
+    top_probs = 0  # how many of each position's most likely tokens' probabilities it reads (StepState.top)
+
+    def inputs(self, s) -> tuple:
+        raise NotImplementedError
+
+    def step_logits(self, s) -> torch.Tensor:
+        """(b, L) logits for one step or a stack of steps `s`, computed on the policy's device."""
+        dev = next(self.parameters()).device
+        return self(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in self.inputs(s)))
+
+    def save(self, directory: str | Path, card: dict | None = None) -> None:
+        d = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(d / "policy.safetensors", lambda tmp: save_file(state, tmp))
+        atomic_write_json(d / "policy.json", {"config": asdict(self.cfg), "card": card or {}})
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu") -> "Policy":
+        d = Path(directory)
+        if not (d / "policy.json").exists():
+            raise DLLMError(f"policy {str(directory)!r} has no policy.json; valid: a folder written "
+                            f"by `python -m train.grpo` (policy.json + policy.safetensors)")
+        redo = "a folder written by `python -m train.grpo`; retrain or re-copy it"
+        try:
+            meta = json.loads((d / "policy.json").read_text())
+            pol = build_policy(PolicyConfig(**meta["config"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DLLMError(f"{d / 'policy.json'} is not a policy card ({type(e).__name__}: "
+                            f"{str(e)[:100]}); valid: {redo}") from None
+        check_safetensors(d / "policy.safetensors", remedy=redo)
+        try:
+            pol.load_state_dict(load_file(str(d / "policy.safetensors"), device=str(device)))
+        except RuntimeError as e:  # names or shapes that do not match policy.json's config
+            first = str(e).strip().splitlines()[-1].strip()[:160]
+            raise DLLMError(f"{d / 'policy.safetensors'} does not match {d / 'policy.json'} "
+                            f"({first}); valid: {redo}") from None
+        pol.card = meta.get("card", {})
+        return pol.to(device).eval()
+
+
+
+class UnmaskPolicy(Policy):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.cfg = cfg
@@ -159,41 +230,54 @@ class UnmaskPolicy(nn.Module):
             x = blk(x, c)
         return (self.out(self.out_ln(x)) + self.cfg.skip_gain * self.skip(feats)).squeeze(-1)  # (b, L)
 
+    def inputs(self, s) -> tuple:
+        """(features (b, L, F), t (b,)): t is the fraction of the canvas still masked."""
+        feats = build_features(self.cfg.features, s.conf, s.margin, s.entropy, s.masked, s.eligible)
+        return feats, s.masked.float().mean(-1)
+
     def logits_for(self, conf, margin, entropy, masked, eligible) -> torch.Tensor:
-        feats = build_features(self.cfg.features, conf, margin, entropy, masked, eligible)
-        t = masked.float().mean(-1)
-        return self(feats, t)
+        return self(*self.inputs(SimpleNamespace(conf=conf, margin=margin, entropy=entropy, masked=masked,
+                                                 eligible=eligible)))
 
-    # ------------------------------------------------------------ persistence
-    def save(self, directory: str | Path, card: dict | None = None) -> None:
-        d = Path(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(d / "policy.safetensors", lambda tmp: save_file(state, tmp))
-        atomic_write_json(d / "policy.json", {"config": asdict(self.cfg), "card": card or {}})
 
-    @classmethod
-    def load(cls, directory: str | Path, device="cpu") -> "UnmaskPolicy":
-        d = Path(directory)
-        if not (d / "policy.json").exists():
-            raise DLLMError(f"policy {str(directory)!r} has no policy.json; valid: a folder written "
-                            f"by `python -m train.grpo` (policy.json + policy.safetensors)")
-        redo = "a folder written by `python -m train.grpo`; retrain or re-copy it"
-        try:
-            meta = json.loads((d / "policy.json").read_text())
-            pol = cls(PolicyConfig(**meta["config"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DLLMError(f"{d / 'policy.json'} is not a policy card ({type(e).__name__}: "
-                            f"{str(e)[:100]}); valid: {redo}") from None
-        check_safetensors(d / "policy.safetensors", remedy=redo)
-        try:
-            pol.load_state_dict(load_file(str(d / "policy.safetensors"), device=str(device)))
-        except RuntimeError as e:  # names or shapes that do not match policy.json's config
-            first = str(e).strip().splitlines()[-1].strip()[:160]
-            raise DLLMError(f"{d / 'policy.safetensors'} does not match {d / 'policy.json'} "
-                            f"({first}); valid: {redo}") from None
-        pol.card = meta.get("card", {})
-        return pol.to(device).eval()
+class DiTPolicy(Policy):
+    """arch=dit_confidence: the paper's DiTConfidencePolicy (policy_dit.DiTConfidenceNet, held as
+    `base_policy` so the paper's checkpoint keys load as they are) with the paper's inputs."""
 
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.cfg, self.top_probs = cfg, cfg.top_p
+        self.base_policy = DiTConfidenceNet(cfg.hidden, cfg.ff, cfg.heads, cfg.layers, cfg.top_p, cfg.time_embed_dim,
+                                            cfg.time_period, cfg.smart_init, cfg.dropout)
+
+    def inputs(self, s) -> tuple:
+        """(m, c, timestep, eligible, start): the mask bit (b, n) and top_p probabilities (b, n, p) of
+        the n positions the policy sees (the block at `s.block_start`, of `s.block_size`; all L with
+        full_context), time = steps taken / L (b, 1); eligible (b, L) and start (b,) place the logits."""
+        if getattr(s, "top", None) is None or s.top.shape[-1] < self.cfg.top_p:
+            raise DLLMError(f"policy arch dit_confidence needs the top {self.cfg.top_p} token probabilities per "
+                            f"position; valid: a decode loop that fills StepState.top (sampler.top_probs())")
+        b, L = s.masked.shape
+        timestep = s.steps.float()[:, None] * (1 / L)  # as the paper: steps_taken * (1 / L)
+        start = torch.as_tensor(s.block_start, device=s.masked.device).expand(b)
+        top = s.top[..., :self.cfg.top_p]
+        if self.cfg.full_context:
+            return s.masked, top, timestep, s.eligible, start
+        idx = start[:, None] + torch.arange(s.block_size, device=start.device)  # (b, n)
+        return (s.masked.gather(1, idx), top.gather(1, idx[..., None].expand(-1, -1, top.shape[-1])),
+                timestep, s.eligible, start)
+
+    def forward(self, m, c, timestep, eligible, start) -> torch.Tensor:
+        logits = self.base_policy(m, c, timestep)  # (b, n)
+        if logits.shape[1] == eligible.shape[1]:
+            return logits
+        idx = start[:, None] + torch.arange(logits.shape[1], device=logits.device)
+        return torch.zeros(eligible.shape, dtype=logits.dtype, device=logits.device).scatter(1, idx, logits)
+
+
+def build_policy(cfg: PolicyConfig) -> Policy:
+    """A fresh policy of cfg.arch."""
+    return DiTPolicy(cfg) if cfg.arch == "dit_confidence" else UnmaskPolicy(cfg)
 
 def update_card(directory: str | Path, **entries) -> dict:
     """Set entries of a policy folder's card (policy.json, rewritten atomically); the config and the
@@ -232,7 +316,7 @@ def find_policy(name: str, *, model_id: str, block: int, gen_length: int) -> Pat
         raise DLLMError(str(e)) from None
 
 
-def policy_for(name: str, *, model_id: str, block: int, gen_length: int, device) -> UnmaskPolicy:
+def policy_for(name: str, *, model_id: str, block: int, gen_length: int, device) -> Policy:
     """Find and load the policy a learned sampler asked for (`Sampler.wanted_policy`); warns when
     it was trained on another model or block size (transfer)."""
     path = find_policy(name, model_id=model_id, block=block, gen_length=gen_length)

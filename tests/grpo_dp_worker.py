@@ -27,7 +27,7 @@ def fixed_rollouts() -> tuple[dict, torch.Tensor]:
     steps = torch.randint(1, 6, (R,), generator=g)  # (R,) steps per rollout
     row = torch.repeat_interleave(torch.arange(R), steps)  # (N,)
     N, F = len(row), len(PolicyConfig.features)
-    batch = {"feats": torch.rand(N, L, F, generator=g), "t": torch.rand(N, generator=g),
+    batch = {"inputs": (torch.rand(N, L, F, generator=g), torch.rand(N, generator=g)),
              "action": torch.rand(N, L, generator=g) < 0.3, "eligible": torch.rand(N, L, generator=g) < 0.8,
              "row": row}
     return batch, group_advantages(torch.rand(R, generator=g), GROUP)
@@ -38,7 +38,7 @@ def share(batch: dict, adv: torch.Tensor, rank: int, world: int) -> tuple[dict, 
     per = PROMPTS // world * GROUP
     lo, hi = rank * per, (rank + 1) * per
     keep = (batch["row"] >= lo) & (batch["row"] < hi)
-    mine = {k: v[keep] for k, v in batch.items()}
+    mine = {k: tuple(x[keep] for x in v) if isinstance(v, tuple) else v[keep] for k, v in batch.items()}
     mine["row"] = mine["row"] - lo
     return mine, adv[lo:hi]
 

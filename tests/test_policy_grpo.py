@@ -132,7 +132,7 @@ def test_one_grpo_update_changes_every_parameter():
     opt = torch.optim.AdamW(pol.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     N, L = 32, 48
-    batch = {"feats": torch.rand(N, L, len(pol.cfg.features)), "t": torch.rand(N),
+    batch = {"inputs": (torch.rand(N, L, len(pol.cfg.features)), torch.rand(N)),
              "action": torch.rand(N, L) < 0.3, "eligible": torch.rand(N, L) < 0.8,
              "row": torch.arange(N) % 8}
     adv = group_advantages(torch.rand(8), 4)

@@ -119,12 +119,12 @@ def test_update_scores_expert_rows_by_the_mixture():
     torch.manual_seed(0)
     pol = UnmaskPolicy(PolicyConfig())
     N, L = 6, 48
-    batch = {"feats": torch.rand(N, L, len(pol.cfg.features)), "t": torch.rand(N),
+    batch = {"inputs": (torch.rand(N, L, len(pol.cfg.features)), torch.rand(N)),
              "action": torch.rand(N, L) < 0.3, "eligible": torch.ones(N, L, dtype=torch.bool),
              "row": torch.tensor([0, 1, 2, 3, 4, 5])}
     cfg = GRPOConfig(group=4, expert_tau="0.9,0.7")
     with torch.no_grad():
-        plain = bernoulli_logprob(pol(batch["feats"], batch["t"]), batch["action"], batch["eligible"])
+        plain = bernoulli_logprob(pol(*batch["inputs"]), batch["action"], batch["eligible"])
         got = step_logprob(pol, pol, batch, cfg, n_policy=4)
     assert torch.equal(got[:4], plain[:4])
     assert torch.allclose(got[4:], expert_mixture(plain[4:], 4, 2))

@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -41,8 +42,8 @@ from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
-from lm_eval_dllm.policy import (ALL_FEATURES, SAMPLINGS, PolicyConfig, UnmaskPolicy, action_logprob,
-                                 build_features, find_policy)
+from lm_eval_dllm.policy import (ALL_FEATURES, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy, action_logprob,
+                                 find_policy)
 from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.samplers.threshold import ThresholdSampler
@@ -181,25 +182,33 @@ def commit_rank(r) -> torch.Tensor:
     return torch.full_like(order, -1).scatter(-1, order, torch.where(r.action.gather(-1, order), pos, -1))
 
 
-def stack_steps(traj, features) -> dict:
-    """All (rollout, step) records as one batch: features (N, L, F), t (N,), action/eligible/rank
-    (N, L), row (N,)."""
+def stack_steps(traj, policy: Policy) -> dict:
+    """All (rollout, step) records as one batch: inputs (the policy's forward arguments),
+    action/eligible/rank (N, L), row (N,)."""
     cat = lambda name: torch.cat([getattr(r, name) for r in traj])  # noqa: E731
-    conf, margin, entropy, masked, eligible = (cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible"))
-    return {"feats": build_features(features, conf, margin, entropy, masked, eligible),
-            "t": masked.float().mean(-1), "action": cat("action"), "eligible": eligible, "row": cat("rows"),
-            "rank": torch.cat([commit_rank(r) for r in traj])}
+    steps = SimpleNamespace(**{n: cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible")})
+    if policy.top_probs:
+        steps.top, steps.steps = cat("top"), cat("steps")
+        steps.block_start = torch.cat([torch.full((len(r.rows),), r.block * r.block_size) for r in traj])
+        steps.block_size = traj[0].block_size
+    return {"inputs": policy.inputs(steps), "action": cat("action"), "eligible": steps.eligible,
+            "row": cat("rows"), "rank": torch.cat([commit_rank(r) for r in traj])}
 
 
-def step_logprob(pol, policy: UnmaskPolicy, batch: dict, cfg: GRPOConfig, n_policy: int) -> torch.Tensor:
+def step_logprob(pol, policy: Policy, batch: dict, cfg: GRPOConfig, n_policy: int) -> torch.Tensor:
     """(N,) log-probability of each recorded step's commits under `pol` (policy or its DDP wrapper);
     the steps of rollouts n_policy and up are expert steering's, scored as draws of the mixture."""
-    logp = action_logprob(policy.cfg, pol(batch["feats"], batch["t"]), batch["action"], batch.get("rank"),
+    logp = action_logprob(policy.cfg, pol(*batch["inputs"]), batch["action"], batch.get("rank"),
                           batch["eligible"])
     experts = len(expert_taus(cfg))
     if experts:
         logp = torch.where(batch["row"] >= n_policy, expert_mixture(logp, cfg.group, experts), logp)
     return logp
+
+
+def to_device(v, device):
+    """A tensor, or a tuple of them (a policy's inputs), on `device`."""
+    return tuple(to_device(x, device) for x in v) if isinstance(v, tuple) else v.to(device)
 
 
 def expert_taus(cfg: GRPOConfig) -> list[float]:
@@ -485,7 +494,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
             ex_rewards = torch.stack([e[1] for e in ex], dim=1)  # (k, E)
             a_pol, a_ex = mixed_advantages(rewards.view(-1, cfg.group), ex_rewards)
             adv = torch.cat([a_pol.flatten(), a_ex.T.flatten()])  # row order: policy, then tau by tau
-        batch = {k: v.to(acc.device) for k, v in stack_steps(traj, features).items()}
+        batch = {k: to_device(v, acc.device) for k, v in stack_steps(traj, pol).items()}
         losses = update(ddp_policy, pol, opt, sched, batch, adv.to(acc.device), cfg, acc, n_policy)
         step += 1
         m = torch.tensor([rewards.mean(), scores.mean(), nfes.mean()], device=acc.device)

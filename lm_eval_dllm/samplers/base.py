@@ -33,6 +33,10 @@ class StepState:
     masked: torch.Tensor  # (B, L) bool, still masked before this step's commit
     eligible: torch.Tensor  # (B, L) bool, masked and inside the current block
     generators: list[torch.Generator]  # one per row, seeded per sample (batch-invariant)
+    top: torch.Tensor | None = None  # (B, L, K) probabilities of the K most likely tokens (K: top_probs())
+    steps: torch.Tensor | None = None  # (B,) decode steps (forwards) each row took before this one
+    block_start: int = 0  # the current block: generated positions [block_start, block_start + block_size)
+    block_size: int = 0
 
 
 def row_uniforms(generators: list[torch.Generator], shape, device) -> torch.Tensor:
@@ -63,6 +67,11 @@ class Sampler:
         """A sampler that runs a trained policy names it here ("": the shipped one for the model
         and block); the caller loads it and calls `attach` (samplers do no I/O). None: no policy."""
         return None
+
+    def top_probs(self) -> int:
+        """How many of each position's most likely tokens' probabilities `select` reads
+        (StepState.top); 0: none."""
+        return 0
 
     def attach(self, policy, block: int, gen_length: int) -> None:
         """The caller hands over the policy it loaded for `wanted_policy`, before decoding at (block, L)."""

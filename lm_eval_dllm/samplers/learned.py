@@ -145,14 +145,14 @@ class LearnedSampler(Sampler):
                                              cfg.gen_length or cfg.block or 1, _sampling(self.policy))
         return self.settings
 
+    def top_probs(self) -> int:
+        return getattr(self.policy, "top_probs", 0)
+
     def logits(self, state: StepState) -> torch.Tensor:
         if self.policy is None:
             raise DLLMError("sampler 'learned' has no policy; valid: policy=<folder from train.grpo>")
-        p = next(self.policy.parameters())
         with torch.no_grad():
-            return self.policy.logits_for(state.conf.to(p.device), state.margin.to(p.device),
-                                          state.entropy.to(p.device), state.masked.to(p.device),
-                                          state.eligible.to(p.device)).to(state.conf.device)
+            return self.policy.step_logits(state).to(state.conf.device)
 
     def select(self, state: StepState) -> torch.Tensor:
         logits = self.logits(state).float()  # (b, L)
