@@ -194,6 +194,7 @@ def diffuse(
     x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
     conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
     k_top = sampler.top_probs()
+    may_pass = sampler.may_commit_nothing()
     top_all = torch.zeros((B, L, k_top), device=device)
 
     for b in range(nb):
@@ -201,7 +202,7 @@ def diffuse(
         # the block's columns, and for Dream the one before it (which holds the first one's logit)
         strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk)
         step = 0
-        while True:
+        while not (may_pass and step >= Bk):  # a sampler that may pass gets Bk steps a block (the paper's cap)
             gen = canvas[:, P:]  # (B, L) view
             masked = gen == spec.mask_id
             eligible = masked & in_block & ~done[:, None]
@@ -229,7 +230,7 @@ def diffuse(
                               steps=nfe[rows] - 1, block_start=b * Bk, block_size=Bk)
             sampler.last_rank = None
             action = sampler.select(state)
-            _check_action(sampler, action, state.eligible)
+            _check_action(sampler, action, state.eligible, may_pass)
             if traj is not None:
                 traj.append(StepRecord(rows=rows.cpu(), conf=conf.cpu(), margin=margin.cpu(),
                                        entropy=entropy.cpu(), masked=state.masked.cpu(),
@@ -253,14 +254,14 @@ def diffuse(
                         positions=positions, trajectory=traj)
 
 
-def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor) -> None:
+def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor, may_pass: bool = False) -> None:
     if action.shape != eligible.shape or action.dtype != torch.bool:
         raise RuntimeError(f"sampler {sampler.name!r} returned {tuple(action.shape)} "
                            f"{action.dtype}; expected {tuple(eligible.shape)} torch.bool")
     if (action & ~eligible).any():
         raise RuntimeError(f"sampler {sampler.name!r} committed a position outside the masked "
                            f"positions of the current block")
-    if (eligible.any(-1) & ~action.any(-1)).any():
+    if not may_pass and (eligible.any(-1) & ~action.any(-1)).any():
         raise RuntimeError(f"sampler {sampler.name!r} committed nothing in a step; every step "
                            f"must commit at least one masked position of the current block")
 

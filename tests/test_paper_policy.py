@@ -1,14 +1,18 @@
 """The paper's own system (apple/ml-rl-dllm, in ../shared/reference) against ours: policy logits,
 sampling log-likelihoods, checkpoints. Skipped when the reference is absent."""
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lm_eval_dllm.policy import DiTPolicy, PolicyConfig
+from lm_eval_dllm.decode import diffuse, model_forward
+from lm_eval_dllm.plackett_luce import pl_logprob, pl_sample
+from lm_eval_dllm.policy import DiTPolicy, PolicyConfig, bernoulli_logprob
 from lm_eval_dllm.samplers.base import StepState
+from lm_eval_dllm.samplers.learned import LearnedSampler
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-rl-dllm"
 pytestmark = pytest.mark.skipif(not PAPER.is_dir(), reason="../shared/reference/ml-rl-dllm is absent")
@@ -78,3 +82,100 @@ def test_dit_confidence_logits_equal_the_papers(paper, top_p, full_context):
     # the paper samples where we let the policy commit
     region = eligible if full_context else eligible[:, block[0]:block[1]]
     assert torch.equal(sampling_mask, region)
+
+
+def ranks_to_samples(rank: torch.Tensor) -> torch.Tensor:
+    """Our commit order (b, L; -1 = not committed) as the paper's DPLS samples (b, L): the committed
+    indices in order, padded with -1."""
+    key = torch.where(rank >= 0, rank, rank.shape[1] + 1)
+    order = key.argsort(-1)
+    return torch.where(rank.gather(-1, order) >= 0, order, -1)
+
+
+def samples_to_ranks(samples: torch.Tensor) -> torch.Tensor:
+    b, L = samples.shape
+    rank = torch.full((b, L + 1), -1)  # padding lands in the extra column, dropped after
+    pos = torch.arange(L).expand_as(samples)
+    return rank.scatter(-1, torch.where(samples >= 0, samples, L), pos)[:, :L]
+
+
+def test_bernoulli_loglik_equals_the_papers(paper):
+    """One coin per eligible position: ours is exact in the logits; the paper's goes through a
+    float32 sigmoid, so its log(1 - p) is off by up to eps * p / (1 - p) = eps * exp(logit)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 48, generator=g) * 3
+    eligible = torch.rand(64, 48, generator=g) < 0.7
+    action = (torch.rand(64, 48, generator=g) < torch.sigmoid(logits)) & eligible
+    ref = paper["sampling"].bernoulli_batch_loglik(action, logits, eligible, dtype=torch.float32)
+    got = bernoulli_logprob(logits, action, eligible)
+    bound = (4 * FP32_EPS * (1 + logits.exp()) * eligible).sum(-1)  # per row: the sum of each term's error
+    assert ((got - ref).abs() <= bound).all()
+    assert float(ref.std()) > 1.0  # the actions matter
+
+
+def test_dpls_loglik_equals_the_papers(paper):
+    """Plackett-Luce with STOP: the paper's own draws (dpls_sample) scored by its dpls_batch_loglik
+    and by our pl_logprob; and our draws (pl_sample) scored by both."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)  # the paper's sampler draws from the global generator
+    b, L, stop = 64, 24, 0.5
+    logits = torch.randn(b, L, generator=g) * 2
+    eligible = torch.rand(b, L, generator=g) < 0.6
+    eligible[:, 0] = True  # every row has a first pick
+    samples, chosen = paper["sampling"].dpls_sample(logits, stop, eligible)
+    ours_rank = pl_sample(logits, eligible, stop, torch.rand(b, 2 * L + 1, generator=g))
+    for s in (samples, ranks_to_samples(ours_rank)):
+        ref = paper["sampling"].dpls_batch_loglik(s, logits, stop, eligible, dtype=torch.float32)
+        got = pl_logprob(logits, samples_to_ranks(s), eligible, stop)
+        # a logsumexp per pick over at most L + 1 terms of |utility| <= max |logit| + |stop|
+        scale = float(logits.abs().max()) + abs(stop) + math.log(L + 1)
+        bound = 4 * FP32_EPS * scale * (s >= 0).sum(-1).add(2)
+        assert ((got - ref).abs() <= bound).all()
+    assert torch.equal(samples_to_ranks(samples) >= 0, chosen)
+    assert len(set((samples >= 0).sum(-1).tolist())) > 3  # steps of several sizes
+
+
+class FixedPolicy(torch.nn.Module):
+    """A stand-in policy with the given logits at every step."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.fixed = torch.nn.Parameter(logits)
+        self.cfg = PolicyConfig()
+
+    def step_logits(self, s):
+        return self.fixed.detach()[: s.masked.shape[0], : s.masked.shape[1]]
+
+
+def test_bernoulli_argmax_forces_the_papers_argmax(paper):
+    """Where no coin comes up, the paper's bernoulli-argmax commits the eligible argmax; so do we."""
+    logits = torch.full((4, 16), -30.0)
+    logits[:, 5], logits[:, 9] = -20.0, -10.0  # nothing is drawn; 9 wins where eligible
+    eligible = torch.zeros(4, 16, dtype=torch.bool)
+    eligible[:, 4:12] = True
+    eligible[1, 9] = False  # then 5
+    st = StepState(conf=torch.rand(4, 16), margin=torch.zeros(4, 16), entropy=torch.zeros(4, 16),
+                   masked=eligible, eligible=eligible, generators=[torch.Generator().manual_seed(i) for i in range(4)])
+    sampler = LearnedSampler(LearnedSampler.Config(mode="bernoulli-argmax", temperature=1.0), policy=FixedPolicy(logits))
+    got = sampler.select(st)
+    masked_logits = logits.masked_fill(~eligible, -torch.inf)
+    want = torch.zeros_like(eligible).scatter(1, masked_logits.argmax(-1, keepdim=True), True)
+    assert torch.equal(got, want)
+    plain = LearnedSampler(LearnedSampler.Config(mode="bernoulli", temperature=1.0), policy=FixedPolicy(logits))
+    assert not plain.select(st).any()  # the paper's plain Bernoulli commits nothing
+
+
+def test_plain_bernoulli_may_pass_and_a_block_gets_block_size_steps(tiny_loaded):
+    """mode=bernoulli through the decode loop: steps that commit nothing are allowed, and a block
+    gets at most block-size steps (the paper's inner loop), leaving what is still masked as masks."""
+    model, tok, spec = tiny_loaded
+    L, block = 16, 8
+    logits = torch.full((2, L), -3.0)  # p = 0.047 a position: most steps commit nothing
+    sampler = LearnedSampler(LearnedSampler.Config(mode="bernoulli", temperature=1.0), policy=FixedPolicy(logits))
+    out = diffuse(model_forward(model, spec), [tok("1+2")["input_ids"], tok("3")["input_ids"]], spec, sampler,
+                  gen_length=L, block=block, early_exit=False, record=True)
+    assert (out.nfe == L).all()  # every block ran its block-size steps
+    assert (out.tokens == spec.mask_id).any()  # left masked, as the paper leaves them
+    assert (out.committed < L).all()
+    empty = [int((~r.action.any(-1)).sum()) for r in out.trajectory]
+    assert sum(empty) > 0 and max(r.step for r in out.trajectory) == block - 1

@@ -68,6 +68,11 @@ class Sampler:
         and block); the caller loads it and calls `attach` (samplers do no I/O). None: no policy."""
         return None
 
+    def may_commit_nothing(self) -> bool:
+        """True for a sampler whose step may commit nothing (the paper's plain Bernoulli): the loop
+        then allows empty steps and gives a block at most block-size steps, as the paper's loop does."""
+        return False
+
     def top_probs(self) -> int:
         """How many of each position's most likely tokens' probabilities `select` reads
         (StepState.top); 0: none."""

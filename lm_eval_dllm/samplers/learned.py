@@ -16,6 +16,11 @@ the commits as a Plackett-Luce sequence over logit / temperature (`plackett_luce
 pick, then more in order until the STOP item (the policy's `stop_logit`) comes up — how a policy
 trained with `--sampling pl` samples.
 
+The paper's code (apple/ml-rl-dllm) names its sampling modes too, and they are accepted as such:
+`mode=bernoulli-argmax` is `sample` and `mode=dpls` is `pl` (the same draws); `mode=bernoulli` is
+its plain Bernoulli, which may commit nothing in a step (the forward is spent, the step counted);
+as in the paper's loop, a block then gets at most block-size steps and what is left masked stays so.
+
 mode, temperature and cutoff left unset come from the policy card's `recommended` entry (chosen on
 the validation split by `python -m results recommend`), else the paper's evaluation defaults:
 mode=sample (mode=pl for a policy trained with --sampling pl) at temperature 0.5 in
@@ -35,7 +40,8 @@ from ..plackett_luce import pl_sample
 from .base import Sampler, StepState, check_range, register_sampler, row_uniforms, top_k
 
 log = logging.getLogger(__name__)
-MODES = ("sample", "greedy", "pl")
+MODES = ("sample", "greedy", "pl", "bernoulli", "bernoulli-argmax", "dpls")
+SAME_AS = {"bernoulli-argmax": "sample", "dpls": "pl"}  # the paper's names for our modes
 SETTINGS = ("mode", "temperature", "cutoff")
 
 
@@ -154,20 +160,26 @@ class LearnedSampler(Sampler):
         with torch.no_grad():
             return self.policy.step_logits(state).to(state.conf.device)
 
+    def may_commit_nothing(self) -> bool:
+        return self._in_use()["mode"] == "bernoulli"
+
     def select(self, state: StepState) -> torch.Tensor:
         logits = self.logits(state).float()  # (b, L)
         use = self._in_use()
-        if use["mode"] == "pl":
+        mode = SAME_AS.get(use["mode"], use["mode"])
+        if mode == "pl":
             u = row_uniforms(state.generators, 2 * logits.shape[1] + 1, logits.device)
             self.last_rank = pl_sample(logits / use["temperature"], state.eligible,
                                        self.policy.cfg.stop_logit, u)
             return self.last_rank >= 0
         prob = torch.sigmoid(logits / use["temperature"])
-        if use["mode"] == "greedy":
+        if mode == "greedy":
             act = prob > use["cutoff"]
         else:
             act = row_uniforms(state.generators, prob.shape[1], prob.device) < prob
         act = act & state.eligible
+        if mode == "bernoulli":  # the paper's plain Bernoulli: nothing forced
+            return act
         none = ~act.any(-1)
         if none.any():  # always commit at least the highest-logit eligible position
             act = act | (top_k(logits, state.eligible, 1) & none[:, None])
