@@ -275,6 +275,17 @@ class DiTPolicy(Policy):
         return torch.zeros(eligible.shape, dtype=logits.dtype, device=logits.device).scatter(1, idx, logits)
 
 
+NETWORK = {"features": ("arch", "features", "hidden", "ff", "heads", "layers"),
+           "dit_confidence": ("arch", "hidden", "ff", "heads", "layers", "top_p", "full_context",
+                              "time_embed_dim", "time_period")}
+
+
+def network_diff(have: PolicyConfig, want: PolicyConfig) -> dict:
+    """The settings of `want`'s network (NETWORK[want.arch]) that `have` does not share: key -> want's value.
+    Equal networks take each other's weights."""
+    return {k: getattr(want, k) for k in NETWORK[want.arch] if getattr(have, k) != getattr(want, k)}
+
+
 def build_policy(cfg: PolicyConfig) -> Policy:
     """A fresh policy of cfg.arch."""
     return DiTPolicy(cfg) if cfg.arch == "dit_confidence" else UnmaskPolicy(cfg)

@@ -42,9 +42,14 @@ ALLOWED = {
 }
 
 
+# commands inside a package that may reach further than it: nothing of ours imports them, so no cycle
+COMMANDS = {"policies/import_paper.py": {"lm_eval_dllm"}}
+
+
 @pytest.mark.parametrize("pkg", sorted(ALLOWED))
 def test_each_package_imports_only_what_it_may(pkg):
-    bad = {f: sorted(used - ALLOWED[pkg]) for f, used in _imports(pkg).items() if used - ALLOWED[pkg]}
+    bad = {f: sorted(used - ALLOWED[pkg] - COMMANDS.get(f, set())) for f, used in _imports(pkg).items()
+           if used - ALLOWED[pkg] - COMMANDS.get(f, set())}
     assert not bad, f"{pkg} reaches into {bad}"
 
 

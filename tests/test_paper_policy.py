@@ -1,18 +1,25 @@
 """The paper's own system (apple/ml-rl-dllm, in ../shared/reference) against ours: policy logits,
 sampling log-likelihoods, checkpoints. Skipped when the reference is absent."""
 
+import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lm_eval_dllm.decode import diffuse, model_forward
 from lm_eval_dllm.plackett_luce import pl_logprob, pl_sample
-from lm_eval_dllm.policy import DiTPolicy, PolicyConfig, bernoulli_logprob
+from lm_eval_dllm.policy import DiTPolicy, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_policy
 from lm_eval_dllm.samplers.base import StepState
 from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.utils import DLLMError
+from policies.import_paper import import_paper
+from train.grpo import start_from
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-rl-dllm"
 pytestmark = pytest.mark.skipif(not PAPER.is_dir(), reason="../shared/reference/ml-rl-dllm is absent")
@@ -179,3 +186,84 @@ def test_plain_bernoulli_may_pass_and_a_block_gets_block_size_steps(tiny_loaded)
     assert (out.committed < L).all()
     empty = [int((~r.action.any(-1)).sum()) for r in out.trajectory]
     assert sum(empty) > 0 and max(r.step for r in out.trajectory) == block - 1
+
+
+def paper_checkpoint(paper, folder: Path, top_p: int = 1, seed: int = 0) -> tuple[Path, dict]:
+    """A policy built with the paper's code and saved as its trainer saves one: PolicyHFWrapper's
+    state_dict in safetensors."""
+    ref = paper["policy"].DiTConfidencePolicy(hidden_dim=128, feedforward_dim=512, num_heads=2,
+                                               confidences_top_p=top_p, smart_init=-2.0, time_embed_dim=128)
+    randomise(ref, seed)
+    state = paper["policy"].PolicyHFWrapper(ref, "dit_confidence").state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder / "model.safetensors", state
+
+
+def experiment_yaml(path: Path, **changes) -> Path:
+    """The paper's BL32 experiment YAML, with `changes` (key: YAML text) appended or replaced."""
+    lines = (PAPER / "configs" / "experiment_configs" / "llada_8b_instruct_dit_confidence_BL32_mixture.yaml"
+             ).read_text().splitlines()
+    lines = [ln for ln in lines if ln.split(":")[0] not in changes] + [f"{k}: {v}" for k, v in changes.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_import_paper_checkpoint_loads_by_name_and_trains_on(paper, tmp_path):
+    weights, state = paper_checkpoint(paper, tmp_path / "run")
+    out = import_paper(experiment_yaml(tmp_path / "exp.yaml"), weights, tmp_path / "pol")
+    pol = UnmaskPolicy.load(out)  # any policy folder, whatever its arch
+    assert isinstance(pol, DiTPolicy) and pol.card["origin"] == "apple/ml-rl-dllm"
+    assert (pol.cfg.full_context, pol.cfg.block, pol.cfg.gen_length) == (True, 32, 256)
+    assert pol.card["recommended"] == {"mode": "bernoulli", "temperature": 1.0}  # the paper's sampling
+    assert all(torch.equal(pol.state_dict()[k], v) for k, v in state.items())
+    run = build_policy(PolicyConfig(arch="dit_confidence"))  # train.grpo --arch dit_confidence --init-from
+    start_from(run, str(out))
+    assert all(torch.equal(run.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(DLLMError, match=r"--init-from .* has top_p=1; valid: a policy with this run's top_p=3"):
+        start_from(build_policy(PolicyConfig(arch="dit_confidence", top_p=3)), str(out))
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"policy_hiden_dim": 128}, "unknown policy key 'policy_hiden_dim'; valid: policy_type"),
+    ({"policy_type": "dit_hidden"}, "policy_type='dit_hidden'; valid: dit_confidence"),
+    ({"sampling_mode": "topk"}, "sampling_mode='topk'; valid: bernoulli, bernoulli-argmax, dpls"),
+    ({"policy_hidden_dim": 64}, "'base_policy.time_mlp.0.weight' has shape (128, 128), the YAML's architecture (64, 128)"),
+    ({"confidences_top_p": 3}, "'base_policy.confidence_proj.weight' has shape (128, 1), the YAML's architecture (128, 3)"),
+    ({"policy_num_blocks": 2}, "--weights lacks 'base_policy.transformer_blocks.1."),
+])
+def test_import_paper_refuses_what_does_not_match_in_one_line(paper, tmp_path, changes, needle):
+    weights, _ = paper_checkpoint(paper, tmp_path / "run")
+    with pytest.raises(DLLMError, match=re.escape(needle)) as e:
+        import_paper(experiment_yaml(tmp_path / "exp.yaml", **changes), weights, tmp_path / "pol")
+    assert "\n" not in str(e.value) and not (tmp_path / "pol").exists()
+
+
+def test_import_paper_refuses_a_weight_it_does_not_know(paper, tmp_path):
+    weights, state = paper_checkpoint(paper, tmp_path / "run")
+    save_file({**state, "base_policy.extra": torch.zeros(2)}, str(weights))
+    with pytest.raises(DLLMError, match="--weights has 'base_policy.extra', which the YAML's architecture lacks"):
+        import_paper(experiment_yaml(tmp_path / "exp.yaml"), weights, tmp_path / "pol")
+
+
+@pytest.mark.slow
+def test_imported_paper_policy_decodes_through_lm_eval(paper, tiny_ckpt, tmp_path):
+    """The command line, then `lm_eval --model dllm ... sampler=learned,policy=DIR` on the bundled
+    task, in block context with the paper's three-probability input; a bad YAML is one line."""
+    weights, _ = paper_checkpoint(paper, tmp_path / "run", top_p=3)
+    exp = experiment_yaml(tmp_path / "exp.yaml", confidences_top_p=3, policy_full_context="false")
+    cmd = [sys.executable, "-m", "policies.import_paper", "--yaml", str(exp), "--weights", str(weights)]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "pol")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
+                        f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8",
+                        "--tasks", "modchain", "--limit", "2", "--output_path", str(tmp_path / "res")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())
+    assert res["results"]["modchain"]["nfe,none"] >= 6  # one forward per block at least, 6 blocks
+    bad = experiment_yaml(tmp_path / "bad.yaml", policy_heads=2)
+    r = subprocess.run(cmd[:4] + [str(bad)] + cmd[5:] + ["--out", str(tmp_path / "bad")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("policies.import_paper: error: --yaml bad.yaml: unknown policy key")

@@ -28,7 +28,7 @@ import random
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,8 +42,8 @@ from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
-from lm_eval_dllm.policy import (ALL_FEATURES, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy, action_logprob,
-                                 find_policy)
+from lm_eval_dllm.policy import (ALL_FEATURES, ARCHS, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy,
+                                 action_logprob, build_policy, find_policy, network_diff)
 from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.samplers.threshold import ThresholdSampler
@@ -97,6 +97,9 @@ class GRPOConfig:
     val_size: int = opt(128, 'validation problems')
     save_every: int = opt(10, 'steps between checkpoints of OUT/last and the trainer state (and at the last step)')
     batch_size: int = opt(64, 'decode batch for rollouts and validation')
+    arch: str = opt("features", "policy network: features (ours, --features) | dit_confidence (the paper's DiTConfidencePolicy)")
+    top_p: int = opt(1, "--arch dit_confidence: the top token probabilities it reads per position")
+    full_context: bool = opt(True, "--arch dit_confidence: it sees the whole generated region (else the current block)")
     features: str = opt(",".join(PolicyConfig.features), 'comma-separated policy input features')
     hidden: int = opt(128, 'policy width')
     ff: int = opt(512, 'policy feed-forward width')
@@ -111,7 +114,7 @@ class GRPOConfig:
     out: str = opt("runs/grpo", 'OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt')
 
 
-CHOICES = {"val_mode": ("greedy", "sample"), "sampling": SAMPLINGS, "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
+CHOICES = {"arch": ARCHS, "val_mode": ("greedy", "sample"), "sampling": SAMPLINGS, "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
            "truncation": ("left", "error"), "cache": CACHE_MODES}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
@@ -274,20 +277,30 @@ def command_line(cfg: GRPOConfig) -> str:
     return "python -m train.grpo " + " ".join(parts)
 
 
-def start_from(policy: UnmaskPolicy, folder: str) -> None:
-    """Load --init-from's weights into `policy`; its features and sizes must be the same."""
-    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
-    keys = ("features", "hidden", "ff", "heads", "layers")
-    diff = [k for k in keys if getattr(src.cfg, k) != getattr(policy.cfg, k)]
+def init_mismatch(folder: str, src: PolicyConfig, run: PolicyConfig) -> None:
+    """A one-line error unless --init-from's network is this run's."""
+    diff = network_diff(src, run)
     if diff:
-        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; "
-                        f"valid: a policy with this run's {', '.join(f'{k}={getattr(policy.cfg, k)}' for k in diff)}")
+        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src, k)}' for k in diff)}; "
+                        f"valid: a policy with this run's {', '.join(f'{k}={v}' for k, v in diff.items())}")
+
+
+def start_from(policy: Policy, folder: str) -> None:
+    """Load --init-from's weights into `policy`; its network must be the same."""
+    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
+    init_mismatch(folder, src.cfg, policy.cfg)
     for k in ("base_model", "block", "gen_length"):
         if getattr(src.cfg, k) != getattr(policy.cfg, k):
             log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
                         getattr(src.cfg, k), getattr(policy.cfg, k))
     policy.load_state_dict(src.state_dict())
     log.info("policy initialised from %s", folder)
+
+
+def network_config(cfg: GRPOConfig) -> PolicyConfig:
+    """The policy network the flags ask for."""
+    return PolicyConfig(arch=cfg.arch, features=tuple(f for f in cfg.features.split(",") if f), hidden=cfg.hidden,
+                        ff=cfg.ff, heads=cfg.heads, top_p=cfg.top_p, full_context=cfg.full_context)
 
 
 def skip_gain(cfg: GRPOConfig) -> float:
@@ -349,15 +362,11 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("features", f"a comma-separated subset of {', '.join(ALL_FEATURES)}")
     if cfg.block is not None and cfg.gen_length is not None:
         check_block(cfg.block, cfg.gen_length)
+    if cfg.top_p < 1:
+        raise bad("top_p", "a positive whole number")
     if cfg.init_from:
         src = UnmaskPolicy.load(find_policy(cfg.init_from, model_id="", block=0, gen_length=0))
-        want = {"features": tuple(feats), "hidden": cfg.hidden, "ff": cfg.ff, "heads": cfg.heads}
-        diff = {k: v for k, v in want.items() if tuple(getattr(src.cfg, k)) != v and k == "features"
-                or k != "features" and getattr(src.cfg, k) != v}
-        if diff:
-            raise DLLMError(f"--init-from {cfg.init_from!r} has "
-                            f"{', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; valid: a policy with "
-                            f"this run's {', '.join(f'{k}={v}' for k, v in diff.items())}")
+        init_mismatch(cfg.init_from, src.cfg, network_config(cfg))
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DLLMError(f"--out {cfg.out!r} is a file; valid: a folder (new, or an earlier run's with --resume)")
@@ -409,11 +418,10 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
     torch.manual_seed(cfg.seed)
     env = Env(cfg, acc.device)
     features = tuple(f for f in cfg.features.split(",") if f)
-    pcfg = PolicyConfig(features=features, hidden=cfg.hidden, ff=cfg.ff, heads=cfg.heads,
-                        init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
-                        sampling=cfg.sampling, stop_logit=cfg.stop_logit,
-                        base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
-    policy = UnmaskPolicy(pcfg)
+    pcfg = replace(network_config(cfg), init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
+                   sampling=cfg.sampling, stop_logit=cfg.stop_logit,
+                   base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
+    policy = build_policy(pcfg)
     if cfg.init_from:
         start_from(policy, cfg.init_from)
     policy = policy.to(acc.device)
