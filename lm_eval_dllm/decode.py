@@ -159,10 +159,13 @@ def diffuse(
     early_exit: bool = True,
     record: bool = False,
     device: torch.device | str = "cpu",
+    record_top: int = 0,
 ) -> DecodeOutput:
     """Generate gen_length tokens after each prompt (a list of token ids), batched.
 
-    forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`."""
+    forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`.
+    record_top: top token probabilities to compute (and record) even if the sampler reads fewer,
+    for a policy that replays the trajectory (an expert's rollout, replayed by the paper's policy)."""
     strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
     L = gen_length
     Bk = check_block(block, L)
@@ -193,7 +196,7 @@ def diffuse(
     # per row, the statistics of every position from the last forward that computed it
     x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
     conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
-    k_top = sampler.top_probs()
+    k_top = max(sampler.top_probs(), record_top)
     may_pass = sampler.may_commit_nothing()
     top_all = torch.zeros((B, L, k_top), device=device)
 

@@ -267,3 +267,25 @@ def test_imported_paper_policy_decodes_through_lm_eval(paper, tiny_ckpt, tmp_pat
                        text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("policies.import_paper: error: --yaml bad.yaml: unknown policy key")
+
+
+@pytest.mark.slow
+def test_grpo_trains_the_papers_arch_with_expert_steering(tmp_path, monkeypatch, task_manager):
+    """train.grpo --arch dit_confidence in block context, with an expert: rollouts (the expert's
+    too) record what the paper's policy reads, the update replays it and moves the weights, and
+    OUT/last is a dit_confidence policy folder."""
+    from train.grpo import GRPOConfig, train
+
+    monkeypatch.setattr("lm_eval_dllm.reward.TaskManager", lambda *a, **k: task_manager)  # the session's index
+    out = tmp_path / "run"
+    cfg = GRPOConfig(task="modchain", block=8, steps=1, prompts_per_step=2, group=2, val_every=1, val_size=2,
+                     arch="dit_confidence", top_p=2, full_context=False, expert_tau="0.9", lr=1e-3,
+                     device="cpu", out=str(out))
+    train(cfg, resume=False)
+    pol = UnmaskPolicy.load(out / "last")
+    assert isinstance(pol, DiTPolicy) and (pol.cfg.top_p, pol.cfg.full_context) == (2, False)
+    torch.manual_seed(cfg.seed)
+    fresh = build_policy(PolicyConfig(arch="dit_confidence", top_p=2, full_context=False))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), pol.state_dict().values()))
+    rec = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(rec["loss"]) and "0.9" in rec["expert"]

@@ -149,9 +149,10 @@ class Env:
     def _chat(self, msgs, add_generation_prompt=True, **kw) -> str:  # as lm-eval calls a chat template
         return chat_prompt(self.tok, msgs, add_generation_prompt)
 
-    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None):
+    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None, record_top=0):
         """Decode every prompt once (repeat prompts for groups) with the policy in `mode`, or with
-        `sampler` (an expert). Returns trajectory, rewards, stats."""
+        `sampler` (an expert; record_top: the top probabilities the policy replays). Returns
+        trajectory, rewards, stats."""
         # temperature 1: the replayed log-probabilities are those of the distribution sampled here
         sampler = sampler or LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
         texts, nfes, scores, traj_all = [], [], [], []
@@ -161,7 +162,7 @@ class Env:
             out = self.gen.generate([p.context for p in chunk], sampler, gen_length=self.L,
                                     block=self.block, seeds=seeds[i:i + len(chunk)],
                                     temperature=self.cfg.dllm_temperature, until=self.until,
-                                    record=record)
+                                    record=record, record_top=record_top)
             for p, text, st in zip(chunk, out.texts, out.stats):
                 texts.append(text)
                 nfes.append(st["nfe"])
@@ -493,8 +494,8 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
         adv = group_advantages(rewards, cfg.group)
         if taus:  # expert steering: one rollout per tau and prompt, rows after the policy's
             firsts = prompts[::cfg.group]
-            ex = [env.rollout(None, firsts, seeds[::cfg.group], sampler=ThresholdSampler(ThresholdSampler.Config(tau=t)))
-                  for t in taus]
+            ex = [env.rollout(None, firsts, seeds[::cfg.group], sampler=ThresholdSampler(ThresholdSampler.Config(tau=t)),
+                              record_top=pol.top_probs) for t in taus]
             for j, e in enumerate(ex):
                 for r in e[0]:
                     r.rows = r.rows + n_policy + j * len(firsts)
