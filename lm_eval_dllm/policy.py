@@ -306,8 +306,8 @@ def update_card(directory: str | Path, **entries) -> dict:
 
 def bernoulli_logprob(logits: torch.Tensor, action: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """(b,) log-probability of `action` under independent Bernoullis on the eligible positions."""
-    lp = -F.binary_cross_entropy_with_logits(logits, action.float(), reduction="none")  # (b, L)
-    return (lp * eligible.float()).sum(-1)
+    lp = -F.binary_cross_entropy_with_logits(logits, action.to(logits.dtype), reduction="none")  # (b, L)
+    return (lp * eligible.to(logits.dtype)).sum(-1)
 
 
 def action_logprob(cfg: PolicyConfig, logits: torch.Tensor, action: torch.Tensor,

@@ -99,13 +99,14 @@ class DiTConfidenceNet(nn.Module):
     def condition(self, m: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """(*B, L, h) adaLN conditioning: mask-bit embedding + time MLP. Another per-row scalar (an
         embedding of a target) would be summed in here, as time is."""
-        time = time_embedding(timestep, self.time_embed_dim, self.time_period)  # (*B, 1, e)
-        return self.mask_embedding(m.int()) + self.time_mlp(time.expand(*m.shape, -1))
+        mask = self.mask_embedding(m.int())  # (*B, L, h)
+        time = time_embedding(timestep, self.time_embed_dim, self.time_period).to(mask.dtype)  # (*B, 1, e)
+        return mask + self.time_mlp(time.expand(*m.shape, -1))
 
     def forward(self, m: torch.Tensor, c: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         *B, L, _ = c.shape
         cond = self.condition(m, timestep).reshape(-1, L, self.hidden)
-        x = self.confidence_proj(c.float()).reshape(-1, L, self.hidden)
+        x = self.confidence_proj(c.to(self.confidence_proj.weight.dtype)).reshape(-1, L, self.hidden)
         for blk in self.transformer_blocks:
             x = blk(x, cond)
         return self.output_proj(self.final_norm(x)).squeeze(-1).view(*B, L)

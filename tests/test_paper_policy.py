@@ -1,25 +1,30 @@
 """The paper's own system (apple/ml-rl-dllm, in ../shared/reference) against ours: policy logits,
 sampling log-likelihoods, checkpoints. Skipped when the reference is absent."""
 
+import collections
+import importlib.util
 import json
 import math
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from lm_eval_dllm.decode import diffuse, model_forward
+from lm_eval_dllm.decode import StepRecord, diffuse, model_forward
 from lm_eval_dllm.plackett_luce import pl_logprob, pl_sample
 from lm_eval_dllm.policy import DiTPolicy, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_policy
 from lm_eval_dllm.samplers.base import StepState
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
 from policies.import_paper import import_paper
-from train.grpo import start_from
+from train.grpo import GRPOConfig, stack_steps, start_from, step_logprob
+from train.grpo_loss import clipped_pg_loss
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-rl-dllm"
 pytestmark = pytest.mark.skipif(not PAPER.is_dir(), reason="../shared/reference/ml-rl-dllm is absent")
@@ -38,12 +43,12 @@ def paper():
     sys.path.remove(str(PAPER))
 
 
-def randomise(module: torch.nn.Module, seed: int) -> None:
+def randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
     """Every parameter random (smart_init leaves the adaLN at zero, which would hide its wiring)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def step(b: int, L: int, block: tuple[int, int], V: int = 50, seed: int = 0):
@@ -289,3 +294,125 @@ def test_grpo_trains_the_papers_arch_with_expert_steering(tmp_path, monkeypatch,
     assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), pol.state_dict().values()))
     rec = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert math.isfinite(rec["loss"]) and "0.9" in rec["expert"]
+
+
+@pytest.fixture(scope="module")
+def paper_trainer(paper):
+    """The paper's train/trainer.py as it is; the packages it imports only for its training run
+    (trl, wandb, its S3 upload) stand in as empty modules, as nothing of them is used by the loss."""
+    stubs = {name: types.ModuleType(name) for name in
+             ("wandb", "trl", "trl.data_utils", "trl.models", "trl.trainer", "trl.trainer.grpo_config",
+              "trl.trainer.grpo_trainer", "trl.trainer.utils", "common.s3")}
+    stubs["trl.data_utils"].is_conversational = stubs["trl.data_utils"].maybe_apply_chat_template = None
+    stubs["trl.models"].unwrap_model_for_generation = None
+    stubs["trl.trainer.grpo_config"].GRPOConfig = object
+    stubs["trl.trainer.grpo_trainer"].GRPOTrainer = type("GRPOTrainer", (), {})
+    stubs["trl.trainer.utils"].print_prompt_completions_sample = None
+    stubs["common.s3"].S3UploadCallback = type("S3UploadCallback", (), {})
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update({k: v for k, v in stubs.items() if saved[k] is None})
+    spec = importlib.util.spec_from_file_location("paper_trainer", PAPER / "train" / "trainer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod.Trainer
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+
+
+def rollouts(G: int, E: int, L: int, block: int, seed: int):
+    """Hand-built rollouts of one prompt: G of the policy's, then E of experts; each step's mask,
+    eligible set (masked, in the block), the top-2 probabilities and what was committed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(G + E):
+        masked, steps = torch.ones(L, dtype=torch.bool), []
+        for b in range(L // block):
+            while masked[b * block:(b + 1) * block].any():
+                eligible = masked.clone()
+                eligible[:b * block] = eligible[(b + 1) * block:] = False
+                act = eligible & (torch.rand(L, generator=g) < 0.4)
+                if not act.any():
+                    act[eligible.nonzero()[0]] = True
+                top = torch.rand(L, 2, generator=g).sort(-1, descending=True).values
+                steps.append({"masked": masked.clone(), "eligible": eligible, "action": act, "top": top,
+                              "block": b, "steps": len(steps)})
+                masked = masked & ~act
+        out.append(steps)
+    return out
+
+
+def paper_inputs(rolls, G, E, L, block, advantages, old_policy, trainer, fake):
+    """The paper's policy_outputs: per batch (policy's, then the experts') (B, T, ...) tensors,
+    steps after a rollout's last inactive; the old log-likelihoods by its own functions."""
+    outputs = []
+    for part, is_es in ((rolls[:G], False), (rolls[G:], True))[:2 if E else 1]:
+        B, T = len(part), max(len(r) for r in part)
+        m, samples, masks = (torch.zeros(B, T, L, dtype=torch.bool) for _ in range(3))
+        c, t = torch.zeros(B, T, L, 2, dtype=torch.float64), torch.zeros(B, T, 1, dtype=torch.float64)
+        for i, r in enumerate(part):
+            for j, s in enumerate(r):
+                m[i, j], samples[i, j], c[i, j] = s["masked"], s["action"], s["top"]
+                masks[i, j] = s["masked"] if is_es else s["eligible"]  # full context: ES keeps policy_mask
+                t[i, j] = s["steps"] * (1 / L)
+        with torch.no_grad():
+            old_logits = old_policy(m, c, t)
+        old = trainer._compute_mask_loglikelihood(fake, samples, old_logits, masks)
+        outputs.append({"samples": samples, "sampling_masks": masks, "old_per_timestep_logps": old,
+                        "policy_inputs": (m, c, t)})
+    return {"policy_outputs": outputs, "advantages": advantages}
+
+
+@pytest.mark.parametrize("experts", [0, 2])
+def test_grpo_loss_and_gradient_equal_the_papers_trainer(paper, paper_trainer, experts):
+    """The paper's compute_loss (train/trainer.py) and train.grpo's (step_logprob, clipped_pg_loss
+    with --loss-norm rollout, the expert mixture) on the same rollouts, advantages, old and new
+    policies (the paper's DiTConfidencePolicy, full context, Bernoulli): same loss and gradient.
+    In float64, so that what is compared is the computation and not float32's reduction order (the
+    two batch their steps differently: (B, T) padded there, the steps that ran here; in float32
+    gradients differ by up to ~4e-5 of the largest); the paper sums each rollout's terms in float32."""
+    G, L, block = 4, 16, 8
+    rolls = rollouts(G, experts, L, block, seed=experts)
+    cfg = GRPOConfig(group=G, expert_tau=",".join(["0.9", "0.7"][:experts]), loss_norm="rollout")
+    nets = []
+    for seed in (1, 2):  # the behaviour policy, then the one being trained
+        ref = paper["policy"].DiTConfidencePolicy(hidden_dim=32, feedforward_dim=64, num_heads=2,
+                                                   confidences_top_p=2, time_embed_dim=16)
+        randomise(ref, seed, scale=0.4)  # policies far enough apart that the ratio clip acts
+        nets.append(paper["policy"].PolicyHFWrapper(ref, "dit_confidence").double())
+    old_ref, new_ref = nets
+    adv = torch.randn(G + experts, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    args = SimpleNamespace(es_thresholds=[0.9, 0.7][:experts] or None, timestep_batch_size=None, epsilon=0.5,
+                           sampling_mode="bernoulli", dpls_stop_logit=0.0, loglikelihood_dtype=torch.float64,
+                           fp16=False)
+    fake = SimpleNamespace(args=args, beta=0.0, _metrics={"train": collections.defaultdict(list)},
+                           accelerator=SimpleNamespace(gather_for_metrics=lambda x: x))
+    fake._get_per_timestep_logps_block = types.MethodType(paper_trainer._get_per_timestep_logps_block, fake)
+    inputs = paper_inputs(rolls, G, experts, L, block, adv, old_ref, paper_trainer, fake)
+    ref_loss = paper_trainer.compute_loss(fake, new_ref, inputs)
+    ref_loss.backward()
+
+    pcfg = PolicyConfig(arch="dit_confidence", hidden=32, ff=64, heads=2, top_p=2, time_embed_dim=16,
+                        full_context=True)
+    old, new = build_policy(pcfg).double(), build_policy(pcfg).double()
+    old.load_state_dict(old_ref.state_dict())
+    new.load_state_dict(new_ref.state_dict())
+    traj = [StepRecord(rows=torch.tensor([i]), conf=s["top"][None, :, 0], margin=torch.zeros(1, L),
+                       entropy=torch.zeros(1, L), masked=s["masked"][None], eligible=s["eligible"][None],
+                       action=s["action"][None], block=s["block"], num_blocks=L // block, step=0,
+                       top=s["top"][None].double(), steps=torch.tensor([s["steps"]]), block_size=block)
+            for i, r in enumerate(rolls) for s in r]
+    batch = stack_steps(traj, new)
+    with torch.no_grad():
+        old_logp = step_logprob(old, old, batch, cfg, n_policy=G)
+    loss = clipped_pg_loss(step_logprob(new, new, batch, cfg, n_policy=G), old_logp, adv[batch["row"]],
+                           cfg.clip_eps, batch["row"])
+    loss.backward()
+    rel = 1e-5
+    assert abs(float(loss - ref_loss)) <= rel * abs(float(ref_loss))
+    ref_grads = dict(new_ref.named_parameters())
+    scale = max(float(p.grad.abs().max()) for p in ref_grads.values())
+    for name, p in new.named_parameters():
+        assert float((p.grad - ref_grads[name].grad).abs().max()) <= rel * scale, name
+    ratio = torch.exp(step_logprob(new, new, batch, cfg, n_policy=G) - old_logp).detach()
+    assert ((ratio < 0.5) | (ratio > 1.5)).any() and ((ratio > 0.5) & (ratio < 1.5)).any()  # both sides of the clip

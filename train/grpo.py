@@ -196,15 +196,19 @@ def stack_steps(traj, policy: Policy) -> dict:
         steps.block_start = torch.cat([torch.full((len(r.rows),), r.block * r.block_size) for r in traj])
         steps.block_size = traj[0].block_size
     return {"inputs": policy.inputs(steps), "action": cat("action"), "eligible": steps.eligible,
-            "row": cat("rows"), "rank": torch.cat([commit_rank(r) for r in traj])}
+            "masked": steps.masked, "row": cat("rows"), "rank": torch.cat([commit_rank(r) for r in traj])}
 
 
 def step_logprob(pol, policy: Policy, batch: dict, cfg: GRPOConfig, n_policy: int) -> torch.Tensor:
     """(N,) log-probability of each recorded step's commits under `pol` (policy or its DDP wrapper);
     the steps of rollouts n_policy and up are expert steering's, scored as draws of the mixture."""
-    logp = action_logprob(policy.cfg, pol(*batch["inputs"]), batch["action"], batch.get("rank"),
-                          batch["eligible"])
     experts = len(expert_taus(cfg))
+    scored = batch["eligible"]
+    if experts and policy.cfg.arch == "dit_confidence" and policy.cfg.full_context:
+        # as the paper's code: an expert's step is scored over every masked position the policy
+        # sees, those outside the block as not committed (it "mimics thresholding block-agnostically")
+        scored = torch.where((batch["row"] >= n_policy)[:, None], batch["masked"], scored)
+    logp = action_logprob(policy.cfg, pol(*batch["inputs"]), batch["action"], batch.get("rank"), scored)
     if experts:
         logp = torch.where(batch["row"] >= n_policy, expert_mixture(logp, cfg.group, experts), logp)
     return logp
