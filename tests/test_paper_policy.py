@@ -416,3 +416,12 @@ def test_grpo_loss_and_gradient_equal_the_papers_trainer(paper, paper_trainer, e
         assert float((p.grad - ref_grads[name].grad).abs().max()) <= rel * scale, name
     ratio = torch.exp(step_logprob(new, new, batch, cfg, n_policy=G) - old_logp).detach()
     assert ((ratio < 0.5) | (ratio > 1.5)).any() and ((ratio > 0.5) & (ratio < 1.5)).any()  # both sides of the clip
+
+
+def test_paper_mode_rolls_out_the_papers_plain_bernoulli(tmp_path):
+    from train.grpo import check_config, policy_mode
+
+    assert policy_mode(GRPOConfig(paper_mode=True)) == "bernoulli"
+    assert policy_mode(GRPOConfig()) == "sample" and policy_mode(GRPOConfig(sampling="pl")) == "pl"
+    with pytest.raises(DLLMError, match="--sampling 'pl'; valid: bernoulli with --paper-mode"):
+        check_config(GRPOConfig(paper_mode=True, sampling="pl", out=str(tmp_path / "x")), resume=False, overwrite=False)

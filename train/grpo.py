@@ -74,6 +74,7 @@ class GRPOConfig:
     group: int = opt(8, 'rollouts per prompt')
     sampling: str = opt("bernoulli", "how the policy samples a step's commits: bernoulli (a coin per position) | pl (Plackett-Luce until STOP, the paper's dpls)")
     stop_logit: float = opt(0.0, "--sampling pl: the STOP item's utility (higher: fewer commits per step)")
+    paper_mode: bool = opt(False, "--sampling bernoulli: roll out with the paper's plain Bernoulli (mode=bernoulli: a step may commit nothing, a block gets block-size steps) instead of forcing the top pick")
     expert_tau: str = opt("", "expert steering: comma-separated thresholds; each prompt's group also gets one rollout of Fast-dLLM's threshold rule per tau, scored in the baseline and in the loss as off-policy draws of the mixture (the paper's es_thresholds)")
     prompts_per_step: int = opt(8, 'prompts per step, per process (each rolled out --group times)')
     steps: int = opt(200, 'rollout batches (each followed by --inner-steps updates)')
@@ -367,6 +368,8 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("features", f"a comma-separated subset of {', '.join(ALL_FEATURES)}")
     if cfg.block is not None and cfg.gen_length is not None:
         check_block(cfg.block, cfg.gen_length)
+    if cfg.paper_mode and cfg.sampling != "bernoulli":
+        raise bad("sampling", "bernoulli with --paper-mode (the paper's dpls is --sampling pl)")
     if cfg.top_p < 1:
         raise bad("top_p", "a positive whole number")
     if cfg.init_from:
@@ -541,7 +544,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
 
 def policy_mode(cfg: GRPOConfig) -> str:
     """The learned sampler's mode that samples as training does."""
-    return "pl" if cfg.sampling == "pl" else "sample"
+    return "pl" if cfg.sampling == "pl" else "bernoulli" if cfg.paper_mode else "sample"
 
 
 @torch.no_grad()
