@@ -55,6 +55,15 @@ class StepRecord:
     steps: torch.Tensor | None = None  # (b,) decode steps each row took before this one
     block_size: int = 0
 
+    @classmethod
+    def of(cls, rows, state: StepState, action, rank, block: int, num_blocks: int, step: int) -> "StepRecord":
+        """The record of one step, on the CPU."""
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return cls(rows=rows.cpu(), conf=state.conf.cpu(), margin=state.margin.cpu(), entropy=state.entropy.cpu(),
+                   masked=state.masked.cpu(), eligible=state.eligible.cpu(), action=action.cpu(), block=block,
+                   num_blocks=num_blocks, step=step, rank=cpu(rank), top=cpu(state.top), steps=cpu(state.steps),
+                   block_size=state.block_size)
+
 
 @dataclass
 class DecodeOutput:
@@ -196,8 +205,9 @@ def diffuse(
     # per row, the statistics of every position from the last forward that computed it
     x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
     conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
-    k_top = max(sampler.top_probs(), record_top)
-    may_pass = sampler.may_commit_nothing()
+    # what a sampler may ask of the loop (a duck-typed one, with select alone, asks nothing)
+    k_top = max(getattr(sampler, "top_probs", lambda: 0)(), record_top)
+    may_pass = getattr(sampler, "may_commit_nothing", lambda: False)()
     top_all = torch.zeros((B, L, k_top), device=device)
 
     for b in range(nb):
@@ -235,13 +245,7 @@ def diffuse(
             action = sampler.select(state)
             _check_action(sampler, action, state.eligible, may_pass)
             if traj is not None:
-                traj.append(StepRecord(rows=rows.cpu(), conf=conf.cpu(), margin=margin.cpu(),
-                                       entropy=entropy.cpu(), masked=state.masked.cpu(),
-                                       eligible=state.eligible.cpu(), action=action.cpu(),
-                                       block=b, num_blocks=nb, step=step,
-                                       rank=None if sampler.last_rank is None else sampler.last_rank.cpu(),
-                                       top=None if state.top is None else state.top.cpu(),
-                                       steps=state.steps.cpu(), block_size=Bk))
+                traj.append(StepRecord.of(rows, state, action, sampler.last_rank, b, nb, step))
             new = torch.where(action, x0, gen[rows])
             committed[rows] += action.sum(-1)
             if early_exit:
