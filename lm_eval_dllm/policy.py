@@ -254,9 +254,9 @@ class DiTPolicy(Policy):
         """(m, c, timestep, eligible, start): the mask bit (b, n) and top_p probabilities (b, n, p) of
         the n positions the policy sees (the block at `s.block_start`, of `s.block_size`; all L with
         full_context), time = steps taken / L (b, 1); eligible (b, L) and start (b,) place the logits."""
-        if getattr(s, "top", None) is None or s.top.shape[-1] < self.cfg.top_p:
+        if getattr(s, "top", None) is None or s.top.shape[-1] < self.cfg.top_p or getattr(s, "steps", None) is None:
             raise DLLMError(f"policy arch dit_confidence needs the top {self.cfg.top_p} token probabilities per "
-                            f"position; valid: a decode loop that fills StepState.top (sampler.top_probs())")
+                            f"position and the steps taken; valid: a step of decode.diffuse (StepState.top, .steps)")
         b, L = s.masked.shape
         timestep = s.steps.float()[:, None] * (1 / L)  # as the paper: steps_taken * (1 / L)
         start = torch.as_tensor(s.block_start, device=s.masked.device).expand(b)
