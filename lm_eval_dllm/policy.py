@@ -198,7 +198,6 @@ class Policy(nn.Module):
         return pol.to(device).eval()
 
 
-
 class UnmaskPolicy(Policy):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
@@ -289,6 +288,7 @@ def network_diff(have: PolicyConfig, want: PolicyConfig) -> dict:
 def build_policy(cfg: PolicyConfig) -> Policy:
     """A fresh policy of cfg.arch."""
     return DiTPolicy(cfg) if cfg.arch == "dit_confidence" else UnmaskPolicy(cfg)
+
 
 def update_card(directory: str | Path, **entries) -> dict:
     """Set entries of a policy folder's card (policy.json, rewritten atomically); the config and the
