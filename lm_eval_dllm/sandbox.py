@@ -186,6 +186,7 @@ class SandboxResult:
     stderr: str
     seconds: float       # wall time, interpreter start included
     finished: bool = False  # the program returned normally: the prelude printed the run's secret
+    results: str = ""       # what the program wrote to the results pipe (see run_python's results_env)
 
     @property
     def passed(self) -> bool:
@@ -212,10 +213,12 @@ class Isolation:
 
 def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
                max_output_bytes: int = 64_000, guard: bool = True,
-               python: str | None = None) -> SandboxResult:
+               python: str | None = None, results_env: str = "") -> SandboxResult:
     """Run `program` as __main__ in a sandboxed interpreter (`python`, default: ours).
 
     guard=False leaves only the OS containment (used by tests to check it on its own).
+    results_env: the environment variable that tells the program the descriptor of a pipe whose
+    contents come back as SandboxResult.results (up to max_output_bytes); "": no such pipe.
     Raises SandboxUnavailable where no sandbox runs and ALLOW_ENV is not set.
     """
     iso = isolation(python)
@@ -242,7 +245,7 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
             # CAP_DAC_OVERRIDE until it drops to that user) enter it
             os.chown(tmp, uid, 0)
             os.chmod(tmp, 0o770)
-        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes)
+        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes, results_env)
     finally:
         _remove_tree(parent)
 
@@ -368,7 +371,7 @@ def _limits(timeout_s: float, memory_mb: int, uid: int) -> list[tuple[int, int, 
 
 
 def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int,
-         cap: int) -> SandboxResult:
+         cap: int, results_env: str) -> SandboxResult:
     uid = iso.uid if iso.sandboxed else _unsandboxed_uid(iso.python)
     limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid)
     secret = secrets.token_hex(16).encode()
@@ -388,22 +391,31 @@ def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int
         for res, soft, hard in limits:
             resource.setrlimit(res, (soft, hard))
 
+    env, passed = _env(here), [done_r]
+    if results_env:
+        res_r, res_w = os.pipe()
+        env[results_env] = str(res_w)
+        passed.append(res_w)
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(argv, cwd=tmp, env=_env(here), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=set_limits, pass_fds=(done_r,),
+                                start_new_session=True, preexec_fn=set_limits, pass_fds=passed,
                                 **user)
     finally:
-        os.close(done_r)
-    out, err = bytearray(), bytearray()
+        for fd in passed:
+            os.close(fd)
+    out, err, results = bytearray(), bytearray(), bytearray()
+    streams = [(proc.stdout, out), (proc.stderr, err)] + ([(res_r, results)] if results_env else [])
     try:
-        status = _pump(proc, out, err, start + timeout_s, cap)
+        status = _pump(proc, streams, start + timeout_s, cap)
     finally:
         _kill_group(proc.pid)  # the leader is not reaped yet, so its group id is still ours
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+        if results_env:
+            os.close(res_r)
     rc = proc.returncode
     tail = b"\n" + secret + b"\n"
     finished = status is None and out.endswith(tail)
@@ -414,7 +426,7 @@ def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int
         status = ("passed" if rc == 0 else "memory" if rc == MEMORY_EXIT
                   else "timeout" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else "failed")
     return SandboxResult(status, rc, out.decode(errors="replace"), err.decode(errors="replace"),
-                         time.monotonic() - start, finished)
+                         time.monotonic() - start, finished, results.decode(errors="replace"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,14 +450,13 @@ def _as_user(uid: int | None) -> dict:
     return {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
 
 
-def _pump(proc: subprocess.Popen, out: bytearray, err: bytearray, deadline: float,
-          cap: int) -> str | None:
-    """Read both pipes until they close and the leader exits.
+def _pump(proc: subprocess.Popen, streams: list, deadline: float, cap: int) -> str | None:
+    """Read the (pipe, buffer) streams until they close and the leader exits.
 
     Returns "timeout" or "output_limit" when cut short, else None."""
     with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ, out)
-        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        for pipe, buf in streams:
+            sel.register(pipe, selectors.EVENT_READ, buf)
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:

@@ -10,7 +10,9 @@ machine with a network:
     LM_EVAL_DLLM_MBPP=$PWD/mbpp_test.jsonl lm_eval --model dllm --model_args pretrained=... --tasks mbpp_dllm
 
 The prompt is lm-eval's zero-shot MBPP prompt (task text, three tests, `[BEGIN]`); generation stops
-at `[DONE]`; the code (```-fences stripped) runs with the tests in `lm_eval_dllm.sandbox`.
+at `[DONE]`; the code (```-fences stripped) runs in `lm_eval_dllm.sandbox`: with only the calls where
+the asserts split into calls and plain-data expected values (compared outside, `lm_eval_dllm.difftest`),
+else with the tests.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 from pathlib import Path
 
+from ..difftest import Check, passes_split, split_asserts
 from ..sandbox import runs_to_the_end
 
 ENV = "LM_EVAL_DLLM_MBPP"
@@ -45,7 +48,15 @@ def program(doc: dict, completion: str) -> str:
     return f"{extract_code(completion)}\n\n{setup}\n{tests}\n"
 
 
+def split(doc: dict) -> list[Check] | None:
+    """The asserts as calls and expected values; None: the tests run inside (setup code, loops...)."""
+    return None if doc.get("test_setup_code") else split_asserts(list(doc["test_list"]))
+
+
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
+    checks = split(doc)
+    if checks is not None:
+        return passes_split(extract_code(completion), checks, timeout_s=timeout_s, memory_mb=memory_mb)
     return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
 
 
