@@ -16,7 +16,7 @@ optionally wrapped in one of WRAPS, applied outside): `C == E`, `E == C`, `C != 
 `C is not E`, `C`, `not C`, `abs(C - E) < T` and `<= T`. Any other statement in the tests (a loop,
 a helper, a random input) leaves the whole task on the sandbox's in-process path.
 
-    python -m lm_eval_dllm.difftest          # rewrites docs/code_scoring.md: the share split per task
+    python -m lm_eval_dllm.tasks.code_share   # rewrites docs/code_scoring.md: how many tasks split
 """
 
 from __future__ import annotations

@@ -30,9 +30,11 @@ directory. It is not a security boundary (a program can re-import `posix`); the 
 A pass cannot be forged by printing: `runs_to_the_end` counts a program as having reached its
 last line only when the prelude, after the program returned normally, printed a per-run secret
 that it reads from a pipe at that moment; the secret is in no file, argument or constant of the
-program. Limits, stated rather than hidden: a program that knows this harness could read that
-pipe itself, and an object whose `__eq__` is always true passes `assert f(x) == y` tests (it also
-fools the official HumanEval harness). Linux only.
+program. Limits, stated rather than hidden: a program that knows this harness can read that
+secret from its own process (the pipe in /proc/self/fd, sys.orig_argv, the prelude's frame, the
+gc), read its tests, and an object whose `__eq__` is always true passes `assert f(x) == y` tests.
+So code tasks use this path only where their tests cannot be split: `lm_eval_dllm.difftest` runs
+only the calls here and compares the results outside (docs/code_scoring.md counts each). Linux only.
 """
 
 from __future__ import annotations

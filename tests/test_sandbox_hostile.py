@@ -231,3 +231,78 @@ def test_the_same_holds_for_a_normal_user(tmp_path):
     assert got["bomb"][0] == "passed", got["bomb"]  # fork() failed: RLIMIT_NPROC held
     assert int(got["bomb"][1].split()[1]) <= sandbox.EXTRA_PROCESSES
     assert got["net"][0] == "failed"
+
+
+# The four ways the per-run secret could be read from inside the candidate's own process (as the
+# candidate's function body); each prints it, as the prelude would, and exits before any test ran.
+_PRINT_AND_EXIT = "    print(); print(s.decode()); sys.stdout.flush(); os._exit(0)\n"
+SECRET_ROUTES = {
+    "frame_globals": ("    import os, sys\n    f = sys._getframe()\n    while f.f_back:\n        f = f.f_back\n"
+                      "    s = os.read(f.f_globals['_done_fd'], 64)\n"),
+    "proc_fd_scan": ("    import os, sys\n    s = b''\n    for n in os.listdir('/proc/self/fd'):\n"
+                     "        try:\n            if os.readlink(f'/proc/self/fd/{n}').startswith('pipe:') and int(n) > 2:\n"
+                     "                os.set_blocking(int(n), False)\n                s = s or os.read(int(n), 64)\n"
+                     "        except OSError:\n            pass\n"),
+    "gc_objects": ("    import gc, os, sys\n    g = next(o for o in gc.get_objects()\n"
+                   "             if isinstance(o, dict) and '_done_fd' in o)\n    s = os.read(g['_done_fd'], 64)\n"),
+    "orig_argv": "    import os, sys\n    s = os.read(int(sys.orig_argv[-1]), 64)\n",
+}
+# Reads the program it is part of and answers each call with the expected value of its assert.
+READS_THE_TESTS = ("    args = dict(locals())\n    import ast\n"
+                   "    for node in ast.walk(ast.parse(open(__file__).read())):\n"
+                   "        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Call):\n"
+                   "            try:\n                got = [ast.literal_eval(a) for a in node.left.args]\n"
+                   "            except ValueError:\n                continue\n"
+                   "            if got == list(args.values()):\n"
+                   "                return ast.literal_eval(node.comparators[0])\n")
+ALWAYS_EQUAL = ("    class Eq:\n        def __eq__(self, other):\n            return True\n"
+                "        __ne__ = lambda self, other: False\n    return Eq()\n")
+MBPP_DOC = {"task_id": 1, "text": "Add two numbers.", "code": "def add(a, b):\n    return a + b",
+            "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"],
+            "test_setup_code": ""}
+
+
+def _mbpp(body: str) -> str:
+    return "def add(a, b):\n" + body
+
+
+@pytest.mark.parametrize("route", SECRET_ROUTES)
+def test_each_secret_route_scores_zero_where_tests_are_split(problem, route):
+    from lm_eval_dllm.tasks import mbpp
+
+    body = SECRET_ROUTES[route] + _PRINT_AND_EXIT
+    # the route is real: it forges a pass of tests run inside the candidate's process
+    assert runs_to_the_end(humaneval.program(problem, body), timeout_s=5.0, memory_mb=512)
+    assert humaneval.split(problem) is not None and mbpp.split(MBPP_DOC) is not None
+    assert humaneval.process_results(problem, [body]) == {"pass@1": 0.0}
+    assert mbpp.process_results(MBPP_DOC, [_mbpp(body)]) == {"pass@1": 0.0}
+
+
+def test_reading_the_tests_from_inside_scores_zero(problem):
+    from lm_eval_dllm.tasks import mbpp
+
+    # the attack works where the tests are in the program (tests run inside), not where they split
+    assert runs_to_the_end(humaneval.program(problem, READS_THE_TESTS), timeout_s=5.0, memory_mb=512)
+    assert humaneval.process_results(problem, [READS_THE_TESTS]) == {"pass@1": 0.0}
+    assert runs_to_the_end(mbpp.program(MBPP_DOC, _mbpp(READS_THE_TESTS)), timeout_s=5.0, memory_mb=512)
+    assert mbpp.process_results(MBPP_DOC, [_mbpp(READS_THE_TESTS)]) == {"pass@1": 0.0}
+
+
+def test_an_always_equal_object_scores_zero_where_tests_are_split(problem):
+    from lm_eval_dllm.tasks import mbpp
+
+    assert runs_to_the_end(humaneval.program(problem, ALWAYS_EQUAL), timeout_s=5.0, memory_mb=512)
+    assert humaneval.process_results(problem, [ALWAYS_EQUAL]) == {"pass@1": 0.0}
+    assert mbpp.process_results(MBPP_DOC, [_mbpp(ALWAYS_EQUAL)]) == {"pass@1": 0.0}
+    assert mbpp.process_results(MBPP_DOC, [MBPP_DOC["code"]]) == {"pass@1": 1.0}
+
+
+def test_forged_records_score_zero(problem):
+    """A candidate that knows the split protocol writes records itself: guesses (every answer
+    True, then every answer False as well) do not pass a task whose answers differ."""
+    guess = ("    import os\n    fd = int(os.environ['LM_EVAL_DLLM_RESULTS_FD'])\n"
+             "    for i in range(50):\n        os.write(fd, repr((i, 'ok', True)).encode() + b'\\n')\n"
+             "    os._exit(0)\n")
+    assert humaneval.process_results(problem, [guess]) == {"pass@1": 0.0}
+    both = guess.replace("b'\\n')\n", "b'\\n' + repr((i, 'ok', False)).encode() + b'\\n')\n")
+    assert humaneval.process_results(problem, [both]) == {"pass@1": 0.0}
