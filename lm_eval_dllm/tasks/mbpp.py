@@ -21,8 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from ..difftest import Check, passes_split, split_asserts
-from ..sandbox import runs_to_the_end
+from ..difftest import Check, code_passes, split_asserts
 
 ENV = "LM_EVAL_DLLM_MBPP"
 TIMEOUT_S = 10.0
@@ -54,10 +53,8 @@ def split(doc: dict) -> list[Check] | None:
 
 
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    checks = split(doc)
-    if checks is not None:
-        return passes_split(extract_code(completion), checks, timeout_s=timeout_s, memory_mb=memory_mb)
-    return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
+    return code_passes(extract_code(completion), split(doc), program(doc, completion),
+                       timeout_s=timeout_s, memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
