@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lm_eval_dllm import sandbox
 from lm_eval_dllm.sandbox import SandboxUnavailable, run_python, runs_to_the_end
 from lm_eval_dllm.tasks import humaneval
 
-from .test_sandbox import _gone
+from .test_sandbox import _gone, _still_works
 
 pytestmark = pytest.mark.skipif(not sandbox.isolation().sandboxed,
                                 reason=f"no sandbox here: {sandbox.isolation().reason}")
@@ -306,3 +307,97 @@ def test_forged_records_score_zero(problem):
     assert humaneval.process_results(problem, [guess]) == {"pass@1": 0.0}
     both = guess.replace("b'\\n')\n", "b'\\n' + repr((i, 'ok', False)).encode() + b'\\n')\n")
     assert humaneval.process_results(problem, [both]) == {"pass@1": 0.0}
+
+
+# Three children each hold HELD_MB at once, under a limit that fits one: the total must hold.
+HELD_MB = 300
+_FORKS_HOLDING = BYPASS + f"""import time
+kids, ok = [], 0
+for i in range(3):
+    try:
+        pid = posix.fork()
+    except OSError as e:
+        print('fork refused', e, flush=True)
+        break
+    if pid == 0:
+        x = b'x' * ({HELD_MB} << 20)
+        time.sleep(1.5)
+        posix._exit(0)
+    kids.append(pid)
+for pid in kids:
+    ok += posix.waitpid(pid, 0)[1] == 0
+print('held', ok, flush=True)
+"""
+
+
+def test_the_memory_total_holds_across_forks():
+    r = run_python(_FORKS_HOLDING, timeout_s=8, memory_mb=512)
+    held = int(r.stdout.split("held")[-1]) if "held" in r.stdout else 0
+    assert held * HELD_MB <= 512, (r.status, r.stdout, r.stderr[-300:])
+    _still_works()
+
+
+def test_without_a_cgroup_root_programs_start_no_other_task(monkeypatch):
+    if not sandbox.isolation().nproc_enforced:
+        pytest.skip("programs run as our own uid: without a cgroup the bound is per process")
+    monkeypatch.setattr(sandbox.MemoryGroup, "create", classmethod(lambda cls, limit: None))
+    r = run_python(_FORKS_HOLDING, timeout_s=8, memory_mb=512)
+    assert "fork refused" in r.stdout and "held 0" in r.stdout, (r.stdout, r.stderr[-300:])
+
+
+def test_the_disk_total_holds():
+    """Files under the per-file cap, in the program's folder and /tmp: together no more than the total."""
+    mb = sandbox.MAX_FILE_BYTES >> 20
+    program = BYPASS + f"""n = 0
+for d in ('.', '/tmp', '.', '/tmp', '.', '/tmp'):
+    try:
+        with io.FileIO(d + '/f' + str(n), 'w') as f:
+            for _ in range({mb - 1}):
+                f.write(b'x' * (1 << 20))
+        n += 1
+    except OSError as e:
+        print('refused', e, flush=True)
+        break
+print('files', n, flush=True)
+"""
+    r = run_python(program, timeout_s=8, memory_mb=1024)
+    assert "No space left" in r.stdout, (r.stdout, r.stderr[-300:])
+    files = int(r.stdout.split("files")[-1])
+    assert files * (mb - 1) <= sandbox.MAX_DISK_BYTES >> 20
+
+
+DEEP_TREE = "\nimport os\nfor _ in range(1200):\n    os.mkdir('d')\n    os.chdir('d')\n"
+
+
+@pytest.mark.parametrize("mode", ["sandboxed",  # the host's rmdir is slow on some filesystems:
+                                  pytest.param("unsandboxed_allowed", marks=pytest.mark.slow)])
+def test_a_deep_tree_neither_raises_nor_stays_and_the_run_goes_on(problem, mode, monkeypatch):
+    """Solutions followed by 1,200 nested folders: each is scored on what it returns (a wrong one 0,
+    a right one 1), nothing is raised and nothing is left behind, with or without bwrap (where
+    the host itself must remove the tree)."""
+    if mode == "unsandboxed_allowed":
+        probed = sandbox.isolation
+        monkeypatch.setattr(sandbox, "isolation",
+                            lambda python=None: dataclasses.replace(probed(python), bwrap=()))
+        monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
+    before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(sandbox.TMP_PREFIX)}
+    assert humaneval.process_results(problem, ["    return False\n" + DEEP_TREE]) == {"pass@1": 0.0}
+    right = problem["canonical_solution"] + DEEP_TREE
+    assert humaneval.process_results(problem, [right]) == {"pass@1": 1.0}
+    after = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(sandbox.TMP_PREFIX)}
+    assert after <= before
+
+
+def test_a_scorer_failure_scores_zero_says_why_once_and_the_run_goes_on(problem, monkeypatch, caplog):
+    from lm_eval_dllm import difftest
+
+    def broken(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded (a test double)")
+
+    monkeypatch.setattr(difftest, "run_python", broken)
+    difftest._scorer_failed.cache_clear()
+    with caplog.at_level("WARNING"):
+        scores = [humaneval.process_results(problem, [problem["canonical_solution"]]) for _ in range(3)]
+    assert scores == [{"pass@1": 0.0}] * 3
+    said = [r for r in caplog.records if "scorer failed" in r.getMessage()]
+    assert len(said) == 1 and "RecursionError" in said[0].getMessage()
