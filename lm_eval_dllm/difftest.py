@@ -14,7 +14,9 @@ order: anything else (a missing, extra or unparsable line) fails the sample.
 Forms understood (E: plain data; C: a call of the function under test with plain-data arguments,
 optionally wrapped in one of WRAPS, applied outside): `C == E`, `E == C`, `C != E`, `C is E`,
 `C is not E`, `C`, `not C`, `abs(C - E) < T` and `<= T`. Any other statement in the tests (a loop,
-a helper, a random input) leaves the whole task on the sandbox's in-process path.
+a helper, a random input) leaves the whole task to `code_passes`'s other path: the tests run beside
+the program, in a sandboxed process it can neither read nor trace, calling its functions through
+literal-only proxies (`run_python(trusted=...)`).
 
     python -m lm_eval_dllm.tasks.code_share   # rewrites docs/code_scoring.md: how many tasks split
 """
@@ -28,7 +30,7 @@ import logging
 import operator
 from dataclasses import dataclass
 
-from .sandbox import SandboxUnavailable, run_python, runs_to_the_end
+from .sandbox import SandboxUnavailable, run_python
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +233,22 @@ def _is_data(node: ast.AST) -> bool:
         return False
 
 
+def proxied(tests: str) -> str:
+    """`tests` preceded by `f = _proxy('f')` for each function they call but do not define (nor
+    import, nor find among the builtins): the functions of the program under test."""
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError:  # they fail where they run, as they would anywhere
+        return tests
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {a.asname or a.name.split(".")[0] for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    defined |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    free = sorted(called - defined - set(dir(builtins)))
+    return "".join(f"{name} = _proxy({name!r})\n" for name in free) + tests
+
+
 def driver(checks: list[Check]) -> str:
     """Python source to append to the program: makes each call and writes its record."""
     calls = [(c.fn, c.args, dict(c.kwargs)) for c in checks]
@@ -253,15 +271,17 @@ def judge(checks: list[Check], records: str) -> bool:
     return True
 
 
-def code_passes(code: str, checks: list[Check] | None, whole: str, *, timeout_s: float,
+def code_passes(code: str, checks: list[Check] | None, tests: str, *, timeout_s: float,
                 memory_mb: int) -> bool:
-    """Does `code` pass: by its checks where its tests split, else by running `whole` (code and
-    tests) to its end in the sandbox. A failure of the scorer itself (not of the code) scores
+    """Does `code` pass: by its checks where its tests split, else by `tests` run beside it in the
+    sandbox, in a process the code cannot read (`run_python(trusted=...)`; they call the code's
+    functions through `_proxy(name)`). A failure of the scorer itself (not of the code) scores
     False, says why once, and lets the run go on; only SandboxUnavailable (nothing can run) stops it."""
     try:
         if checks is not None:
             return passes_split(code, checks, timeout_s=timeout_s, memory_mb=memory_mb)
-        return runs_to_the_end(whole, timeout_s=timeout_s, memory_mb=memory_mb)
+        res = run_python(code, timeout_s=timeout_s, memory_mb=memory_mb, trusted=tests)
+        return res.results == "pass\n"
     except SandboxUnavailable:
         raise
     except Exception as e:  # noqa: BLE001 - one sample's scorer failing must not end a run

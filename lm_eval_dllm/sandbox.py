@@ -39,13 +39,15 @@ that it reads from a pipe at that moment; the secret is in no file, argument or 
 program. Limits, stated rather than hidden: a program that knows this harness can read that
 secret from its own process (the pipe in /proc/self/fd, sys.orig_argv, the prelude's frame, the
 gc), read its tests, and an object whose `__eq__` is always true passes `assert f(x) == y` tests.
-So code tasks use this path only where their tests cannot be split: `lm_eval_dllm.difftest` runs
-only the calls here and compares the results outside (docs/code_scoring.md counts each). Linux only.
+So code tasks do not use this path: `lm_eval_dllm.difftest` runs only the calls here and compares
+the results outside, or runs the tests beside the program (`trusted=`, in a parent process the
+program can neither read nor trace); docs/code_scoring.md counts each. Linux only.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import math
@@ -89,7 +91,8 @@ class SandboxUnavailable(DLLMError):
 # Standard library only; it is a string because it runs in the child.
 _PRELUDE = r'''
 import os, sys, types
-_path, _guard, _memory_exit, _uid, _done_fd = sys.argv[1], sys.argv[2] == "1", *map(int, sys.argv[3:6])
+_path, _guard = sys.argv[1], sys.argv[2] == "1"
+_memory_exit, _uid, _done_fd, _trusted_fd, _verdict_fd = map(int, sys.argv[3:8])
 if _uid >= 0:  # root started the sandbox: become an unprivileged user before any untrusted code
     os.setgroups([])
     os.setgid(_uid)
@@ -167,6 +170,64 @@ def _install_guard(root):
     for name in ("ctypes", "_ctypes"):
         sys.modules[name] = None  # import fails: no calling libc directly
 
+def _judge(req_w, rep_r):
+    # Trusted: runs the tests, read only now, with each call of the program's functions sent to
+    # the child and its answer parsed as a literal; only this process holds the verdict's pipe.
+    import ast
+    src = bytearray()
+    while chunk := os.read(_trusted_fd, 1 << 16):
+        src += chunk
+    reqs, reps = os.fdopen(req_w, "w", buffering=1), os.fdopen(rep_r, "r", errors="replace")
+
+    def proxy(name):
+        def call(*args, **kwargs):
+            line = repr((name, args, kwargs))
+            if "\n" in line or ast.literal_eval(line) != (name, args, kwargs):
+                raise TypeError("arguments that are not plain data")
+            reqs.write(line + "\n")
+            kind, value = ast.literal_eval(reps.readline())
+            if kind != "ok":
+                raise RuntimeError(f"the call raised {value}")
+            return value
+        return call
+    try:
+        exec(compile(bytes(src).decode(), "<tests>", "exec"), {"__name__": "__tests__", "_proxy": proxy})
+        verdict = b"pass\n"
+    except BaseException:  # a failed assert, an answer that is not plain data, a dead child
+        verdict = b"fail\n"
+    sys.stdout.flush()
+    os.write(_verdict_fd, verdict)
+    os._exit(0)
+
+
+def _serve(ns, req_r, rep_w):
+    # The child, after the program ran: answer each call with repr(("ok", value)) on one line.
+    import ast
+    reps = os.fdopen(rep_w, "w", buffering=1)
+    for line in os.fdopen(req_r, "r"):
+        try:
+            name, args, kwargs = ast.literal_eval(line)
+            out = repr(("ok", ns[name](*args, **kwargs)))
+        except BaseException as e:
+            out = repr(("raise", type(e).__name__))
+        reps.write(out.replace("\n", " ") + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if _trusted_fd >= 0:  # tests given: they run in this process, the program in a child
+    try:  # not dumpable: the child (same uid) can neither trace it nor open its /proc files
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except Exception:
+        pass  # as root the uid change above made it non-dumpable already
+    _req_r, _req_w = os.pipe()
+    _rep_r, _rep_w = os.pipe()
+    if os.fork():
+        os.close(_req_r), os.close(_rep_w)
+        _judge(_req_w, _rep_r)
+    for _fd in (_trusted_fd, _verdict_fd, _req_w, _rep_r):
+        os.close(_fd)
 if _guard:
     _install_guard(os.getcwd())
 _main = types.ModuleType("__main__")
@@ -174,6 +235,8 @@ _main.__file__, _main.__builtins__ = _path, __builtins__
 sys.modules["__main__"], sys.argv = _main, [_path]
 try:
     exec(_code, _main.__dict__)
+    if _trusted_fd >= 0:
+        _serve(_main.__dict__, _req_r, _rep_w)
     # The program returned normally: only now read the per-run secret the parent put in the pipe
     # and print it. It is in no file, argument, variable or constant the program could read.
     _secret = os.read(_done_fd, 64)
@@ -224,12 +287,17 @@ class Isolation:
 
 def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
                max_output_bytes: int = 64_000, guard: bool = True,
-               python: str | None = None, results_env: str = "") -> SandboxResult:
+               python: str | None = None, results_env: str = "", trusted: str = "") -> SandboxResult:
     """Run `program` as __main__ in a sandboxed interpreter (`python`, default: ours).
 
     guard=False leaves only the OS containment (used by tests to check it on its own).
     results_env: the environment variable that tells the program the descriptor of a pipe whose
     contents come back as SandboxResult.results (up to max_output_bytes); "": no such pipe.
+    trusted: tests (Python source) to run beside the program, not with it: the program runs in a
+    child and then answers calls; the tests run in its parent, which reads them only after the
+    fork, calls the program's functions through `_proxy(name)` (arguments and answers travel as
+    literals, parsed with ast.literal_eval) and writes "pass" or "fail" to SandboxResult.results.
+    The child can neither read nor trace that parent (non-dumpable) and holds no end of its pipes.
     Raises SandboxUnavailable where no sandbox runs and ALLOW_ENV is not set.
     """
     iso = isolation(python)
@@ -257,7 +325,8 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
             # CAP_DAC_OVERRIDE until it drops to that user) enter it
             os.chown(tmp, uid, 0)
             os.chmod(tmp, 0o770)
-        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes, results_env, group)
+        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes, results_env, trusted,
+                    group)
     finally:
         if group is not None:
             group.remove()
@@ -386,12 +455,41 @@ def _limits(timeout_s: float, memory_mb: int, uid: int, extra: int) -> list[tupl
     return out
 
 
-def _command(iso: Isolation, tmp: str, guard: bool, uid: int | None, done_r: int) -> tuple[list, dict, str]:
+@dataclass(frozen=True)
+class _Pipes:
+    """The descriptors a run passes to the prelude, and the one whose contents come back as results."""
+    keep: tuple[int, ...]       # ends the child inherits (closed here once it started)
+    results: int | None         # our read end of the results (or verdict) pipe
+    env: dict                   # environment additions (results_env -> its descriptor)
+    trusted: int = -1           # the prelude's trusted-tests descriptor; -1: none
+    verdict: int = -1           # the prelude's verdict descriptor; -1: none
+
+
+def _open_pipes(done_r: int, results_env: str, trusted: str) -> _Pipes:
+    if not (results_env or trusted):
+        return _Pipes((done_r,), None, {})
+    res_r, res_w = os.pipe()
+    if results_env:
+        return _Pipes((done_r, res_w), res_r, {results_env: str(res_w)})
+    data = trusted.encode()
+    tests_r, tests_w = os.pipe()
+    try:
+        if len(data) > 60_000:  # more than a pipe holds by default: make room, or refuse
+            fcntl.fcntl(tests_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), len(data) + 4096)
+        os.write(tests_w, data)  # whole: the pipe holds it until the prelude reads it
+    finally:
+        os.close(tests_w)
+    return _Pipes((done_r, res_w, tests_r), res_r, {}, tests_r, res_w)
+
+
+def _command(iso: Isolation, tmp: str, guard: bool, uid: int | None, done_r: int,
+             pipes: _Pipes) -> tuple[list, dict, str]:
     """(argv, Popen's user arguments, the program's directory as it sees it)."""
     here = SANDBOX_DIR if iso.sandboxed else tmp
     cmd = [iso.python, "-I", "-B", "-c", _PRELUDE, os.path.join(here, "main.py"),
            "1" if guard else "0", str(MEMORY_EXIT),
-           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r)]
+           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r),
+           str(pipes.trusted), str(pipes.verdict)]
     if iso.sandboxed:  # the program, read-only, in the run's own tmpfs
         main = os.path.join(here, "main.py")
         return [*iso.bwrap, "--ro-bind", os.path.join(tmp, "main.py"), main, "--chdir", here, "--",
@@ -414,16 +512,18 @@ def _say_once(fmt: str, *args) -> None:
 
 
 def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int,
-         cap: int, results_env: str, group: MemoryGroup | None) -> SandboxResult:
+         cap: int, results_env: str, trusted: str, group: MemoryGroup | None) -> SandboxResult:
     uid = iso.uid if iso.sandboxed else _unsandboxed_uid(iso.python)
     # without a cgroup, a uid of our own (nobody, as root) may hold no task but the program's one
-    extra = EXTRA_PROCESSES if group is not None or uid is None else 1
+    # (and the tests' process, where tests run beside it)
+    extra = EXTRA_PROCESSES if group is not None or uid is None else 2 if trusted else 1
     limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid, extra)
     secret = secrets.token_hex(16).encode()
     done_r, done_w = os.pipe()
     os.write(done_w, secret)  # 32 bytes: the pipe holds them until the prelude reads them
     os.close(done_w)
-    argv, user, here = _command(iso, tmp, guard, uid, done_r)
+    pipes = _open_pipes(done_r, results_env, trusted)
+    argv, user, here = _command(iso, tmp, guard, uid, done_r, pipes)
 
     def set_limits() -> None:  # runs in the child between fork and exec: no imports, no locks
         for res, soft, hard in limits:
@@ -431,22 +531,18 @@ def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int
         if group is not None:
             group.join()
 
-    env, passed = _env(here), [done_r]
-    if results_env:
-        res_r, res_w = os.pipe()
-        env[results_env] = str(res_w)
-        passed.append(res_w)
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=tmp, env=_env(here) | pipes.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=set_limits, pass_fds=passed,
+                                start_new_session=True, preexec_fn=set_limits, pass_fds=pipes.keep,
                                 **user)
     finally:
-        for fd in passed:
+        for fd in pipes.keep:
             os.close(fd)
     out, err, results = bytearray(), bytearray(), bytearray()
-    streams = [(proc.stdout, out), (proc.stderr, err)] + ([(res_r, results)] if results_env else [])
+    streams = [(proc.stdout, out), (proc.stderr, err)] + (
+        [(pipes.results, results)] if pipes.results is not None else [])
     try:
         status = _pump(proc, streams, start + timeout_s, cap)
     finally:
@@ -454,8 +550,8 @@ def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-        if results_env:
-            os.close(res_r)
+        if pipes.results is not None:
+            os.close(pipes.results)
     rc = proc.returncode
     tail = b"\n" + secret + b"\n"
     finished = status is None and out.endswith(tail)

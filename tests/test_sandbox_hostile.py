@@ -246,7 +246,10 @@ SECRET_ROUTES = {
                      "        except OSError:\n            pass\n"),
     "gc_objects": ("    import gc, os, sys\n    g = next(o for o in gc.get_objects()\n"
                    "             if isinstance(o, dict) and '_done_fd' in o)\n    s = os.read(g['_done_fd'], 64)\n"),
-    "orig_argv": "    import os, sys\n    s = os.read(int(sys.orig_argv[-1]), 64)\n",
+    "orig_argv": ("    import os, sys\n    s = b''\n    for a in sys.orig_argv:\n"
+                  "        if a.isdigit() and int(a) > 2 and not s:\n            try:\n"
+                  "                os.set_blocking(int(a), False)\n                s = os.read(int(a), 64)\n"
+                  "            except OSError:\n                pass\n"),
 }
 # Reads the program it is part of and answers each call with the expected value of its assert.
 READS_THE_TESTS = ("    args = dict(locals())\n    import ast\n"
@@ -267,35 +270,70 @@ def _mbpp(body: str) -> str:
     return "def add(a, b):\n" + body
 
 
+@pytest.fixture(params=["split", "judged"])
+def docs(request, problem):
+    """A HumanEval and an MBPP task whose tests split (compared outside), and two whose tests run
+    beside the program (HumanEval/53's random loop; set-up code), each as the path's example."""
+    from lm_eval_dllm.tasks import mbpp
+
+    if request.param == "split":
+        pair = problem, MBPP_DOC
+    else:
+        with gzip.open(humaneval.data_path(), "rt") as f:
+            he = next(d for d in map(json.loads, f) if d["task_id"] == "HumanEval/53")
+        pair = he, dict(MBPP_DOC, test_setup_code="import math")
+    assert (humaneval.split(pair[0]) is None) == (mbpp.split(pair[1]) is None) == (request.param == "judged")
+    return pair
+
+
+def _scores(docs, body: str) -> tuple[float, float]:
+    from lm_eval_dllm.tasks import mbpp
+
+    he, mb = docs
+    return humaneval.process_results(he, [body])["pass@1"], mbpp.process_results(mb, [_mbpp(body)])["pass@1"]
+
+
 @pytest.mark.parametrize("route", SECRET_ROUTES)
-def test_each_secret_route_scores_zero_where_tests_are_split(problem, route):
-    from lm_eval_dllm.tasks import mbpp
-
+def test_each_secret_route_scores_zero(docs, route):
     body = SECRET_ROUTES[route] + _PRINT_AND_EXIT
-    # the route is real: it forges a pass of tests run inside the candidate's process
-    assert runs_to_the_end(humaneval.program(problem, body), timeout_s=5.0, memory_mb=512)
-    assert humaneval.split(problem) is not None and mbpp.split(MBPP_DOC) is not None
-    assert humaneval.process_results(problem, [body]) == {"pass@1": 0.0}
-    assert mbpp.process_results(MBPP_DOC, [_mbpp(body)]) == {"pass@1": 0.0}
+    # the route is real: it forges a pass of tests run inside the candidate's own process
+    assert runs_to_the_end(humaneval.program(docs[0], body), timeout_s=5.0, memory_mb=512)
+    assert _scores(docs, body) == (0.0, 0.0)
 
 
-def test_reading_the_tests_from_inside_scores_zero(problem):
+def test_reading_the_tests_from_inside_scores_zero(docs):
     from lm_eval_dllm.tasks import mbpp
 
-    # the attack works where the tests are in the program (tests run inside), not where they split
-    assert runs_to_the_end(humaneval.program(problem, READS_THE_TESTS), timeout_s=5.0, memory_mb=512)
-    assert humaneval.process_results(problem, [READS_THE_TESTS]) == {"pass@1": 0.0}
-    assert runs_to_the_end(mbpp.program(MBPP_DOC, _mbpp(READS_THE_TESTS)), timeout_s=5.0, memory_mb=512)
-    assert mbpp.process_results(MBPP_DOC, [_mbpp(READS_THE_TESTS)]) == {"pass@1": 0.0}
+    # the attack works where the tests are in the candidate's program ...
+    assert runs_to_the_end(mbpp.program(docs[1], _mbpp(READS_THE_TESTS)), timeout_s=5.0, memory_mb=512)
+    assert _scores(docs, READS_THE_TESTS) == (0.0, 0.0)  # ... not where they are scored now
 
 
-def test_an_always_equal_object_scores_zero_where_tests_are_split(problem):
+def test_an_always_equal_object_scores_zero(docs):
     from lm_eval_dllm.tasks import mbpp
 
-    assert runs_to_the_end(humaneval.program(problem, ALWAYS_EQUAL), timeout_s=5.0, memory_mb=512)
-    assert humaneval.process_results(problem, [ALWAYS_EQUAL]) == {"pass@1": 0.0}
-    assert mbpp.process_results(MBPP_DOC, [_mbpp(ALWAYS_EQUAL)]) == {"pass@1": 0.0}
-    assert mbpp.process_results(MBPP_DOC, [MBPP_DOC["code"]]) == {"pass@1": 1.0}
+    assert runs_to_the_end(humaneval.program(docs[0], ALWAYS_EQUAL), timeout_s=5.0, memory_mb=512)
+    assert _scores(docs, ALWAYS_EQUAL) == (0.0, 0.0)
+    he, mb = docs
+    assert humaneval.process_results(he, [he["canonical_solution"]]) == {"pass@1": 1.0}
+    assert mbpp.process_results(mb, [mb["code"]]) == {"pass@1": 1.0}
+
+
+def test_the_judged_tests_run_where_the_program_cannot_reach(problem):
+    """Beside the program, in a non-dumpable parent: the child cannot read the parent's memory or
+    descriptors, cannot write its verdict, and killing it is a fail, not a pass."""
+    probes = {"mem": "open(f'/proc/{os.getppid()}/mem', 'rb')",
+              "fd": "os.listdir(f'/proc/{os.getppid()}/fd')",
+              "environ": "open(f'/proc/{os.getppid()}/environ', 'rb').read()"}
+    body = "    import os\n    got = []\n"
+    for name, expr in probes.items():
+        body += f"    try:\n        {expr}\n        got.append('{name}')\n    except OSError:\n        pass\n"
+    body += "    print('reached', got, flush=True)\n    return got\n"
+    res = sandbox.run_python(problem["prompt"] + body, trusted=humaneval.tests(problem), timeout_s=5)
+    assert "reached []" in res.stdout and res.results == "fail\n", (res.stdout, res.stderr[-300:])
+    kill = "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+    res = sandbox.run_python(problem["prompt"] + kill, trusted=humaneval.tests(problem), timeout_s=5, guard=False)
+    assert res.results == ""  # the parent died before any verdict
 
 
 def test_forged_records_score_zero(problem):

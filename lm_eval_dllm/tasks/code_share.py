@@ -1,11 +1,11 @@
-"""How many code tasks are scored by differential testing, and how many run their tests inside.
+"""How many code tasks are scored by differential testing, and how many run their tests beside the code.
 
     python -m lm_eval_dllm.tasks.code_share                       # rewrites docs/code_scoring.md
     python -m lm_eval_dllm.tasks.code_share --mbpp mbpp_test.jsonl  # MBPP's count as well
 
 A task is split when every one of its asserts is a call with plain-data arguments and a plain-data
 expected value (`lm_eval_dllm.difftest`): only the calls run in the sandbox. The others run their
-tests inside the sandbox, in the candidate's process.
+tests in the sandbox too, but in a process the candidate's cannot read (see DOC below).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ OUT = Path(__file__).resolve().parents[2] / "docs" / "code_scoring.md"
 
 
 def counts(docs: list[dict], split) -> tuple[int, list[str]]:
-    """(number split, ids of the tasks that run their tests inside)."""
-    inside = [str(d["task_id"]) for d in docs if split(d) is None]
+    """(number split, ids of the tasks whose tests are judged beside the code)."""
+    inside = [str(d["task_id"]) for d in docs if split(d) is None]  # judged beside the code
     return len(docs) - len(inside), inside
 
 
 def table(rows: dict[str, tuple[int, list[str]]]) -> str:
-    lines = ["| task set | tasks | split: compared outside | tests run inside | inside: tasks |",
+    lines = ["| task set | tasks | split: compared outside | judged beside | judged beside: tasks |",
              "|---|---:|---:|---:|---|"]
     for name, (n_split, inside) in rows.items():
         n = n_split + len(inside)
@@ -47,10 +47,16 @@ in the sandbox; each result comes back as a Python literal, is parsed outside wi
 (differential testing, as EvalPlus). Nothing the candidate can read or print proves a pass, and an
 object whose `__eq__` is always true cannot come back as plain data.
 
-The other tasks run their tests inside the sandbox, in the candidate's own process, as the official
-harness does: a pass there is the program reaching its end. A candidate that knows this harness can
-forge that (for example by reading the run's secret from its own process), so these tasks are the
-part of a code reward that an RL policy could learn to hack; they are listed below.
+The other tasks' tests (loops, random inputs, helpers of the prompt) run *beside* the candidate:
+in the sandbox, the candidate's code runs in a child process that then answers calls; the tests run
+in its parent, which reads them only after the fork, is not dumpable (the child can neither trace
+it nor open its `/proc` files), calls the candidate's functions through proxies whose arguments and
+answers travel as Python literals, and alone holds the pipe its verdict goes to. Nothing in the
+candidate's process proves a pass there either; a candidate that kills the parent scores 0. What
+cannot travel as a literal (an object returned, an argument mutated in place) fails the test.
+
+No code task runs its tests inside the candidate's own process any more (the official harness does,
+and there a candidate can forge a pass by reading the run's secret or the tests from its memory).
 
 {table}
 """

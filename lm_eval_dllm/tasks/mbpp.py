@@ -12,7 +12,7 @@ machine with a network:
 The prompt is lm-eval's zero-shot MBPP prompt (task text, three tests, `[BEGIN]`); generation stops
 at `[DONE]`; the code (```-fences stripped) runs in `lm_eval_dllm.sandbox`: with only the calls where
 the asserts split into calls and plain-data expected values (compared outside, `lm_eval_dllm.difftest`),
-else with the tests.
+else beside the tests, which run in a sandboxed process the code cannot read (`tests`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from ..difftest import Check, code_passes, split_asserts
+from ..difftest import Check, code_passes, proxied, split_asserts
 
 ENV = "LM_EVAL_DLLM_MBPP"
 TIMEOUT_S = 10.0
@@ -52,9 +52,15 @@ def split(doc: dict) -> list[Check] | None:
     return None if doc.get("test_setup_code") else split_asserts(list(doc["test_list"]))
 
 
+def tests(doc: dict) -> str:
+    """What runs beside the code where the asserts do not split: set-up code and asserts, with the
+    functions they call from the code as calls into its process."""
+    return proxied((doc.get("test_setup_code") or "") + "\n" + "\n".join(doc["test_list"]))
+
+
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    return code_passes(extract_code(completion), split(doc), program(doc, completion),
-                       timeout_s=timeout_s, memory_mb=memory_mb)
+    return code_passes(extract_code(completion), split(doc), tests(doc), timeout_s=timeout_s,
+                       memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
