@@ -22,8 +22,10 @@ Threat model: a completion may be hostile. It runs in a fresh interpreter inside
   processes (the uid's current count plus EXTRA_PROCESSES), and a wall-clock SIGKILL;
 - one memory bound for the whole process tree: a memory cgroup of memory_mb (`lm_eval_dllm.memcg`;
   its tmpfs pages count too). Where no cgroup can be made and we are root, the program may start no
-  other task at all (RLIMIT_NPROC), so its one process's address space limit is the total; run by
-  a normal user without a delegated cgroup, the bound is per process (logged once).
+  other task (RLIMIT_NPROC at nobody's current count + 1), so its one process's address space limit
+  is the total — RLIMIT_NPROC counts per uid, so a sandbox of nobody's that ends meanwhile frees
+  room for one more; run by a normal user without a delegated cgroup, the bound is per process
+  (both logged once).
 
 Where bubblewrap cannot run (not Linux, no namespaces allowed), nothing is run: `run_python`
 raises SandboxUnavailable, whose one line says how to allow unsandboxed execution explicitly
