@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -93,18 +92,18 @@ def test_read_only_out_fails_before_anything_loads(read_only_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_a_resume_cleans_partial_saves_and_keeps_the_log(tmp_path, tiny_ckpt):
-    """Through `python -m train.grpo`: a finished run, then a kill's leftovers planted, then --resume."""
+    """Through train.grpo's entry point (in this process: imports cost more than the run): a
+    finished run, then a kill's leftovers planted, then --resume."""
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "1",
-            "--prompts-per-step", "2", "--group", "2", "--val-every", "100", "--save-every", "1",
-            "--gen-length", "16", "--block", "8", "--device", "cpu", "--out", str(out)]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    subprocess.run(base, check=True, capture_output=True, env=env, timeout=600)
+    argv = ["--pretrained", str(tiny_ckpt), "--steps", "1", "--prompts-per-step", "2", "--group", "2",
+            "--val-size", "2", "--val-every", "100", "--save-every", "1", "--gen-length", "16", "--block", "8",
+            "--device", "cpu", "--out", str(out)]
+    grpo.main(argv)
     partial = [out / ".trainer_state.pt.a1b2.tmp", out / "last" / ".policy.safetensors.c3.tmp"]
     for p in partial:
         p.write_bytes(b"half a save")
     logged = _lines(out / "log.jsonl")
     (out / "log.jsonl").write_text("\n".join(logged) + '\n{"step": 2, "rewa')
-    subprocess.run(base + ["--resume"], check=True, capture_output=True, env=env, timeout=600)
+    grpo.main(argv + ["--resume"])
     assert not any(p.exists() for p in partial)
     assert _lines(out / "log.jsonl") == logged and _lines(out / "log.jsonl.bad") == ['{"step": 2, "rewa']
