@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_dllm import sandbox
+from lm_eval_dllm import difftest, sandbox
 from lm_eval_dllm.sandbox import SandboxUnavailable, run_python, runs_to_the_end
-from lm_eval_dllm.tasks import humaneval
+from lm_eval_dllm.tasks import humaneval, mbpp
 
 from .test_sandbox import _gone, _still_works
 
@@ -274,8 +274,6 @@ def _mbpp(body: str) -> str:
 def docs(request, problem):
     """A HumanEval and an MBPP task whose tests split (compared outside), and two whose tests run
     beside the program (HumanEval/53's random loop; set-up code), each as the path's example."""
-    from lm_eval_dllm.tasks import mbpp
-
     if request.param == "split":
         pair = problem, MBPP_DOC
     else:
@@ -287,8 +285,6 @@ def docs(request, problem):
 
 
 def _scores(docs, body: str) -> tuple[float, float]:
-    from lm_eval_dllm.tasks import mbpp
-
     he, mb = docs
     return humaneval.process_results(he, [body])["pass@1"], mbpp.process_results(mb, [_mbpp(body)])["pass@1"]
 
@@ -302,16 +298,12 @@ def test_each_secret_route_scores_zero(docs, route):
 
 
 def test_reading_the_tests_from_inside_scores_zero(docs):
-    from lm_eval_dllm.tasks import mbpp
-
     # the attack works where the tests are in the candidate's program ...
     assert runs_to_the_end(mbpp.program(docs[1], _mbpp(READS_THE_TESTS)), timeout_s=5.0, memory_mb=512)
     assert _scores(docs, READS_THE_TESTS) == (0.0, 0.0)  # ... not where they are scored now
 
 
 def test_an_always_equal_object_scores_zero(docs):
-    from lm_eval_dllm.tasks import mbpp
-
     assert runs_to_the_end(humaneval.program(docs[0], ALWAYS_EQUAL), timeout_s=5.0, memory_mb=512)
     assert _scores(docs, ALWAYS_EQUAL) == (0.0, 0.0)
     he, mb = docs
@@ -429,8 +421,6 @@ def test_a_deep_tree_neither_raises_nor_stays_and_the_run_goes_on(problem, mode,
 
 
 def test_a_scorer_failure_scores_zero_says_why_once_and_the_run_goes_on(problem, monkeypatch, caplog):
-    from lm_eval_dllm import difftest
-
     def broken(*args, **kwargs):
         raise RecursionError("maximum recursion depth exceeded (a test double)")
 
