@@ -42,6 +42,7 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Is: operator.is_,
             ast.IsNot: operator.is_not, ast.Lt: operator.lt, ast.LtE: operator.le}
 RESULTS_ENV = "LM_EVAL_DLLM_RESULTS_FD"  # tells the driver which descriptor takes its records
+RECORDS_CAP = 1 << 20  # bytes of records (and of output) a split run may return: large answers fit
 _UNSPLIT = (SyntaxError, ValueError, TypeError, ArithmeticError, MemoryError, RecursionError)
 
 # Appended to the program: calls each function and writes one record per call. It runs with the
@@ -297,5 +298,5 @@ def _scorer_failed(why: str) -> None:
 def passes_split(code: str, checks: list[Check], *, timeout_s: float, memory_mb: int) -> bool:
     """Run `code` plus the calls in the sandbox; judge their records here."""
     res = run_python(code + driver(checks), timeout_s=timeout_s, memory_mb=memory_mb,
-                     results_env=RESULTS_ENV)
+                     results_env=RESULTS_ENV, max_output_bytes=RECORDS_CAP)
     return judge(checks, res.results)
