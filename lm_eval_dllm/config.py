@@ -7,6 +7,7 @@ per-request gen_kwargs (max_gen_toks, temperature), which win over the model's d
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from .cache import check_cache
 from .loading import IMPLS
 from .samplers import available_samplers, sampler_class, sampler_params
-from .samplers.base import _coerce
+from .samplers.base import VALID_OF, _coerce
 from .tiny import BUNDLED_DIR
 from .utils import DLLMError
 
@@ -90,7 +91,10 @@ class DLLMConfig:
                             f"valid samplers: {', '.join(topk)}")
         if self.batch_size <= 0:
             raise DLLMError(f"batch_size={self.batch_size} must be positive; valid: 1, 2, ...")
-        if self.temperature is not None and self.temperature < 0:
+        if self.max_length is not None and self.max_length <= 0:
+            raise DLLMError(f"max_length={self.max_length} must be a positive integer; valid: 1, 2, ..., "
+                            f"or unset for the model's declared maximum")
+        if self.temperature is not None and not 0 <= self.temperature < math.inf:
             raise DLLMError(f"temperature={self.temperature} must be >= 0; valid: 0 (greedy) or more")
         if self.impl not in IMPLS:
             raise DLLMError(f"impl={self.impl!r}; valid: {', '.join(IMPLS)}")
@@ -102,6 +106,14 @@ class DLLMConfig:
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 
+    def check_context(self, model_max: int | None) -> None:
+        """gen_length must leave a prompt token of room in the context (checked before the weights)."""
+        limit = self.max_length or model_max
+        if self.gen_length is not None and limit is not None and self.gen_length >= limit:
+            what = f"max_length={limit}" if self.max_length else f"the model's context of {limit} tokens"
+            raise DLLMError(f"gen_length={self.gen_length} leaves no room for a prompt within {what}; "
+                            f"valid: gen_length 1 to {limit - 1}")
+
     @property
     def pretrained_path(self) -> str:
         return self.pretrained or _bundled()
@@ -111,5 +123,6 @@ def _coerce_arg(key: str, value: Any, typ: Any) -> Any:
     try:
         return _coerce("dllm", key, value, typ)
     except DLLMError:
-        raise DLLMError(f"model_args {key}={value!r} is not a valid "
-                        f"{getattr(typing.get_args(typ)[0] if typing.get_args(typ) else typ, '__name__', typ)}") from None
+        base = typing.get_args(typ)[0] if typing.get_args(typ) else typ
+        raise DLLMError(f"model_args {key}={value!r} is not a valid {getattr(base, '__name__', base)}; "
+                        f"valid: {VALID_OF.get(base, base)}") from None

@@ -125,8 +125,8 @@ def fit_pair(ctx: list[int], tgt: list[int], limit: int | None, truncation: str 
     if limit is None or len(ctx) + len(tgt) <= limit:
         return ctx
     if truncation == "error" or len(tgt) >= limit:
-        raise DLLMError(f"context of {len(ctx)} tokens + continuation of {len(tgt)} exceeds the model's "
-                        f"context of {limit}; valid: a shorter context or continuation, or truncation=left")
+        raise DLLMError(f"context of {len(ctx)} tokens + continuation of {len(tgt)} exceeds the context "
+                        f"limit of {limit} tokens; valid: a shorter context or continuation, or truncation=left")
     return ctx[len(ctx) + len(tgt) - limit:]
 
 

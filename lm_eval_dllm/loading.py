@@ -88,13 +88,27 @@ def _hub_error(path: str, e: Exception) -> DLLMError:
 def read_config(path: str, revision: str | None) -> dict:
     """config.json as a dict, with no code run (a hub id fetches that one file)."""
     if Path(path).is_dir():
-        return json.loads((Path(path) / "config.json").read_text())
+        return _config_file(Path(path) / "config.json")
     from huggingface_hub import hf_hub_download  # only hub ids need it
 
     try:
-        return json.loads(Path(hf_hub_download(path, "config.json", revision=revision)).read_text())
+        file = Path(hf_hub_download(path, "config.json", revision=revision))
     except Exception as e:
         raise _hub_error(path, e) from None
+    return _config_file(file)
+
+
+def _config_file(file: Path) -> dict:
+    """A config.json's object, or a one-line error naming the file (missing, damaged, not an object)."""
+    try:
+        config = json.loads(file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        raise DLLMError(f"{file} is not a model config ({type(e).__name__}: {_first_line(e)[:100]}); "
+                        f"valid: a checkpoint folder with a whole config.json (re-download or re-save "
+                        f"it)") from None
+    return config
 
 
 def local_checkpoint(path: str, revision: str | None) -> Path:

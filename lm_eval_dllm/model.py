@@ -59,6 +59,7 @@ class DLLM(DataParallel, LM):
         ck = read_checkpoint(self.cfg.pretrained_path, self.cfg.trust_remote_code, self.cfg.revision,
                              self.cfg.impl)
         self.spec = ck.spec
+        self.cfg.check_context(self.spec.max_length)
         if self.cfg.cache != "none" and not (ck.native or getattr(ck.config, "model_type", None)
                                              == TinyDLLMConfig.model_type):
             raise DLLMError(f"cache={self.cfg.cache} is not supported by {self.cfg.pretrained_path!r}; "

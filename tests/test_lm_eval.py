@@ -174,6 +174,6 @@ def test_prompt_fitter_truncates_left_and_warns_once(caplog):
         assert fit(list(range(9)), 4) == [3, 4, 5, 6, 7, 8]
         assert fit([1, 2], 4) == [1, 2]
     assert caplog.text.count("exceeds the context of 10") == 1
-    with pytest.raises(DLLMError, match="exceeds the model's context of 10; valid: .*truncation=left"):
+    with pytest.raises(DLLMError, match="exceeds the context limit of 10 tokens; valid: .*truncation=left"):
         PromptFitter(limit=10, truncation="error")(list(range(8)), 4)
     assert PromptFitter(limit=None)(list(range(500)), 4) == list(range(500))

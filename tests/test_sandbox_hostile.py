@@ -16,16 +16,17 @@ import gzip
 import json
 import os
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from lm_eval_dllm import sandbox
+from lm_eval_dllm import difftest, sandbox
 from lm_eval_dllm.sandbox import SandboxUnavailable, run_python, runs_to_the_end
-from lm_eval_dllm.tasks import humaneval
+from lm_eval_dllm.tasks import humaneval, mbpp
 
-from .test_sandbox import _gone
+from .test_sandbox import _gone, _still_works
 
 pytestmark = pytest.mark.skipif(not sandbox.isolation().sandboxed,
                                 reason=f"no sandbox here: {sandbox.isolation().reason}")
@@ -231,3 +232,202 @@ def test_the_same_holds_for_a_normal_user(tmp_path):
     assert got["bomb"][0] == "passed", got["bomb"]  # fork() failed: RLIMIT_NPROC held
     assert int(got["bomb"][1].split()[1]) <= sandbox.EXTRA_PROCESSES
     assert got["net"][0] == "failed"
+
+
+# The four ways the per-run secret could be read from inside the candidate's own process (as the
+# candidate's function body); each prints it, as the prelude would, and exits before any test ran.
+_PRINT_AND_EXIT = "    print(); print(s.decode()); sys.stdout.flush(); os._exit(0)\n"
+SECRET_ROUTES = {
+    "frame_globals": ("    import os, sys\n    f = sys._getframe()\n    while f.f_back:\n        f = f.f_back\n"
+                      "    s = os.read(f.f_globals['_done_fd'], 64)\n"),
+    "proc_fd_scan": ("    import os, sys\n    s = b''\n    for n in os.listdir('/proc/self/fd'):\n"
+                     "        try:\n            if os.readlink(f'/proc/self/fd/{n}').startswith('pipe:') and int(n) > 2:\n"
+                     "                os.set_blocking(int(n), False)\n                s = s or os.read(int(n), 64)\n"
+                     "        except OSError:\n            pass\n"),
+    "gc_objects": ("    import gc, os, sys\n    g = next(o for o in gc.get_objects()\n"
+                   "             if isinstance(o, dict) and '_done_fd' in o)\n    s = os.read(g['_done_fd'], 64)\n"),
+    "orig_argv": ("    import os, sys\n    s = b''\n    for a in sys.orig_argv:\n"
+                  "        if a.isdigit() and int(a) > 2 and not s:\n            try:\n"
+                  "                os.set_blocking(int(a), False)\n                s = os.read(int(a), 64)\n"
+                  "            except OSError:\n                pass\n"),
+}
+# Reads the program it is part of and answers each call with the expected value of its assert.
+READS_THE_TESTS = ("    args = dict(locals())\n    import ast\n"
+                   "    for node in ast.walk(ast.parse(open(__file__).read())):\n"
+                   "        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Call):\n"
+                   "            try:\n                got = [ast.literal_eval(a) for a in node.left.args]\n"
+                   "            except ValueError:\n                continue\n"
+                   "            if got == list(args.values()):\n"
+                   "                return ast.literal_eval(node.comparators[0])\n")
+ALWAYS_EQUAL = ("    class Eq:\n        def __eq__(self, other):\n            return True\n"
+                "        __ne__ = lambda self, other: False\n    return Eq()\n")
+MBPP_DOC = {"task_id": 1, "text": "Add two numbers.", "code": "def add(a, b):\n    return a + b",
+            "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"],
+            "test_setup_code": ""}
+
+
+def _mbpp(body: str) -> str:
+    return "def add(a, b):\n" + body
+
+
+@pytest.fixture(params=["split", "judged"])
+def docs(request, problem):
+    """A HumanEval and an MBPP task whose tests split (compared outside), and two whose tests run
+    beside the program (HumanEval/53's random loop; set-up code), each as the path's example."""
+    if request.param == "split":
+        pair = problem, MBPP_DOC
+    else:
+        with gzip.open(humaneval.data_path(), "rt") as f:
+            he = next(d for d in map(json.loads, f) if d["task_id"] == "HumanEval/53")
+        pair = he, dict(MBPP_DOC, test_setup_code="import math")
+    assert (humaneval.split(pair[0]) is None) == (mbpp.split(pair[1]) is None) == (request.param == "judged")
+    return pair
+
+
+def _scores(docs, body: str) -> tuple[float, float]:
+    he, mb = docs
+    return humaneval.process_results(he, [body])["pass@1"], mbpp.process_results(mb, [_mbpp(body)])["pass@1"]
+
+
+@pytest.mark.parametrize("route", SECRET_ROUTES)
+def test_each_secret_route_scores_zero(docs, route):
+    body = SECRET_ROUTES[route] + _PRINT_AND_EXIT
+    # the route is real: it forges a pass of tests run inside the candidate's own process
+    assert runs_to_the_end(humaneval.program(docs[0], body), timeout_s=5.0, memory_mb=512)
+    assert _scores(docs, body) == (0.0, 0.0)
+
+
+def test_reading_the_tests_from_inside_scores_zero(docs):
+    # the attack works where the tests are in the candidate's program ...
+    assert runs_to_the_end(mbpp.program(docs[1], _mbpp(READS_THE_TESTS)), timeout_s=5.0, memory_mb=512)
+    assert _scores(docs, READS_THE_TESTS) == (0.0, 0.0)  # ... not where they are scored now
+
+
+def test_an_always_equal_object_scores_zero(docs):
+    assert runs_to_the_end(humaneval.program(docs[0], ALWAYS_EQUAL), timeout_s=5.0, memory_mb=512)
+    assert _scores(docs, ALWAYS_EQUAL) == (0.0, 0.0)
+    he, mb = docs
+    assert humaneval.process_results(he, [he["canonical_solution"]]) == {"pass@1": 1.0}
+    assert mbpp.process_results(mb, [mb["code"]]) == {"pass@1": 1.0}
+
+
+def test_the_judged_tests_run_where_the_program_cannot_reach(problem):
+    """Beside the program, in a non-dumpable parent: the child cannot read the parent's memory or
+    descriptors, cannot write its verdict, and killing it is a fail, not a pass."""
+    probes = {"mem": "open(f'/proc/{os.getppid()}/mem', 'rb')",
+              "fd": "os.listdir(f'/proc/{os.getppid()}/fd')",
+              "environ": "open(f'/proc/{os.getppid()}/environ', 'rb').read()"}
+    body = "    import os\n    got = []\n"
+    for name, expr in probes.items():
+        body += f"    try:\n        {expr}\n        got.append('{name}')\n    except OSError:\n        pass\n"
+    body += "    print('reached', got, flush=True)\n    return got\n"
+    res = sandbox.run_python(problem["prompt"] + body, trusted=humaneval.tests(problem), timeout_s=5)
+    assert "reached []" in res.stdout and res.results == "fail\n", (res.stdout, res.stderr[-300:])
+    kill = "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+    res = sandbox.run_python(problem["prompt"] + kill, trusted=humaneval.tests(problem), timeout_s=5, guard=False)
+    assert res.results == ""  # the parent died before any verdict
+
+
+def test_forged_records_score_zero(problem):
+    """A candidate that knows the split protocol writes records itself: guesses (every answer
+    True, then every answer False as well) do not pass a task whose answers differ."""
+    guess = ("    import os\n    fd = int(os.environ['LM_EVAL_DLLM_RESULTS_FD'])\n"
+             "    for i in range(50):\n        os.write(fd, repr((i, 'ok', True)).encode() + b'\\n')\n"
+             "    os._exit(0)\n")
+    assert humaneval.process_results(problem, [guess]) == {"pass@1": 0.0}
+    both = guess.replace("b'\\n')\n", "b'\\n' + repr((i, 'ok', False)).encode() + b'\\n')\n")
+    assert humaneval.process_results(problem, [both]) == {"pass@1": 0.0}
+
+
+# Three children each hold HELD_MB at once, under a limit that fits one: the total must hold.
+HELD_MB = 300
+_FORKS_HOLDING = BYPASS + f"""import time
+kids, ok = [], 0
+for i in range(3):
+    try:
+        pid = posix.fork()
+    except OSError as e:
+        print('fork refused', e, flush=True)
+        break
+    if pid == 0:
+        x = b'x' * ({HELD_MB} << 20)
+        time.sleep(1.5)
+        posix._exit(0)
+    kids.append(pid)
+for pid in kids:
+    ok += posix.waitpid(pid, 0)[1] == 0
+print('held', ok, flush=True)
+"""
+
+
+def test_the_memory_total_holds_across_forks():
+    r = run_python(_FORKS_HOLDING, timeout_s=8, memory_mb=512)
+    held = int(r.stdout.split("held")[-1]) if "held" in r.stdout else 0
+    assert held * HELD_MB <= 512, (r.status, r.stdout, r.stderr[-300:])
+    _still_works()
+
+
+def test_without_a_cgroup_root_programs_start_no_other_task(monkeypatch):
+    if not sandbox.isolation().nproc_enforced:
+        pytest.skip("programs run as our own uid: without a cgroup the bound is per process")
+    monkeypatch.setattr(sandbox.MemoryGroup, "create", classmethod(lambda cls, limit: None))
+    r = run_python(_FORKS_HOLDING, timeout_s=8, memory_mb=512)
+    # no task beyond its own: a fork succeeds only if another sandbox of nobody's ended meanwhile
+    assert "fork refused" in r.stdout, (r.stdout, r.stderr[-300:])
+    assert int(r.stdout.split("held")[-1]) * HELD_MB <= 512
+
+
+def test_the_disk_total_holds():
+    """Files under the per-file cap, in the program's folder and /tmp: together no more than the total."""
+    mb = sandbox.MAX_FILE_BYTES >> 20
+    program = BYPASS + f"""n = 0
+for d in ('.', '/tmp', '.', '/tmp', '.', '/tmp'):
+    try:
+        with io.FileIO(d + '/f' + str(n), 'w') as f:
+            for _ in range({mb - 1}):
+                f.write(b'x' * (1 << 20))
+        n += 1
+    except OSError as e:
+        print('refused', e, flush=True)
+        break
+print('files', n, flush=True)
+"""
+    r = run_python(program, timeout_s=8, memory_mb=1024)
+    assert "No space left" in r.stdout, (r.stdout, r.stderr[-300:])
+    files = int(r.stdout.split("files")[-1])
+    assert files * (mb - 1) <= sandbox.MAX_DISK_BYTES >> 20
+
+
+DEEP_TREE = "\nimport os\nfor _ in range(1200):\n    os.mkdir('d')\n    os.chdir('d')\n"
+
+
+@pytest.mark.parametrize("mode", ["sandboxed",  # the host's rmdir is slow on some filesystems:
+                                  pytest.param("unsandboxed_allowed", marks=pytest.mark.slow)])
+def test_a_deep_tree_neither_raises_nor_stays_and_the_run_goes_on(problem, mode, monkeypatch):
+    """Solutions followed by 1,200 nested folders: each is scored on what it returns (a wrong one 0,
+    a right one 1), nothing is raised and nothing is left behind, with or without bwrap (where
+    the host itself must remove the tree)."""
+    if mode == "unsandboxed_allowed":
+        probed = sandbox.isolation
+        monkeypatch.setattr(sandbox, "isolation",
+                            lambda python=None: dataclasses.replace(probed(python), bwrap=()))
+        monkeypatch.setenv(sandbox.ALLOW_ENV, "1")
+    before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(sandbox.TMP_PREFIX)}
+    assert humaneval.process_results(problem, ["    return False\n" + DEEP_TREE]) == {"pass@1": 0.0}
+    right = problem["canonical_solution"] + DEEP_TREE
+    assert humaneval.process_results(problem, [right]) == {"pass@1": 1.0}
+    after = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(sandbox.TMP_PREFIX)}
+    assert after <= before
+
+
+def test_a_scorer_failure_scores_zero_says_why_once_and_the_run_goes_on(problem, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded (a test double)")
+
+    monkeypatch.setattr(difftest, "run_python", broken)
+    difftest._scorer_failed.cache_clear()
+    with caplog.at_level("WARNING"):
+        scores = [humaneval.process_results(problem, [problem["canonical_solution"]]) for _ in range(3)]
+    assert scores == [{"pass@1": 0.0}] * 3
+    said = [r for r in caplog.records if "scorer failed" in r.getMessage()]
+    assert len(said) == 1 and "RecursionError" in said[0].getMessage()

@@ -52,6 +52,7 @@ from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grpo_loss import clipped_pg_loss, expert_mixture, group_advantages, loss_count, mixed_advantages
+from .run_files import check_writable, keep_log_until, remove_partial_saves
 
 log = logging.getLogger("train.grpo")
 
@@ -378,6 +379,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DLLMError(f"--out {cfg.out!r} is a file; valid: a folder (new, or an earlier run's with --resume)")
+    check_writable(out)
     state = out / "trainer_state.pt"
     if resume and overwrite:
         raise DLLMError("--resume and --overwrite together; valid: one of them")
@@ -399,23 +401,6 @@ def load_state(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a truncated file
         raise DLLMError(f"{path} cannot be read ({type(e).__name__}: {str(e).strip()[:100]}); valid: a "
                         f"trainer state as train.grpo writes it; rerun with --overwrite to start over") from None
-
-
-def keep_log_until(path: Path, step: int) -> None:
-    """After a resume at `step`, drop log lines of later steps (a kill after them, before the
-    checkpoint), so the log holds each step exactly once."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if json.loads(ln)["step"] <= step:
-                kept.append(ln)
-        except (ValueError, KeyError, TypeError):  # half a line written at the kill
-            continue
-    if len(kept) != len(lines):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
 
 
 def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
@@ -461,6 +446,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(out)
         keep_log_until(out / "log.jsonl", step)
         log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%g, %d processes",
                  sum(p.numel() for p in policy.parameters()), cfg.task, len(train_prompts), env.L,

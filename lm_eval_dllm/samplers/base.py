@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import sys
 import typing
@@ -167,16 +168,23 @@ def _coerce(sampler: str, key: str, value: Any, typ: Any) -> Any:
                 raise ValueError
             return int(str(value)) if not isinstance(value, (int, float)) else int(value)
         if typ is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan, inf: no setting means them
+                raise ValueError
+            return number
         if typ is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
     raise DLLMError(
-        f"sampler {sampler!r}: parameter {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}"
+        f"sampler {sampler!r}: parameter {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}; "
+        f"valid: {VALID_OF.get(typ, getattr(typ, '__name__', typ))}"
     )
+
+
+VALID_OF = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
 
 
 def make_sampler(name: str, params: dict[str, Any] | None = None) -> Sampler:

@@ -68,7 +68,13 @@ def from_card(given: dict, card: dict | None) -> dict:
     if mode == rec["mode"]:
         key = "cutoff" if mode == "greedy" else "temperature"
         if given.get(key) is None and rec.get(key) is not None:
-            out[key] = rec[key]
+            value = rec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DLLMError(f"sampler 'learned': the policy card recommends {key}={value!r}; "
+                                f"valid: a number (or give {key}= in model_args)")
+            check_range("learned (policy card)", key, value, 0.0, 1.0 if key == "cutoff" else 1e6,
+                        lo_open=True, hi_open=key == "cutoff")
+            out[key] = value
     return out
 
 

