@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..utils import DLLMError
-from . import bundled, dream, llada
+from . import bundled, dream, llada, llada_moe
 from .family import Family, TinyFacts
 from .transformer import ArchConfig, NativeDLLM
 
@@ -36,6 +36,7 @@ def register_family(family: Family) -> Family:
 register_family(bundled.FAMILY)
 register_family(llada.FAMILY)
 register_family(dream.FAMILY)
+register_family(llada_moe.FAMILY)
 
 
 def family_of(model_type) -> Family | None:

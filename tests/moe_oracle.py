@@ -1,0 +1,132 @@
+"""Native LLaDA-MoE / LLaDA2.x against the official inclusionAI code, one family per process.
+
+    python -m tests.moe_oracle llada_moe /tmp/oracle      # prints a JSON report
+
+Builds a tiny random checkpoint (`lm_eval_dllm.testing`), imports the official modeling file from
+../shared/reference as a package, builds its model from the same config.json and loads the same
+safetensors into it by name (every official weight must be present), then compares logits. The
+official files were written for transformers 4; under transformers 5 three things they import are
+gone, which this helper supplies in-process (test code only, never in the package):
+`transformers.modeling_attn_mask_utils` (a non-causal 2-D -> 4-D additive mask, as its
+AttentionMaskConverter(is_causal=False).to_4d made), `ROPE_INIT_FUNCTIONS["default"]` (plain RoPE
+over int(head_dim * partial_rotary_factor) dims) and `is_torch_fx_available`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import torch
+import transformers.modeling_rope_utils as rope_utils
+import transformers.utils.import_utils as import_utils
+from safetensors.torch import load_file
+
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.testing import build_tiny_checkpoint
+
+from .native_oracle import REFERENCE, max_diff
+
+# family -> (reference folder, config module, modeling module, class)
+CODE = {
+    "llada_moe": ("llada-moe", "configuration_lladamoe", "modeling_lladamoe", "LLaDAMoEModelLM"),
+}
+LOGIT_SCALE = 3.0  # random logits are near-uniform: keep argmax / confidence order off ties
+
+
+def _to_4d(mask_2d: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K) 1/0 -> (B, 1, Q, K) additive: 0 on real keys, the dtype's minimum on padding."""
+    m = mask_2d[:, None, None, :].expand(-1, 1, query_length, -1).bool()
+    return torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)
+
+
+def _default_rope(config, device=None, **_):
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    dim = int(head_dim * (factor if factor > 0 else 1.0))
+    inv = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return inv, 1.0
+
+
+def install_shims() -> None:
+    mod = types.ModuleType("transformers.modeling_attn_mask_utils")
+
+    class AttentionMaskConverter:
+        def __init__(self, is_causal: bool):
+            assert not is_causal
+
+        def to_4d(self, attention_mask_2d, query_length, dtype, **_):
+            return _to_4d(attention_mask_2d, query_length, dtype)
+
+    def _unused(*a, **k):
+        raise NotImplementedError("the oracle always passes a 4-D mask")
+
+    mod.AttentionMaskConverter = AttentionMaskConverter
+    mod._prepare_4d_causal_attention_mask = mod._prepare_4d_causal_attention_mask_for_sdpa = _unused
+    sys.modules[mod.__name__] = mod
+    rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", _default_rope)
+    if not hasattr(import_utils, "is_torch_fx_available"):
+        import_utils.is_torch_fx_available = lambda: False
+
+
+def official_model(family: str, ck: Path, work: Path):
+    """The official class built from ck's config.json with ck's weights (strict: all present)."""
+    folder, conf_mod, model_mod, cls = CODE[family]
+    pkg = work / f"official_{family}"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    for name in (conf_mod, model_mod):
+        shutil.copy(REFERENCE / folder / f"{name}.py", pkg / f"{name}.py")
+    sys.path.insert(0, str(work))
+    install_shims()
+    conf = importlib.import_module(f"{pkg.name}.{conf_mod}")
+    modeling = importlib.import_module(f"{pkg.name}.{model_mod}")
+    config_cls = next(v for v in vars(conf).values() if isinstance(v, type) and v.__module__ == conf.__name__)
+    config = config_cls(**json.loads((ck / "config.json").read_text()))
+    config._attn_implementation = "sdpa"
+    model = getattr(modeling, cls)(config).float().eval()
+    missing, unexpected = model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
+    assert not unexpected, unexpected
+    assert not [k for k in missing if "inv_freq" not in k], missing  # every weight has our name
+    return model
+
+
+def logits_report(family: str, out: Path) -> dict:
+    ck = build_tiny_checkpoint(out / family, family, d_model=32, n_heads=4, n_kv_heads=4,
+                               n_layers=2, logit_scale=LOGIT_SCALE)
+    native, _, spec = load(str(ck), dtype="float32", device="cpu")
+    official = official_model(family, ck, out)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.mask_id + 1, (3, 12), generator=g)  # (B, T), the mask id included
+    ones = torch.ones_like(ids)
+    attn = ones.clone()
+    attn[1, :3], attn[2, :6] = 0, 0  # left padding
+    ids_p = ids.masked_fill(attn == 0, spec.pad_id)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    real = attn.bool()
+    with torch.no_grad():
+        alone = native(ids_p[2:, 6:])[0][0]
+        nat, _ = native(ids, ones)
+        off = official(input_ids=ids).logits.float()
+        nat_p, _ = native(ids_p, attn)
+        off_p = official(input_ids=ids_p, attention_mask=attn, position_ids=pos).logits.float()
+    return {"official_class": type(official).__name__, "native_class": type(native).__name__,
+            "unpadded": max_diff(nat, off), "max_abs_logit": float(off.abs().max()),
+            "padded": max_diff(nat_p[real], off_p[real]),
+            "native_padded_vs_alone": max_diff(nat_p[2, 6:], alone),
+            "distinct_argmax": int(off.argmax(-1).unique().numel())}
+
+
+def main(argv=None) -> None:
+    args = argv or sys.argv[1:]
+    family, out = args[0], Path(args[-1])
+    torch.set_num_threads(1)
+    print(json.dumps({"logits": logits_report(family, out)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Native LLaDA-MoE and LLaDA2.x against the official inclusionAI code (../shared/reference,
+skipped where it is absent), one subprocess per family (`tests/moe_oracle.py` says how)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .native_oracle import REFERENCE
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def oracle(tmp_path, *args) -> dict:
+    r = subprocess.run([sys.executable, "-m", "tests.moe_oracle", *args, str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bound(rep: dict) -> float:
+    """fp32 rounding of logits of this magnitude through a few layers, and never above 1e-4."""
+    return min(1e-4, 16 * EPS32 * rep["max_abs_logit"])
+
+
+@pytest.mark.skipif(not (REFERENCE / "llada-moe" / "modeling_lladamoe.py").exists(),
+                    reason=f"no official LLaDA-MoE code at {REFERENCE}")
+def test_native_llada_moe_logits_equal_the_official_code(tmp_path):
+    rep = oracle(tmp_path, "llada_moe")["logits"]
+    assert (rep["native_class"], rep["official_class"]) == ("NativeDLLM", "LLaDAMoEModelLM")
+    assert rep["distinct_argmax"] > 10  # scaled output layer: decisions are not near ties
+    assert rep["unpadded"] <= bound(rep)
+    assert rep["padded"] <= bound(rep)  # it honours a 2-D mask plus position ids
+    assert rep["native_padded_vs_alone"] <= bound(rep)  # a left-padded row = the row alone
