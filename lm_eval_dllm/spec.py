@@ -32,6 +32,8 @@ class FamilySpec:
     # generation code builds them, instead of a 2-D attention mask (Dream)
     mask_4d: bool = False
     cache: bool = False  # the loaded implementation supports cache=prefix / dual
+    # block diffusion (LLaDA2): block-diagonal-causal attention, blocks aligned to absolute positions
+    block_causal: bool = False
 
 
 def _ids(v) -> list[int]:
@@ -77,6 +79,7 @@ def spec_from(config, tokenizer, name: str = "", remote: bool = False) -> Family
         pad_id=int(pad),
         shifted=fam.shifted,
         mask_4d=fam.mask_4d,
+        block_causal=fam.block_causal,
         cache=fam.cache and not (remote and fam.native),
         suppress_ids=(int(mask_id),),
         max_length=max_len,

@@ -34,7 +34,9 @@ from .native_oracle import REFERENCE, max_diff
 # family -> (reference folder, config module, modeling module, class)
 CODE = {
     "llada_moe": ("llada-moe", "configuration_lladamoe", "modeling_lladamoe", "LLaDAMoEModelLM"),
+    "llada2": ("llada2", "configuration_llada2_moe", "modeling_llada2_moe", "LLaDA2MoeModelLM"),
 }
+BLOCK = 4  # attention block of the block-causal families in the logits comparison
 LOGIT_SCALE = 3.0  # random logits are near-uniform: keep argmax / confidence order off ties
 
 
@@ -108,17 +110,27 @@ def logits_report(family: str, out: Path) -> dict:
     ids_p = ids.masked_fill(attn == 0, spec.pad_id)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     real = attn.bool()
+    blk = BLOCK if spec.block_causal else 0
+    # what the official code is given: a 2-D mask, or (block diffusion) the 4-D bool mask its
+    # generate() builds, padded keys masked too
+    if blk:
+        causal = (pos // blk)[:, None, None, :] <= (pos // blk)[:, None, :, None]  # (B, 1, T, T)
+        mask_p, mask = causal & real[:, None, None, :], causal[:1].expand(len(ids), -1, -1, -1)
+    else:
+        mask_p, mask = attn, None
     with torch.no_grad():
-        alone = native(ids_p[2:, 6:])[0][0]
-        nat, _ = native(ids, ones)
-        off = official(input_ids=ids).logits.float()
-        nat_p, _ = native(ids_p, attn)
-        off_p = official(input_ids=ids_p, attention_mask=attn, position_ids=pos).logits.float()
+        alone = native(ids_p[2:, 6:], block=blk)[0][0]
+        nat, _ = native(ids, ones, block=blk)
+        off = official(input_ids=ids, attention_mask=mask).logits.float()
+        full = native(ids, ones)[0]  # no block mask: what block-causal attention changes
+        nat_p, _ = native(ids_p, attn, block=blk)
+        off_p = official(input_ids=ids_p, attention_mask=mask_p, position_ids=pos).logits.float()
     return {"official_class": type(official).__name__, "native_class": type(native).__name__,
             "unpadded": max_diff(nat, off), "max_abs_logit": float(off.abs().max()),
             "padded": max_diff(nat_p[real], off_p[real]),
             "native_padded_vs_alone": max_diff(nat_p[2, 6:], alone),
-            "distinct_argmax": int(off.argmax(-1).unique().numel())}
+            "distinct_argmax": int(off.argmax(-1).unique().numel()),
+            "block_mask_changes_logits": max_diff(full, off) if blk else None}
 
 
 def main(argv=None) -> None:

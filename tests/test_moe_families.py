@@ -36,3 +36,15 @@ def test_native_llada_moe_logits_equal_the_official_code(tmp_path):
     assert rep["unpadded"] <= bound(rep)
     assert rep["padded"] <= bound(rep)  # it honours a 2-D mask plus position ids
     assert rep["native_padded_vs_alone"] <= bound(rep)  # a left-padded row = the row alone
+
+
+@pytest.mark.skipif(not (REFERENCE / "llada2" / "modeling_llada2_moe.py").exists(),
+                    reason=f"no official LLaDA2 code at {REFERENCE}")
+def test_native_llada2_logits_equal_the_official_code_under_its_block_mask(tmp_path):
+    rep = oracle(tmp_path, "llada2")["logits"]
+    assert (rep["native_class"], rep["official_class"]) == ("NativeDLLM", "LLaDA2MoeModelLM")
+    assert rep["distinct_argmax"] > 10
+    assert rep["block_mask_changes_logits"] > 1.0  # the comparison would see a missing block mask
+    assert rep["unpadded"] <= bound(rep)
+    assert rep["padded"] <= bound(rep)  # its 4-D mask with padded keys, and position ids
+    assert rep["native_padded_vs_alone"] <= bound(rep)

@@ -41,6 +41,9 @@ class Family:
     # code builds them, instead of a 2-D attention mask (Dream)
     mask_4d: bool = False
     cache: bool = False  # its implementation here runs a span with reused keys/values (prefix, dual)
+    # block diffusion (LLaDA2): attention is block-diagonal-causal over blocks of the decode's block
+    # size aligned to absolute positions; the decode loop aligns its blocks the same way
+    block_causal: bool = False
     # native families: config.json -> ArchConfig, and our parameter name -> the official one
     arch_config: Callable[[dict], ArchConfig] | None = None
     official_names: Callable[[ArchConfig], dict[str, str]] | None = None

@@ -55,8 +55,16 @@ def arch_config(cfg: dict) -> ArchConfig:
 
 
 def _mlp_names(ours: str, theirs: str) -> dict[str, str]:
-    return {f"{ours}.{a}.weight": f"{theirs}.{b}_proj.weight"
-            for a, b in (("gate", "gate"), ("up", "up"), ("down", "down"))}
+    return {f"{ours}.{a}.weight": f"{theirs}.{a}_proj.weight" for a in ("gate", "up", "down")}
+
+
+def expert_names(c: ArchConfig, o: str, t: str, shared: str) -> dict[str, str]:
+    """Layer o's (ours) / t's (theirs) dense MLP, experts and shared expert (at t.`shared`), named
+    as the OLMoE-style files of LLaDA-MoE and LLaDA2 name them."""
+    names = _mlp_names(o, f"{t}.mlp") | _mlp_names(f"{o}.moe.shared", f"{t}.{shared}")
+    for e in range(c.moe.n_experts if c.moe else 0):
+        names |= _mlp_names(f"{o}.moe.experts.{e}", f"{t}.mlp.experts.{e}")
+    return names
 
 
 def official_names(c: ArchConfig) -> dict[str, str]:
@@ -71,12 +79,9 @@ def official_names(c: ArchConfig) -> dict[str, str]:
                   f"{o}.k_norm.weight": f"{t}.self_attn.k_norm.weight"}
         names |= {f"{o}.{a}.weight": f"{t}.self_attn.{a}_proj.weight" for a in "qkv"}
         names[f"{o}.o.weight"] = f"{t}.self_attn.o_proj.weight"
-        names |= _mlp_names(o, f"{t}.mlp")  # dense layers
         names |= {f"{o}.moe.router.weight": f"{t}.mlp.gate.weight",
                   f"{o}.moe.expert_bias": f"{t}.mlp.expert_bias"}
-        names |= _mlp_names(f"{o}.moe.shared", f"{t}.shared_expert")
-        for e in range(c.moe.n_experts if c.moe else 0):
-            names |= _mlp_names(f"{o}.moe.experts.{e}", f"{t}.mlp.experts.{e}")
+        names |= expert_names(c, o, t, shared="shared_expert")
     return names
 
 

@@ -255,16 +255,25 @@ class NativeDLLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, past_kv: list[KV] | None = None,
-                return_kv: bool = False) -> tuple[torch.Tensor, list[KV] | None]:
+                return_kv: bool = False, block: int = 0) -> tuple[torch.Tensor, list[KV] | None]:
         """ids, positions (B, T); attn (B, Tpast + T), 1 for real keys, 0 for padding.
+        block > 0: block-diagonal-causal attention (LLaDA2), a span position sees the span's keys
+        of its own and earlier blocks of `block` positions (counted from position 0), and every
+        real past key (a cache hands in finished earlier blocks only).
         Returns logits (B, T, V) and, with return_kv, each layer's (keys, values) of the span."""
         c = self.config
         if positions is None:  # counted from each row's first real token: left padding is harmless
             positions = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:] if attn is not None \
                 else torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-        key_mask = None  # (B, 1, 1, Tk) bool; None lets SDPA take its fastest kernel
+        key_mask = None  # (B, 1, 1 or T, Tk) bool; None lets SDPA take its fastest kernel
         if attn is not None and not bool(attn.all()):
             key_mask = attn.bool()[:, None, None, :]
+        if block:
+            n_past = past_kv[0][0].shape[2] if past_kv else 0
+            blk = positions // block  # (B, T)
+            own = blk[:, None, None, :] <= blk[:, None, :, None]  # (B, 1, T, T) key block <= query's
+            within = torch.cat([own.new_ones(own.shape[:3] + (n_past,)), own], dim=-1)  # (B, 1, T, Tk)
+            key_mask = within if key_mask is None else within & key_mask
         cos, sin = rope_tables(positions, c.rope_dim, c.rope_theta)
         x = self.embed(ids)  # (B, T, D)
         if c.emb_scale != 1.0:
