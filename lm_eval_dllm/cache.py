@@ -97,18 +97,25 @@ class FullForward:
 
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.forward = forward
+        self.block = 0  # > 0: block-diagonal-causal attention over blocks of this size (LLaDA2)
 
     def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return self.forward(ids, attn)
+
+    def attend_blocks(self, size: int) -> None:
+        """This decode's blocks are the attention's blocks (a block-diffusion family)."""
+        self.block = size
 
     def start_block(self, lo: int, hi: int) -> None:
         pass
 
     def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.block:
+            return self.forward(ids, attn, block=self.block), 0
         return self.forward(ids, attn), 0
 
     def release(self) -> None:
-        pass
+        self.block = 0
 
 
 class CachedForward:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -26,7 +25,9 @@ import transformers.modeling_rope_utils as rope_utils
 import transformers.utils.import_utils as import_utils
 from safetensors.torch import load_file
 
+from lm_eval_dllm.decode import diffuse, model_forward
 from lm_eval_dllm.loading import load
+from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.testing import build_tiny_checkpoint
 
 from .native_oracle import REFERENCE, max_diff
@@ -36,6 +37,9 @@ CODE = {
     "llada_moe": ("llada-moe", "configuration_lladamoe", "modeling_lladamoe", "LLaDAMoEModelLM"),
     "llada2": ("llada2", "configuration_llada2_moe", "modeling_llada2_moe", "LLaDA2MoeModelLM"),
 }
+# generate() builds its block mask (0 / -inf) in bfloat16, which SDPA refuses next to float32
+# queries: the same values in the model's dtype
+EDITS = {"modeling_llada2_moe": [(".log()\n            .to(torch.bfloat16)", ".log()\n            .to(self.dtype)")]}
 BLOCK = 4  # attention block of the block-causal families in the logits comparison
 LOGIT_SCALE = 3.0  # random logits are near-uniform: keep argmax / confidence order off ties
 
@@ -82,7 +86,11 @@ def official_model(family: str, ck: Path, work: Path):
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
     for name in (conf_mod, model_mod):
-        shutil.copy(REFERENCE / folder / f"{name}.py", pkg / f"{name}.py")
+        text = (REFERENCE / folder / f"{name}.py").read_text()
+        for old, new in EDITS.get(name, []):
+            assert text.count(old) == 1, f"edit does not apply to {name}"
+            text = text.replace(old, new)
+        (pkg / f"{name}.py").write_text(text)
     sys.path.insert(0, str(work))
     install_shims()
     conf = importlib.import_module(f"{pkg.name}.{conf_mod}")
@@ -133,11 +141,54 @@ def logits_report(family: str, out: Path) -> dict:
             "block_mask_changes_logits": max_diff(full, off) if blk else None}
 
 
+PROMPTS = ["Q: 1+2*3\nA: ", "hello", "Q: 9-8*7+6-5\nA: ", "x", "a longer prompt, with more text",
+           "Q: 0\nA: ", "abc", "Q: 5+5+5+5\nA: "]  # lengths differ mod every block length
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
+    """Official generate() at batch 1 vs our threshold sampler at batch 1, for block lengths 8 and
+    32 and two thresholds (steps = block length, its default pairing), on 4 prompts; and for one
+    setting our batch of 8 vs each row alone."""
+    ck = out / family
+    native, tok, spec = load(str(ck), dtype="float32", device="cpu")
+    official = official_model(family, ck, out)
+    fwd = model_forward(native, spec)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    eos = spec.stop_ids[0]
+    rep = {}
+    for block in (8, 32):
+        for tau in (0.95, 0.6):
+            sampler = make_sampler("threshold", {"tau": tau})
+            same, nfe = [], []
+            for i, p in enumerate(prompts[:4]):
+                want = official.generate(torch.tensor([p]), block_length=block, steps=block,
+                                         gen_length=gen_length, threshold=tau, eos_id=eos,
+                                         mask_id=spec.mask_id)[0].tolist()
+                one = diffuse(fwd, [p], spec, sampler, gen_length, block, seeds=[i])
+                same.append(until_eos(one.tokens[0].tolist(), eos) == want)
+                nfe.append(int(one.nfe[0]))
+            rep[f"B{block}_tau{tau}"] = {"equal_official": same, "mean_nfe": sum(nfe) / len(nfe)}
+    sampler = make_sampler("threshold", {"tau": 0.95})
+    batch = diffuse(fwd, prompts, spec, sampler, gen_length, 8, seeds=list(range(8)))
+    rep["batch8_equals_batch1"] = [
+        torch.equal(diffuse(fwd, [p], spec, sampler, gen_length, 8, seeds=[i]).tokens[0], batch.tokens[i])
+        for i, p in enumerate(prompts)]
+    rep["distinct_tokens"] = int(batch.tokens.unique().numel())
+    return rep
+
+
 def main(argv=None) -> None:
     args = argv or sys.argv[1:]
     family, out = args[0], Path(args[-1])
     torch.set_num_threads(1)
-    print(json.dumps({"logits": logits_report(family, out)}))
+    report = {"logits": logits_report(family, out)}
+    if "--generate" in args:
+        report["generate"] = generate_report(family, out)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,17 @@ def test_native_llada2_logits_equal_the_official_code_under_its_block_mask(tmp_p
     assert rep["unpadded"] <= bound(rep)
     assert rep["padded"] <= bound(rep)  # its 4-D mask with padded keys, and position ids
     assert rep["native_padded_vs_alone"] <= bound(rep)
+
+
+@pytest.mark.skipif(not (REFERENCE / "llada2" / "modeling_llada2_moe.py").exists(),
+                    reason=f"no official LLaDA2 code at {REFERENCE}")
+@pytest.mark.slow
+def test_llada2_threshold_decode_gives_the_tokens_of_its_official_generate(tmp_path):
+    """Blocks aligned to absolute positions (prompts of every length mod the block), threshold
+    with at least one commit per step = official generate(steps=block_length) at batch 1."""
+    rep = oracle(tmp_path, "llada2", "--generate")["generate"]
+    for setting in ("B8_tau0.95", "B8_tau0.6", "B32_tau0.95", "B32_tau0.6"):
+        assert all(rep[setting]["equal_official"]), (setting, rep[setting])
+    assert rep["B32_tau0.6"]["mean_nfe"] < rep["B32_tau0.95"]["mean_nfe"]  # thresholds differ
+    assert all(rep["batch8_equals_batch1"])  # per-row block offsets under left padding
+    assert rep["distinct_tokens"] > 20  # not a degenerate decode
