@@ -36,10 +36,15 @@ from .native_oracle import REFERENCE, max_diff
 CODE = {
     "llada_moe": ("llada-moe", "configuration_lladamoe", "modeling_lladamoe", "LLaDAMoEModelLM"),
     "llada2": ("llada2", "configuration_llada2_moe", "modeling_llada2_moe", "LLaDA2MoeModelLM"),
+    "llada21": ("llada2.1", "configuration_llada21_moe", "modeling_llada21_moe", "LLaDA2MoeModelLM"),
 }
 # generate() builds its block mask (0 / -inf) in bfloat16, which SDPA refuses next to float32
 # queries: the same values in the model's dtype
-EDITS = {"modeling_llada2_moe": [(".log()\n            .to(torch.bfloat16)", ".log()\n            .to(self.dtype)")]}
+BF16_MASK = [(".log()\n            .to(torch.bfloat16)", ".log()\n            .to(self.dtype)")]
+EDITS = {"modeling_llada2_moe": BF16_MASK, "modeling_llada21_moe": BF16_MASK}
+# official generate() settings beyond the shared ones: LLaDA2.1 with its token editing off (no
+# confidence exceeds 1.0), what the native decode reproduces
+GENERATE = {"llada2": {}, "llada21": {"editing_threshold": 1.0}}
 BLOCK = 4  # attention block of the block-causal families in the logits comparison
 LOGIT_SCALE = 3.0  # random logits are near-uniform: keep argmax / confidence order off ties
 
@@ -149,6 +154,10 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
+SETTINGS = {"llada2": [(8, 0.95), (8, 0.6), (32, 0.95), (32, 0.6)],  # (block length, threshold)
+            "llada21": [(8, 0.95), (32, 0.6)]}  # both block lengths, both thresholds, in half the time
+
+
 def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
     """Official generate() at batch 1 vs our threshold sampler at batch 1, for block lengths 8 and
     32 and two thresholds (steps = block length, its default pairing), on 4 prompts; and for one
@@ -160,18 +169,17 @@ def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     eos = spec.stop_ids[0]
     rep = {}
-    for block in (8, 32):
-        for tau in (0.95, 0.6):
-            sampler = make_sampler("threshold", {"tau": tau})
-            same, nfe = [], []
-            for i, p in enumerate(prompts[:4]):
-                want = official.generate(torch.tensor([p]), block_length=block, steps=block,
-                                         gen_length=gen_length, threshold=tau, eos_id=eos,
-                                         mask_id=spec.mask_id)[0].tolist()
-                one = diffuse(fwd, [p], spec, sampler, gen_length, block, seeds=[i])
-                same.append(until_eos(one.tokens[0].tolist(), eos) == want)
-                nfe.append(int(one.nfe[0]))
-            rep[f"B{block}_tau{tau}"] = {"equal_official": same, "mean_nfe": sum(nfe) / len(nfe)}
+    for block, tau in SETTINGS[family]:
+        sampler = make_sampler("threshold", {"tau": tau})
+        same, nfe = [], []
+        for i, p in enumerate(prompts[:4]):
+            want = official.generate(torch.tensor([p]), block_length=block, steps=block,
+                                     gen_length=gen_length, threshold=tau, eos_id=eos,
+                                     mask_id=spec.mask_id, **GENERATE[family])[0].tolist()
+            one = diffuse(fwd, [p], spec, sampler, gen_length, block, seeds=[i])
+            same.append(until_eos(one.tokens[0].tolist(), eos) == want)
+            nfe.append(int(one.nfe[0]))
+        rep[f"B{block}_tau{tau}"] = {"equal_official": same, "mean_nfe": sum(nfe) / len(nfe)}
     sampler = make_sampler("threshold", {"tau": 0.95})
     batch = diffuse(fwd, prompts, spec, sampler, gen_length, 8, seeds=list(range(8)))
     rep["batch8_equals_batch1"] = [

@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm_eval_dllm.config import DLLMConfig
+from lm_eval_dllm.decode import model_forward
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.testing import build_tiny_checkpoint
+from lm_eval_dllm.utils import DLLMError
+
 from .native_oracle import REFERENCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +44,11 @@ def test_native_llada_moe_logits_equal_the_official_code(tmp_path):
     assert rep["native_padded_vs_alone"] <= bound(rep)  # a left-padded row = the row alone
 
 
-@pytest.mark.skipif(not (REFERENCE / "llada2" / "modeling_llada2_moe.py").exists(),
-                    reason=f"no official LLaDA2 code at {REFERENCE}")
-def test_native_llada2_logits_equal_the_official_code_under_its_block_mask(tmp_path):
-    rep = oracle(tmp_path, "llada2")["logits"]
+@pytest.mark.skipif(not (REFERENCE / "llada2.1" / "modeling_llada21_moe.py").exists(),
+                    reason=f"no official LLaDA2 / 2.1 code at {REFERENCE}")
+@pytest.mark.parametrize("family", ["llada2", "llada21"])
+def test_native_llada2x_logits_equal_the_official_code_under_its_block_mask(family, tmp_path):
+    rep = oracle(tmp_path, family)["logits"]
     assert (rep["native_class"], rep["official_class"]) == ("NativeDLLM", "LLaDA2MoeModelLM")
     assert rep["distinct_argmax"] > 10
     assert rep["block_mask_changes_logits"] > 1.0  # the comparison would see a missing block mask
@@ -50,15 +57,33 @@ def test_native_llada2_logits_equal_the_official_code_under_its_block_mask(tmp_p
     assert rep["native_padded_vs_alone"] <= bound(rep)
 
 
-@pytest.mark.skipif(not (REFERENCE / "llada2" / "modeling_llada2_moe.py").exists(),
-                    reason=f"no official LLaDA2 code at {REFERENCE}")
+@pytest.mark.skipif(not (REFERENCE / "llada2.1" / "modeling_llada21_moe.py").exists(),
+                    reason=f"no official LLaDA2 / 2.1 code at {REFERENCE}")
 @pytest.mark.slow
-def test_llada2_threshold_decode_gives_the_tokens_of_its_official_generate(tmp_path):
+@pytest.mark.parametrize("family", ["llada2", "llada21"])
+def test_llada2x_threshold_decode_gives_the_tokens_of_its_official_generate(family, tmp_path):
     """Blocks aligned to absolute positions (prompts of every length mod the block), threshold
-    with at least one commit per step = official generate(steps=block_length) at batch 1."""
-    rep = oracle(tmp_path, "llada2", "--generate")["generate"]
-    for setting in ("B8_tau0.95", "B8_tau0.6", "B32_tau0.95", "B32_tau0.6"):
+    with at least one commit per step = official generate(steps=block_length) at batch 1
+    (LLaDA2.1: with its token editing off, which is not supported)."""
+    rep = oracle(tmp_path, family, "--generate")["generate"]
+    settings = [k for k in rep if k.startswith("B")]
+    assert {"B8_tau0.95", "B32_tau0.6"} <= set(settings)  # both block lengths, two thresholds
+    for setting in settings:
         assert all(rep[setting]["equal_official"]), (setting, rep[setting])
-    assert rep["B32_tau0.6"]["mean_nfe"] < rep["B32_tau0.95"]["mean_nfe"]  # thresholds differ
     assert all(rep["batch8_equals_batch1"])  # per-row block offsets under left padding
     assert rep["distinct_tokens"] > 20  # not a degenerate decode
+
+
+@pytest.mark.parametrize("key", ["editing_threshold", "max_post_steps"])
+def test_llada21_token_editing_is_refused_in_one_line(key):
+    with pytest.raises(DLLMError, match=f"^model_args {key}: LLaDA2.1's token editing is not "
+                                        f"supported .*; valid: leave {key} unset$"):
+        DLLMConfig.from_model_args({key: "0.9"})
+
+
+def test_block_causal_families_refuse_a_cache_before_decoding(tmp_path):
+    ck = build_tiny_checkpoint(tmp_path / "l2", "llada2", d_model=16, n_heads=2, n_kv_heads=2)
+    model, _, spec = load(str(ck), dtype="float32", device="cpu")
+    assert spec.block_causal and spec.family == "llada2"
+    with pytest.raises(DLLMError, match="cache=prefix is not supported by the llada2 family"):
+        model_forward(model, spec, cache="prefix")

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..utils import DLLMError
-from . import bundled, dream, llada, llada2, llada_moe
+from . import bundled, dream, llada, llada2, llada21, llada_moe
 from .family import Family, TinyFacts
 from .transformer import ArchConfig, NativeDLLM
 
@@ -38,6 +38,7 @@ register_family(llada.FAMILY)
 register_family(dream.FAMILY)
 register_family(llada_moe.FAMILY)
 register_family(llada2.FAMILY)
+register_family(llada21.FAMILY)
 
 
 def family_of(model_type) -> Family | None:

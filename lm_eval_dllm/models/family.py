@@ -10,7 +10,7 @@ docs/models.md ("Adding a family").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,8 @@ class Family:
     # block diffusion (LLaDA2): attention is block-diagonal-causal over blocks of the decode's block
     # size aligned to absolute positions; the decode loop aligns its blocks the same way
     block_causal: bool = False
+    # model_args of its official generation that the decode loop does not do: key -> why (refused)
+    refused_args: dict[str, str] = field(default_factory=dict)
     # native families: config.json -> ArchConfig, and our parameter name -> the official one
     arch_config: Callable[[dict], ArchConfig] | None = None
     official_names: Callable[[ArchConfig], dict[str, str]] | None = None
