@@ -11,11 +11,13 @@ import torch
 
 from lm_eval_dllm.config import DLLMConfig
 from lm_eval_dllm.decode import model_forward
+from lm_eval_dllm.likelihood import elbo_loglikelihoods
 from lm_eval_dllm.loading import load
 from lm_eval_dllm.testing import build_tiny_checkpoint
 from lm_eval_dllm.utils import DLLMError
 
 from .native_oracle import REFERENCE
+from .test_likelihood import exact_elbo
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = torch.finfo(torch.float32).eps
@@ -87,3 +89,30 @@ def test_block_causal_families_refuse_a_cache_before_decoding(tmp_path):
     assert spec.block_causal and spec.family == "llada2"
     with pytest.raises(DLLMError, match="cache=prefix is not supported by the llada2 family"):
         model_forward(model, spec, cache="prefix")
+
+
+def test_llada_moe_loglikelihood_is_the_exact_elbo_and_block_diffusion_refuses_it(tmp_path):
+    """LLaDA-MoE scores as LLaDA does (aligned logits); LLaDA2's ELBO is a per-block one: refused."""
+    ck = build_tiny_checkpoint(tmp_path / "moe", "llada_moe", d_model=16, n_heads=2, n_kv_heads=2)
+    model, tok, spec = load(str(ck), dtype="float32", device="cpu")
+    fwd = model_forward(model, spec)
+    ctx, tgt = tok("Q: 7*")["input_ids"], tok("3=1")["input_ids"]
+    (ll, _, forwards), = elbo_loglikelihoods(fwd, [(ctx, tgt, 0)], spec, 7, 8, 8)
+    assert forwards == 7 and abs(ll - exact_elbo(fwd, ctx, tgt, spec.mask_id, False)) < 1e-6 * abs(ll)
+    ck2 = build_tiny_checkpoint(tmp_path / "l2", "llada2", d_model=16, n_heads=2, n_kv_heads=2)
+    model2, _, spec2 = load(str(ck2), dtype="float32", device="cpu")
+    with pytest.raises(DLLMError, match="loglikelihood is not supported for the block-diffusion "
+                                        "family llada2; valid: generation tasks"):
+        elbo_loglikelihoods(model_forward(model2, spec2), [(ctx, tgt, 0)], spec2, 7, 8, 8)
+
+
+@pytest.mark.parametrize("family", ["llada_moe", "llada2"])
+def test_sharded_bf16_checkpoints_load_bf16_weights(family, tmp_path):
+    ck = build_tiny_checkpoint(tmp_path / family, family, d_model=16, n_heads=2, n_kv_heads=2,
+                               shards=3, dtype=torch.bfloat16)
+    assert len(list(ck.glob("model-*-of-00003.safetensors"))) == 3
+    model, _, _ = load(str(ck), dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    f32, _, _ = load(str(ck), dtype="float32", device="cpu")
+    a, b = model.state_dict(), f32.state_dict()
+    assert all(torch.equal(a[k].float(), b[k]) for k in a)  # the stored bf16 values, exactly
