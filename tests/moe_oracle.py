@@ -154,14 +154,17 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-SETTINGS = {"llada2": [(8, 0.95), (8, 0.6), (32, 0.95), (32, 0.6)],  # (block length, threshold)
-            "llada21": [(8, 0.95), (32, 0.6)]}  # both block lengths, both thresholds, in half the time
+# (block length, threshold) pairs, and whether to check batch 8 = batch 1 (the decode path is the
+# same for both families); kept small: the 157k-vocabulary statistics dominate each step
+SETTINGS = {"llada2": [(8, 0.95), (8, 0.6), (32, 0.95), (32, 0.6)],
+            "llada21": [(8, 0.95), (32, 0.6)]}  # both block lengths and both thresholds
+BATCH_CHECK = {"llada2": True, "llada21": False}
 
 
 def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
     """Official generate() at batch 1 vs our threshold sampler at batch 1, for block lengths 8 and
-    32 and two thresholds (steps = block length, its default pairing), on 4 prompts; and for one
-    setting our batch of 8 vs each row alone."""
+    32 and two thresholds (steps = block length, its default pairing), on 2 prompts (lengths 13
+    and 5: first blocks partly prompt); and for one setting our batch of 8 vs each row alone."""
     ck = out / family
     native, tok, spec = load(str(ck), dtype="float32", device="cpu")
     official = official_model(family, ck, out)
@@ -172,7 +175,7 @@ def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
     for block, tau in SETTINGS[family]:
         sampler = make_sampler("threshold", {"tau": tau})
         same, nfe = [], []
-        for i, p in enumerate(prompts[:4]):
+        for i, p in enumerate(prompts[:2]):
             want = official.generate(torch.tensor([p]), block_length=block, steps=block,
                                      gen_length=gen_length, threshold=tau, eos_id=eos,
                                      mask_id=spec.mask_id, **GENERATE[family])[0].tolist()
@@ -180,6 +183,8 @@ def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
             same.append(until_eos(one.tokens[0].tolist(), eos) == want)
             nfe.append(int(one.nfe[0]))
         rep[f"B{block}_tau{tau}"] = {"equal_official": same, "mean_nfe": sum(nfe) / len(nfe)}
+    if not BATCH_CHECK[family]:
+        return rep
     sampler = make_sampler("threshold", {"tau": 0.95})
     batch = diffuse(fwd, prompts, spec, sampler, gen_length, 8, seeds=list(range(8)))
     rep["batch8_equals_batch1"] = [

@@ -25,7 +25,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def oracle(tmp_path, *args) -> dict:
     r = subprocess.run([sys.executable, "-m", "tests.moe_oracle", *args, str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -64,16 +64,18 @@ def test_native_llada2x_logits_equal_the_official_code_under_its_block_mask(fami
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llada2", "llada21"])
 def test_llada2x_threshold_decode_gives_the_tokens_of_its_official_generate(family, tmp_path):
-    """Blocks aligned to absolute positions (prompts of every length mod the block), threshold
-    with at least one commit per step = official generate(steps=block_length) at batch 1
-    (LLaDA2.1: with its token editing off, which is not supported)."""
+    """Blocks aligned to absolute positions (first blocks partly prompt), threshold with at least
+    one commit per step = official generate(steps=block_length) at batch 1 (LLaDA2.1: with its
+    token editing off, which is not supported). LLaDA2 also: a batch of 8 = each row alone."""
     rep = oracle(tmp_path, family, "--generate")["generate"]
     settings = [k for k in rep if k.startswith("B")]
     assert {"B8_tau0.95", "B32_tau0.6"} <= set(settings)  # both block lengths, two thresholds
     for setting in settings:
         assert all(rep[setting]["equal_official"]), (setting, rep[setting])
-    assert all(rep["batch8_equals_batch1"])  # per-row block offsets under left padding
-    assert rep["distinct_tokens"] > 20  # not a degenerate decode
+    assert ("batch8_equals_batch1" in rep) == (family == "llada2")
+    if "batch8_equals_batch1" in rep:  # checked once, on LLaDA2 (one decode path for both)
+        assert all(rep["batch8_equals_batch1"])  # per-row block offsets under left padding
+        assert rep["distinct_tokens"] > 20  # not a degenerate decode
 
 
 @pytest.mark.parametrize("key", ["editing_threshold", "max_post_steps"])
