@@ -45,7 +45,7 @@ def _ids(v) -> list[int]:
 def spec_from(config, tokenizer, name: str = "", remote: bool = False) -> FamilySpec:
     """remote: the checkpoint runs its own code (a native family's cache support is ours)."""
     model_type = str(getattr(config, "model_type", "") or "").lower()
-    fam = family_of(model_type) or Family(name=model_type or "generic", model_type=model_type,
+    fam = family_of(config) or Family(name=model_type or "generic", model_type=model_type,
                                           shifted=bool(getattr(config, "logits_shifted", False)))
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None and tokenizer is not None:

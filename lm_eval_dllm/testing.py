@@ -43,7 +43,7 @@ def random_native(config: dict, seed: int, init_std: float, logit_scale: float) 
     away from their neutral values (so a weight loaded under a wrong name shows), the output
     layer times logit_scale (random logits are near-uniform; scaling keeps argmax and confidence
     order far from ties that float rounding could flip)."""
-    fam = family_of(config["model_type"])
+    fam = family_of(config)
     g = torch.Generator().manual_seed(seed)
     model = NativeDLLM(fam.arch_config(config))
     with torch.no_grad():
@@ -94,7 +94,7 @@ def build_tiny_checkpoint(out: str | Path, family: str = "tiny", d_model: int = 
     if not mask:
         config.pop("mask_token_id", None)
     model = random_native(config, seed, init_std, logit_scale)
-    save_sharded({k: v.to(dtype) for k, v in official_state_dict(model, config["model_type"]).items()},
+    save_sharded({k: v.to(dtype) for k, v in official_state_dict(model, fam).items()},
                  out, shards)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(out)

@@ -118,3 +118,10 @@ def test_sharded_bf16_checkpoints_load_bf16_weights(family, tmp_path):
     f32, _, _ = load(str(ck), dtype="float32", device="cpu")
     a, b = model.state_dict(), f32.state_dict()
     assert all(torch.equal(a[k].float(), b[k]) for k in a)  # the stored bf16 values, exactly
+
+
+def test_llada_moe_published_as_model_type_llada_is_told_apart_from_llada(tmp_path, llada_ckpt):
+    ck = build_tiny_checkpoint(tmp_path / "moe", "llada_moe", d_model=16, n_heads=2, n_kv_heads=2)
+    assert json.loads((ck / "config.json").read_text())["model_type"] == "llada"  # as published
+    assert load(str(ck), dtype="float32", device="cpu")[2].family == "llada_moe"
+    assert load(str(llada_ckpt), dtype="float32", device="cpu")[2].family == "llada"

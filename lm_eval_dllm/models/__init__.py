@@ -41,10 +41,18 @@ register_family(llada2.FAMILY)
 register_family(llada21.FAMILY)
 
 
-def family_of(model_type) -> Family | None:
-    """The registered family of a config's model_type (any case), or None."""
-    mt = str(model_type or "").lower()
-    return next((f for f in FAMILIES.values() if f.model_type == mt), None)
+def _get(config, key: str):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def family_of(config) -> Family | None:
+    """The registered family of a config (config.json as a dict, or a config object), or None.
+    A family published under another's model_type (LLaDA-MoE's config.json says "llada") is told
+    apart by a config key it needs (`requires`)."""
+    mt = str(_get(config, "model_type") or "").lower()
+    found = [f for f in FAMILIES.values() if mt in (f.model_type, *f.also)]
+    return next((f for f in found if f.requires and _get(config, f.requires) is not None),
+                next((f for f in found if not f.requires), None))
 
 
 def family_named(name: str) -> Family:
@@ -59,7 +67,7 @@ def native_families() -> list[Family]:
 
 def native_family(config: dict) -> Family | None:
     """A checkpoint's family if there is a native implementation, else None."""
-    fam = family_of(config.get("model_type"))
+    fam = family_of(config)
     return fam if fam is not None and fam.native else None
 
 
@@ -115,9 +123,9 @@ def load_native(path: str | Path, config: dict, dtype: torch.dtype | str = "auto
     return model.eval()
 
 
-def official_state_dict(model: NativeDLLM, model_type: str) -> dict[str, torch.Tensor]:
-    """The model's weights under the official names (to write test checkpoints)."""
-    names = family_of(model_type).official_names(model.config)
+def official_state_dict(model: NativeDLLM, family: Family) -> dict[str, torch.Tensor]:
+    """The model's weights under the family's official names (to write test checkpoints)."""
+    names = family.official_names(model.config)
     return {names[k]: v for k, v in model.state_dict().items()}
 
 

@@ -36,6 +36,8 @@ class TinyFacts:
 class Family:
     name: str  # what users and `testing --family` call it
     model_type: str  # config.json's model_type, lower case
+    also: tuple[str, ...] = ()  # other model_types its checkpoints are published under
+    requires: str = ""  # a config key only this family has (tells it apart from another `also`)
     shifted: bool = False  # logits at i predict token i + 1 (Dream)
     # its own (remote) code takes a 4-D bool mask (B, 1, T, T) and position ids, as its generation
     # code builds them, instead of a 2-D attention mask (Dream)

@@ -89,7 +89,7 @@ def tiny_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> d
     """A LLaDA-MoE config.json (the official config class's keys) at a tiny size: 4 experts, 2 per
     token, a shared expert, the first layer dense."""
     return {
-        "architectures": ["LLaDAMoEModelLM"], "model_type": MODEL_TYPE,
+        "architectures": ["LLaDAMoEModelLM"], "model_type": "llada",  # as published (see FAMILY)
         "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
                      "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
                      "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
@@ -108,10 +108,13 @@ def tiny_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> d
     }
 
 
-# tiny-test ids: those LLaDA2's official generate() defaults to (eos 156892, mask 156895), the
-# same inclusionAI tokenizer; a real checkpoint's ids come from its own config and tokenizer
+# The published config.json says model_type "llada" (the dllm library tells its users to change it
+# to "lladamoe"): both are this family when the config has num_experts, which LLaDA's never has.
+# Tiny-test ids: those LLaDA2's official generate() defaults to (eos 156892, mask 156895), the same
+# inclusionAI tokenizer; a real checkpoint's ids come from its own config and tokenizer.
 FAMILY = Family(
-    name="llada_moe", model_type=MODEL_TYPE, cache=True, arch_config=arch_config,
+    name="llada_moe", model_type=MODEL_TYPE, also=("llada",), requires="num_experts", cache=True,
+    arch_config=arch_config,
     official_names=official_names,
     tiny=TinyFacts(
         config=tiny_config, mask=("<|mask|>", 156895), eos=("<|endoftext|>", 156892),
