@@ -84,8 +84,9 @@ def install_shims() -> None:
         import_utils.is_torch_fx_available = lambda: False
 
 
-def official_model(family: str, ck: Path, work: Path):
-    """The official class built from ck's config.json with ck's weights (strict: all present)."""
+def official_model(family: str, ck: Path, work: Path, dtype: torch.dtype = torch.float32):
+    """The official class built from ck's config.json with ck's weights (strict: all present), in
+    `dtype`."""
     folder, conf_mod, model_mod, cls = CODE[family]
     pkg = work / f"official_{family}"
     pkg.mkdir(parents=True, exist_ok=True)
@@ -103,8 +104,11 @@ def official_model(family: str, ck: Path, work: Path):
     config_cls = next(v for v in vars(conf).values() if isinstance(v, type) and v.__module__ == conf.__name__)
     config = config_cls(**json.loads((ck / "config.json").read_text()))
     config._attn_implementation = "sdpa"
-    model = getattr(modeling, cls)(config).float().eval()
-    missing, unexpected = model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
+    model = getattr(modeling, cls)(config).to(dtype).eval()
+    state = {}
+    for f in sorted(ck.glob("*.safetensors")):
+        state |= load_file(str(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert not [k for k in missing if "inv_freq" not in k], missing  # every weight has our name
     return model

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm_eval_dllm.blocks import block_layout
 from lm_eval_dllm.config import DLLMConfig
 from lm_eval_dllm.decode import model_forward
 from lm_eval_dllm.likelihood import elbo_loglikelihoods
@@ -125,3 +126,16 @@ def test_llada_moe_published_as_model_type_llada_is_told_apart_from_llada(tmp_pa
     assert json.loads((ck / "config.json").read_text())["model_type"] == "llada"  # as published
     assert load(str(ck), dtype="float32", device="cpu")[2].family == "llada_moe"
     assert load(str(llada_ckpt), dtype="float32", device="cpu")[2].family == "llada"
+
+
+def test_blocks_align_to_absolute_positions_per_row_for_block_diffusion():
+    lay = block_layout([13, 5, 16], gen_length=16, block=8, aligned=True)
+    assert lay.offsets.tolist() == [5, 5, 0] and lay.lengths.tolist() == [19, 19, 16]
+    assert (lay.width, lay.count) == (19, 3)
+    first = lay.in_block(0)  # row 0: positions 13..15 finish its second block (8..15)
+    assert first[0].nonzero().flatten().tolist() == [0, 1, 2] and first[2].sum() == 8
+    assert lay.in_block(2)[2].sum() == 0  # an aligned row has one block fewer
+    assert sum(lay.in_block(b).sum(-1) for b in range(lay.count)).tolist() == [19, 19, 16]
+    flat = block_layout([13, 5], gen_length=16, block=8, aligned=False)  # masked families
+    assert flat.offsets.tolist() == [0, 0] and (flat.width, flat.count) == (16, 2)
+    assert flat.in_block(1)[:, 8:].all() and not flat.in_block(1)[:, :8].any()
