@@ -43,12 +43,11 @@ from typing import Callable
 
 import torch
 
-from .models import NativeDLLM
+from .models import FAMILIES, NativeDLLM
 from .tiny import TinyDLLMModel
 from .utils import DLLMError
 
 CACHE_MODES = ("none", "prefix", "dual")
-CACHE_MODELS = "the bundled tiny model and native LLaDA / Dream (impl=auto or native)"
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, T, Dh) keys (after RoPE) and values of one layer
 # (ids, attn, positions, past_kv, return_kv) -> (logits, kv of the span or None)
 SpanForward = Callable[..., tuple[torch.Tensor, list[KV] | None]]
@@ -64,6 +63,16 @@ def check_cache(cache: str, refresh: int, window: int = 0) -> None:
     if window and cache != "dual":  # prefix already recomputes everything after the block
         raise DLLMError(f"window={window} applies to cache=dual only, not cache={cache}; valid: window=0, "
                         f"or cache=dual")
+
+
+def check_cache_support(cache: str, supported: bool, what: str) -> None:
+    """The one refusal of a cache the model cannot run (read from the family before weights load,
+    and from the loaded model's class)."""
+    if cache != "none" and not supported:
+        models = ", ".join(f"{f.name}{' (impl=auto or native)' if f.native else ''}"
+                           for f in FAMILIES.values() if f.cache)
+        raise DLLMError(f"cache={cache} is not supported by {what}; valid: cache=none, or a model "
+                        f"that supports it: {models}")
 
 
 def span_forward(model) -> SpanForward | None:
@@ -88,18 +97,25 @@ class FullForward:
 
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.forward = forward
+        self.block = 0  # > 0: block-diagonal-causal attention over blocks of this size (LLaDA2)
 
     def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return self.forward(ids, attn)
+
+    def attend_blocks(self, size: int) -> None:
+        """This decode's blocks are the attention's blocks (a block-diffusion family)."""
+        self.block = size
 
     def start_block(self, lo: int, hi: int) -> None:
         pass
 
     def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.block:
+            return self.forward(ids, attn, block=self.block), 0
         return self.forward(ids, attn), 0
 
     def release(self) -> None:
-        pass
+        self.block = 0
 
 
 class CachedForward:
@@ -163,7 +179,5 @@ def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int =
     if cache == "none":
         return FullForward(plain)
     run = span_forward(model)
-    if run is None:
-        raise DLLMError(f"cache={cache} is not supported by {type(model).__name__}; valid: cache=none, "
-                        f"or a model that supports it: {CACHE_MODELS}")
+    check_cache_support(cache, run is not None, type(model).__name__)
     return CachedForward(run, cache, refresh, window)

@@ -14,6 +14,7 @@ from typing import Any
 
 from .cache import check_cache
 from .loading import IMPLS
+from .models import FAMILIES
 from .samplers import available_samplers, sampler_class, sampler_params
 from .samplers.base import VALID_OF, _coerce
 from .tiny import BUNDLED_DIR
@@ -71,6 +72,7 @@ class DLLMConfig:
             elif k in sparams:
                 sargs[sparams[k]] = v
             else:
+                refuse_family_arg(k)
                 valid = sorted(own) + [f"{p} ({sampler})" for p in sparams]
                 raise DLLMError(f"unknown model_args key {k!r}; valid: {', '.join(valid)}")
         cfg = cls(**kw, sampler_args=sargs)
@@ -117,6 +119,13 @@ class DLLMConfig:
     @property
     def pretrained_path(self) -> str:
         return self.pretrained or _bundled()
+
+
+def refuse_family_arg(key: str) -> None:
+    """A model_arg of some family's official generation that we do not do: say so and why."""
+    for fam in FAMILIES.values():
+        if key in fam.refused_args:
+            raise DLLMError(f"model_args {key}: {fam.refused_args[key]}; valid: leave {key} unset")
 
 
 def _coerce_arg(key: str, value: Any, typ: Any) -> Any:

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .cache import FullForward, forward_strategy, positions_from
+from .blocks import block_layout
+from .cache import FullForward, check_cache_support, forward_strategy, positions_from
 from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
@@ -178,18 +179,22 @@ def diffuse(
     strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
     L = gen_length
     Bk = check_block(block, L)
-    nb = L // Bk
     B, P = len(prompts), max(len(p) for p in prompts)
+    lay = block_layout([len(p) for p in prompts], L, Bk, spec.block_causal, device)
+    nb, W = lay.count, lay.width  # W = L unless blocks align to absolute positions
+    if spec.block_causal:
+        strategy.attend_blocks(Bk)
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:  # at every batch size: a row is refused for itself, not for its batch
         raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
     device = torch.device(device)
-    canvas = torch.full((B, P + L), spec.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, P + L), dtype=torch.long, device=device)
+    canvas = torch.full((B, P + W), spec.pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((B, P + W), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding: the prompt ends at column P - 1 in every row
         canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
-        attn[i, P - len(p):] = 1
-    canvas[:, P:] = spec.mask_id
+        n = int(lay.lengths[i])
+        attn[i, P - len(p):P + n] = 1
+        canvas[i, P:P + n] = spec.mask_id
     gen_dev = device if device.type == "cuda" else torch.device("cpu")
     seeds = seeds if seeds is not None else list(range(B))
     gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
@@ -200,20 +205,20 @@ def diffuse(
     positions = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     traj: list[StepRecord] | None = [] if record else None
-    pos = torch.arange(L, device=device)[None, :]
     shift = 1 if spec.shifted else 0  # the logit of generated position j sits at column P + j - shift
     # per row, the statistics of every position from the last forward that computed it
-    x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
-    conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
+    x0_all = torch.zeros((B, W), dtype=torch.long, device=device)
+    conf_all, margin_all, entropy_all = (torch.zeros((B, W), device=device) for _ in range(3))
     # what a sampler may ask of the loop (a duck-typed one, with select alone, asks nothing)
     k_top = max(getattr(sampler, "top_probs", lambda: 0)(), record_top)
     may_pass = getattr(sampler, "may_commit_nothing", lambda: False)()
-    top_all = torch.zeros((B, L, k_top), device=device)
+    top_all = torch.zeros((B, W, k_top), device=device)
 
     for b in range(nb):
-        in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
+        in_block = lay.in_block(b)  # (B, W)
+        lo, hi = lay.span(b)
         # the block's columns, and for Dream the one before it (which holds the first one's logit)
-        strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk)
+        strategy.start_block(P + lo - shift, P + hi)
         step = 0
         while not (may_pass and step >= Bk):  # a sampler that may pass gets Bk steps a block (the paper's cap)
             gen = canvas[:, P:]  # (B, L) view
@@ -226,21 +231,21 @@ def diffuse(
             nfe[rows] += 1
             positions[rows] += attn[rows, start:start + logits.shape[1]].sum(-1)
             g0 = max(start + shift - P, 0)  # generated positions [g0, g1) the span has logits for
-            g1 = min(start + logits.shape[1] + shift - P, L)
-            if g0 > b * Bk or g1 < (b + 1) * Bk:
+            g1 = min(start + logits.shape[1] + shift - P, W)
+            if g0 > lo or g1 < hi:
                 raise RuntimeError(f"forward strategy returned columns from {start} for "
                                    f"{logits.shape[1]}, which miss block {b}")
             lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].float()  # (b, g1 - g0, V)
             lg[..., suppress] = float("-inf")
             row_gens = [gens[i] for i in rows.tolist()]
-            stats = propose(lg, temperature, row_gens, length=L, offset=g0, top_k=k_top)
+            stats = propose(lg, temperature, row_gens, length=W, offset=g0, top_k=k_top)
             for full, new in zip((x0_all, conf_all, margin_all, entropy_all, top_all), stats):
                 if new is not None:
                     full[rows, g0:g1] = new.to(full.dtype)
             x0, conf, margin, entropy = x0_all[rows], conf_all[rows], margin_all[rows], entropy_all[rows]
             state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
                               eligible=eligible[rows], generators=row_gens, top=top_all[rows] if k_top else None,
-                              steps=nfe[rows] - 1, block_start=b * Bk, block_size=Bk)
+                              steps=nfe[rows] - 1, block_start=lo, block_size=hi - lo)
             sampler.last_rank = None
             action = sampler.select(state)
             _check_action(sampler, action, state.eligible, may_pass)
@@ -257,7 +262,7 @@ def diffuse(
             canvas[rows, P:] = new
             step += 1
     strategy.release()
-    return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,
+    return DecodeOutput(tokens=canvas[:, P:P + L].clone(), nfe=nfe, committed=committed,
                         positions=positions, trajectory=traj)
 
 
@@ -286,9 +291,12 @@ def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0
     padded."""
 
     @torch.no_grad()
-    def forward(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def forward(ids: torch.Tensor, attn: torch.Tensor, block: int = 0) -> torch.Tensor:
         if isinstance(model, NativeDLLM):
-            return model(ids, attn, positions_from(attn))[0]
+            return model(ids, attn, positions_from(attn), block=block)[0]
+        if block:
+            raise DLLMError(f"block-diffusion attention ({spec.family}) runs natively only, not in "
+                            f"{type(model).__name__}; valid: impl=auto or impl=native")
         if not spec.mask_4d:
             out = model(input_ids=ids, attention_mask=attn)
         elif bool(attn.all()):
@@ -300,4 +308,6 @@ def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    if spec is not None and spec.block_causal:  # no span forward under block attention yet
+        check_cache_support(cache, False, f"the {spec.family} family (block diffusion)")
     return forward_strategy(model, forward, cache, refresh, window)

@@ -187,6 +187,9 @@ def elbo_loglikelihoods(
     A forward batch holds `batch_size` rows (draws of one or more requests, left-padded); the
     value of a request depends only on its own ids and seed. on_done(n) reports finished requests.
     """
+    if spec.block_causal:  # its likelihood is a per-block one under block attention, not this ELBO
+        raise DLLMError(f"loglikelihood is not supported for the block-diffusion family {spec.family}; "
+                        f"valid: generation tasks (generate_until), or a masked family")
     reqs = []
     for ctx, tgt, seed in pairs:
         if not ctx:

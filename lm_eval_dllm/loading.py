@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from . import tiny  # noqa: F401  (registers the bundled model class with AutoModel)
-from .models import load_native, native_family
+from .models import load_native, native_families, native_family
 from .spec import FamilySpec, spec_from
 from .utils import DLLMError, check_safetensors
 
@@ -150,8 +150,10 @@ def read_checkpoint(pretrained: str, trust_remote_code: bool = True, revision: s
         config = read_config(path, revision)
         native = native_family(config) is not None
         if impl == "native" and not native:
-            raise DLLMError(f"impl=native: {path!r} is not a LLaDA or Dream checkpoint (model_type "
-                            f"{config.get('model_type')!r}); valid: impl=auto or impl=remote")
+            types = ", ".join(f.model_type for f in native_families())
+            raise DLLMError(f"impl=native: {path!r} (model_type {config.get('model_type')!r}) has no "
+                            f"native implementation; valid: impl=auto or impl=remote, or a checkpoint "
+                            f"of model_type {types}")
     if native:
         tokenizer = _tokenizer(path, trust_remote_code, revision)
         return Checkpoint(path, True, config, tokenizer,
@@ -163,7 +165,7 @@ def read_checkpoint(pretrained: str, trust_remote_code: bool = True, revision: s
     except Exception as e:
         raise _remote_failure(path, None, e) from None
     tokenizer = _tokenizer(path, trust_remote_code, revision)
-    return Checkpoint(path, False, config, tokenizer, spec_from(config, tokenizer, name=path))
+    return Checkpoint(path, False, config, tokenizer, spec_from(config, tokenizer, name=path, remote=True))
 
 
 def load(pretrained: str, dtype: str = "auto", device: str | None = None,

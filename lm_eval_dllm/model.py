@@ -23,9 +23,8 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from .cache import CACHE_MODELS
+from .cache import check_cache_support
 from .config import DLLMConfig
-from .tiny import TinyDLLMConfig
 from .generate import Generator, chat_prompt, resolve_shape
 from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
@@ -60,10 +59,7 @@ class DLLM(DataParallel, LM):
                              self.cfg.impl)
         self.spec = ck.spec
         self.cfg.check_context(self.spec.max_length)
-        if self.cfg.cache != "none" and not (ck.native or getattr(ck.config, "model_type", None)
-                                             == TinyDLLMConfig.model_type):
-            raise DLLMError(f"cache={self.cfg.cache} is not supported by {self.cfg.pretrained_path!r}; "
-                            f"valid: cache=none, or a model that supports it: {CACHE_MODELS}")
+        check_cache_support(self.cfg.cache, self.spec.cache, repr(self.cfg.pretrained_path))
         if self.cfg.gen_length is not None:  # validate block against gen_length now
             resolve_shape(self.spec, self.cfg.gen_length, self.cfg.block)
         self.sampler = make_sampler(self.cfg.sampler, self._sampler_args(self.cfg.gen_length))

@@ -1,7 +1,8 @@
 """Per-family facts the decode loop needs, read from a checkpoint's config and tokenizer.
 
-No literal token ids and no guessing from path names: the family comes from `model_type`, the
-ids from the config (falling back to the tokenizer). A checkpoint with no mask token is not a
+No literal token ids and no guessing from path names: the family comes from `model_type` (its
+module in lm_eval_dllm.models holds its facts), the ids from the config (falling back to the
+tokenizer). A checkpoint with no mask token is not a
 masked diffusion LM and is refused.
 """
 
@@ -9,14 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .models import Family, family_of
 from .utils import DLLMError
 
-# model_type (lower case) -> family facts that are not in the config
-FAMILIES = {
-    "llada": {"family": "llada", "shifted": False, "mask_4d": False},
-    # logits at i predict token i + 1; its own code takes a 4-D mask plus position ids
-    "dream": {"family": "dream", "shifted": True, "mask_4d": True},
-}
 # turn-end tokens, looked up by string in the tokenizer (LLaDA's <|eot_id|>, Dream's <|im_end|>)
 TURN_END_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
 
@@ -35,6 +31,9 @@ class FamilySpec:
     # the family's own (remote) code takes a 4-D bool mask (B, 1, T, T) and position ids, as its
     # generation code builds them, instead of a 2-D attention mask (Dream)
     mask_4d: bool = False
+    cache: bool = False  # the loaded implementation supports cache=prefix / dual
+    # block diffusion (LLaDA2): block-diagonal-causal attention, blocks aligned to absolute positions
+    block_causal: bool = False
 
 
 def _ids(v) -> list[int]:
@@ -43,11 +42,11 @@ def _ids(v) -> list[int]:
     return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
 
 
-def spec_from(config, tokenizer, name: str = "") -> FamilySpec:
+def spec_from(config, tokenizer, name: str = "", remote: bool = False) -> FamilySpec:
+    """remote: the checkpoint runs its own code (a native family's cache support is ours)."""
     model_type = str(getattr(config, "model_type", "") or "").lower()
-    fam = FAMILIES.get(model_type, {"family": model_type or "generic",
-                                    "shifted": bool(getattr(config, "logits_shifted", False)),
-                                    "mask_4d": False})
+    fam = family_of(config) or Family(name=model_type or "generic", model_type=model_type,
+                                          shifted=bool(getattr(config, "logits_shifted", False)))
     mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None and tokenizer is not None:
         mask_id = tokenizer.mask_token_id
@@ -74,12 +73,14 @@ def spec_from(config, tokenizer, name: str = "") -> FamilySpec:
             max_len = int(getattr(config, attr))
             break
     return FamilySpec(
-        family=fam["family"],
+        family=fam.name,
         mask_id=int(mask_id),
         stop_ids=stops,
         pad_id=int(pad),
-        shifted=fam["shifted"],
-        mask_4d=fam["mask_4d"],
+        shifted=fam.shifted,
+        mask_4d=fam.mask_4d,
+        block_causal=fam.block_causal,
+        cache=fam.cache and not (remote and fam.native),
         suppress_ids=(int(mask_id),),
         max_length=max_len,
         default_gen_length=int(getattr(config, "dllm_gen_length", None) or 256),

@@ -18,72 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .models import FAMILIES, NativeDLLM, official_state_dict
-from .tiny import TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
-
-# facts from the published config.json and tokenizer files (see the project's DESIGN notes)
-FAMILY_FACTS = {
-    "llada": {
-        "model_type": "llada", "vocab_size": 126464, "mask": ("<|mdm_mask|>", 126336),
-        "eos": ("<|endoftext|>", 126081), "bos": ("<|startoftext|>", 126080),
-        "turn_end": ("<|eot_id|>", 126348),
-        "chat_template": (
-            "<|startoftext|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
-            "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-        ),
-    },
-    "dream": {
-        "model_type": "Dream", "vocab_size": 152064, "mask": ("<|mask|>", 151666),
-        "eos": ("<|endoftext|>", 151643), "bos": None, "turn_end": ("<|im_end|>", 151645),
-        "chat_template": (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        ),
-    },
-}
-
-
-def llada_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
-    """LLaDA-8B-Instruct's config.json with the sizes replaced."""
-    return {
-        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
-        "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
-        "attention_layer_norm_with_affine": True,
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                     "AutoModel": "modeling_llada.LLaDAModelLM"},
-        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
-        "d_model": d_model, "embedding_dropout": 0.0, "embedding_size": 126464,
-        "eos_token_id": 126081, "flash_attention": False, "include_bias": False,
-        "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
-        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
-        "layer_norm_with_affine": True, "mask_token_id": 126336, "max_sequence_length": 4096,
-        "mlp_hidden_size": 3 * d_model, "mlp_ratio": 4, "model_type": "llada",
-        "multi_query_attention": None, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-        "n_layers": n_layers, "pad_token_id": 126081, "precision": "amp_bf16",
-        "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
-        "rope_theta": 500000.0, "scale_logits": False, "use_cache": False, "vocab_size": 126464,
-        "weight_tying": False,
-    }
-
-
-def dream_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
-    """Dream-v0-Instruct-7B's config.json with the sizes replaced."""
-    return {
-        "architectures": ["DreamModel"], "attention_dropout": 0.0,
-        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
-                     "AutoModel": "modeling_dream.DreamModel"},
-        "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu",
-        "hidden_size": d_model, "initializer_range": 0.02, "intermediate_size": 3 * d_model,
-        "mask_token_id": 151666, "max_position_embeddings": 131072, "max_window_layers": n_layers,
-        "model_type": "Dream", "num_attention_heads": n_heads, "num_hidden_layers": n_layers,
-        "num_key_value_heads": n_kv_heads, "pad_token_id": 151643, "rms_norm_eps": 1e-06,
-        "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
-        "tie_word_embeddings": False, "use_cache": True, "use_mrope": False,
-        "use_sliding_window": False, "vocab_size": 152064,
-    }
-
+from .models import FAMILIES, NativeDLLM, family_named, family_of, official_state_dict
+from .tiny import build_char_tokenizer
 
 def save_sharded(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
     """model.safetensors, or `shards` files plus model.safetensors.index.json as published."""
@@ -107,7 +43,7 @@ def random_native(config: dict, seed: int, init_std: float, logit_scale: float) 
     away from their neutral values (so a weight loaded under a wrong name shows), the output
     layer times logit_scale (random logits are near-uniform; scaling keeps argmax and confidence
     order far from ties that float rounding could flip)."""
-    fam = FAMILIES[config["model_type"].lower()]
+    fam = family_of(config)
     g = torch.Generator().manual_seed(seed)
     model = NativeDLLM(fam.arch_config(config))
     with torch.no_grad():
@@ -128,51 +64,37 @@ def build_tiny_checkpoint(out: str | Path, family: str = "tiny", d_model: int = 
                           init_std: float = 0.5, mask: bool = True, n_kv_heads: int | None = None,
                           shards: int = 1, logit_scale: float = 1.0,
                           dtype: torch.dtype = torch.float32, **config_kwargs) -> Path:
-    """Write a random checkpoint of `family` (tiny, llada, dream) to `out` and return it.
+    """Write a random checkpoint of `family` (a name in lm_eval_dllm.models.FAMILIES) to `out`.
 
     init_std is large so that random logits are well separated (no near-ties whose order could
     flip with float rounding). mask=False drops the mask token (a checkpoint that is no dLLM).
-    LLaDA / Dream only: n_kv_heads < n_heads for grouped-query attention, shards > 1 writes an
+    Native families only: n_kv_heads < n_heads for grouped-query attention, shards > 1 writes an
     index and that many weight files, logit_scale scales the output layer, dtype is the stored
     one, config_kwargs override config.json keys.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if family == "tiny":
-        specials = {"eos_token": ("<|eos|>", None), "pad_token": ("<|eos|>", None),
-                    "unk_token": ("<|unk|>", None)}
-        if mask:
-            specials["mask_token"] = ("<|mask|>", None)
-        tok = build_char_tokenizer(specials)
-        vocab = max(tok.get_vocab().values()) + 1
-        cfg = TinyDLLMConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers,
-                             n_heads=n_heads, d_ff=4 * d_model, max_position=256,
-                             mask_token_id=tok.mask_token_id if mask else None,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             init_std=init_std, **config_kwargs)
-        TinyDLLMModel(cfg).save_pretrained(out)
-        tok.save_pretrained(out)
-        return out
-    if family not in FAMILY_FACTS:
-        raise ValueError(f"unknown family {family!r}; valid: tiny, {', '.join(FAMILY_FACTS)}")
-    f = FAMILY_FACTS[family]
-    specials = {"eos_token": f["eos"], "pad_token": f["eos"], "unk_token": ("<unk>", None),
-                "turn_end": f["turn_end"]}
+    fam = family_named(family)
+    if fam.write_tiny is not None:  # a family with a class of its own (bundled)
+        return fam.write_tiny(out, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                              init_std=init_std, mask=mask, **config_kwargs)
+    f = fam.tiny
+    specials = {"eos_token": f.eos, "pad_token": f.eos, "unk_token": ("<unk>", None),
+                "turn_end": f.turn_end}
     if mask:
-        specials["mask_token"] = f["mask"]
-    if f["bos"]:
-        specials["bos_token"] = f["bos"]
+        specials["mask_token"] = f.mask
+    if f.bos:
+        specials["bos_token"] = f.bos
     extra = {"start_header": ("<|start_header_id|>", None), "end_header": ("<|end_header_id|>", None),
              "im_start": ("<|im_start|>", None)}
-    tok = build_char_tokenizer(specials | extra, chat_template=f["chat_template"])
-    make = llada_config if family == "llada" else dream_config
-    config = make(d_model, n_layers, n_heads, n_kv_heads or n_heads) | config_kwargs
+    tok = build_char_tokenizer(specials | extra, chat_template=f.chat_template)
+    config = f.config(d_model, n_layers, n_heads, n_kv_heads or n_heads) | config_kwargs
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if not mask:
         config.pop("mask_token_id", None)
     model = random_native(config, seed, init_std, logit_scale)
-    save_sharded({k: v.to(dtype) for k, v in official_state_dict(model, config["model_type"]).items()},
+    save_sharded({k: v.to(dtype) for k, v in official_state_dict(model, fam).items()},
                  out, shards)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(out)
@@ -182,7 +104,7 @@ def build_tiny_checkpoint(out: str | Path, family: str = "tiny", d_model: int = 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Write a tiny random dLLM checkpoint.")
     p.add_argument("out")
-    p.add_argument("--family", default="tiny", choices=["tiny", *FAMILY_FACTS])
+    p.add_argument("--family", default="tiny", choices=list(FAMILIES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1, help="llada/dream: weight files (an index if > 1)")
     a = p.parse_args(argv)

@@ -25,6 +25,7 @@ import torch
 from lm_eval_dllm.decode import diffuse, model_forward
 from lm_eval_dllm.loading import load
 from lm_eval_dllm.model import DLLM
+from lm_eval_dllm.models import family_named
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.testing import build_tiny_checkpoint
 
@@ -97,7 +98,7 @@ def official_checkpoint(out: Path, revision: str, patch: bool = True, **kw) -> P
     """A tiny random checkpoint of `revision` carrying the official code (patched unless told);
     kw: build_tiny_checkpoint's sizes and settings."""
     family, files = CODE[revision]
-    n_kv = 2 if family == "dream" else 4  # Dream-7B uses grouped-query attention, LLaDA-8B not
+    n_kv = family_named(family).tiny.n_kv_heads  # as the published model (Dream-7B: grouped)
     kw = {"d_model": 32, "n_heads": 4, "n_kv_heads": n_kv, "logit_scale": LOGIT_SCALE} | kw
     ck = build_tiny_checkpoint(out, family, **kw)
     for name, ref in files.items():

@@ -13,6 +13,7 @@ from lm_eval_dllm.config import DLLMConfig
 from lm_eval_dllm.decode import diffuse, model_forward
 from lm_eval_dllm.loading import load
 from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.spec import spec_from
 from lm_eval_dllm.utils import DLLMError
 
 TEXTS = ["Q: 1+2*3\nA: ", "Q: 9-8*7+6-5\nA: ", "hi", "Q: 4*4*4*4+1-2\nA: ", "x" * 30,
@@ -113,7 +114,7 @@ def test_cached_steps_compute_fewer_positions(tiny_loaded):
 
 def test_unsupported_models_and_bad_values_are_one_line():
     with pytest.raises(DLLMError, match="cache=dual is not supported by Linear; valid: cache=none, or "
-                                        "a model that supports it: the bundled tiny model and native"):
+                                        "a model that supports it: tiny, llada \\(impl=auto or native\\)"):
         model_forward(torch.nn.Linear(2, 2), None, cache="dual")
     assert span_forward(torch.nn.Linear(2, 2)) is None
     with pytest.raises(DLLMError, match="cache='both'; valid: none, prefix, dual"):
@@ -150,9 +151,11 @@ def test_unsupported_model_is_refused_before_its_weights_load(monkeypatch, tiny_
     from lm_eval_dllm.loading import read_checkpoint
 
     ck = read_checkpoint(str(tiny_ckpt))
-    other = type(ck)(ck.path, False, type("Cfg", (), {"model_type": "other_dllm"})(), ck.tokenizer, ck.spec)
+    other_spec = spec_from(type("Cfg", (), {"model_type": "other_dllm", "mask_token_id": ck.spec.mask_id})(),
+                           ck.tokenizer, remote=True)
+    other = type(ck)(ck.path, False, other_spec, ck.tokenizer, other_spec)
     monkeypatch.setattr(model_mod, "read_checkpoint", lambda *a, **k: other)
     monkeypatch.setattr(model_mod, "load", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(DLLMError, match="cache=prefix is not supported by .*; valid: cache=none, or a "
-                                        "model that supports it: the bundled tiny model and native"):
+                                        "model that supports it: tiny, llada"):
         model_mod.DLLM(pretrained=str(tiny_ckpt), cache="prefix", device="cpu")

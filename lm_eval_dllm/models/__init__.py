@@ -1,4 +1,5 @@
-"""Native LLaDA and Dream: official checkpoints loaded with no remote code.
+"""Model families (one module each, registered below) and the native loader: LLaDA and Dream
+checkpoints loaded with no remote code.
 
     lm_eval --model dllm --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct ...   # impl=auto: native
 
@@ -17,16 +18,57 @@ import torch
 from safetensors import safe_open
 
 from ..utils import DLLMError
-from . import dream, llada
+from . import bundled, dream, llada, llada2, llada21, llada_moe
+from .family import Family, TinyFacts
 from .transformer import ArchConfig, NativeDLLM
 
-FAMILIES = {m.MODEL_TYPE: m for m in (llada, dream)}  # model_type (lower case) -> its module
+# the registry: one line per family module (name -> Family)
+FAMILIES: dict[str, Family] = {}
 INDEX = "model.safetensors.index.json"
 
 
-def native_family(config: dict):
-    """The module of a checkpoint's family if there is a native implementation, else None."""
-    return FAMILIES.get(str(config.get("model_type", "")).lower())
+def register_family(family: Family) -> Family:
+    """Add a family (a plug-in, or a test's) to the registry; returns it."""
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(bundled.FAMILY)
+register_family(llada.FAMILY)
+register_family(dream.FAMILY)
+register_family(llada_moe.FAMILY)
+register_family(llada2.FAMILY)
+register_family(llada21.FAMILY)
+
+
+def _get(config, key: str):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def family_of(config) -> Family | None:
+    """The registered family of a config (config.json as a dict, or a config object), or None.
+    A family published under another's model_type (LLaDA-MoE's config.json says "llada") is told
+    apart by a config key it needs (`requires`)."""
+    mt = str(_get(config, "model_type") or "").lower()
+    found = [f for f in FAMILIES.values() if mt in (f.model_type, *f.also)]
+    return next((f for f in found if f.requires and _get(config, f.requires) is not None),
+                next((f for f in found if not f.requires), None))
+
+
+def family_named(name: str) -> Family:
+    if name not in FAMILIES:
+        raise DLLMError(f"unknown family {name!r}; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def native_families() -> list[Family]:
+    return [f for f in FAMILIES.values() if f.native]
+
+
+def native_family(config: dict) -> Family | None:
+    """A checkpoint's family if there is a native implementation, else None."""
+    fam = family_of(config)
+    return fam if fam is not None and fam.native else None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -58,7 +100,7 @@ def load_native(path: str | Path, config: dict, dtype: torch.dtype | str = "auto
     fam = native_family(config)
     if fam is None:
         raise DLLMError(f"no native implementation for model_type {config.get('model_type')!r}; "
-                        f"valid: {', '.join(FAMILIES)} (or impl=remote)")
+                        f"valid: {', '.join(f.model_type for f in native_families())} (or impl=remote)")
     arch: ArchConfig = fam.arch_config(config)
     files = weight_files(path)
     if dtype == "auto":
@@ -76,16 +118,17 @@ def load_native(path: str | Path, config: dict, dtype: torch.dtype | str = "auto
     if want:
         missing = sorted(want)
         raise DLLMError(f"pretrained {str(path)!r} lacks {len(missing)} weights of its "
-                        f"{fam.MODEL_TYPE} config, e.g. {missing[0]!r}; valid: a complete checkpoint")
+                        f"{fam.model_type} config, e.g. {missing[0]!r}; valid: a complete checkpoint")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def official_state_dict(model: NativeDLLM, model_type: str) -> dict[str, torch.Tensor]:
-    """The model's weights under the official names (to write test checkpoints)."""
-    names = FAMILIES[model_type.lower()].official_names(model.config)
+def official_state_dict(model: NativeDLLM, family: Family) -> dict[str, torch.Tensor]:
+    """The model's weights under the family's official names (to write test checkpoints)."""
+    names = family.official_names(model.config)
     return {names[k]: v for k, v in model.state_dict().items()}
 
 
-__all__ = ["ArchConfig", "FAMILIES", "NativeDLLM", "load_native", "native_family",
-           "official_state_dict"]
+__all__ = ["ArchConfig", "FAMILIES", "Family", "NativeDLLM", "TinyFacts", "family_named",
+           "family_of", "load_native", "native_families", "native_family", "official_state_dict",
+           "register_family"]

@@ -11,6 +11,7 @@ the FamilySpec says so and the decode loop reads them accordingly.
 from __future__ import annotations
 
 from ..utils import DLLMError
+from .family import Family, TinyFacts
 from .transformer import ArchConfig
 
 MODEL_TYPE = "dream"
@@ -52,3 +53,36 @@ def official_names(c: ArchConfig) -> dict[str, str]:
             for p in ("weight", "bias"):
                 names[f"layers.{i}.{a}.{p}"] = f"model.layers.{i}.{b}.{p}"
     return names
+
+
+def tiny_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
+    """Dream-v0-Instruct-7B's config.json with the sizes replaced."""
+    return {
+        "architectures": ["DreamModel"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
+                     "AutoModel": "modeling_dream.DreamModel"},
+        "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu",
+        "hidden_size": d_model, "initializer_range": 0.02, "intermediate_size": 3 * d_model,
+        "mask_token_id": 151666, "max_position_embeddings": 131072, "max_window_layers": n_layers,
+        "model_type": "Dream", "num_attention_heads": n_heads, "num_hidden_layers": n_layers,
+        "num_key_value_heads": n_kv_heads, "pad_token_id": 151643, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "use_cache": True, "use_mrope": False,
+        "use_sliding_window": False, "vocab_size": 152064,
+    }
+
+
+# logits at i predict token i + 1; its own code takes a 4-D mask plus position ids
+FAMILY = Family(
+    name="dream", model_type=MODEL_TYPE, shifted=True, mask_4d=True, cache=True,
+    arch_config=arch_config, official_names=official_names,
+    tiny=TinyFacts(
+        config=tiny_config, mask=("<|mask|>", 151666), eos=("<|endoftext|>", 151643),
+        turn_end=("<|im_end|>", 151645),
+        chat_template=(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        ),
+        n_kv_heads=2,  # Dream-7B uses grouped-query attention
+    ),
+)

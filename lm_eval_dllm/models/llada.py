@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from ..utils import DLLMError
+from .family import Family, TinyFacts
 from .transformer import ArchConfig
 
 MODEL_TYPE = "llada"
@@ -67,3 +68,44 @@ def official_names(c: ArchConfig) -> dict[str, str]:
             for p in ("weight", "bias"):
                 names[f"layers.{i}.{a}.{p}"] = f"{t}.blocks.{i}.{b}.{p}"
     return names
+
+
+def tiny_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
+    """LLaDA-8B-Instruct's config.json with the sizes replaced."""
+    return {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                     "AutoModel": "modeling_llada.LLaDAModelLM"},
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+        "d_model": d_model, "embedding_dropout": 0.0, "embedding_size": 126464,
+        "eos_token_id": 126081, "flash_attention": False, "include_bias": False,
+        "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+        "layer_norm_with_affine": True, "mask_token_id": 126336, "max_sequence_length": 4096,
+        "mlp_hidden_size": 3 * d_model, "mlp_ratio": 4, "model_type": "llada",
+        "multi_query_attention": None, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+        "n_layers": n_layers, "pad_token_id": 126081, "precision": "amp_bf16",
+        "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+        "rope_theta": 500000.0, "scale_logits": False, "use_cache": False, "vocab_size": 126464,
+        "weight_tying": False,
+    }
+
+
+# facts from the published config.json and tokenizer files (see the project's DESIGN notes)
+FAMILY = Family(
+    name="llada", model_type=MODEL_TYPE, cache=True, arch_config=arch_config,
+    official_names=official_names,
+    tiny=TinyFacts(
+        config=tiny_config, mask=("<|mdm_mask|>", 126336), eos=("<|endoftext|>", 126081),
+        bos=("<|startoftext|>", 126080), turn_end=("<|eot_id|>", 126348),
+        chat_template=(
+            "<|startoftext|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+            "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+        ),
+        n_kv_heads=4,  # LLaDA-8B has no grouped-query attention
+    ),
+)
