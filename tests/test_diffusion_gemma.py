@@ -1,0 +1,117 @@
+"""DiffusionGemma (transformers' own class) through the `dllm` model: by default exactly its `generate()`."""
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+from lm_eval_dllm.generate_dgemma import decode
+from lm_eval_dllm.model import DLLM
+from lm_eval_dllm.models.diffusion_gemma import build_tiny_checkpoint
+from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.text import completion_text
+from lm_eval_dllm.utils import DLLMError
+
+L = 32  # two canvases of 16
+PROMPTS = [f"Q{i}: what is {i} + {3 * i}?\nA:" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def dg_ckpt(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("dgemma"))
+
+
+@pytest.fixture(scope="module")
+def official(dg_ckpt):
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(str(dg_ckpt)).eval()
+
+
+def _requests(prompts, max_gen_toks=L):
+    return [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": max_gen_toks}),
+                     idx=0, metadata=("dg", i, 1)) for i, p in enumerate(prompts)]
+
+
+def _generate(official, ids, seed):
+    torch.manual_seed(seed)
+    return official.generate(torch.tensor([ids]), max_new_tokens=L)
+
+
+def test_default_decode_is_generate_for_10_prompts(dg_ckpt, official):
+    """The lm-eval model (batch 1, per-sample seeds) gives generate()'s texts and tokens_per_forward;
+    decode() gives its very tokens, and NFE is the denominator of its tokens_per_forward."""
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", batch_size=1)
+    texts = lm.generate_until(_requests(PROMPTS), disable_tqdm=True)
+    stats = sorted(lm.stats["dg"], key=lambda s: s["doc_id"])
+    tok = AutoTokenizer.from_pretrained(str(dg_ckpt))
+    tpfs, nfes = set(), set()
+    for i, p in enumerate(PROMPTS):
+        ids = tok(p)["input_ids"]
+        seed = lm._seed(p, 0)
+        ref = _generate(official, ids, seed)
+        new = ref.sequences[0, len(ids):]
+        assert texts[i] == completion_text(new.tolist(), tok, lm.spec, ["\n\n"])
+        assert stats[i]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)
+        out = decode(lm.model, [ids], None, gen_length=L, seeds=[seed], pad_id=lm.spec.pad_id,
+                     device=torch.device("cpu"))
+        assert torch.equal(out.tokens[0], new)
+        assert out.tpf[0] == ref.tokens_per_forward[0]
+        assert out.valid[0] / out.nfe[0] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)
+        assert stats[i]["nfe"] == int(out.nfe[0])
+        tpfs.add(round(stats[i]["tpf"], 4))
+        nfes.add(stats[i]["nfe"])
+    assert len(tpfs) > 2 and len(nfes) > 2  # early stops and EOS make rows differ: the check has teeth
+
+
+def test_batch_counts_passes_per_row_as_generate_does(dg_ckpt, official):
+    """Batched (left padding): rows that stop denoising early or finish at an EOS stop counting."""
+    tok = AutoTokenizer.from_pretrained(str(dg_ckpt))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:6]]
+    ours = DLLM(pretrained=str(dg_ckpt), device="cpu").model
+    out = decode(ours, prompts, None, gen_length=L, seeds=[7] * 6, pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    P = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(7)
+    ref = official.generate(ids, attention_mask=attn, max_new_tokens=L)
+    assert torch.equal(out.tokens, ref.sequences[:, P:])
+    assert torch.equal(out.tpf, ref.tokens_per_forward)
+    assert torch.allclose(out.valid / out.nfe, ref.tokens_per_forward.float(), rtol=1e-6)
+    assert len(set(out.nfe.tolist())) > 1
+
+
+def test_a_sampler_is_the_acceptance_rule(dg_ckpt):
+    """threshold keeps what it says (more with a lower tau), at least one position per row, and each
+    recorded step holds only rows still denoising."""
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
+    tok = lm.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
+    kept = {}
+    for tau in (0.9, 0.3):
+        out = decode(lm.model, prompts, make_sampler("threshold", {"tau": tau}), gen_length=L, seeds=[1, 2, 3, 4],
+                     pad_id=lm.spec.pad_id, device=torch.device("cpu"), record=True)
+        assert out.steps and all(r.action.any(-1).all() for r in out.steps)
+        for r in out.steps:
+            above = r.conf >= tau
+            assert torch.equal(r.action & ~above, r.action & (r.action.sum(-1, keepdim=True) == 1) & ~above)
+        assert sum(len(r.rows) for r in out.steps) == int(out.nfe.sum())
+        kept[tau] = sum(int(r.action.sum()) for r in out.steps[:4])
+    assert kept[0.3] > kept[0.9]
+
+
+@pytest.mark.parametrize("args, needle", [
+    ({"sampler": "confidence"}, "valid: eb, threshold, factor, learned"),
+    ({"block": 8}, "valid: block=16"),
+    ({"steps": 4}, "max_denoising_steps"),
+    ({"temperature": 0.5}, "t_max..t_min"),
+])
+def test_bad_settings_are_one_line(dg_ckpt, args, needle):
+    with pytest.raises(DLLMError) as e:
+        DLLM(pretrained=str(dg_ckpt), device="cpu", **args)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_loglikelihood_is_refused_in_one_line(dg_ckpt):
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("Q: 1+1\nA:", " 2"), idx=0, metadata=("t", 0, 1))
+    with pytest.raises(DLLMError, match="loglikelihood is not supported for DiffusionGemma"):
+        lm.loglikelihood([req], disable_tqdm=True)
