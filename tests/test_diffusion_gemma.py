@@ -1,5 +1,11 @@
 """DiffusionGemma (transformers' own class) through the `dllm` model: by default exactly its `generate()`."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -8,10 +14,13 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 from lm_eval_dllm.generate_dgemma import decode
 from lm_eval_dllm.model import DLLM
 from lm_eval_dllm.models.diffusion_gemma import build_tiny_checkpoint
-from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, action_logprob
+from lm_eval_dllm.samplers import make_sampler, top_k
+from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.text import completion_text
 from lm_eval_dllm.utils import DLLMError
 
+ROOT = Path(__file__).resolve().parents[1]
 L = 32  # two canvases of 16
 PROMPTS = [f"Q{i}: what is {i} + {3 * i}?\nA:" for i in range(10)]
 
@@ -115,3 +124,49 @@ def test_loglikelihood_is_refused_in_one_line(dg_ckpt):
     req = Instance(request_type="loglikelihood", doc={}, arguments=("Q: 1+1\nA:", " 2"), idx=0, metadata=("t", 0, 1))
     with pytest.raises(DLLMError, match="loglikelihood is not supported for DiffusionGemma"):
         lm.loglikelihood([req], disable_tqdm=True)
+
+
+def test_recorded_steps_replay_the_learned_policy(dg_ckpt):
+    """What GRPO replays is what the learned sampler decided on: the policy over a recorded step's
+    features gives that step's action (greedy) and a finite log-probability of it."""
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
+    torch.manual_seed(0)
+    policy = UnmaskPolicy(PolicyConfig(hidden=16, ff=32, init="threshold", init_tau=0.5, block=16, gen_length=L)).eval()
+    sampler = LearnedSampler(LearnedSampler.Config(mode="greedy", cutoff=0.5, temperature=1.0), policy=policy)
+    prompts = [lm.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    out = decode(lm.model, prompts, sampler, gen_length=L, seeds=[5, 6, 7], pad_id=lm.spec.pad_id,
+                 device=torch.device("cpu"), record=True)
+    assert {r.block for r in out.steps} == {0, 1}  # both canvases
+    assert all(r.masked.all() for r in out.steps if r.step == 0)  # a canvas starts as noise
+    sizes = set()
+    with torch.no_grad():
+        for r in out.steps:
+            logits = policy.logits_for(r.conf, r.margin, r.entropy, r.masked, r.eligible)
+            act = torch.sigmoid(logits) > 0.5
+            act |= top_k(logits, r.eligible, 1) & ~act.any(-1, keepdim=True)
+            assert torch.equal(act, r.action)
+            assert torch.isfinite(action_logprob(policy.cfg, logits, r.action, None, r.eligible)).all()
+            sizes |= set(r.action.sum(-1).tolist())
+    assert len(sizes) > 2  # the policy keeps varying numbers of positions
+
+
+@pytest.mark.slow
+def test_grpo_trains_a_policy_that_runs_through_the_cli(dg_ckpt, tmp_path):
+    """20 GRPO steps on the tiny DiffusionGemma, then `lm_eval --model dllm` with that policy."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "grpo"
+    subprocess.run([sys.executable, "-m", "train.grpo", "--pretrained", str(dg_ckpt), "--steps", "20",
+                    "--group", "2", "--prompts-per-step", "1", "--inner-steps", "1", "--val-size", "1",
+                    "--val-every", "20", "--gen-length", "16", "--batch-size", "2", "--device", "cpu",
+                    "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True)
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21)) and (out / "best").is_dir()
+    res = subprocess.run(["lm_eval", "--model", "dllm", "--model_args",
+                          f"pretrained={dg_ckpt},sampler=learned,policy={out / 'best'},gen_length=16",
+                          "--tasks", "modchain", "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "ev")],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [path] = (tmp_path / "ev").rglob("results_*.json")
+    results = json.loads(path.read_text())
+    assert results["config"]["dllm"]["sampler"] == "learned"
+    assert results["results"]["modchain"]["nfe,none"] >= 1
