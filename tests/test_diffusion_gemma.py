@@ -170,3 +170,18 @@ def test_grpo_trains_a_policy_that_runs_through_the_cli(dg_ckpt, tmp_path):
     results = json.loads(path.read_text())
     assert results["config"]["dllm"]["sampler"] == "learned"
     assert results["results"]["modchain"]["nfe,none"] >= 1
+
+
+def test_sharded_bf16_checkpoint_and_chat_template(tmp_path):
+    """Shards with an index load as one model in bfloat16 (the dtype asked for); the chat template is
+    the checkpoint's, applied once (no second BOS) before decoding."""
+    ck = build_tiny_checkpoint(tmp_path / "sharded", shards=3, dtype=torch.bfloat16)
+    assert (ck / "model.safetensors.index.json").exists() and len(list(ck.glob("*.safetensors"))) > 1
+    lm = DLLM(pretrained=str(ck), device="cpu", dtype="bfloat16", gen_length=16)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    prompt = lm.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    assert prompt == "<bos><start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+    ids = lm.gen.encode(prompt, 16)
+    assert ids.count(lm.tokenizer.bos_token_id) == 1 and ids[0] == lm.tokenizer.bos_token_id
+    [text] = lm.generate_until(_requests([prompt], 16), disable_tqdm=True)
+    assert isinstance(text, str) and lm.stats["dg"][0]["nfe"] >= 1

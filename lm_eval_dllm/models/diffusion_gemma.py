@@ -206,7 +206,8 @@ def build_tiny_checkpoint(out: str | Path, seed: int = 0, canvas_length: int = 1
     a CPU. The tied embedding / output layer is scaled by `logit_scale` (random logits are near-uniform),
     and generation_config.json is transformers' defaults but for `max_denoising_steps`, no stability
     requirement and a confidence threshold of 0.3 nats (`generation` overrides), so that on random weights
-    rows stop denoising at different steps and some end early at an EOS."""
+    rows stop denoising at different steps and some end early at an EOS. shards > 1: about that many
+    weight files and an index, as published checkpoints come."""
     out = Path(out)
     specials = {"pad_token": ("<pad>", None), "eos_token": ("<eos>", None), "bos_token": ("<bos>", None),
                 "unk_token": ("<unk>", None), "turn_start": ("<start_of_turn>", None),
