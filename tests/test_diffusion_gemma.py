@@ -36,8 +36,9 @@ def official(dg_ckpt):
 
 
 def _requests(prompts, max_gen_toks=L):
-    return [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": max_gen_toks}),
-                     idx=0, metadata=("dg", i, 1)) for i, p in enumerate(prompts)]
+    kw = {"until": ["\n\n"], "max_gen_toks": max_gen_toks}
+    return [Instance(request_type="generate_until", doc={}, arguments=(p, kw), idx=0, metadata=("dg", i, 1))
+            for i, p in enumerate(prompts)]
 
 
 def _generate(official, ids, seed):
@@ -131,7 +132,8 @@ def test_recorded_steps_replay_the_learned_policy(dg_ckpt):
     features gives that step's action (greedy) and a finite log-probability of it."""
     lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
     torch.manual_seed(0)
-    policy = UnmaskPolicy(PolicyConfig(hidden=16, ff=32, init="threshold", init_tau=0.5, block=16, gen_length=L)).eval()
+    policy = UnmaskPolicy(PolicyConfig(hidden=16, ff=32, init="threshold", init_tau=0.5, block=16, gen_length=L))
+    policy.eval()
     sampler = LearnedSampler(LearnedSampler.Config(mode="greedy", cutoff=0.5, temperature=1.0), policy=policy)
     prompts = [lm.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
     out = decode(lm.model, prompts, sampler, gen_length=L, seeds=[5, 6, 7], pad_id=lm.spec.pad_id,
@@ -163,7 +165,8 @@ def test_grpo_trains_a_policy_that_runs_through_the_cli(dg_ckpt, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 21)) and (out / "best").is_dir()
     res = subprocess.run(["lm_eval", "--model", "dllm", "--model_args",
                           f"pretrained={dg_ckpt},sampler=learned,policy={out / 'best'},gen_length=16",
-                          "--tasks", "modchain", "--limit", "2", "--device", "cpu", "--output_path", str(tmp_path / "ev")],
+                          "--tasks", "modchain", "--limit", "2", "--device", "cpu",
+                          "--output_path", str(tmp_path / "ev")],
                          env=env, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     [path] = (tmp_path / "ev").rglob("results_*.json")

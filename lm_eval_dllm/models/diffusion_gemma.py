@@ -40,6 +40,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSamplerConfig,
 )
 
+from ..decode import StepRecord, _check_action
 from ..samplers.base import Sampler, StepState
 from ..spec import FamilySpec
 from ..tiny.tokenizer import build_char_tokenizer
@@ -113,18 +114,13 @@ class Acceptance(EntropyBoundSampler):
             return super().accept_canvas(current_canvas, denoiser_canvas, logits, cur_step)
         state = step_state(denoiser_canvas, logits, self.accepted_token_mask, self.generators)
         action = self.rule.select(state)
-        if action.shape != state.eligible.shape or action.dtype != torch.bool or (state.eligible.any(-1) & ~action.any(-1)).any():
-            raise RuntimeError(f"sampler {self.rule.name!r} returned {tuple(action.shape)} {action.dtype} "
-                               f"keeping nothing in a row; expected {tuple(state.eligible.shape)} torch.bool, >= 1 kept")
+        _check_action(self.rule, action, state.eligible)  # the sampler contract, as in the masked decode loop
         if self.record:
             self._record(state, action, int(cur_step))
         self.accepted_token_mask = action
         return torch.where(action, denoiser_canvas, current_canvas)
 
     def _record(self, state: StepState, action: torch.Tensor, cur_step: int) -> None:
-        # imported here: decode imports models (this package), so a top-level import would be a cycle
-        from ..decode import StepRecord
-
         rows = self.active.nonzero().squeeze(-1)  # finished rows' steps are discarded by generate
         if rows.numel() == 0:
             return
