@@ -5,19 +5,22 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lm_eval.api.instance import Instance
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+from lm_eval_dllm.config import DLLMConfig
 from lm_eval_dllm.generate_dgemma import decode
+from lm_eval_dllm.loading import read_checkpoint
 from lm_eval_dllm.model import DLLM
 from lm_eval_dllm.models.diffusion_gemma import build_tiny_checkpoint
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, action_logprob
 from lm_eval_dllm.samplers import make_sampler, top_k
 from lm_eval_dllm.samplers.learned import LearnedSampler
-from lm_eval_dllm.text import completion_text
+from lm_eval_dllm.text import completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +30,7 @@ PROMPTS = [f"Q{i}: what is {i} + {3 * i}?\nA:" for i in range(10)]
 
 @pytest.fixture(scope="module")
 def dg_ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("dgemma"))
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("dgemma"), max_denoising_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +50,20 @@ def _generate(official, ids, seed):
 
 
 def test_default_decode_is_generate_for_10_prompts(dg_ckpt, official):
-    """The lm-eval model (batch 1, per-sample seeds) gives generate()'s texts and tokens_per_forward;
-    decode() gives its very tokens, and NFE is the denominator of its tokens_per_forward."""
+    """The lm-eval model (batch 1, per-sample seeds) gives generate()'s texts and tokens_per_forward, and
+    its NFE is that ratio's denominator (decoder passes)."""
     lm = DLLM(pretrained=str(dg_ckpt), device="cpu", batch_size=1)
     texts = lm.generate_until(_requests(PROMPTS), disable_tqdm=True)
     stats = sorted(lm.stats["dg"], key=lambda s: s["doc_id"])
     tok = AutoTokenizer.from_pretrained(str(dg_ckpt))
-    tpfs, nfes = set(), set()
     for i, p in enumerate(PROMPTS):
         ids = tok(p)["input_ids"]
-        seed = lm._seed(p, 0)
-        ref = _generate(official, ids, seed)
-        new = ref.sequences[0, len(ids):]
-        assert texts[i] == completion_text(new.tolist(), tok, lm.spec, ["\n\n"])
+        ref = _generate(official, ids, lm._seed(p, 0))
+        assert texts[i] == completion_text(ref.sequences[0, len(ids):].tolist(), tok, lm.spec, ["\n\n"])
         assert stats[i]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)
-        out = decode(lm.model, [ids], None, gen_length=L, seeds=[seed], pad_id=lm.spec.pad_id,
-                     device=torch.device("cpu"))
-        assert torch.equal(out.tokens[0], new)
-        assert out.tpf[0] == ref.tokens_per_forward[0]
-        assert out.valid[0] / out.nfe[0] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)
-        assert stats[i]["nfe"] == int(out.nfe[0])
-        tpfs.add(round(stats[i]["tpf"], 4))
-        nfes.add(stats[i]["nfe"])
-    assert len(tpfs) > 2 and len(nfes) > 2  # early stops and EOS make rows differ: the check has teeth
+        assert stats[i]["tokens"] / stats[i]["nfe"] == pytest.approx(stats[i]["tpf"], rel=1e-6)
+    # early stops and EOS make rows differ: the comparison has teeth
+    assert len({s["tpf"] for s in stats}) > 2 and len({s["nfe"] for s in stats}) > 2
 
 
 def test_batch_counts_passes_per_row_as_generate_does(dg_ckpt, official):
@@ -153,9 +147,34 @@ def test_recorded_steps_replay_the_learned_policy(dg_ckpt):
 
 
 @pytest.mark.slow
-def test_grpo_trains_a_policy_that_runs_through_the_cli(dg_ckpt, tmp_path):
+def test_cli_default_is_generate_for_10_prompts(dg_ckpt, official, tmp_path):
+    """`lm_eval --model dllm` (no sampler=, batch size 1): each logged sample's text and tokens_per_forward
+    are those of `generate()` on its prompt under its seed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(["lm_eval", "--model", "dllm", "--model_args", f"pretrained={dg_ckpt},gen_length={L}",
+                          "--tasks", "modchain", "--limit", "10", "--batch_size", "1", "--device", "cpu",
+                          "--log_samples", "--output_path", str(tmp_path)],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    logged = [json.loads(x) for x in next(tmp_path.rglob("samples_modchain_*.jsonl")).read_text().splitlines()]
+    samples = list({s["doc_id"]: s for s in logged}.values())  # one line per doc and filter
+    ck = read_checkpoint(str(dg_ckpt))
+    seeds = SimpleNamespace(cfg=SimpleNamespace(seed=DLLMConfig.seed))  # the CLI's default seed
+    assert len(samples) == 10
+    for s in samples:
+        context, gen_kwargs = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
+        ids = ck.tokenizer(context)["input_ids"]
+        ref = _generate(official, ids, DLLM._seed(seeds, context, 0))
+        until = stop_strings(gen_kwargs, ck.tokenizer, ck.spec)
+        assert s["resps"][0][0] == completion_text(ref.sequences[0, len(ids):].tolist(), ck.tokenizer, ck.spec, until)
+        assert s["dllm"]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_trains_a_policy_that_runs_through_the_cli(tmp_path):
     """20 GRPO steps on the tiny DiffusionGemma, then `lm_eval --model dllm` with that policy."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dg_ckpt = build_tiny_checkpoint(tmp_path / "dg", max_denoising_steps=4)  # a short run
     out = tmp_path / "grpo"
     subprocess.run([sys.executable, "-m", "train.grpo", "--pretrained", str(dg_ckpt), "--steps", "20",
                     "--group", "2", "--prompts-per-step", "1", "--inner-steps", "1", "--val-size", "1",
