@@ -132,8 +132,11 @@ def decode(model, prompts: list[list[int]], sampler: Sampler | None, *, gen_leng
                      model.config.text_config.vocab_size, gc.max_denoising_steps, gens, record=record)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(seeds[0]))
+        # a checkpoint with a static cache compiles generate()'s pieces, the acceptance step among them
+        # (and keeps the first call's compiled one); our sampler's step runs uncompiled
         out = model.generate(ids.to(device), attention_mask=attn.to(device), max_new_tokens=gen_length,
-                             sampler_config=AcceptanceConfig(entropy_bound=bound, acceptance=acc))
+                             sampler_config=AcceptanceConfig(entropy_bound=bound, acceptance=acc),
+                             **({"disable_compile": True} if sampler is not None else {}))
     new = out.sequences[:, P:].cpu()
     valid = (new != gc.pad_token_id).sum(-1) if gc.pad_token_id is not None else torch.full((len(new),), new.shape[1])
     return CanvasOutput(new, out.tokens_per_forward.cpu(), acc.out.nfe, valid, acc.out.steps if record else None)
