@@ -26,8 +26,12 @@ import logging
 from pathlib import Path
 
 from tabulate import tabulate
+from transformers import AutoConfig
 
+from lm_eval_dllm.generate_dgemma import MEANINGFUL
+from lm_eval_dllm.loading import resolve_pretrained
 from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.models.diffusion_gemma import is_diffusion_gemma
 from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.utils import DLLMError, atomic_write
 import policies
@@ -59,6 +63,19 @@ def _ints(s: str, flag: str = "--blocks") -> list[int]:
     if not out or min(out) < 1:
         raise DLLMError(f"{flag} {s!r}; valid: comma-separated whole numbers > 0, e.g. 8,16,48")
     return out
+
+
+def _family_grid(a, p) -> None:
+    """DiffusionGemma (issue 31): its canvas is the one block, and only the samplers that mean something
+    there (lm_eval_dllm.generate_dgemma.MEANINGFUL) run, unless --blocks / --samplers say otherwise."""
+    if not a.pretrained:
+        return
+    config = AutoConfig.from_pretrained(resolve_pretrained(a.pretrained))
+    if not is_diffusion_gemma(config):
+        return
+    a.blocks = a.blocks or str(config.canvas_length)
+    if a.samplers == p.get_default("samplers"):
+        a.samplers = ",".join(s for s in SWEEPS if s in MEANINGFUL)
 
 
 def main(argv=None) -> None:
@@ -94,6 +111,7 @@ def main(argv=None) -> None:
     o.add_argument("--nfe-budget", type=float, default=None, help="fixed NFE budget of the block-size "
                    "figure's left panel (default L/4; its right panel uses threshold tau=0.9's NFE per block)")
     a = p.parse_args(argv)
+    _family_grid(a, p)
     # results/README.md shows the default grid only: another model, policy, dtype, seed, task, limit,
     # generation length or output folder writes its tables and figures but leaves it alone
     a.default_setup = a.out.resolve() == HERE and a.preset != "paper" and all(

@@ -22,6 +22,7 @@ from lm_eval_dllm.samplers import make_sampler, top_k
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.text import completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError
+from results.grid import SWEEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 L = 32  # two canvases of 16
@@ -207,3 +208,17 @@ def test_sharded_bf16_checkpoint_and_chat_template(tmp_path):
     assert ids.count(lm.tokenizer.bos_token_id) == 1 and ids[0] == lm.tokenizer.bos_token_id
     [text] = lm.generate_until(_requests([prompt], 16), disable_tqdm=True)
     assert isinstance(text, str) and lm.stats["dg"][0]["nfe"] >= 1
+
+
+@pytest.mark.slow
+def test_results_dry_run_plans_the_family_grid(dg_ckpt, tmp_path):
+    """`python -m results --dry-run` on a DiffusionGemma: its canvas as the one block, only its samplers."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "results", "--pretrained", str(dg_ckpt), "--tasks", "modchain",
+                          "--limit", "2", "--batch-size", "2", "--dry-run", "--out", str(tmp_path)],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "blocks 16," in res.stdout and "| modchain" in res.stdout
+    n_settings = int(res.stdout.split(" sampler settings per block")[0].rsplit(" ", 1)[-1])
+    sweeps = [p for s, ps in SWEEPS.items() if s in ("eb", "threshold", "factor") for p in ps or [{}]]
+    assert n_settings == len(sweeps)  # no policy here: learned is left out, the top-k samplers too
