@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 # model_args of masked decoding that mean nothing here: (key, why)
 NOT_HERE = {"steps": "the step count is the checkpoint's max_denoising_steps",
             "temperature": "tokens are sampled under the checkpoint's t_max..t_min schedule",
-            "cache": "the encoder's key/value cache is the family's own, always on"}
+            "cache": "the encoder's key/value cache is the family's own, always on",
+            "early_exit": "generate() always ends a sample at the canvas that holds its EOS"}
 
 
 class DiffusionGemmaLM(DLLM):
@@ -37,9 +38,10 @@ class DiffusionGemmaLM(DLLM):
         super(DLLM, self).__init__()  # LM's and DataParallel's own set-up; DLLM's is for masked families
         self._warned: set[str] = set()
         self.cfg = DLLMConfig.from_model_args(model_args)
-        for key, why in NOT_HERE.items():
-            if key in model_args and (key != "cache" or model_args[key] != "none"):
-                raise DLLMError(f"{key}= does not apply to DiffusionGemma ({why}); valid: leave {key} unset")
+        for key, why in NOT_HERE.items():  # given with other than the default: refused, not ignored
+            if getattr(self.cfg, key) != getattr(DLLMConfig, key):
+                raise DLLMError(f"{key}={getattr(self.cfg, key)} does not apply to DiffusionGemma ({why}); "
+                                f"valid: leave {key} unset")
         given = "sampler" in model_args
         if given:
             check_sampler(self.cfg.sampler)

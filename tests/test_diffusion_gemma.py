@@ -108,6 +108,8 @@ def test_a_sampler_is_the_acceptance_rule(dg_ckpt):
     ({"block": 8}, "valid: block=16"),
     ({"steps": 4}, "max_denoising_steps"),
     ({"temperature": 0.5}, "t_max..t_min"),
+    ({"cache": "prefix"}, "cache=prefix does not apply"),
+    ({"early_exit": "false"}, "early_exit=False does not apply"),
 ])
 def test_bad_settings_are_one_line(dg_ckpt, args, needle):
     with pytest.raises(DLLMError) as e:
