@@ -50,10 +50,10 @@ SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
 
 class DLLM(DataParallel, LM):
     def __new__(cls, **model_args: Any):
-        # issue 31 hook: a DiffusionGemma checkpoint (uniform noise) gets its own subclass, on transformers' generate()
+        # issue 31 hook: a DiffusionGemma checkpoint (uniform noise) gets its own subclass (model_dgemma)
         if cls is DLLM and model_args.get("pretrained") and is_diffusion_gemma(
                 read_config(resolve_pretrained(str(model_args["pretrained"])), model_args.get("revision"))):
-            from .model_dgemma import DiffusionGemmaLM  # a subclass of this one: importing it at the top is a cycle
+            from .model_dgemma import DiffusionGemmaLM  # a subclass of this class: a top-level import is a cycle
             cls = DiffusionGemmaLM
         return super().__new__(cls)
 

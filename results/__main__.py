@@ -29,7 +29,7 @@ from tabulate import tabulate
 from transformers import AutoConfig
 
 from lm_eval_dllm.generate_dgemma import MEANINGFUL
-from lm_eval_dllm.loading import resolve_pretrained
+from lm_eval_dllm.loading import read_config, resolve_pretrained
 from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.models.diffusion_gemma import is_diffusion_gemma
 from lm_eval_dllm.policy import find_policy
@@ -68,12 +68,9 @@ def _ints(s: str, flag: str = "--blocks") -> list[int]:
 def _family_grid(a, p) -> None:
     """DiffusionGemma (issue 31): its canvas is the one block, and only the samplers that mean something
     there (lm_eval_dllm.generate_dgemma.MEANINGFUL) run, unless --blocks / --samplers say otherwise."""
-    if not a.pretrained:
+    if not a.pretrained or not is_diffusion_gemma(read_config(resolve_pretrained(a.pretrained), None)):
         return
-    config = AutoConfig.from_pretrained(resolve_pretrained(a.pretrained))
-    if not is_diffusion_gemma(config):
-        return
-    a.blocks = a.blocks or str(config.canvas_length)
+    a.blocks = a.blocks or str(AutoConfig.from_pretrained(resolve_pretrained(a.pretrained)).canvas_length)
     if a.samplers == p.get_default("samplers"):
         a.samplers = ",".join(s for s in SWEEPS if s in MEANINGFUL)
 
@@ -111,7 +108,6 @@ def main(argv=None) -> None:
     o.add_argument("--nfe-budget", type=float, default=None, help="fixed NFE budget of the block-size "
                    "figure's left panel (default L/4; its right panel uses threshold tau=0.9's NFE per block)")
     a = p.parse_args(argv)
-    _family_grid(a, p)
     # results/README.md shows the default grid only: another model, policy, dtype, seed, task, limit,
     # generation length or output folder writes its tables and figures but leaves it alone
     a.default_setup = a.out.resolve() == HERE and a.preset != "paper" and all(
@@ -122,6 +118,7 @@ def main(argv=None) -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
     try:
+        _family_grid(a, p)
         grid = Grid(tasks=a.tasks.split(",") if a.tasks else list(preset.tasks),
                     blocks=_ints(a.blocks) if a.blocks else list(preset.blocks), samplers=a.samplers.split(","),
                     pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,
