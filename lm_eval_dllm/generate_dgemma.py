@@ -21,7 +21,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 
 from .generate import Generated, Generator
 from .models.diffusion_gemma import Acceptance, AcceptanceConfig
-from .samplers import available_samplers
+from .samplers import sampler_class
 from .samplers.base import Sampler
 from .text import completion_text
 from .utils import DLLMError
@@ -33,8 +33,8 @@ MEANINGFUL = ("eb", "threshold", "factor", "learned")
 
 
 def check_sampler(name: str) -> None:
-    """One line for a registered sampler that does not fit the family (a module:Class one is the user's)."""
-    if name in available_samplers() and name not in MEANINGFUL:
+    """One line for one of our samplers that does not fit the family (one of yours is taken as it is)."""
+    if sampler_class(name).__module__.startswith("lm_eval_dllm.") and name not in MEANINGFUL:
         raise DLLMError(f"sampler={name!r} does not apply to DiffusionGemma (uniform noise: every step keeps "
                         f"some positions and re-noises the rest); valid: {', '.join(MEANINGFUL)}, module:Class, "
                         f"or no sampler= for the family's own entropy-bound rule")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from lm_eval_dllm.loading import read_checkpoint
 from lm_eval_dllm.model import DLLM
 from lm_eval_dllm.models.diffusion_gemma import build_tiny_checkpoint
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, action_logprob
-from lm_eval_dllm.samplers import make_sampler, top_k
+from lm_eval_dllm.samplers import Sampler, make_sampler, top_k
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.text import completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError
@@ -224,3 +225,23 @@ def test_results_dry_run_plans_the_family_grid(dg_ckpt, tmp_path):
     n_settings = int(res.stdout.split(" sampler settings per block")[0].rsplit(" ", 1)[-1])
     sweeps = [p for s, ps in SWEEPS.items() if s in ("eb", "threshold", "factor") for p in ps or [{}]]
     assert n_settings == len(sweeps)  # no policy here: learned is left out, the top-k samplers too
+
+
+class KeepAll(Sampler):
+    """A user's own sampler (module:Class): keeps every position."""
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def select(self, state):
+        return state.eligible.clone()
+
+
+def test_a_users_own_sampler_is_taken_as_the_rule(dg_ckpt):
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", sampler="tests.test_diffusion_gemma:KeepAll")
+    ids = lm.tokenizer(PROMPTS[0])["input_ids"]
+    out = decode(lm.model, [ids], lm.sampler, gen_length=16, seeds=[3], pad_id=lm.spec.pad_id,
+                 device=torch.device("cpu"), record=True)
+    assert all(r.action.all() for r in out.steps)
+    assert all(not r.masked.any() for r in out.steps if r.step > 0)  # nothing re-noised after a keep-all step
