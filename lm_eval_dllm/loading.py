@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from . import tiny  # noqa: F401  (registers the bundled model class with AutoModel)
-from .models import load_native, native_families, native_family
+from .models import diffusion_gemma, load_native, native_families, native_family
 from .spec import FamilySpec, spec_from
 from .utils import DLLMError, check_safetensors
 
@@ -165,6 +165,9 @@ def read_checkpoint(pretrained: str, trust_remote_code: bool = True, revision: s
     except Exception as e:
         raise _remote_failure(path, None, e) from None
     tokenizer = _tokenizer(path, trust_remote_code, revision)
+    if diffusion_gemma.is_diffusion_gemma(config):  # issue 31: uniform noise, no mask token
+        gc = diffusion_gemma.generation_config(path, revision)
+        return Checkpoint(path, False, config, tokenizer, diffusion_gemma.family_spec(config, tokenizer, gc))
     return Checkpoint(path, False, config, tokenizer, spec_from(config, tokenizer, name=path, remote=True))
 
 
@@ -181,6 +184,8 @@ def load(pretrained: str, dtype: str = "auto", device: str | None = None,
         local = local_checkpoint(ck.path, revision)
         _check_weights(local)
         model = load_native(local, ck.config, torch_dtype, dev)
+    elif diffusion_gemma.is_diffusion_gemma(ck.config):  # issue 31: transformers' own class, with our hooks
+        model = diffusion_gemma.load(ck.path, torch_dtype, dev, revision)
     else:
         if Path(ck.path).is_dir():
             _check_weights(Path(ck.path))

@@ -27,7 +27,8 @@ from .cache import check_cache_support
 from .config import DLLMConfig
 from .generate import Generator, chat_prompt, resolve_shape
 from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
-from .loading import load, read_checkpoint, resolve_device, resolve_dtype
+from .loading import load, read_checkpoint, read_config, resolve_device, resolve_dtype, resolve_pretrained
+from .models.diffusion_gemma import is_diffusion_gemma
 from .parallel import DataParallel
 from .policy import policy_for
 from .samplers import make_sampler
@@ -47,6 +48,14 @@ SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
 
 
 class DLLM(DataParallel, LM):
+    def __new__(cls, **model_args: Any):
+        # issue 31 hook: a DiffusionGemma checkpoint (uniform noise) gets its own subclass (model_dgemma)
+        if cls is DLLM and model_args.get("pretrained") and is_diffusion_gemma(
+                read_config(resolve_pretrained(str(model_args["pretrained"])), model_args.get("revision"))):
+            from .model_dgemma import DiffusionGemmaLM  # a subclass of this class: a top-level import is a cycle
+            cls = DiffusionGemmaLM
+        return super().__new__(cls)
+
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         self._warned: set[str] = set()

@@ -26,8 +26,12 @@ import logging
 from pathlib import Path
 
 from tabulate import tabulate
+from transformers import AutoConfig
 
+from lm_eval_dllm.generate_dgemma import MEANINGFUL
+from lm_eval_dllm.loading import read_config, resolve_pretrained
 from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.models.diffusion_gemma import is_diffusion_gemma
 from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.utils import DLLMError, atomic_write
 import policies
@@ -59,6 +63,16 @@ def _ints(s: str, flag: str = "--blocks") -> list[int]:
     if not out or min(out) < 1:
         raise DLLMError(f"{flag} {s!r}; valid: comma-separated whole numbers > 0, e.g. 8,16,48")
     return out
+
+
+def _family_grid(a, p) -> None:
+    """DiffusionGemma (issue 31): its canvas is the one block, and only the samplers that mean something
+    there (lm_eval_dllm.generate_dgemma.MEANINGFUL) run, unless --blocks / --samplers say otherwise."""
+    if not a.pretrained or not is_diffusion_gemma(read_config(resolve_pretrained(a.pretrained), None)):
+        return
+    a.blocks = a.blocks or str(AutoConfig.from_pretrained(resolve_pretrained(a.pretrained)).canvas_length)
+    if a.samplers == p.get_default("samplers"):
+        a.samplers = ",".join(s for s in SWEEPS if s in MEANINGFUL)
 
 
 def main(argv=None) -> None:
@@ -104,6 +118,7 @@ def main(argv=None) -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
     try:
+        _family_grid(a, p)
         grid = Grid(tasks=a.tasks.split(",") if a.tasks else list(preset.tasks),
                     blocks=_ints(a.blocks) if a.blocks else list(preset.blocks), samplers=a.samplers.split(","),
                     pretrained=a.pretrained, limit=a.limit, batch_size=a.batch_size, seed=a.seed,

@@ -40,8 +40,10 @@ from tqdm import tqdm
 from lm_eval_dllm.cache import CACHE_MODES, check_cache
 from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
+from lm_eval_dllm.generate_dgemma import DiffusionGemmaGenerator
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.model import BUNDLED_ID
+from lm_eval_dllm.models.diffusion_gemma import MODEL_TYPE as DIFFUSION_GEMMA
 from lm_eval_dllm.policy import (ALL_FEATURES, ARCHS, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy,
                                  action_logprob, build_policy, find_policy, network_diff)
 from lm_eval_dllm.reward import TaskScorer, reward
@@ -140,7 +142,8 @@ class Env:
             check_block(cfg.block, int(task_L))  # before the weights load
         self.model, self.tok, self.spec = load(cfg.pretrained or str(BUNDLED_DIR), cfg.dtype, str(device))
         self.model_id = cfg.pretrained or BUNDLED_ID
-        self.gen = Generator(self.model, self.tok, self.spec, model_id=self.model_id, device=device,
+        make = DiffusionGemmaGenerator if self.spec.family == DIFFUSION_GEMMA else Generator  # issue 31 hook
+        self.gen = make(self.model, self.tok, self.spec, model_id=self.model_id, device=device,
                              max_length=cfg.max_length, truncation=cfg.truncation,
                              chat=cfg.apply_chat_template, cache=cfg.cache,
                              window=cfg.cache_window)
