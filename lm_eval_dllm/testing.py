@@ -44,6 +44,21 @@ FAMILY_FACTS = {
 }
 
 
+def float_tol(magnitude: float | torch.Tensor, terms: int, dtype: torch.dtype = torch.float32) -> float:
+    """The largest |a - b| between two evaluations of one float computation that differ only in
+    the order of their sums: batch size, row order, thread count, SIMD width (AVX2 against
+    AVX-512 kernels), a span forward against the full one.
+
+    magnitude: the size of what the result is summed from (the sum of the terms' absolute
+    values); terms: the length of the longest reduction. Recursive summation of n terms is within
+    (n - 1) * eps / 2 * sum |x| of the exact sum (Higham, Accuracy and Stability, eq. 4.4), so
+    two orders are within n * eps * sum |x| of each other, on any CPU.
+    """
+    if isinstance(magnitude, torch.Tensor):
+        magnitude = magnitude.detach().item()
+    return terms * torch.finfo(dtype).eps * float(magnitude)
+
+
 def llada_config(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
     """LLaDA-8B-Instruct's config.json with the sizes replaced."""
     return {
