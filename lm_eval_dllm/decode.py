@@ -17,6 +17,8 @@ logits`), or only what a key/value cache recomputes (prefix, dual). The statisti
 outside the span are those of the last forward that computed them. The same loop serves every
 family; the family's one difference (Dream's logits are shifted one position) comes from the
 FamilySpec.
+
+`compat=fast-dllm` (lm_eval_dllm.compat) reproduces Fast-dLLM's loops where ours differs by design.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .cache import FullForward, forward_strategy, positions_from
+from .cache import CachedForward, FullForward, forward_strategy, positions_from
+from .compat import check_compat
 from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
@@ -152,11 +155,16 @@ def diffuse(
     early_exit: bool = True,
     record: bool = False,
     device: torch.device | str = "cpu",
+    compat: str = "none",
 ) -> DecodeOutput:
     """Generate gen_length tokens after each prompt (a list of token ids), batched.
 
-    forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`."""
+    forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`.
+    compat: "none", or "fast-dllm" (lm_eval_dllm.compat; it turns early_exit off)."""
     strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
+    cached = isinstance(strategy, CachedForward)
+    mode = check_compat(compat, strategy.refresh, strategy.window) if cached else check_compat(compat)
+    early_exit = early_exit and mode.early_exit
     L = gen_length
     Bk = check_block(block, L)
     nb = L // Bk
@@ -175,17 +183,19 @@ def diffuse(
     seeds = seeds if seeds is not None else list(range(B))
     gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
     stop = torch.tensor(spec.stop_ids or [-1], device=device)
-    suppress = list(spec.suppress_ids)
+    suppress = list(spec.suppress_ids) if mode.suppress_mask else []
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     committed = torch.zeros(B, dtype=torch.long, device=device)
     positions = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    noop = torch.zeros(B, dtype=torch.bool, device=device)  # compat: rows owed a forward that commits nothing
     traj: list[StepRecord] | None = [] if record else None
     pos = torch.arange(L, device=device)[None, :]
     shift = 1 if spec.shifted else 0  # the logit of generated position j sits at column P + j - shift
     # per row, the statistics of every position from the last forward that computed it
     x0_all = torch.zeros((B, L), dtype=torch.long, device=device)
-    conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device) for _ in range(3))
+    conf_all, margin_all, entropy_all = (torch.zeros((B, L), device=device, dtype=mode.stats_dtype)
+                                         for _ in range(3))
 
     for b in range(nb):
         in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
@@ -196,7 +206,7 @@ def diffuse(
             gen = canvas[:, P:]  # (B, L) view
             masked = gen == spec.mask_id
             eligible = masked & in_block & ~done[:, None]
-            rows = eligible.any(-1).nonzero().squeeze(-1)  # (b,)
+            rows = (eligible.any(-1) | noop).nonzero().squeeze(-1)  # (b,)
             if rows.numel() == 0:
                 break
             logits, start = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
@@ -207,7 +217,7 @@ def diffuse(
             if g0 > b * Bk or g1 < (b + 1) * Bk:
                 raise RuntimeError(f"forward strategy returned columns from {start} for "
                                    f"{logits.shape[1]}, which miss block {b}")
-            lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].float()  # (b, g1 - g0, V)
+            lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].to(mode.stats_dtype)  # (b, g1 - g0, V)
             lg[..., suppress] = float("-inf")
             row_gens = [gens[i] for i in rows.tolist()]
             stats = propose(lg, temperature, row_gens, length=L, offset=g0)
@@ -226,7 +236,7 @@ def diffuse(
                                        block=b, num_blocks=nb, step=step,
                                        rank=None if sampler.last_rank is None else sampler.last_rank.cpu()))
             new = torch.where(action, x0, gen[rows])
-            committed[rows] += action.sum(-1)
+            committed[rows] += (action & (x0 != spec.mask_id)).sum(-1)  # compat may propose the mask
             if early_exit:
                 fin = _finished(new, spec.mask_id, stop)
                 if fin.any():
@@ -234,6 +244,10 @@ def diffuse(
                     new[fin] = torch.where(new[fin] == spec.mask_id, spec.pad_id, new[fin])
                     done[rows[fin]] = True
             canvas[rows, P:] = new
+            # compat: a block filled by its first (full) forward of a cached loop costs one more
+            noop[:] = False
+            if step == 0 and cached and mode.noop_forward:
+                noop[rows] = ~((new == spec.mask_id) & in_block).any(-1)
             step += 1
     strategy.release()
     return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,

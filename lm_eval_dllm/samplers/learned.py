@@ -150,8 +150,8 @@ class LearnedSampler(Sampler):
             raise DLLMError("sampler 'learned' has no policy; valid: policy=<folder from train.grpo>")
         p = next(self.policy.parameters())
         with torch.no_grad():
-            return self.policy.logits_for(state.conf.to(p.device), state.margin.to(p.device),
-                                          state.entropy.to(p.device), state.masked.to(p.device),
+            return self.policy.logits_for(state.conf.to(p.device, p.dtype), state.margin.to(p.device, p.dtype),
+                                          state.entropy.to(p.device, p.dtype), state.masked.to(p.device),
                                           state.eligible.to(p.device)).to(state.conf.device)
 
     def select(self, state: StepState) -> torch.Tensor:
