@@ -43,9 +43,11 @@ COMPAT = {"none": Compat(),
           "fast-dllm": Compat(early_exit=False, suppress_mask=False, noop_forward=True, stats_dtype=torch.float64)}
 
 
-def check_compat(compat: str, refresh: int = 0, window: int = 0) -> Compat:
-    """The Compat of a `compat=` value; one-line DLLMError for unknown values or settings the
-    reference does not have."""
+def check_compat(compat: str | Compat, refresh: int = 0, window: int = 0) -> Compat:
+    """The Compat of a `compat=` value (a Compat passes as it is: benchmarks.compat measures one
+    difference at a time); one-line DLLMError for unknown values or settings the reference lacks."""
+    if isinstance(compat, Compat):
+        return compat
     if compat not in COMPAT:
         raise DLLMError(f"compat={compat!r}; valid: {', '.join(COMPAT)}")
     if compat != "none" and (refresh or window):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CachedForward, FullForward, forward_strategy, positions_from
-from .compat import check_compat
+from .compat import Compat, check_compat
 from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
@@ -155,7 +155,7 @@ def diffuse(
     early_exit: bool = True,
     record: bool = False,
     device: torch.device | str = "cpu",
-    compat: str = "none",
+    compat: str | Compat = "none",
 ) -> DecodeOutput:
     """Generate gen_length tokens after each prompt (a list of token ids), batched.
 
@@ -247,7 +247,7 @@ def diffuse(
             # compat: a block filled by its first (full) forward of a cached loop costs one more
             noop[:] = False
             if step == 0 and cached and mode.noop_forward:
-                noop[rows] = ~((new == spec.mask_id) & in_block).any(-1)
+                noop[rows] = ~((new == spec.mask_id) & in_block).any(-1) & ~done[rows]
             step += 1
     strategy.release()
     return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,

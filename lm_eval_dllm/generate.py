@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compat import Compat
 from .decode import StepRecord, check_block, diffuse, model_forward
 from .policy import policy_for
 from .samplers.base import Sampler
@@ -52,7 +53,7 @@ class Generator:
     def __init__(self, model, tokenizer, spec: FamilySpec, *, model_id: str, device,
                  max_length: int | None = None, truncation: str = "left", early_exit: bool = True,
                  chat: bool = False, cache: str = "none", refresh: int = 0, window: int = 0,
-                 compat: str = "none"):
+                 compat: str | Compat = "none"):
         self.forward = model_forward(model, spec, cache, refresh, window)  # the decode loop's strategy
         self.tokenizer, self.spec, self.model_id = tokenizer, spec, model_id
         self.device = torch.device(device)
