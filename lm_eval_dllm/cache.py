@@ -69,10 +69,11 @@ def check_cache(cache: str, refresh: int, window: int = 0) -> None:
 def span_forward(model) -> SpanForward | None:
     """The model's forward over a span with reused keys/values, if its class has one."""
     if isinstance(model, NativeDLLM):
-        return lambda ids, attn, pos, past, ret: model(ids, attn, pos, past, ret)
+        return lambda ids, attn, pos, past, ret, out_from=0: model(ids, attn, pos, past, ret, out_from)
     if isinstance(model, TinyDLLMModel):
-        def run(ids, attn, pos, past, ret):
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_kv=past, return_kv=ret)
+        def run(ids, attn, pos, past, ret, out_from=0):
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_kv=past, return_kv=ret,
+                        out_from=out_from)
             return out.logits, out.kv
         return run
     return None
@@ -84,19 +85,27 @@ def positions_from(attn: torch.Tensor) -> torch.Tensor:
 
 
 class FullForward:
-    """cache=none, and any plain `forward(ids, attn) -> logits`: every step sees everything."""
+    """cache=none, and any plain `forward(ids, attn) -> logits`: every step sees everything.
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.forward = forward
+    Logits are computed only from column `first` on (start_block's: where the generated region's
+    logits start), through `project(ids, attn, out_from)` where the model can (span_forward's
+    models), else cut from the plain forward's."""
 
-    def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return self.forward(ids, attn)
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 project: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None):
+        self.forward, self.project, self.first = forward, project, 0
 
-    def start_block(self, lo: int, hi: int) -> None:
-        pass
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, out_from: int = 0) -> torch.Tensor:
+        """(B, T - out_from, V) logits of columns out_from..T - 1."""
+        if self.project is not None:
+            return self.project(ids, attn, out_from)
+        return self.forward(ids, attn)[:, out_from:]
+
+    def start_block(self, lo: int, hi: int, first: int = 0) -> None:
+        self.first = first
 
     def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.forward(ids, attn), 0
+        return self(ids, attn, self.first), self.first
 
     def release(self) -> None:
         pass
@@ -115,12 +124,13 @@ class CachedForward:
         self.past: list[KV] = []  # per layer: kept keys/values of the reused columns, rows as self.rows
         self.past_attn: torch.Tensor | None = None  # (b, Tpast)
         self.since = 0  # steps since the last full forward
+        self.first = 0  # a full forward's logits start at this column
 
-    def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return self.run(ids, attn, positions_from(attn), None, False)[0]
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, out_from: int = 0) -> torch.Tensor:
+        return self.run(ids, attn, positions_from(attn), None, False, out_from)[0]
 
-    def start_block(self, lo: int, hi: int) -> None:
-        self.lo, self.hi = lo, hi
+    def start_block(self, lo: int, hi: int, first: int = 0) -> None:
+        self.lo, self.hi, self.first = lo, hi, first
         self.release()  # before the block's full forward: never two blocks' keys/values at once
 
     def release(self) -> None:
@@ -141,11 +151,11 @@ class CachedForward:
         T = ids.shape[1]
         pos = positions_from(attn)  # (b, T): each row's own positions, left padding included
         if self.rows is None or (self.refresh and self.since >= self.refresh):
-            logits, kv = self.run(ids, attn, pos, None, True)  # (b, T, V): the block's full forward
+            logits, kv = self.run(ids, attn, pos, None, True, self.first)  # (b, T - first, V): the block's full forward
             self.past = [(self._reused(k, T), self._reused(v, T)) for k, v in kv]
             self.past_attn = self._reused(attn, T)
             self.rows, self.since = rows, 1
-            return logits, 0
+            return logits, self.first
         if rows.numel() != self.rows.numel():  # rows only leave within a block (done or block filled)
             idx = torch.searchsorted(self.rows, rows)
             self.past = [(k[idx], v[idx]) for k, v in self.past]
@@ -157,11 +167,12 @@ class CachedForward:
         return logits, self.lo
 
 
-def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0):
-    """FullForward(plain) for cache=none, else a CachedForward over the model's span forward."""
+def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0,
+                     project: Callable | None = None):
+    """FullForward(plain, project) for cache=none, else a CachedForward over the model's span forward."""
     check_cache(cache, refresh, window)
     if cache == "none":
-        return FullForward(plain)
+        return FullForward(plain, project)
     run = span_forward(model)
     if run is None:
         raise DLLMError(f"cache={cache} is not supported by {type(model).__name__}; valid: cache=none, "

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .cache import CachedForward, FullForward, forward_strategy, positions_from
+from .cache import CachedForward, FullForward, forward_strategy, positions_from, span_forward
 from .compat import Compat, check_compat
 from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
@@ -200,7 +200,7 @@ def diffuse(
     for b in range(nb):
         in_block = (pos >= b * Bk) & (pos < (b + 1) * Bk)  # (1, L)
         # the block's columns, and for Dream the one before it (which holds the first one's logit)
-        strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk)
+        strategy.start_block(P + b * Bk - shift, P + (b + 1) * Bk, P - shift)  # logits from P - shift on
         step = 0
         while True:
             gen = canvas[:, P:]  # (B, L) view
@@ -293,4 +293,7 @@ def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    return forward_strategy(model, forward, cache, refresh, window)
+    run = span_forward(model)  # models that compute logits of the needed columns only
+    project = None if run is None else (lambda ids, attn, out_from: run(ids, attn, positions_from(attn), None,
+                                                                        False, out_from)[0])
+    return forward_strategy(model, forward, cache, refresh, window, project)
