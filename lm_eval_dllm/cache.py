@@ -3,11 +3,13 @@
     lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8,cache=dual,window=8 --tasks modchain
     python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual (and window)
 
-The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
+The decode loop (`decode.diffuse`) calls `start_block(lo, hi, first)` when a block starts, naming the
 canvas columns [lo, hi) to recompute: the block's, and for Dream, whose logit at i predicts token
 i + 1, also the column before the block (so every logit the block needs is fresh, and so are the
-keys/values of all the block's tokens); then `step(ids, attn, rows)` once per step, which returns
-logits for a span of columns and where that span starts; and `release()` when the decode ends.
+keys/values of all the block's tokens), and `first`, the first column whose logits it ever reads
+(the output layer, 126k floats per position for LLaDA, runs from there on only); then
+`step(ids, attn, rows)` once per step, which returns a `Step`: logits for a span of columns, where
+they start and where the forward's computation started; and `release()` when the decode ends.
 
 - none: every step is a full forward over the canvas (span = everything).
 - prefix: the first step of a block is a full forward that also keeps every layer's keys/values;
@@ -39,7 +41,7 @@ span (tests/test_cache.py), so any accuracy difference comes only from the stale
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -52,6 +54,15 @@ CACHE_MODELS = "the bundled tiny model and native LLaDA / Dream (impl=auto or na
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, T, Dh) keys (after RoPE) and values of one layer
 # (ids, attn, positions, past_kv, return_kv) -> (logits, kv of the span or None)
 SpanForward = Callable[..., tuple[torch.Tensor, list[KV] | None]]
+
+
+class Step(NamedTuple):
+    """What a strategy's step returns: logits of columns [start, start + logits.shape[1]), the
+    span's end; the forward ran on columns [computed, that end) (before the output layer)."""
+
+    logits: torch.Tensor  # (b, span, V)
+    start: int
+    computed: int
 
 
 def check_cache(cache: str, refresh: int, window: int = 0) -> None:
@@ -104,8 +115,8 @@ class FullForward:
     def start_block(self, lo: int, hi: int, first: int = 0) -> None:
         self.first = first
 
-    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self(ids, attn, self.first), self.first
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> Step:
+        return Step(self(ids, attn, self.first), self.first, 0)
 
     def release(self) -> None:
         pass
@@ -147,7 +158,7 @@ class CachedForward:
         end = self._end(T)
         return torch.cat([x.narrow(d, 0, self.lo), x.narrow(d, end, T - end)], dim=d)
 
-    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> Step:
         T = ids.shape[1]
         pos = positions_from(attn)  # (b, T): each row's own positions, left padding included
         if self.rows is None or (self.refresh and self.since >= self.refresh):
@@ -155,7 +166,7 @@ class CachedForward:
             self.past = [(self._reused(k, T), self._reused(v, T)) for k, v in kv]
             self.past_attn = self._reused(attn, T)
             self.rows, self.since = rows, 1
-            return logits, self.first
+            return Step(logits, self.first, 0)
         if rows.numel() != self.rows.numel():  # rows only leave within a block (done or block filled)
             idx = torch.searchsorted(self.rows, rows)
             self.past = [(k[idx], v[idx]) for k, v in self.past]
@@ -164,7 +175,7 @@ class CachedForward:
         span_attn = torch.cat([self.past_attn, attn[:, self.lo:end]], dim=1)  # (b, Tpast + span)
         logits, _ = self.run(ids[:, self.lo:end], span_attn, pos[:, self.lo:end], self.past, False)
         self.since += 1
-        return logits, self.lo
+        return Step(logits, self.lo, self.lo)
 
 
 def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0,

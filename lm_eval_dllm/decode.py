@@ -209,9 +209,9 @@ def diffuse(
             rows = (eligible.any(-1) | noop).nonzero().squeeze(-1)  # (b,)
             if rows.numel() == 0:
                 break
-            logits, start = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
+            logits, start, computed = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
             nfe[rows] += 1
-            positions[rows] += attn[rows, start:start + logits.shape[1]].sum(-1)
+            positions[rows] += attn[rows, computed:start + logits.shape[1]].sum(-1)
             g0 = max(start + shift - P, 0)  # generated positions [g0, g1) the span has logits for
             g1 = min(start + logits.shape[1] + shift - P, L)
             if g0 > b * Bk or g1 < (b + 1) * Bk:

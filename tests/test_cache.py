@@ -57,11 +57,11 @@ def test_span_forward_with_current_keys_values_equals_the_full_forward(loaded, m
         cached = model_forward(model, spec, cache=mode, window=window)
         rows = torch.arange(ids.shape[0])
         cached.start_block(lo, hi)
-        first, start = cached.step(ids, attn, rows)
+        first, start, _ = cached.step(ids, attn, rows)
         assert start == 0 and torch.equal(first, full)
         end = ids.shape[1] if mode == "prefix" else min(hi + window, ids.shape[1])
         for sub in (rows, rows[1:], rows[[1, 3]]):
-            part, start = cached.step(ids[sub], attn[sub], sub)
+            part, start, _ = cached.step(ids[sub], attn[sub], sub)
             assert start == lo and part.shape[1] == end - lo
             tol = float_tol(full.abs().max(), max(model.config.d_ff, ids.shape[1]))  # longest reduction
             torch.testing.assert_close(part, full[sub, lo:end], rtol=0, atol=tol)
