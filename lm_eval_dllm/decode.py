@@ -168,17 +168,9 @@ def diffuse(
     L = gen_length
     Bk = check_block(block, L)
     nb = L // Bk
-    B, P = len(prompts), max(len(p) for p in prompts)
-    empty = [i for i, p in enumerate(prompts) if not p]
-    if empty:  # at every batch size: a row is refused for itself, not for its batch
-        raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
     device = torch.device(device)
-    canvas = torch.full((B, P + L), spec.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, P + L), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # left padding: the prompt ends at column P - 1 in every row
-        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
-        attn[i, P - len(p):] = 1
-    canvas[:, P:] = spec.mask_id
+    canvas, attn = _canvas(prompts, spec, L, device)
+    B, P = len(prompts), canvas.shape[1] - L
     gen_dev = device if device.type == "cuda" else torch.device("cpu")
     seeds = seeds if seeds is not None else list(range(B))
     gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
@@ -252,6 +244,21 @@ def diffuse(
     strategy.release()
     return DecodeOutput(tokens=canvas[:, P:].clone(), nfe=nfe, committed=committed,
                         positions=positions, trajectory=traj)
+
+
+def _canvas(prompts: list[list[int]], spec: FamilySpec, L: int, device: torch.device):
+    """(canvas, attn), both (B, P + L): each prompt left-padded to end at column P - 1, then L masks."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:  # at every batch size: a row is refused for itself, not for its batch
+        raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
+    canvas = torch.full((B, P + L), spec.pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((B, P + L), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
+        attn[i, P - len(p):] = 1
+    canvas[:, P:] = spec.mask_id
+    return canvas, attn
 
 
 def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor) -> None:
