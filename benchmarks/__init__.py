@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lm_eval_dllm.compat import Compat
 from lm_eval_dllm.generate import Generator
 from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.samplers import make_sampler
@@ -33,11 +34,12 @@ def load_docs(prog: str, limit: int | None, split: str = "test") -> list[dict]:
 
 def decode_setting(model, tok, spec, docs: list[dict], name: str, params: dict, block: int,
                    batch_size: int, cache: str = "none", window: int = 0,
-                   stats: list[dict] | None = None, refresh: int = 0) -> tuple[list[str], int]:
+                   stats: list[dict] | None = None, refresh: int = 0,
+                   compat: str | Compat = "none") -> tuple[list[str], int]:
     """(texts, total NFE) of one sampler setting on the bundled model, its policy found for the
     block; `stats`, if given, receives the per-sample statistics."""
     gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu", cache=cache, refresh=refresh,
-                    window=window)
+                    window=window, compat=compat)
     return modchain.decode(gen, docs, make_sampler(name, params), block, batch_size, stats)
 
 

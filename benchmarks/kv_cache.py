@@ -53,8 +53,8 @@ class Timed:
         self.full: list[float] = []
         self.cached: list[float] = []
 
-    def start_block(self, lo: int, hi: int) -> None:
-        self.strategy.start_block(lo, hi)
+    def start_block(self, lo: int, hi: int, first: int = 0) -> None:
+        self.strategy.start_block(lo, hi, first)
 
     def release(self) -> None:
         self.strategy.release()
@@ -62,10 +62,10 @@ class Timed:
     def step(self, ids, attn, rows):
         self.sync()
         t0 = time.perf_counter()
-        logits, start = self.strategy.step(ids, attn, rows)
+        step = self.strategy.step(ids, attn, rows)
         self.sync()
-        (self.full if start == 0 else self.cached).append(time.perf_counter() - t0)
-        return logits, start
+        (self.full if step.computed == 0 else self.cached).append(time.perf_counter() - t0)
+        return step
 
 
 def main(argv=None) -> None:

@@ -3,11 +3,13 @@
     lm_eval --model dllm --model_args sampler=threshold,tau=0.9,block=8,cache=dual,window=8 --tasks modchain
     python -m benchmarks.kv_cache                     # time per forward: none / prefix / dual (and window)
 
-The decode loop (`decode.diffuse`) calls `start_block(lo, hi)` when a block starts, naming the
+The decode loop (`decode.diffuse`) calls `start_block(lo, hi, first)` when a block starts, naming the
 canvas columns [lo, hi) to recompute: the block's, and for Dream, whose logit at i predicts token
 i + 1, also the column before the block (so every logit the block needs is fresh, and so are the
-keys/values of all the block's tokens); then `step(ids, attn, rows)` once per step, which returns
-logits for a span of columns and where that span starts; and `release()` when the decode ends.
+keys/values of all the block's tokens), and `first`, the first column whose logits it ever reads
+(the output layer, 126k floats per position for LLaDA, runs from there on only); then
+`step(ids, attn, rows)` once per step, which returns a `Step`: logits for a span of columns, where
+they start and where the forward's computation started; and `release()` when the decode ends.
 
 - none: every step is a full forward over the canvas (span = everything).
 - prefix: the first step of a block is a full forward that also keeps every layer's keys/values;
@@ -39,7 +41,7 @@ span (tests/test_cache.py), so any accuracy difference comes only from the stale
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -51,6 +53,15 @@ CACHE_MODES = ("none", "prefix", "dual")
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, H, T, Dh) keys (after RoPE) and values of one layer
 # (ids, attn, positions, past_kv, return_kv) -> (logits, kv of the span or None)
 SpanForward = Callable[..., tuple[torch.Tensor, list[KV] | None]]
+
+
+class Step(NamedTuple):
+    """What a strategy's step returns: logits of columns [start, start + logits.shape[1]), the
+    span's end; the forward ran on columns [computed, that end) (before the output layer)."""
+
+    logits: torch.Tensor  # (b, span, V)
+    start: int
+    computed: int
 
 
 def check_cache(cache: str, refresh: int, window: int = 0) -> None:
@@ -78,10 +89,13 @@ def check_cache_support(cache: str, supported: bool, what: str) -> None:
 def span_forward(model) -> SpanForward | None:
     """The model's forward over a span with reused keys/values, if its class has one."""
     if isinstance(model, NativeDLLM):
-        return lambda ids, attn, pos, past, ret: model(ids, attn, pos, past, ret)
+        def native(ids, attn, pos, past, ret, out_from=0, **kw):  # kw: block (block-diffusion attention)
+            return model(ids, attn, pos, past, ret, out_from=out_from, **kw)
+        return native
     if isinstance(model, TinyDLLMModel):
-        def run(ids, attn, pos, past, ret):
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_kv=past, return_kv=ret)
+        def run(ids, attn, pos, past, ret, out_from=0):
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_kv=past, return_kv=ret,
+                        out_from=out_from)
             return out.logits, out.kv
         return run
     return None
@@ -93,26 +107,34 @@ def positions_from(attn: torch.Tensor) -> torch.Tensor:
 
 
 class FullForward:
-    """cache=none, and any plain `forward(ids, attn) -> logits`: every step sees everything."""
+    """cache=none, and any plain `forward(ids, attn) -> logits`: every step sees everything.
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.forward = forward
+    Logits are computed only from column `first` on (start_block's: where the generated region's
+    logits start), through `project(ids, attn, out_from)` where the model can (span_forward's
+    models), else cut from the plain forward's. A block-diffusion family's blocks (attend_blocks)
+    reach the model as its attention's blocks."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 project: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None):
+        self.forward, self.project, self.first = forward, project, 0
         self.block = 0  # > 0: block-diagonal-causal attention over blocks of this size (LLaDA2)
-
-    def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return self.forward(ids, attn)
 
     def attend_blocks(self, size: int) -> None:
         """This decode's blocks are the attention's blocks (a block-diffusion family)."""
         self.block = size
 
-    def start_block(self, lo: int, hi: int) -> None:
-        pass
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, out_from: int = 0) -> torch.Tensor:
+        """(B, T - out_from, V) logits of columns out_from..T - 1."""
+        kw = {"block": self.block} if self.block else {}
+        if self.project is not None:
+            return self.project(ids, attn, out_from, **kw)
+        return self.forward(ids, attn, **kw)[:, out_from:]
 
-    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        if self.block:
-            return self.forward(ids, attn, block=self.block), 0
-        return self.forward(ids, attn), 0
+    def start_block(self, lo: int, hi: int, first: int = 0) -> None:
+        self.first = first
+
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> Step:
+        return Step(self(ids, attn, self.first), self.first, 0)
 
     def release(self) -> None:
         self.block = 0
@@ -131,12 +153,13 @@ class CachedForward:
         self.past: list[KV] = []  # per layer: kept keys/values of the reused columns, rows as self.rows
         self.past_attn: torch.Tensor | None = None  # (b, Tpast)
         self.since = 0  # steps since the last full forward
+        self.first = 0  # a full forward's logits start at this column
 
-    def __call__(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return self.run(ids, attn, positions_from(attn), None, False)[0]
+    def __call__(self, ids: torch.Tensor, attn: torch.Tensor, out_from: int = 0) -> torch.Tensor:
+        return self.run(ids, attn, positions_from(attn), None, False, out_from)[0]
 
-    def start_block(self, lo: int, hi: int) -> None:
-        self.lo, self.hi = lo, hi
+    def start_block(self, lo: int, hi: int, first: int = 0) -> None:
+        self.lo, self.hi, self.first = lo, hi, first
         self.release()  # before the block's full forward: never two blocks' keys/values at once
 
     def release(self) -> None:
@@ -153,15 +176,15 @@ class CachedForward:
         end = self._end(T)
         return torch.cat([x.narrow(d, 0, self.lo), x.narrow(d, end, T - end)], dim=d)
 
-    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def step(self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor) -> Step:
         T = ids.shape[1]
         pos = positions_from(attn)  # (b, T): each row's own positions, left padding included
         if self.rows is None or (self.refresh and self.since >= self.refresh):
-            logits, kv = self.run(ids, attn, pos, None, True)  # (b, T, V): the block's full forward
+            logits, kv = self.run(ids, attn, pos, None, True, self.first)  # (b, T - first, V): the block's full forward
             self.past = [(self._reused(k, T), self._reused(v, T)) for k, v in kv]
             self.past_attn = self._reused(attn, T)
             self.rows, self.since = rows, 1
-            return logits, 0
+            return Step(logits, self.first, 0)
         if rows.numel() != self.rows.numel():  # rows only leave within a block (done or block filled)
             idx = torch.searchsorted(self.rows, rows)
             self.past = [(k[idx], v[idx]) for k, v in self.past]
@@ -170,14 +193,15 @@ class CachedForward:
         span_attn = torch.cat([self.past_attn, attn[:, self.lo:end]], dim=1)  # (b, Tpast + span)
         logits, _ = self.run(ids[:, self.lo:end], span_attn, pos[:, self.lo:end], self.past, False)
         self.since += 1
-        return logits, self.lo
+        return Step(logits, self.lo, self.lo)
 
 
-def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0):
-    """FullForward(plain) for cache=none, else a CachedForward over the model's span forward."""
+def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0,
+                     project: Callable | None = None):
+    """FullForward(plain, project) for cache=none, else a CachedForward over the model's span forward."""
     check_cache(cache, refresh, window)
     if cache == "none":
-        return FullForward(plain)
+        return FullForward(plain, project)
     run = span_forward(model)
     check_cache_support(cache, run is not None, type(model).__name__)
     return CachedForward(run, cache, refresh, window)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import check_cache
+from .compat import check_compat
 from .loading import IMPLS
 from .models import FAMILIES
 from .samplers import available_samplers, sampler_class, sampler_params
@@ -48,6 +49,7 @@ class DLLMConfig:
     cache: str = "none"  # key/value cache across steps of a block: none, prefix, dual (lm_eval_dllm.cache)
     refresh: int = 0  # cache: steps between full forwards within a block; 0 = at block starts only
     window: int = 0  # cache=dual: positions after the block recomputed too; 0 = the block alone
+    compat: str = "none"  # fast-dllm: reproduce Fast-dLLM's loop exactly (lm_eval_dllm.compat)
     sampler_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -105,6 +107,7 @@ class DLLMConfig:
         if self.mc_batch <= 0:
             raise DLLMError(f"mc_batch={self.mc_batch} must be a positive integer; valid: 1, 2, ... (LLaDA: 8)")
         check_cache(self.cache, self.refresh, self.window)
+        check_compat(self.compat, self.refresh, self.window)
         if self.truncation not in ("left", "error"):
             raise DLLMError(f"truncation={self.truncation!r}; valid: left, error")
 

@@ -17,6 +17,8 @@ logits`), or only what a key/value cache recomputes (prefix, dual). The statisti
 outside the span are those of the last forward that computed them. The same loop serves every
 family; the family's one difference (Dream's logits are shifted one position) comes from the
 FamilySpec.
+
+`compat=fast-dllm` (lm_eval_dllm.compat) reproduces Fast-dLLM's loops where ours differs by design.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .blocks import block_layout
-from .cache import FullForward, check_cache_support, forward_strategy, positions_from
+from .blocks import BlockLayout, block_layout
+from .cache import CachedForward, FullForward, check_cache_support, forward_strategy, positions_from, span_forward
+from .compat import Compat, check_compat
 from .models import NativeDLLM
 from .samplers.base import Sampler, StepState, row_uniforms
 from .spec import FamilySpec
@@ -170,45 +173,43 @@ def diffuse(
     record: bool = False,
     device: torch.device | str = "cpu",
     record_top: int = 0,
+    compat: str | Compat = "none",
 ) -> DecodeOutput:
     """Generate gen_length tokens after each prompt (a list of token ids), batched.
 
     forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`.
     record_top: top token probabilities to compute (and record) even if the sampler reads fewer,
-    for a policy that replays the trajectory (an expert's rollout, replayed by the paper's policy)."""
+    for a policy that replays the trajectory (an expert's rollout, replayed by the paper's policy).
+    compat: "none", or "fast-dllm" (lm_eval_dllm.compat; it turns early_exit off)."""
     strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
+    cached = isinstance(strategy, CachedForward)
+    mode = check_compat(compat, strategy.refresh, strategy.window) if cached else check_compat(compat)
+    early_exit = early_exit and mode.early_exit
     L = gen_length
     Bk = check_block(block, L)
-    B, P = len(prompts), max(len(p) for p in prompts)
     lay = block_layout([len(p) for p in prompts], L, Bk, spec.block_causal, device)
     nb, W = lay.count, lay.width  # W = L unless blocks align to absolute positions
     if spec.block_causal:
         strategy.attend_blocks(Bk)
-    empty = [i for i, p in enumerate(prompts) if not p]
-    if empty:  # at every batch size: a row is refused for itself, not for its batch
-        raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
     device = torch.device(device)
-    canvas = torch.full((B, P + W), spec.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, P + W), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # left padding: the prompt ends at column P - 1 in every row
-        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
-        n = int(lay.lengths[i])
-        attn[i, P - len(p):P + n] = 1
-        canvas[i, P:P + n] = spec.mask_id
+    canvas, attn = _canvas(prompts, spec, lay, device)
+    B, P = len(prompts), canvas.shape[1] - W
     gen_dev = device if device.type == "cuda" else torch.device("cpu")
     seeds = seeds if seeds is not None else list(range(B))
     gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
     stop = torch.tensor(spec.stop_ids or [-1], device=device)
-    suppress = list(spec.suppress_ids)
+    suppress = list(spec.suppress_ids) if mode.suppress_mask else []
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     committed = torch.zeros(B, dtype=torch.long, device=device)
     positions = torch.zeros(B, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    noop = torch.zeros(B, dtype=torch.bool, device=device)  # compat: rows owed a forward that commits nothing
     traj: list[StepRecord] | None = [] if record else None
     shift = 1 if spec.shifted else 0  # the logit of generated position j sits at column P + j - shift
     # per row, the statistics of every position from the last forward that computed it
     x0_all = torch.zeros((B, W), dtype=torch.long, device=device)
-    conf_all, margin_all, entropy_all = (torch.zeros((B, W), device=device) for _ in range(3))
+    conf_all, margin_all, entropy_all = (torch.zeros((B, W), device=device, dtype=mode.stats_dtype)
+                                         for _ in range(3))
     # what a sampler may ask of the loop (a duck-typed one, with select alone, asks nothing)
     k_top = max(getattr(sampler, "top_probs", lambda: 0)(), record_top)
     may_pass = getattr(sampler, "may_commit_nothing", lambda: False)()
@@ -218,24 +219,24 @@ def diffuse(
         in_block = lay.in_block(b)  # (B, W)
         lo, hi = lay.span(b)
         # the block's columns, and for Dream the one before it (which holds the first one's logit)
-        strategy.start_block(P + lo - shift, P + hi)
+        strategy.start_block(P + lo - shift, P + hi, P - shift)  # logits from P - shift on
         step = 0
         while not (may_pass and step >= Bk):  # a sampler that may pass gets Bk steps a block (the paper's cap)
             gen = canvas[:, P:]  # (B, L) view
             masked = gen == spec.mask_id
             eligible = masked & in_block & ~done[:, None]
-            rows = eligible.any(-1).nonzero().squeeze(-1)  # (b,)
+            rows = (eligible.any(-1) | noop).nonzero().squeeze(-1)  # (b,)
             if rows.numel() == 0:
                 break
-            logits, start = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
+            logits, start, computed = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
             nfe[rows] += 1
-            positions[rows] += attn[rows, start:start + logits.shape[1]].sum(-1)
+            positions[rows] += attn[rows, computed:start + logits.shape[1]].sum(-1)
             g0 = max(start + shift - P, 0)  # generated positions [g0, g1) the span has logits for
             g1 = min(start + logits.shape[1] + shift - P, W)
             if g0 > lo or g1 < hi:
                 raise RuntimeError(f"forward strategy returned columns from {start} for "
                                    f"{logits.shape[1]}, which miss block {b}")
-            lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].float()  # (b, g1 - g0, V)
+            lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].to(mode.stats_dtype)  # (b, g1 - g0, V)
             lg[..., suppress] = float("-inf")
             row_gens = [gens[i] for i in rows.tolist()]
             stats = propose(lg, temperature, row_gens, length=W, offset=g0, top_k=k_top)
@@ -252,7 +253,7 @@ def diffuse(
             if traj is not None:
                 traj.append(StepRecord.of(rows, state, action, sampler.last_rank, b, nb, step))
             new = torch.where(action, x0, gen[rows])
-            committed[rows] += action.sum(-1)
+            committed[rows] += (action & (x0 != spec.mask_id)).sum(-1)  # compat may propose the mask
             if early_exit:
                 fin = _finished(new, spec.mask_id, stop)
                 if fin.any():
@@ -260,10 +261,31 @@ def diffuse(
                     new[fin] = torch.where(new[fin] == spec.mask_id, spec.pad_id, new[fin])
                     done[rows[fin]] = True
             canvas[rows, P:] = new
+            # compat: a block filled by its first (full) forward of a cached loop costs one more
+            noop[:] = False
+            if step == 0 and cached and mode.noop_forward:
+                noop[rows] = ~((new == spec.mask_id) & in_block[rows]).any(-1) & ~done[rows]
             step += 1
     strategy.release()
     return DecodeOutput(tokens=canvas[:, P:P + L].clone(), nfe=nfe, committed=committed,
                         positions=positions, trajectory=traj)
+
+
+def _canvas(prompts: list[list[int]], spec: FamilySpec, lay: BlockLayout, device: torch.device):
+    """(canvas, attn), both (B, P + W): each prompt left-padded to end at column P - 1, then the
+    row's lay.lengths masks (padding after them)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:  # at every batch size: a row is refused for itself, not for its batch
+        raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
+    canvas = torch.full((B, P + lay.width), spec.pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((B, P + lay.width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        n = int(lay.lengths[i])
+        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
+        canvas[i, P:P + n] = spec.mask_id
+        attn[i, P - len(p):P + n] = 1
+    return canvas, attn
 
 
 def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor, may_pass: bool = False) -> None:
@@ -310,4 +332,7 @@ def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0
 
     if spec is not None and spec.block_causal:  # no span forward under block attention yet
         check_cache_support(cache, False, f"the {spec.family} family (block diffusion)")
-    return forward_strategy(model, forward, cache, refresh, window)
+    run = span_forward(model)  # models that compute logits of the needed columns only
+    project = None if run is None else (lambda ids, attn, out_from, **kw: run(ids, attn, positions_from(attn), None,
+                                                                              False, out_from, **kw)[0])
+    return forward_strategy(model, forward, cache, refresh, window, project)

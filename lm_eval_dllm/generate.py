@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compat import Compat
 from .decode import StepRecord, check_block, diffuse, model_forward
 from .policy import policy_for
 from .samplers.base import Sampler
@@ -51,11 +52,12 @@ class Generator:
 
     def __init__(self, model, tokenizer, spec: FamilySpec, *, model_id: str, device,
                  max_length: int | None = None, truncation: str = "left", early_exit: bool = True,
-                 chat: bool = False, cache: str = "none", refresh: int = 0, window: int = 0):
+                 chat: bool = False, cache: str = "none", refresh: int = 0, window: int = 0,
+                 compat: str | Compat = "none"):
         self.forward = model_forward(model, spec, cache, refresh, window)  # the decode loop's strategy
         self.tokenizer, self.spec, self.model_id = tokenizer, spec, model_id
         self.device = torch.device(device)
-        self.early_exit = early_exit
+        self.early_exit, self.compat = early_exit, compat
         self.chat = chat  # contexts carry the chat template's own special tokens: add none
         self.fit = PromptFitter(max_length or spec.max_length, truncation)
         self._policies: dict[tuple, object] = {}  # (name, block, L) -> loaded policy
@@ -87,7 +89,7 @@ class Generator:
         t0 = time.perf_counter()
         out = diffuse(self.forward, prompts, self.spec, sampler, gen_length, block,
                       temperature=temperature, seeds=seeds, early_exit=self.early_exit,
-                      record=record, device=self.device, record_top=record_top)
+                      record=record, device=self.device, record_top=record_top, compat=self.compat)
         wall = (time.perf_counter() - t0) / len(contexts)
         texts, stats = [], []
         for i, toks in enumerate(out.tokens.tolist()):

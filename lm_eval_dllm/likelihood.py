@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .cache import FullForward
 from .decode import Forward
 from .spec import FamilySpec
 from .utils import DLLMError
@@ -205,6 +206,8 @@ def elbo_loglikelihoods(
         reqs.append(_Req(ctx, tgt, masks, w, g, [0.0] * masks.shape[0]))
     left = [r.masks.shape[0] for r in reqs]
     device = torch.device(device)
+    strategy = forward if hasattr(forward, "start_block") else FullForward(forward)  # takes out_from
+    shift = 1 if spec.shifted else 0
     it = _rows(reqs)
     while batch := list(itertools.islice(it, batch_size)):
         T = max(len(reqs[i].ctx) + len(reqs[i].tgt) for i, _ in batch)
@@ -223,9 +226,11 @@ def elbo_loglikelihoods(
             tgt_pos += pos
             tgt_tok += tgt[q.masks[r]].tolist()
             row_of += [b] * len(pos)
-        logits = forward(ids.to(device), attn.to(device))  # (b, T, V): the one forward
+        # the one forward, its logits from the first target column on (targets end every row)
+        first = T - max(len(reqs[i].tgt) for i, _ in batch) - shift
+        logits = strategy(ids.to(device), attn.to(device), first)  # (b, T - first, V)
         rows = torch.tensor(row_of, device=logits.device)
-        cols = torch.tensor(tgt_pos, device=logits.device) - (1 if spec.shifted else 0)
+        cols = torch.tensor(tgt_pos, device=logits.device) - shift - first
         lp = F.log_softmax(logits[rows, cols].float(), dim=-1)  # (n_masked, V)
         tok = torch.tensor(tgt_tok, device=logits.device)
         tok_lp = lp.gather(-1, tok[:, None]).squeeze(-1).double().cpu()  # (n_masked,)

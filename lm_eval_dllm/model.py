@@ -88,7 +88,7 @@ class DLLM(DataParallel, LM):
                              device=self._device, max_length=self.cfg.max_length,
                              truncation=self.cfg.truncation, early_exit=self.cfg.early_exit,
                              cache=self.cfg.cache, refresh=self.cfg.refresh,
-                             window=self.cfg.window)
+                             window=self.cfg.window, compat=self.cfg.compat)
         self.is_bundled = not self.cfg.pretrained
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
@@ -330,6 +330,7 @@ class DLLM(DataParallel, LM):
             "block": self.cfg.block if self.cfg.block is not None else self.spec.default_block,
             "gen_length": self.cfg.gen_length,
             "cache": self.cfg.cache, "refresh": self.cfg.refresh, "window": self.cfg.window,
+            "compat": self.cfg.compat,
             "seed": self.cfg.seed,
             "mc_num": self.cfg.mc_num,
             "mc_batch": self.cfg.mc_batch,

@@ -182,9 +182,11 @@ class Policy(nn.Module):
         raise NotImplementedError
 
     def step_logits(self, s) -> torch.Tensor:
-        """(b, L) logits for one step or a stack of steps `s`, computed on the policy's device."""
-        dev = next(self.parameters()).device
-        return self(*(a.to(dev) if isinstance(a, torch.Tensor) else a for a in self.inputs(s)))
+        """(b, L) logits for one step or a stack of steps `s`, computed on the policy's device and in its
+        dtype (a step's statistics may be float64: compat=fast-dllm)."""
+        p = next(self.parameters())
+        cast = lambda a: a.to(p.device, p.dtype) if a.is_floating_point() else a.to(p.device)  # noqa: E731
+        return self(*(cast(a) if isinstance(a, torch.Tensor) else a for a in self.inputs(s)))
 
     def save(self, directory: str | Path, card: dict | None = None) -> None:
         d = Path(directory)

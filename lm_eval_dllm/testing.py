@@ -21,6 +21,22 @@ from safetensors.torch import save_file
 from .models import FAMILIES, NativeDLLM, family_named, family_of, official_state_dict
 from .tiny import build_char_tokenizer
 
+
+def float_tol(magnitude: float | torch.Tensor, terms: int, dtype: torch.dtype = torch.float32) -> float:
+    """The largest |a - b| between two evaluations of one float computation that differ only in
+    the order of their sums: batch size, row order, thread count, SIMD width (AVX2 against
+    AVX-512 kernels), a span forward against the full one.
+
+    magnitude: the size of what the result is summed from (the sum of the terms' absolute
+    values); terms: the length of the longest reduction. Recursive summation of n terms is within
+    (n - 1) * eps / 2 * sum |x| of the exact sum (Higham, Accuracy and Stability, eq. 4.4), so
+    two orders are within n * eps * sum |x| of each other, on any CPU.
+    """
+    if isinstance(magnitude, torch.Tensor):
+        magnitude = magnitude.detach().item()
+    return terms * torch.finfo(dtype).eps * float(magnitude)
+
+
 def save_sharded(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
     """model.safetensors, or `shards` files plus model.safetensors.index.json as published."""
     if shards <= 1:

@@ -146,6 +146,9 @@ def logits_report(lms: dict[str, DLLM]) -> dict:
         "native_padded_vs_alone": max_diff(fn(ids_p, attn)[2, 6:], fn(ids_p[2:, 6:], ones[2:, 6:])[0]),
         "official_padded_vs_alone": max_diff(fo(ids_p, attn)[2, 6:], fo(ids_p[2:, 6:], ones[2:, 6:])[0]),
         "official_with_2d_mask": mask_2d,
+        # what a float bound is derived from: the logits' size and the forward's longest reduction
+        "max_abs_logit": float(fn(ids, ones).abs().max()),
+        "terms": max(lms["native"].model.config.d_ff, ids.shape[1]),
     }
 
 

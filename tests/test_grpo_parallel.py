@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
+from lm_eval_dllm.testing import float_tol
 from train.grpo import GRPOConfig, step_prompts
 
 WORKER = Path(__file__).with_name("grpo_dp_worker.py")
@@ -44,7 +45,8 @@ def _update(launch: list[str], out: Path) -> dict:
 @pytest.mark.slow
 def test_two_processes_make_one_process_update(tmp_path):
     """Per loss normalisation: with "step", halves hold unequal step counts, so averaging the
-    processes' own means would be off (by 1e-4 here); the global count puts it within 1e-6."""
+    processes' own means would be off (by 1e-4 here); the global count puts it within float
+    rounding: of the parameters' size, over a gradient summed from 16 rollouts."""
     torch.manual_seed(0)
     init = UnmaskPolicy(PolicyConfig()).state_dict()  # what the worker starts from
     one = _update([], tmp_path / "one.pt")
@@ -53,4 +55,5 @@ def test_two_processes_make_one_process_update(tmp_path):
     for norm in ("step", "rollout"):
         assert all(not torch.equal(one[norm][k], init[k]) for k in init)  # the update moved every parameter
         diff = max((one[norm][k] - two[norm][k]).abs().max().item() for k in init)
-        assert diff <= 1e-6, (norm, diff)
+        tol = float_tol(max(one[norm][k].abs().max().item() for k in init), 16)  # 4 prompts x 4 rollouts
+        assert diff <= tol, (norm, diff, tol)

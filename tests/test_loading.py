@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lm_eval_dllm.loading import load, resolve_device, resolve_dtype
+from lm_eval_dllm.testing import float_tol
 from lm_eval_dllm.utils import DLLMError
 
 
@@ -76,7 +77,7 @@ def test_rotary_tiny_model_survives_save_and_load(tmp_path, pos):
     back = TinyDLLMModel.from_pretrained(tmp_path / "m").eval()
     x = torch.randint(0, 15, (2, 10))
     with torch.no_grad():
-        assert torch.allclose(m(x).logits, back(x).logits, atol=1e-6)
+        assert torch.equal(m(x).logits, back(x).logits)  # the same weights, the same kernels
 
 
 def test_written_out_attention_is_the_fused_one():
@@ -90,4 +91,6 @@ def test_written_out_attention_is_the_fused_one():
     key_mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
     key_mask[1, ..., :4] = False  # a left-padded row
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-    torch.testing.assert_close(explicit_attention(q, k, v, key_mask), want, rtol=1e-5, atol=1e-6)
+    # softmax over 9 keys, then a weighted sum of values: reductions of at most 9 + 8 terms
+    torch.testing.assert_close(explicit_attention(q, k, v, key_mask), want, rtol=0,
+                               atol=float_tol(v.abs().max(), 9 + 8))

@@ -255,12 +255,15 @@ class NativeDLLM(nn.Module):
 
     def forward(self, ids: torch.Tensor, attn: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, past_kv: list[KV] | None = None,
-                return_kv: bool = False, block: int = 0) -> tuple[torch.Tensor, list[KV] | None]:
+                return_kv: bool = False, block: int = 0,
+                out_from: int = 0) -> tuple[torch.Tensor, list[KV] | None]:
         """ids, positions (B, T); attn (B, Tpast + T), 1 for real keys, 0 for padding.
         block > 0: block-diagonal-causal attention (LLaDA2), a span position sees the span's keys
         of its own and earlier blocks of `block` positions (counted from position 0), and every
         real past key (a cache hands in finished earlier blocks only).
-        Returns logits (B, T, V) and, with return_kv, each layer's (keys, values) of the span."""
+        Returns logits (B, T - out_from, V) of the span's columns from out_from (the output layer
+        is the costliest: 126k floats per position for LLaDA) and, with return_kv, each layer's
+        (keys, values) of the span."""
         c = self.config
         if positions is None:  # counted from each row's first real token: left padding is harmless
             positions = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:] if attn is not None \
@@ -283,7 +286,7 @@ class NativeDLLM(nn.Module):
             x, kv = layer(x, cos, sin, key_mask, None if past_kv is None else past_kv[i])
             if return_kv:
                 kvs.append(kv)
-        x = self.norm(x)
+        x = self.norm(x[:, out_from:])
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)  # (B, T, V)
         if c.logit_scale != 1.0:
             logits = logits * c.logit_scale

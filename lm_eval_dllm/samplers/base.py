@@ -222,6 +222,12 @@ def check_range(sampler: str, key: str, value: float, lo: float, hi: float,
 NEG = float("-inf")
 
 
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Scores to sort: at least float32, float64 kept (compat=fast-dllm's confidences, which tell
+    apart probabilities that float32 rounds to 1)."""
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
 def top_k(scores: torch.Tensor, eligible: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """(B, L) bool: the k highest-scoring eligible positions of each row (fewer if fewer exist).
 
@@ -229,7 +235,7 @@ def top_k(scores: torch.Tensor, eligible: torch.Tensor, k: int | torch.Tensor) -
     eligible position. Ties break towards the lower position (stable sort).
     """
     B, L = scores.shape
-    s = scores.float().masked_fill(~eligible, NEG)
+    s = _ranked(scores).masked_fill(~eligible, NEG)
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (B, L)
     kk = torch.as_tensor(k, device=scores.device).expand(B).clamp(min=1)  # (B,)
     n = torch.minimum(kk, eligible.sum(-1))  # (B,)
@@ -245,7 +251,7 @@ def sorted_prefix(scores: torch.Tensor, eligible: torch.Tensor, keep: torch.Tens
     `keep` is a (B, L) bool in *sorted* order saying whether the n-th best (0-based) may be
     committed; the prefix stops at the first False. The best position is always committed.
     """
-    s = scores.float().masked_fill(~eligible, NEG)
+    s = _ranked(scores).masked_fill(~eligible, NEG)
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (B, L)
     n_elig = eligible.sum(-1, keepdim=True)  # (B, 1)
     idx = torch.arange(s.shape[1], device=s.device)[None, :]
@@ -259,6 +265,6 @@ def sorted_prefix(scores: torch.Tensor, eligible: torch.Tensor, keep: torch.Tens
 
 def sorted_gather(values: torch.Tensor, scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """values reordered like `sorted_prefix` orders positions (ineligible ones last)."""
-    s = scores.float().masked_fill(~eligible, NEG)
+    s = _ranked(scores).masked_fill(~eligible, NEG)
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     return values.gather(1, order)

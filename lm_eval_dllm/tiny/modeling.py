@@ -156,10 +156,12 @@ class TinyDLLMModel(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         past_kv: list[KV] | None = None,
         return_kv: bool = False,
+        out_from: int = 0,
         **kwargs,
     ) -> TinyDLLMOutput:
         """attention_mask (B, Tpast + T) covers past_kv's positions, then the span's (as
-        lm_eval_dllm.models.transformer's forward; the KV cache of lm_eval_dllm.cache uses both)."""
+        lm_eval_dllm.models.transformer's forward; the KV cache of lm_eval_dllm.cache uses both).
+        Logits of the span's columns from out_from only."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.bool()
@@ -183,4 +185,4 @@ class TinyDLLMModel(PreTrainedModel):
             x, kv = block(x, key_mask, cos, sin, None if past_kv is None else past_kv[i])
             if return_kv:
                 kvs.append(kv)
-        return TinyDLLMOutput(logits=self.head(self.ln_f(x)), kv=kvs if return_kv else None)  # (B, T, V)
+        return TinyDLLMOutput(logits=self.head(self.ln_f(x[:, out_from:])), kv=kvs if return_kv else None)  # (B, T - out_from, V)
