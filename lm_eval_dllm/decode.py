@@ -57,6 +57,7 @@ class StepRecord:
     rank: torch.Tensor | None = None  # (b, L) long, the order of the commits (ordered samplers only)
     top: torch.Tensor | None = None  # (b, L, K) top-K token probabilities (samplers that read them)
     steps: torch.Tensor | None = None  # (b,) decode steps each row took before this one
+    block_start: int = 0  # the generated position the block (the span the policy saw) starts at
     block_size: int = 0
 
     @classmethod
@@ -66,7 +67,7 @@ class StepRecord:
         return cls(rows=rows.cpu(), conf=state.conf.cpu(), margin=state.margin.cpu(), entropy=state.entropy.cpu(),
                    masked=state.masked.cpu(), eligible=state.eligible.cpu(), action=action.cpu(), block=block,
                    num_blocks=num_blocks, step=step, rank=cpu(rank), top=cpu(state.top), steps=cpu(state.steps),
-                   block_size=state.block_size)
+                   block_start=state.block_start, block_size=state.block_size)
 
 
 @dataclass

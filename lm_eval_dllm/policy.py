@@ -119,6 +119,9 @@ class PolicyConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise DLLMError(f"policy {name}={v!r}; valid: a finite number")
+        if self.smart_init is not None and (isinstance(self.smart_init, bool) or not isinstance(
+                self.smart_init, (int, float)) or not math.isfinite(self.smart_init)):
+            raise DLLMError(f"policy smart_init={self.smart_init!r}; valid: a finite number, or null")
         if not 0 < self.init_tau <= 1:
             raise DLLMError(f"policy init_tau={self.init_tau}; valid: a number in (0, 1]")
 

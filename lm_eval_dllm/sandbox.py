@@ -314,6 +314,10 @@ def _open_pipes(done_r: int, results_env: str, trusted: str) -> _Pipes:
         if len(data) > 60_000:  # more than a pipe holds by default: make room, or refuse
             fcntl.fcntl(tests_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), len(data) + 4096)
         os.write(tests_w, data)  # whole: the pipe holds it until the prelude reads it
+    except OSError:
+        for fd in (res_r, res_w, tests_r):  # nothing leaks when the tests do not fit
+            os.close(fd)
+        raise
     finally:
         os.close(tests_w)
     return _Pipes((done_r, res_w, tests_r), res_r, {}, tests_r, res_w)

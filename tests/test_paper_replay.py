@@ -20,7 +20,7 @@ from lm_eval_dllm.plackett_luce import pl_logprob
 from lm_eval_dllm.policy import PolicyConfig, bernoulli_logprob, build_policy
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.spec import FamilySpec
-from lm_eval_dllm.testing import llada_config
+from lm_eval_dllm.models.llada import tiny_config as llada_config
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-rl-dllm"
 pytestmark = pytest.mark.skipif(not PAPER.is_dir(), reason="../shared/reference/ml-rl-dllm is absent")

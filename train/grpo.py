@@ -198,7 +198,7 @@ def stack_steps(traj, policy: Policy) -> dict:
     steps = SimpleNamespace(**{n: cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible")})
     if policy.top_probs:
         steps.top, steps.steps = cat("top"), cat("steps")
-        steps.block_start = torch.cat([torch.full((len(r.rows),), r.block * r.block_size) for r in traj])
+        steps.block_start = torch.cat([torch.full((len(r.rows),), r.block_start) for r in traj])
         steps.block_size = traj[0].block_size
     return {"inputs": policy.inputs(steps), "action": cat("action"), "eligible": steps.eligible,
             "masked": steps.masked, "row": cat("rows"), "rank": torch.cat([commit_rank(r) for r in traj])}

@@ -167,7 +167,7 @@ class LearnedSampler(Sampler):
             return self.policy.step_logits(state).to(state.conf.device)
 
     def may_commit_nothing(self) -> bool:
-        return self._in_use()["mode"] == "bernoulli"
+        return self.policy is not None and self._in_use()["mode"] == "bernoulli"
 
     def select(self, state: StepState) -> torch.Tensor:
         logits = self.logits(state).float()  # (b, L)
