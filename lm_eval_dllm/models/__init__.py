@@ -1,5 +1,5 @@
-"""Model families (one module each, registered below) and the native loader: LLaDA and Dream
-checkpoints loaded with no remote code.
+"""Model families (one module each, registered below) and the native loader: LLaDA, Dream,
+LLaDA-MoE and LLaDA2.x checkpoints loaded with no remote code.
 
     lm_eval --model dllm --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct ...   # impl=auto: native
 

@@ -2,10 +2,12 @@
 
     python -m lm_eval_dllm.testing /tmp/tiny-llada --family llada   # a family's tiny test checkpoint
 
-One module per family (`bundled.py`, `llada.py`, `dream.py`) defines a `FAMILY`; the registry in
-`lm_eval_dllm.models` lists them, one line each. Nothing else in the package branches on a family:
-the loader, the decode loop, the caches and the test-checkpoint writer read these fields. See
-docs/models.md ("Adding a family").
+One module per masked family (`bundled.py`, `llada.py`, `dream.py`, `llada_moe.py`, `llada2.py`,
+`llada21.py`) defines a `FAMILY`; the registry in `lm_eval_dllm.models` lists them, one line each.
+Nothing else in the package branches on a masked family: the loader, the decode loop, the caches
+and the test-checkpoint writer read these fields. See docs/models.md ("Adding a family").
+DiffusionGemma (uniform noise, transformers' own class and generate(): `diffusion_gemma.py`) is not
+a masked family and has its own, marked dispatch in the loader, the lm-eval adapter and train.grpo.
 """
 
 from __future__ import annotations
