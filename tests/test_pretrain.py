@@ -7,20 +7,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+import torch
 from safetensors.torch import load_file
+
+from train import crash
 
 SMALL = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "8",
          "--warmup", "2", "--eval-problems", "4", "--threads", "1"]
 
 
-def pretrain(out, *args, wait=True):
+def pretrain(out, *args, check=True, env=None):
     cmd = [sys.executable, "-m", "train.pretrain", "--out", str(out), *SMALL, *args]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=600)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} | (env or {})
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, env=env, timeout=600)
 
 
 def weights(out):
@@ -45,15 +45,12 @@ def test_same_seed_gives_the_same_checkpoint_and_card(tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_checkpoint(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    pretrain(whole, "--steps", "40", "--save-every", "5")
-    proc = pretrain(cut, "--steps", "40", "--save-every", "5", wait=False)
+    pretrain(whole, "--steps", "12", "--save-every", "5")
+    r = pretrain(cut, "--steps", "12", "--save-every", "5", check=False, env={crash.ENV: "7"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     state = cut / "train_state.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not state.exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert torch.load(state, weights_only=False)["step"] == 5  # the last state written before step 7
     assert state.exists() and not (cut / "model.safetensors").exists(), "killed before it finished"
-    pretrain(cut, "--steps", "40", "--save-every", "5", "--resume")
+    pretrain(cut, "--steps", "12", "--save-every", "5", "--resume")
     assert same(weights(whole), weights(cut))
     assert not state.exists()  # the finished checkpoint supersedes the training state

@@ -50,6 +50,7 @@ from lm_eval_dllm.text import stop_strings
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
+from . import crash
 from .grpo_loss import clipped_pg_loss, expert_mixture, group_advantages, loss_count, mixed_advantages
 
 log = logging.getLogger("train.grpo")
@@ -514,6 +515,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save({k: v for k, v in rec.items() if k.startswith("val_")} | {"train_reward": m[0]})
         acc.wait_for_everyone()
+        crash.end_of_step(step)
     bar.close()
 
 

@@ -34,6 +34,8 @@ from lm_eval_dllm.tiny import BUNDLED_DIR, TinyDLLMConfig, TinyDLLMModel, build_
 from lm_eval_dllm.tiny.modeling import POS_ENCODINGS
 from lm_eval_dllm.utils import atomic_write, atomic_write_json
 
+from . import crash
+
 log = logging.getLogger("train.pretrain")
 
 GEN_LENGTH = modchain.GEN_LENGTH
@@ -176,6 +178,7 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_state()
+        crash.end_of_step(step)
     bar.close()
     train_min = (time.time() - t0) / 60
 
