@@ -10,9 +10,9 @@ import argparse
 from pathlib import Path
 
 from lm_eval_dllm.generate import Generator
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import atomic_write
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .cache import CACHE_MODELS
 from .config import DLLMConfig
-from .tiny import TinyDLLMConfig
+from .tiny import BUNDLED_ID, TinyDLLMConfig
 from .generate import Generator, chat_prompt, resolve_shape
 from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
@@ -39,7 +39,6 @@ from .utils import DLLMError
 log = logging.getLogger(__name__)
 
 REAL_DLLM_HINT = "GSAI-ML/LLaDA-8B-Instruct"
-BUNDLED_ID = "bundled:tiny-modchain"  # how policies name the bundled model
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
 
 # (task_name, doc_id) -> per-sample stats of the most recent run in this process; read by the

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import find_policy
+from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 import policies
 

@@ -21,10 +21,9 @@ import torch
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.samplers.learned import SETTINGS, from_card
-from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write_json
 
 import policies

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import UnmaskPolicy, find_policy, update_card
 from lm_eval_dllm.reward import reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError
 from train.grpo import Env, GRPOConfig, parse_args
 

@@ -146,7 +146,7 @@ def test_one_grpo_update_changes_every_parameter():
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
     """Kill a run mid-way (LM_EVAL_DLLM_KILL_AT_STEP), resume it: the same final policy and optimizer state as
     a run never killed, and a log holding each step once."""
-    base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "6",
+    base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "4",
             "--prompts-per-step", "2", "--group", "4", "--val-every", "100", "--save-every", "1",
             "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -165,12 +165,12 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
 
     a = torch.load(whole / "trainer_state.pt", weights_only=False)
     b = torch.load(cut / "trainer_state.pt", weights_only=False)
-    assert a["step"] == b["step"] == 6
+    assert a["step"] == b["step"] == 4
     for k in a["policy"]:
         assert torch.equal(a["policy"][k], b["policy"][k]), k
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
     steps = [json.loads(x)["step"] for x in (cut / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # step 3 redone, logged once
+    assert steps == [1, 2, 3, 4]  # step 3 redone, logged once
     assert b["train_seconds"] > killed["train_seconds"] > 0  # training time adds up across the resume
     assert "train_minutes" in json.loads((cut / "last" / "policy.json").read_text())["card"]
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,26 +32,35 @@ def same(a, b):
     return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_same_seed_gives_the_same_checkpoint_and_card(tmp_path):
-    pretrain(tmp_path / "a", "--steps", "4")
-    pretrain(tmp_path / "b", "--steps", "4")
-    pretrain(tmp_path / "c", "--steps", "4", "--seed", "1")
-    assert same(weights(tmp_path / "a"), weights(tmp_path / "b"))
-    assert not same(weights(tmp_path / "a"), weights(tmp_path / "c"))
-    card_a, card_b = (json.loads((tmp_path / d / "card.json").read_text()) for d in "ab")
+RUN = ["--steps", "12", "--save-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One uninterrupted run, shared: the same-seed rerun and the resumed run must both equal it."""
+    out = tmp_path_factory.mktemp("pretrain") / "whole"
+    pretrain(out, *RUN)
+    return out
+
+
+def test_same_seed_gives_the_same_checkpoint_and_card(whole, tmp_path):
+    pretrain(tmp_path / "b", *RUN)
+    pretrain(tmp_path / "c", *RUN, "--seed", "1")
+    assert same(weights(whole), weights(tmp_path / "b"))
+    assert not same(weights(whole), weights(tmp_path / "c"))
+    card_a, card_b = (json.loads((d / "card.json").read_text()) for d in (whole, tmp_path / "b"))
     assert card_a["validation"] == card_b["validation"]
     assert card_a["final_loss_mean_last_100"] == card_b["final_loss_mean_last_100"]
-    assert card_a["command"].startswith("python -m train.pretrain --steps 4 ")
+    assert card_a["command"].startswith("python -m train.pretrain --steps 12 ")
 
 
-def test_a_killed_run_resumes_to_the_same_checkpoint(tmp_path):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    pretrain(whole, "--steps", "12", "--save-every", "5")
-    r = pretrain(cut, "--steps", "12", "--save-every", "5", check=False, env={crash.ENV: "7"})
+def test_a_killed_run_resumes_to_the_same_checkpoint(whole, tmp_path):
+    cut = tmp_path / "cut"
+    r = pretrain(cut, *RUN, check=False, env={crash.ENV: "7"})
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     state = cut / "train_state.pt"
     assert torch.load(state, weights_only=False)["step"] == 5  # the last state written before step 7
-    assert state.exists() and not (cut / "model.safetensors").exists(), "killed before it finished"
-    pretrain(cut, "--steps", "12", "--save-every", "5", "--resume")
+    assert not (cut / "model.safetensors").exists(), "killed before it finished"
+    pretrain(cut, *RUN, "--resume")
     assert same(weights(whole), weights(cut))
     assert not state.exists()  # the finished checkpoint supersedes the training state

@@ -188,7 +188,7 @@ def test_failure_kinds_and_the_failures_benchmark(capsys):
 
 def test_the_validation_benchmark_reads_the_validation_split(capsys):
     from benchmarks.validation import main
-    from lm_eval_dllm.model import BUNDLED_ID
+    from lm_eval_dllm.tiny import BUNDLED_ID
     from lm_eval_dllm.tasks import modchain
     from policies import variants_for
 

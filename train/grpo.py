@@ -40,14 +40,13 @@ from lm_eval_dllm.cache import CACHE_MODES, check_cache
 from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.loading import load, resolve_dtype
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import (ALL_FEATURES, SAMPLINGS, PolicyConfig, UnmaskPolicy, action_logprob,
                                  build_features, find_policy)
 from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.samplers.threshold import ThresholdSampler
 from lm_eval_dllm.text import stop_strings
-from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from . import crash

@@ -27,10 +27,9 @@ from tqdm import tqdm
 
 from lm_eval_dllm.generate import Generator
 from lm_eval_dllm.loading import load
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
-from lm_eval_dllm.tiny import BUNDLED_DIR, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
 from lm_eval_dllm.tiny.modeling import POS_ENCODINGS
 from lm_eval_dllm.utils import atomic_write, atomic_write_json
 
