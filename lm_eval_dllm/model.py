@@ -46,6 +46,14 @@ LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
 SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
 
 
+def sample_seed(seed: int, context: str, occurrence: int = 0) -> int:
+    """A request's random seed, from the run's `seed` and its context (plus `occurrence`: which repeat
+    of the context, or which window of a rolling document), never from its batch position or order,
+    so a batch gives each row its single-row draws. Loglikelihood requests of one question share the
+    context and so their mask draws (common random numbers: a less noisy comparison of the choices)."""
+    return (seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919 + occurrence) % (2**63)
+
+
 class DLLM(DataParallel, LM):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
@@ -136,7 +144,7 @@ class DLLM(DataParallel, LM):
         for req in requests:
             context, continuation = req.args[0], req.args[1]
             ctx, tgt = split_pair(self._tokenize, context, continuation)
-            items.append((self._ll_context(ctx, tgt), tgt, self._ll_seed(context)))
+            items.append((self._ll_context(ctx, tgt), tgt, sample_seed(self.cfg.seed, context)))
         res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood")
         self._record_ll(requests, [{"ll_forwards": f, "target_tokens": len(t), "wall_s": wall}
                                    for (_, f), (_, t, _) in zip(res, items)])
@@ -154,7 +162,7 @@ class DLLM(DataParallel, LM):
             ids = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
             wins = rolling_windows(ids, limit or len(ids) + 1, self._prefix_id())
             for w, (ctx, tgt) in enumerate(wins):
-                items.append((ctx, tgt, self._ll_seed(req.args[0]) + w))
+                items.append((ctx, tgt, sample_seed(self.cfg.seed, req.args[0], w)))
                 owner.append(i)
         res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood_rolling")
         totals = [0.0] * len(requests)
@@ -184,11 +192,6 @@ class DLLM(DataParallel, LM):
                         "the last %d context tokens (truncation=left; shown once)", len(ctx), len(tgt),
                         len(fitted))
         return fitted or [self._prefix_id()]
-
-    def _ll_seed(self, context: str) -> int:
-        # from the context alone: the choices of one question share their mask draws (common random
-        # numbers, a less noisy comparison); never from batch position or order
-        return (self.cfg.seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919) % (2**63)
 
     def _elbo(self, items, disable_tqdm: bool, desc: str):
         """[((ll, is_greedy), forwards)] for (ctx, tgt, seed) items, and the wall seconds per item."""
@@ -226,10 +229,6 @@ class DLLM(DataParallel, LM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         self.gen.chat = True  # the template carries its own special tokens
         return chat_prompt(self.tokenizer, chat_history, add_generation_prompt)
-
-    def _seed(self, context: str, occurrence: int) -> int:
-        # per sample, not per batch position: a row's randomness does not depend on its batch
-        return (self.cfg.seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919 + occurrence) % (2**63)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
@@ -269,7 +268,7 @@ class DLLM(DataParallel, LM):
         sampler = (self.sampler if self.cfg.steps is None
                    else make_sampler(self.cfg.sampler, self._sampler_args(L)))
         out = self.gen.generate(contexts, sampler, gen_length=L, block=block,
-                                seeds=[self._seed(c[0], c[3]) for c in chunk],
+                                seeds=[sample_seed(self.cfg.seed, c[0], c[3]) for c in chunk],
                                 temperature=self._temperature(gen_kwargs),
                                 until=stop_strings(gen_kwargs, self.tokenizer, self.spec))
         return list(zip(out.texts, out.stats))

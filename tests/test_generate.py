@@ -9,7 +9,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from lm_eval_dllm.model import DLLM
+from lm_eval_dllm.model import DLLM, sample_seed
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
 from train.grpo import Env, GRPOConfig
 
@@ -29,7 +29,7 @@ def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt
     texts = lm.generate_until(reqs, disable_tqdm=True)
     stats = [lm.stats["modchain"][i] for i in range(len(prompts))]
 
-    seeds = [lm._seed(p.context, 0) for p in prompts]  # evaluation's per-sample seed
+    seeds = [sample_seed(lm.cfg.seed, p.context) for p in prompts]  # evaluation's per-sample seed
     _, _, _, nfes, rollout_texts = env.rollout(UnmaskPolicy.load(tmp_path / "pol"), prompts, seeds,
                                                mode=mode, record=False)
     assert rollout_texts == texts
