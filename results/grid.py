@@ -317,3 +317,11 @@ def run_grid(grid: Grid) -> list[Path]:
     if missing and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the files are written before any process looks for the next grid's
     return [grid.path(t, s) for t, s in todo]
+
+
+def report_paths(grid: Grid) -> list[Path]:
+    """The finished runs on disk for the grid's model and tasks, any sampler and block size.
+
+    Learned runs of other policy weights (an older training, another --policy) are left out."""
+    paths = sorted({q for t in grid.tasks for q in grid.run_dir(t).glob("*.json")})
+    return [q for q in paths if grid.is_current(q)]

@@ -255,7 +255,7 @@ def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, mo
 
 def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monkeypatch):
     import policies
-    from results.__main__ import _sweep_of
+    from results.seeds import _sweep_of
     from results.grid import SWEEPS, Grid
 
     shipped, other = tmp_path / "policies", tmp_path / "other"  # other: a policy outside the catalog
@@ -275,7 +275,7 @@ def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monke
 
 def test_seeds_one_section_per_command_and_a_policy_named_twice_counts_once(tmp_path, monkeypatch):
     import policies
-    import results.__main__ as rm
+    import results.seeds as rm
     from results.grid import Grid
     from results.report import Row
 
