@@ -30,8 +30,8 @@ def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt
     stats = [lm.stats["modchain"][i] for i in range(len(prompts))]
 
     seeds = [sample_seed(lm.cfg.seed, p.context) for p in prompts]  # evaluation's per-sample seed
-    _, _, _, nfes, rollout_texts = env.rollout(UnmaskPolicy.load(tmp_path / "pol"), prompts, seeds,
-                                               mode=mode, record=False)
+    ro = env.rollout(UnmaskPolicy.load(tmp_path / "pol"), prompts, seeds, mode=mode, record=False)
+    nfes, rollout_texts = ro.nfes, ro.texts
     assert rollout_texts == texts
     assert nfes.long().tolist() == [s["nfe"] for s in stats]
     assert env.L == stats[0]["gen_length"] and env.block == stats[0]["block"] == 8
