@@ -165,12 +165,8 @@ def diffuse(
     if empty:  # at every batch size: a row is refused for itself, not for its batch
         raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
     device = torch.device(device)
-    canvas = torch.full((B, P + L), spec.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, P + L), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # left padding: the prompt ends at column P - 1 in every row
-        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
-        attn[i, P - len(p):] = 1
-    canvas[:, P:] = spec.mask_id
+    # the prompt ends at column P - 1 in every row, the L masks follow
+    canvas, attn = left_pad([list(p) + [spec.mask_id] * L for p in prompts], P + L, spec.pad_id, device)
     gen_dev = device if device.type == "cuda" else torch.device("cpu")
     seeds = seeds if seeds is not None else list(range(B))
     gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
@@ -250,6 +246,19 @@ def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor
     if (eligible.any(-1) & ~action.any(-1)).any():
         raise RuntimeError(f"sampler {sampler.name!r} committed nothing in a step; every step "
                            f"must commit at least one masked position of the current block")
+
+
+def left_pad(rows: list, width: int, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids (lists or 1-D tensors) right-aligned in a (len(rows), width) canvas of `pad_id`, and its attention mask (1 on
+    real tokens): left padding, as the decode loop and the ELBO batches both lay rows out, so that
+    each row's last token is in the last column and its positions count from its first token."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long, device=device)
+            attn[i, width - len(r):] = 1
+    return ids, attn
 
 
 def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0, window: int = 0):

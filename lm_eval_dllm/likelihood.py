@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .decode import Forward
+from .decode import Forward, left_pad
 from .spec import FamilySpec
 from .utils import DLLMError
 
@@ -120,16 +120,6 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
     return ctx, whole[len(ctx):]
 
 
-def fit_pair(ctx: list[int], tgt: list[int], limit: int | None, truncation: str = "left") -> list[int]:
-    """The context ids that fit `limit` together with the whole target (its oldest tokens dropped)."""
-    if limit is None or len(ctx) + len(tgt) <= limit:
-        return ctx
-    if truncation == "error" or len(tgt) >= limit:
-        raise DLLMError(f"context of {len(ctx)} tokens + continuation of {len(tgt)} exceeds the model's "
-                        f"context of {limit}; valid: a shorter context or continuation, or truncation=left")
-    return ctx[len(ctx) + len(tgt) - limit:]
-
-
 def rolling_windows(ids: list[int], max_length: int, prefix: int) -> list[tuple[list[int], list[int]]]:
     """A document's tokens as disjoint (context, target) windows that each fit max_length.
 
@@ -205,22 +195,20 @@ def elbo_loglikelihoods(
     it = _rows(reqs)
     while batch := list(itertools.islice(it, batch_size)):
         T = max(len(reqs[i].ctx) + len(reqs[i].tgt) for i, _ in batch)
-        ids = torch.full((len(batch), T), spec.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), T), dtype=torch.long)
-        tgt_pos, tgt_tok, row_of = [], [], []  # masked target positions in the padded batch
+        seqs, tgt_pos, tgt_tok, row_of = [], [], [], []  # masked target positions in the padded batch
         for b, (i, r) in enumerate(batch):
             q = reqs[i]
             seq = torch.tensor(q.ctx + q.tgt, dtype=torch.long)
             P, L = len(q.ctx), len(q.tgt)
             tgt = seq[P:].clone()
             seq[P:] = torch.where(q.masks[r], spec.mask_id, tgt)  # the context is never masked
-            ids[b, T - P - L:] = seq  # left padding, as the decode loop does
-            attn[b, T - P - L:] = 1
+            seqs.append(seq)
             pos = (T - L + q.masks[r].nonzero().squeeze(-1)).tolist()
             tgt_pos += pos
             tgt_tok += tgt[q.masks[r]].tolist()
             row_of += [b] * len(pos)
-        logits = forward(ids.to(device), attn.to(device))  # (b, T, V): the one forward
+        ids, attn = left_pad(seqs, T, spec.pad_id, device)  # as the decode loop lays rows out
+        logits = forward(ids, attn)  # (b, T, V): the one forward
         rows = torch.tensor(row_of, device=logits.device)
         cols = torch.tensor(tgt_pos, device=logits.device) - (1 if spec.shifted else 0)
         lp = F.log_softmax(logits[rows, cols].float(), dim=-1)  # (n_masked, V)

@@ -27,13 +27,13 @@ from .cache import CACHE_MODELS
 from .config import DLLMConfig
 from .tiny import BUNDLED_ID, TinyDLLMConfig
 from .generate import Generator, chat_prompt, resolve_shape
-from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
+from .likelihood import elbo_loglikelihoods, rolling_windows, split_pair
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .parallel import DataParallel
 from .policy import policy_for
 from .samplers import make_sampler
 from .tasks import BUNDLED_TASKS
-from .text import stop_strings
+from .text import PromptFitter, stop_strings
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class DLLM(DataParallel, LM):
                              truncation=self.cfg.truncation, early_exit=self.cfg.early_exit,
                              cache=self.cfg.cache, refresh=self.cfg.refresh,
                              window=self.cfg.window)
+        self._fit_ll = PromptFitter(self.gen.fit.limit, self.cfg.truncation, what="continuation")
         self.is_bundled = not self.cfg.pretrained
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
@@ -185,13 +186,7 @@ class DLLM(DataParallel, LM):
         return int(bos) if bos is not None else (self.spec.stop_ids or (self.spec.pad_id,))[0]
 
     def _ll_context(self, ctx: list[int], tgt: list[int]) -> list[int]:
-        fitted = fit_pair(ctx, tgt, self.cfg.max_length or self.spec.max_length, self.cfg.truncation)
-        if len(fitted) < len(ctx) and "ll_truncation" not in self._warned:
-            self._warned.add("ll_truncation")
-            log.warning("context of %d tokens + continuation of %d exceeds the model's context: keeping "
-                        "the last %d context tokens (truncation=left; shown once)", len(ctx), len(tgt),
-                        len(fitted))
-        return fitted or [self._prefix_id()]
+        return self._fit_ll(ctx, len(tgt)) or [self._prefix_id()]
 
     def _elbo(self, items, disable_tqdm: bool, desc: str):
         """[((ll, is_greedy), forwards)] for (ctx, tgt, seed) items, and the wall seconds per item."""
