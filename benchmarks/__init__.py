@@ -11,9 +11,9 @@ from pathlib import Path
 
 from lm_eval_dllm.compat import Compat
 from lm_eval_dllm.generate import Generator
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
+from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import atomic_write
 
 

@@ -17,10 +17,9 @@ from tabulate import tabulate
 
 from lm_eval_dllm.generate import Generator
 from lm_eval_dllm.loading import load
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
-from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 
 from . import finish, label, parser, load_docs
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 from lm_eval_dllm.loading import load
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.tasks import modchain
-from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 from policies import variants_for
 from results.grid import SWEEPS

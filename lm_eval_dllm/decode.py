@@ -273,20 +273,15 @@ def diffuse(
 
 
 def _canvas(prompts: list[list[int]], spec: FamilySpec, lay: BlockLayout, device: torch.device):
-    """(canvas, attn), both (B, P + W): each prompt left-padded to end at column P - 1, then the
-    row's lay.lengths masks (padding after them)."""
-    B, P = len(prompts), max(len(p) for p in prompts)
+    """(canvas, attn), both (B, P + W): the prompts left-padded (left_pad) to end at column P - 1,
+    then each row's lay.lengths masks (padding after them)."""
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:  # at every batch size: a row is refused for itself, not for its batch
-        raise DLLMError(f"empty prompt (row {empty[0]} of {B}); valid: at least one prompt token")
-    canvas = torch.full((B, P + lay.width), spec.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros((B, P + lay.width), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        n = int(lay.lengths[i])
-        canvas[i, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
-        canvas[i, P:P + n] = spec.mask_id
-        attn[i, P - len(p):P + n] = 1
-    return canvas, attn
+        raise DLLMError(f"empty prompt (row {empty[0]} of {len(prompts)}); valid: at least one prompt token")
+    ctx, ctx_attn = left_pad(prompts, max(len(p) for p in prompts), spec.pad_id, device)
+    real = torch.arange(lay.width, device=device)[None, :] < lay.lengths.to(device)[:, None]  # (B, W)
+    gen = torch.where(real, spec.mask_id, spec.pad_id)
+    return torch.cat([ctx, gen], dim=1), torch.cat([ctx_attn, real.long()], dim=1)
 
 
 def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor, may_pass: bool = False) -> None:
@@ -299,6 +294,19 @@ def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor
     if not may_pass and (eligible.any(-1) & ~action.any(-1)).any():
         raise RuntimeError(f"sampler {sampler.name!r} committed nothing in a step; every step "
                            f"must commit at least one masked position of the current block")
+
+
+def left_pad(rows: list, width: int, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids (lists or 1-D tensors) right-aligned in a (len(rows), width) canvas of
+    `pad_id`, and its attention mask (1 on real tokens): left padding, as the decode loop and the ELBO batches both lay rows out, so that
+    each row's last token is in the last column and its positions count from its first token."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long, device=device)
+            attn[i, width - len(r):] = 1
+    return ids, attn
 
 
 def model_forward(model, spec: FamilySpec, cache: str = "none", refresh: int = 0, window: int = 0):

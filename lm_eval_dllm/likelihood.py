@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import FullForward
-from .decode import Forward
+from .decode import Forward, left_pad
 from .spec import FamilySpec
 from .utils import DLLMError
 
@@ -121,16 +121,6 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
     return ctx, whole[len(ctx):]
 
 
-def fit_pair(ctx: list[int], tgt: list[int], limit: int | None, truncation: str = "left") -> list[int]:
-    """The context ids that fit `limit` together with the whole target (its oldest tokens dropped)."""
-    if limit is None or len(ctx) + len(tgt) <= limit:
-        return ctx
-    if truncation == "error" or len(tgt) >= limit:
-        raise DLLMError(f"context of {len(ctx)} tokens + continuation of {len(tgt)} exceeds the context "
-                        f"limit of {limit} tokens; valid: a shorter context or continuation, or truncation=left")
-    return ctx[len(ctx) + len(tgt) - limit:]
-
-
 def rolling_windows(ids: list[int], max_length: int, prefix: int) -> list[tuple[list[int], list[int]]]:
     """A document's tokens as disjoint (context, target) windows that each fit max_length.
 
@@ -211,24 +201,22 @@ def elbo_loglikelihoods(
     it = _rows(reqs)
     while batch := list(itertools.islice(it, batch_size)):
         T = max(len(reqs[i].ctx) + len(reqs[i].tgt) for i, _ in batch)
-        ids = torch.full((len(batch), T), spec.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), T), dtype=torch.long)
-        tgt_pos, tgt_tok, row_of = [], [], []  # masked target positions in the padded batch
+        seqs, tgt_pos, tgt_tok, row_of = [], [], [], []  # masked target positions in the padded batch
         for b, (i, r) in enumerate(batch):
             q = reqs[i]
             seq = torch.tensor(q.ctx + q.tgt, dtype=torch.long)
             P, L = len(q.ctx), len(q.tgt)
             tgt = seq[P:].clone()
             seq[P:] = torch.where(q.masks[r], spec.mask_id, tgt)  # the context is never masked
-            ids[b, T - P - L:] = seq  # left padding, as the decode loop does
-            attn[b, T - P - L:] = 1
+            seqs.append(seq)
             pos = (T - L + q.masks[r].nonzero().squeeze(-1)).tolist()
             tgt_pos += pos
             tgt_tok += tgt[q.masks[r]].tolist()
             row_of += [b] * len(pos)
+        ids, attn = left_pad(seqs, T, spec.pad_id, device)  # as the decode loop lays rows out
         # the one forward, its logits from the first target column on (targets end every row)
         first = T - max(len(reqs[i].tgt) for i, _ in batch) - shift
-        logits = strategy(ids.to(device), attn.to(device), first)  # (b, T - first, V)
+        logits = strategy(ids, attn, first)  # (b, T - first, V)
         rows = torch.tensor(row_of, device=logits.device)
         cols = torch.tensor(tgt_pos, device=logits.device) - shift - first
         lp = F.log_softmax(logits[rows, cols].float(), dim=-1)  # (n_masked, V)

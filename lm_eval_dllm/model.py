@@ -26,25 +26,33 @@ from tqdm import tqdm
 from .cache import check_cache_support
 from .config import DLLMConfig
 from .generate import Generator, chat_prompt, resolve_shape
-from .likelihood import elbo_loglikelihoods, fit_pair, rolling_windows, split_pair
+from .likelihood import elbo_loglikelihoods, rolling_windows, split_pair
 from .loading import load, read_checkpoint, read_config, resolve_device, resolve_dtype, resolve_pretrained
 from .models.diffusion_gemma import is_diffusion_gemma
+from .tiny import BUNDLED_ID
 from .parallel import DataParallel
 from .policy import policy_for
 from .samplers import make_sampler
 from .tasks import BUNDLED_TASKS
-from .text import stop_strings
+from .text import PromptFitter, stop_strings
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
 
 REAL_DLLM_HINT = "GSAI-ML/LLaDA-8B-Instruct"
-BUNDLED_ID = "bundled:tiny-modchain"  # how policies name the bundled model
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
 
 # (task_name, doc_id) -> per-sample stats of the most recent run in this process; read by the
 # hook that adds them to lm-eval's results and logged samples
 SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
+
+
+def sample_seed(seed: int, context: str, occurrence: int = 0) -> int:
+    """A request's random seed, from the run's `seed` and its context (plus `occurrence`: which repeat
+    of the context, or which window of a rolling document), never from its batch position or order,
+    so a batch gives each row its single-row draws. Loglikelihood requests of one question share the
+    context and so their mask draws (common random numbers: a less noisy comparison of the choices)."""
+    return (seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919 + occurrence) % (2**63)
 
 
 class DLLM(DataParallel, LM):
@@ -89,6 +97,7 @@ class DLLM(DataParallel, LM):
                              truncation=self.cfg.truncation, early_exit=self.cfg.early_exit,
                              cache=self.cfg.cache, refresh=self.cfg.refresh,
                              window=self.cfg.window, compat=self.cfg.compat)
+        self._fit_ll = PromptFitter(self.gen.fit.limit, self.cfg.truncation, what="continuation")
         self.is_bundled = not self.cfg.pretrained
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
@@ -143,7 +152,7 @@ class DLLM(DataParallel, LM):
         for req in requests:
             context, continuation = req.args[0], req.args[1]
             ctx, tgt = split_pair(self._tokenize, context, continuation)
-            items.append((self._ll_context(ctx, tgt), tgt, self._ll_seed(context)))
+            items.append((self._ll_context(ctx, tgt), tgt, sample_seed(self.cfg.seed, context)))
         res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood")
         self._record_ll(requests, [{"ll_forwards": f, "target_tokens": len(t), "wall_s": wall}
                                    for (_, f), (_, t, _) in zip(res, items)])
@@ -161,7 +170,7 @@ class DLLM(DataParallel, LM):
             ids = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
             wins = rolling_windows(ids, limit or len(ids) + 1, self._prefix_id())
             for w, (ctx, tgt) in enumerate(wins):
-                items.append((ctx, tgt, self._ll_seed(req.args[0]) + w))
+                items.append((ctx, tgt, sample_seed(self.cfg.seed, req.args[0], w)))
                 owner.append(i)
         res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood_rolling")
         totals = [0.0] * len(requests)
@@ -184,18 +193,7 @@ class DLLM(DataParallel, LM):
         return int(bos) if bos is not None else (self.spec.stop_ids or (self.spec.pad_id,))[0]
 
     def _ll_context(self, ctx: list[int], tgt: list[int]) -> list[int]:
-        fitted = fit_pair(ctx, tgt, self.cfg.max_length or self.spec.max_length, self.cfg.truncation)
-        if len(fitted) < len(ctx) and "ll_truncation" not in self._warned:
-            self._warned.add("ll_truncation")
-            log.warning("context of %d tokens + continuation of %d exceeds the model's context: keeping "
-                        "the last %d context tokens (truncation=left; shown once)", len(ctx), len(tgt),
-                        len(fitted))
-        return fitted or [self._prefix_id()]
-
-    def _ll_seed(self, context: str) -> int:
-        # from the context alone: the choices of one question share their mask draws (common random
-        # numbers, a less noisy comparison); never from batch position or order
-        return (self.cfg.seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919) % (2**63)
+        return self._fit_ll(ctx, len(tgt)) or [self._prefix_id()]
 
     def _elbo(self, items, disable_tqdm: bool, desc: str):
         """[((ll, is_greedy), forwards)] for (ctx, tgt, seed) items, and the wall seconds per item."""
@@ -233,10 +231,6 @@ class DLLM(DataParallel, LM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         self.gen.chat = True  # the template carries its own special tokens
         return chat_prompt(self.tokenizer, chat_history, add_generation_prompt)
-
-    def _seed(self, context: str, occurrence: int) -> int:
-        # per sample, not per batch position: a row's randomness does not depend on its batch
-        return (self.cfg.seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919 + occurrence) % (2**63)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
@@ -276,7 +270,7 @@ class DLLM(DataParallel, LM):
         sampler = (self.sampler if self.cfg.steps is None
                    else make_sampler(self.cfg.sampler, self._sampler_args(L)))
         out = self.gen.generate(contexts, sampler, gen_length=L, block=block,
-                                seeds=[self._seed(c[0], c[3]) for c in chunk],
+                                seeds=[sample_seed(self.cfg.seed, c[0], c[3]) for c in chunk],
                                 temperature=self._temperature(gen_kwargs),
                                 until=stop_strings(gen_kwargs, self.tokenizer, self.spec))
         return list(zip(out.texts, out.stats))

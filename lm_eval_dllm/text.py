@@ -12,35 +12,37 @@ from .utils import DLLMError
 log = logging.getLogger(__name__)
 
 
-def fit_prompt(ids: list[int], gen_length: int, limit: int | None, truncation: str = "left") -> tuple[list[int], bool]:
-    """The prompt ids that fit `limit` with gen_length generated positions; (ids, truncated).
+def fit_prompt(ids: list[int], reserve: int, limit: int | None, truncation: str = "left",
+               what: str = "gen_length") -> tuple[list[int], bool]:
+    """The prompt ids that fit `limit` with `reserve` positions after them; (ids, truncated).
 
-    truncation="left" keeps the prompt's last tokens (the question, after any few-shot examples);
-    "error", or a gen_length that leaves no room at all, is a one-line error.
+    The reserved positions are the generated ones (`what`="gen_length") or a scored continuation's
+    tokens ("continuation"). truncation="left" keeps the prompt's last tokens (the question, after
+    any few-shot examples); "error", or a reserve that leaves no room at all, is a one-line error.
     """
-    if limit is None or len(ids) + gen_length <= limit:
+    if limit is None or len(ids) + reserve <= limit:
         return ids, False
-    keep = limit - gen_length
+    keep = limit - reserve
     if truncation == "error" or keep <= 0:
-        raise DLLMError(f"prompt of {len(ids)} tokens + gen_length {gen_length} exceeds the context "
-                        f"limit of {limit} tokens; valid: a shorter prompt (fewer few-shot examples), a "
-                        f"smaller gen_length, or truncation=left")
+        raise DLLMError(f"prompt of {len(ids)} tokens + {what} {reserve} exceeds the context limit of "
+                        f"{limit} tokens; valid: a shorter prompt (fewer few-shot examples), a smaller "
+                        f"{what}, or truncation=left")
     return ids[-keep:], True
 
 
 class PromptFitter:
     """`fit_prompt` for one run (an evaluation, a training run): truncation is logged once, not per prompt."""
 
-    def __init__(self, limit: int | None, truncation: str = "left"):
-        self.limit, self.truncation, self._warned = limit, truncation, False
+    def __init__(self, limit: int | None, truncation: str = "left", what: str = "gen_length"):
+        self.limit, self.truncation, self.what, self._warned = limit, truncation, what, False
 
-    def __call__(self, ids: list[int], gen_length: int) -> list[int]:
-        fitted, cut = fit_prompt(ids, gen_length, self.limit, self.truncation)
+    def __call__(self, ids: list[int], reserve: int) -> list[int]:
+        fitted, cut = fit_prompt(ids, reserve, self.limit, self.truncation, self.what)
         if cut and not self._warned:
             self._warned = True
-            log.warning("prompt of %d tokens + gen_length %d exceeds the context of %d: keeping the last "
+            log.warning("prompt of %d tokens + %s %d exceeds the context of %d: keeping the last "
                         "%d prompt tokens (truncation=left; this warning is shown once)",
-                        len(ids), gen_length, self.limit, len(fitted))
+                        len(ids), self.what, reserve, self.limit, len(fitted))
         return fitted
 
 

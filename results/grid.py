@@ -21,10 +21,9 @@ import torch
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import find_policy
 from lm_eval_dllm.samplers.learned import SETTINGS, from_card
-from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write_json
 
 import policies
@@ -318,3 +317,11 @@ def run_grid(grid: Grid) -> list[Path]:
     if missing and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the files are written before any process looks for the next grid's
     return [grid.path(t, s) for t, s in todo]
+
+
+def report_paths(grid: Grid) -> list[Path]:
+    """The finished runs on disk for the grid's model and tasks, any sampler and block size.
+
+    Learned runs of other policy weights (an older training, another --policy) are left out."""
+    paths = sorted({q for t in grid.tasks for q in grid.run_dir(t).glob("*.json")})
+    return [q for q in paths if grid.is_current(q)]

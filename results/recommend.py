@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import UnmaskPolicy, find_policy, update_card
 from lm_eval_dllm.reward import reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError
 from train.grpo import Env, GRPOConfig, parse_args
 
@@ -88,8 +88,8 @@ def evaluate(env: Env, pol: UnmaskPolicy, prompts, cand: dict, alpha: float) -> 
     """One candidate on the validation prompts through train.grpo's own rollout (its batches, the
     task's scorer), seeded by index as train.grpo's validation is."""
     sampler = LearnedSampler(LearnedSampler.Config(**cand), policy=pol)
-    _, _, scores, nfes, _ = env.rollout(pol, prompts, list(range(len(prompts))), record=False, sampler=sampler)
-    return summarize(cand, scores.tolist(), nfes.int().tolist(), env.L, alpha)
+    ro = env.rollout(pol, prompts, list(range(len(prompts))), record=False, sampler=sampler)
+    return summarize(cand, ro.scores.tolist(), ro.nfes.int().tolist(), env.L, alpha)
 
 
 def summarize(cand: dict, scores: list[float], nfes: list[int], gen_length: int, alpha: float) -> Trial:

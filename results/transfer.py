@@ -26,8 +26,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 import policies
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.policy import UnmaskPolicy, find_policy
+from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from .grid import SWEEPS, Grid, run_grid

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from lm_eval_dllm.model import DLLM
+from lm_eval_dllm.model import DLLM, sample_seed
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
 from train.grpo import Env, GRPOConfig
 
@@ -29,9 +29,9 @@ def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt
     texts = lm.generate_until(reqs, disable_tqdm=True)
     stats = [lm.stats["modchain"][i] for i in range(len(prompts))]
 
-    seeds = [lm._seed(p.context, 0) for p in prompts]  # evaluation's per-sample seed
-    _, _, _, nfes, rollout_texts = env.rollout(UnmaskPolicy.load(tmp_path / "pol"), prompts, seeds,
-                                               mode=mode, record=False)
+    seeds = [sample_seed(lm.cfg.seed, p.context) for p in prompts]  # evaluation's per-sample seed
+    ro = env.rollout(UnmaskPolicy.load(tmp_path / "pol"), prompts, seeds, mode=mode, record=False)
+    nfes, rollout_texts = ro.nfes, ro.texts
     assert rollout_texts == texts
     assert nfes.long().tolist() == [s["nfe"] for s in stats]
     assert env.L == stats[0]["gen_length"] and env.block == stats[0]["block"] == 8

@@ -82,3 +82,12 @@ def test_every_per_row_draw_uses_the_generators_device(monkeypatch, tiny_loaded)
     for sampler in samplers:
         diffuse(model_forward(model, spec), [[5, 6, 7], [8]], spec, sampler, 16, 8, temperature=0.7)
     assert len(calls) > 10 and all(g and same for g, same in calls), calls[:5]
+
+
+def test_only_the_lm_eval_hook_side_imports_the_adapter():
+    """lm_eval_dllm.model is the lm-eval adapter; constants live with what they name (BUNDLED_ID
+    beside the bundled model), so the trainer and the results tools import it for nothing."""
+    users = {f for pkg in sorted(ALLOWED) for f in _imports(pkg)
+             if "lm_eval_dllm.model import" in (ROOT / f).read_text()
+             or "from .model import" in (ROOT / f).read_text()}
+    assert users <= {"lm_eval_dllm/report.py"}, sorted(users)

@@ -128,6 +128,23 @@ def test_results_do_not_depend_on_batch_size_or_order(tiny_ckpt):
     assert st[1]["ll_forwards"] in (16, 17)  # 16 draws, + 1 all-masked row for is_greedy if not drawn
 
 
+def test_a_long_context_keeps_its_last_tokens_with_one_warning(tiny_ckpt, caplog):
+    """Loglikelihood fits prompts as generation does: the context's last tokens, one warning per run;
+    truncation=error refuses in one line."""
+    short = ("Q: 1+2*3-4", "=3")
+    lm = DLLM(pretrained=str(tiny_ckpt), max_length=8, mc_num=4, device="cpu")
+    with caplog.at_level("WARNING"):
+        cut = lm.loglikelihood(_requests([("x" * 20 + short[0], short[1]), ("y" * 30 + short[0], short[1])]),
+                               disable_tqdm=True)
+    assert caplog.text.count("+ continuation 2 exceeds the context of 8") == 1
+    alone = lm.loglikelihood(_requests([(short[0][-6:], short[1])]), disable_tqdm=True)
+    assert cut[0] == cut[1] == alone[0]  # both kept the same last 6 context tokens
+    strict = DLLM(pretrained=str(tiny_ckpt), max_length=8, truncation="error", device="cpu")
+    with pytest.raises(DLLMError, match="prompt of 30 tokens \\+ continuation 2 exceeds the model's context of 8; "
+                                        "valid: .*a smaller continuation, or truncation=left"):
+        strict.loglikelihood(_requests([("x" * 20 + short[0], short[1])]), disable_tqdm=True)
+
+
 def test_is_greedy_follows_the_all_masked_argmax(tiny_loaded):
     model, tok, spec = tiny_loaded
     ctx = tok("Q: 12")["input_ids"]

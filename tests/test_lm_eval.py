@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,23 +44,35 @@ def test_task_prompt_matches_pretraining_prompt(task_manager):
     assert ok["exact_match"] == 1.0
 
 
+def final_answer(text: str) -> str | None:
+    """The number after the last `#### ` (modchain's answer format), read independently of lm-eval."""
+    found = re.findall(r"#### (-?\d+)", text)
+    return found[-1] if found else None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_each_sampler_through_simple_evaluate(sampler, tiny_ckpt, task_manager):
+def test_each_sampler_through_simple_evaluate(sampler, task_manager):
+    """The bundled model on 8 problems: the reported accuracy is the share of logged completions
+    whose final answer is the reference's, and NFE is the mean of the samples' own counts."""
     import lm_eval
 
+    k = ",k=4" if sampler in ("confidence", "entropy", "margin", "random") else ""  # 12 forwards, not 48
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler={sampler},batch_size=4",
+        model="dllm", model_args=f"sampler={sampler}{k},batch_size=4",
         tasks=["modchain"], limit=8, task_manager=task_manager, device="cpu", log_samples=True)
     row = res["results"]["modchain"]
-    assert 0.0 <= row["exact_match,strict-match"] <= 1.0
-    assert row["nfe,none"] >= 1 and row["tpf,none"] > 0 and row["wall_s,none"] > 0
+    samples = [s for s in res["samples"]["modchain"] if s["filter"] == "flexible-extract"]
+    assert len(samples) == 8  # one logged sample per doc and filter
+    right = [final_answer(s["resps"][0][0]) == final_answer(s["target"]) for s in samples]
+    assert row["exact_match,flexible-extract"] == pytest.approx(sum(right) / 8)
+    if sampler == "threshold":  # tau = 0.9 at B = 8 solves 99 % of the test problems (results/README.md)
+        assert all(right)
     per_task = res["config"]["dllm"]["per_task"]["modchain"]
     assert per_task["n"] == 8 and per_task["mean_nfe"] == row["nfe,none"]
-    samples = [s for s in res["samples"]["modchain"] if s["filter"] == "strict-match"]
-    assert len(samples) == 8  # one logged sample per doc and filter
     nfes = [s["dllm"]["nfe"] for s in samples]
-    assert sum(nfes) / 8 == pytest.approx(row["nfe,none"])
+    assert sum(nfes) / 8 == pytest.approx(row["nfe,none"]) and row["tpf,none"] > 0 and row["wall_s,none"] > 0
+    assert all(1 <= n <= 48 for n in nfes)  # early exit: a short answer ends before its last block
     assert all(s["dllm"]["doc_id"] == s["doc_id"] for s in samples)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from lm_eval_dllm import math_check
 from lm_eval_dllm.tasks import minerva, task_dir
+from tests.grpo_smoke import run_one_step
 
 PROBLEMS = [
     {"problem": "What is $\\frac{2}{4}$?", "level": "Level 1", "type": "Algebra",
@@ -114,10 +115,4 @@ def test_math_through_the_cli_with_the_bundled_model(local_math, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_on_math(local_math, tmp_path):
-    from train.grpo import main
-
-    out = tmp_path / "grpo"
-    main(["--task", "math_local_dllm", "--include-path", str(local_math), "--val-split", "test",
-          "--steps", "1", "--group", "2", "--prompts-per-step", "2", "--val-every", "1", "--val-size", "2",
-          "--gen-length", "32", "--block", "32", "--device", "cpu", "--out", str(out)])
-    assert (out / "best" / "policy.json").exists()
+    run_one_step(tmp_path, "math_local_dllm", "--include-path", str(local_math), "--val-split", "test")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from results.grid import PRESETS, Setting
+from results.grid import Setting
 from results.plan import nfe_bound
 
 
@@ -17,12 +17,6 @@ def run(args, launch=()):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *launch, "-m", "results", *args], capture_output=True, text=True,
                           env=env, timeout=600)
-
-
-def test_preset_writes_down_the_papers_grid():
-    p = PRESETS["paper"]
-    assert p.gen_length == 256 and p.blocks == (32, 256) and p.require_policy
-    assert dict(p.fewshot) == {"gsm8k": 5, "minerva_math500_dllm": 4, "humaneval_dllm": 0, "mbpp_dllm": 0}
 
 
 def test_nfe_bound():

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, b
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
+from train import crash
 from train.grpo import GRPOConfig, skip_gain, update
 from train.grpo_loss import clipped_pg_loss, group_advantages
 
@@ -144,8 +144,9 @@ def test_one_grpo_update_changes_every_parameter():
 
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
-    """Kill a run mid-way, resume it: same final policy and optimizer state as a run never killed."""
-    base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "6",
+    """Kill a run mid-way (LM_EVAL_DLLM_KILL_AT_STEP), resume it: the same final policy and optimizer state as
+    a run never killed, and a log holding each step once."""
+    base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "4",
             "--prompts-per-step", "2", "--group", "4", "--val-every", "100", "--save-every", "1",
             "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -153,26 +154,23 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
     subprocess.run(base + ["--out", str(whole)], check=True, capture_output=True, env=env, timeout=600)
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(base + ["--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    log = cut / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # killed at the end of step 3: its log line is written, its state is not (saved every 2 steps)
+    r = subprocess.run(base + ["--out", str(cut), "--save-every", "2"], capture_output=True, timeout=600,
+                       env=env | {crash.ENV: "3"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     killed = torch.load(cut / "trainer_state.pt", weights_only=False)
-    killed_at = killed["step"]
-    assert 1 <= killed_at < 6
+    assert killed["step"] == 2
+    assert [json.loads(x)["step"] for x in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     subprocess.run(base + ["--out", str(cut), "--resume"], check=True, capture_output=True, env=env, timeout=600)
 
     a = torch.load(whole / "trainer_state.pt", weights_only=False)
     b = torch.load(cut / "trainer_state.pt", weights_only=False)
-    assert a["step"] == b["step"] == 6
+    assert a["step"] == b["step"] == 4
     for k in a["policy"]:
         assert torch.equal(a["policy"][k], b["policy"][k]), k
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
     steps = [json.loads(x)["step"] for x in (cut / "log.jsonl").read_text().splitlines()]
-    assert steps[-1] == 6 and max(steps) == 6
+    assert steps == [1, 2, 3, 4]  # step 3 redone, logged once
     assert b["train_seconds"] > killed["train_seconds"] > 0  # training time adds up across the resume
     assert "train_minutes" in json.loads((cut / "last" / "policy.json").read_text())["card"]
 
@@ -257,7 +255,7 @@ def test_policies_for_one_block_pick_the_lowest_alpha_and_sweep_all(tmp_path, mo
 
 def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monkeypatch):
     import policies
-    from results.__main__ import _sweep_of
+    from results.seeds import _sweep_of
     from results.grid import SWEEPS, Grid
 
     shipped, other = tmp_path / "policies", tmp_path / "other"  # other: a policy outside the catalog
@@ -277,7 +275,7 @@ def test_seed_sweep_of_a_shipped_policy_reuses_the_grid_run_keys(tmp_path, monke
 
 def test_seeds_one_section_per_command_and_a_policy_named_twice_counts_once(tmp_path, monkeypatch):
     import policies
-    import results.__main__ as rm
+    import results.seeds as rm
     from results.grid import Grid
     from results.report import Row
 

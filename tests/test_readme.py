@@ -21,6 +21,8 @@ README = ROOT / "README.md"
 RESULTS_README = ROOT / "results" / "README.md"
 DOCS = [README, RESULTS_README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_LINES = 300
+MAX_WIDTH = 120  # a prose line, or one line of a command
+MAX_TABLE_WIDTH = 160
 # first folders of the repository paths the docs cite in backticks (`results/bundled/dtype.md`)
 REPO_DIRS = ("lm_eval_dllm", "results", "docs", "policies", "tests", "train", "benchmarks")
 
@@ -47,6 +49,30 @@ def test_readme_is_a_short_guide():
     n = len(README.read_text().splitlines())
     assert n <= MAX_LINES, (f"README.md has {n} lines; valid: at most {MAX_LINES} (research narrative "
                             f"goes to docs/, generated tables to results/README.md)")
+
+
+def _long_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of every README line over its limit: MAX_WIDTH for prose and code (a long
+    command becomes a multi-line shell block with `\\` continuations), MAX_TABLE_WIDTH for a table row,
+    which cannot wrap."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        limit = MAX_TABLE_WIDTH if line.startswith("|") and line.rstrip().endswith("|") else MAX_WIDTH
+        if len(line) > limit:
+            out.append((n, line))
+    return out
+
+
+def test_long_lines_are_found():
+    text = "x" * MAX_WIDTH + "\n" + "y" * (MAX_WIDTH + 1) + "\n| " + "z" * MAX_WIDTH + " |\n"
+    assert [n for n, _ in _long_lines(text)] == [2]
+    assert _long_lines("| " + "z" * MAX_TABLE_WIDTH + " |") != []
+
+
+def test_readme_lines_are_short():
+    bad = _long_lines(README.read_text())
+    assert not bad, "README.md lines too long (prose and commands at most %d characters, table rows %d): %s" % (
+        MAX_WIDTH, MAX_TABLE_WIDTH, [(n, len(line)) for n, line in bad])
 
 
 def test_headline_table_is_the_generated_one():

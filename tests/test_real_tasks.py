@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from lm_eval_dllm.reward import TaskScorer
+from tests.grpo_smoke import run_one_step
+
 
 @pytest.mark.slow
 def test_stock_gsm8k_through_the_cli_with_the_bundled_model(gsm8k_offline, tmp_path):
@@ -39,23 +42,20 @@ def test_stock_gsm8k_with_chat_template_on_a_llada_interface_checkpoint(gsm8k_of
     assert "<|start_header_id|>assistant" in prompt and "Question:" in prompt
 
 
-def _grpo_smoke(tmp_path, *args):
-    from train.grpo import main
-
-    out = tmp_path / "grpo"
-    main([*args, "--steps", "1", "--group", "2", "--prompts-per-step", "2", "--val-every", "1",
-          "--val-size", "2", "--gen-length", "32", "--block", "32", "--device", "cpu", "--out", str(out)])
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 1 and "val_reward" in log[-1] and (out / "best" / "policy.json").exists()
-    return log
-
-
 @pytest.mark.slow
 def test_grpo_on_stock_gsm8k_offline(gsm8k_offline, tmp_path):
     """Prompts (5-shot, left-truncated to the bundled model's context) and reward from lm-eval's gsm8k."""
-    _grpo_smoke(tmp_path, "--task", "gsm8k", "--val-split", "test")
+    scorer = TaskScorer("gsm8k")  # what train.grpo rewards with
+    doc = scorer.docs("test")[0]
+    assert scorer.prompt(doc, 0).context.count("Question:") == 6  # 5 shots + the question
+    assert scorer.score(doc, doc["answer"]) == 1.0 and scorer.score(doc, "#### 123456789") == 0.0
+    run_one_step(tmp_path, "gsm8k", "--val-split", "test")
 
 
 @pytest.mark.slow
 def test_grpo_on_humaneval_with_the_sandbox_as_reward(tmp_path):
-    _grpo_smoke(tmp_path, "--task", "humaneval_dllm", "--train-split", "test", "--val-split", "test")
+    scorer = TaskScorer("humaneval_dllm")
+    doc = scorer.docs("test")[0]
+    assert scorer.score(doc, doc["canonical_solution"]) == 1.0  # ran in the sandbox
+    assert scorer.score(doc, "    return None\n") == 0.0
+    run_one_step(tmp_path, "humaneval_dllm", "--train-split", "test", "--val-split", "test")

@@ -188,7 +188,7 @@ def test_failure_kinds_and_the_failures_benchmark(capsys):
 
 def test_the_validation_benchmark_reads_the_validation_split(capsys):
     from benchmarks.validation import main
-    from lm_eval_dllm.model import BUNDLED_ID
+    from lm_eval_dllm.tiny import BUNDLED_ID
     from lm_eval_dllm.tasks import modchain
     from policies import variants_for
 
@@ -218,7 +218,7 @@ def test_same_seed_same_numbers(tmp_path):
 
 
 def test_seed_noise_table_and_the_noise_verdict():
-    from results.__main__ import seed_table
+    from results.seeds import seed_table
     from results.report import learned_vs_heuristics
 
     mk = lambda c, acc, nfe, se=0.0: Row("t", "learned", (("cutoff", c),), 48, 48, acc, nfe, 1.0, 0.1, 1000,  # noqa: E731
@@ -249,7 +249,7 @@ def test_seed_noise_table_and_the_noise_verdict():
 
 
 def test_seed_verdict_compares_every_policy_with_the_best_heuristic_at_the_reference_nfe():
-    from results.__main__ import seed_table
+    from results.seeds import seed_table
 
     mk = lambda c, acc, nfe: Row("t", "learned", (("cutoff", c),), 48, 48, acc, nfe, 1.0, 0.1, 1000)  # noqa: E731
     heur = [Row("t", "threshold", (("tau", 0.9),), 48, 48, 0.87, 3.8, 1.0, 0.1, 1000),

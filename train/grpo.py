@@ -42,7 +42,6 @@ from lm_eval_dllm.decode import check_block
 from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.generate_dgemma import DiffusionGemmaGenerator
 from lm_eval_dllm.loading import load, resolve_dtype
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.models.diffusion_gemma import MODEL_TYPE as DIFFUSION_GEMMA
 from lm_eval_dllm.policy import (ALL_FEATURES, ARCHS, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy,
                                  action_logprob, build_policy, find_policy, network_diff)
@@ -50,9 +49,10 @@ from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.samplers.threshold import ThresholdSampler
 from lm_eval_dllm.text import stop_strings
-from lm_eval_dllm.tiny import BUNDLED_DIR
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
+from . import crash
 from .grpo_loss import clipped_pg_loss, expert_mixture, group_advantages, loss_count, mixed_advantages
 from .run_files import check_writable, keep_log_until, remove_partial_saves
 
@@ -123,6 +123,17 @@ CHOICES = {"arch": ARCHS, "val_mode": ("greedy", "sample"), "sampling": SAMPLING
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
 
+@dataclass
+class Rollout:
+    """One batch of completions: the per-step records the loss replays (empty unless recorded), and
+    per completion its reward, the task's score, its NFE and its text."""
+    trajectory: list
+    rewards: torch.Tensor  # (n,)
+    scores: torch.Tensor  # (n,)
+    nfes: torch.Tensor  # (n,) float
+    texts: list[str]
+
+
 class Env:
     """The frozen dLLM plus the task: prompts in, rewards out, through the shared generate path."""
 
@@ -154,10 +165,9 @@ class Env:
     def _chat(self, msgs, add_generation_prompt=True, **kw) -> str:  # as lm-eval calls a chat template
         return chat_prompt(self.tok, msgs, add_generation_prompt)
 
-    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None, record_top=0):
+    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None, record_top=0) -> Rollout:
         """Decode every prompt once (repeat prompts for groups) with the policy in `mode`, or with
-        `sampler` (an expert; record_top: the top probabilities the policy replays). Returns
-        trajectory, rewards, stats."""
+        `sampler` (an expert; record_top: the top probabilities the policy replays)."""
         # temperature 1: the replayed log-probabilities are those of the distribution sampled here
         sampler = sampler or LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
         texts, nfes, scores, traj_all = [], [], [], []
@@ -177,7 +187,8 @@ class Env:
                     r.rows = r.rows + i  # rows index the whole rollout batch
                 traj_all += out.trajectory
         rewards = [reward(s, n, self.L, self.cfg.alpha) for s, n in zip(scores, nfes)]
-        return traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float), texts
+        return Rollout(traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float),
+                       texts)
 
 
 def commit_rank(r) -> torch.Tensor:
@@ -485,7 +496,8 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
         picks, seeds = step_prompts(cfg, step, len(train_prompts), acc.process_index, acc.num_processes)
         prompts = [train_prompts[i] for i in picks]
         pol = acc.unwrap_model(ddp_policy)
-        traj, rewards, scores, nfes, _ = env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
+        ro = env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
+        traj, rewards, scores, nfes = ro.trajectory, ro.rewards, ro.scores, ro.nfes
         n_policy = len(rewards)
         adv = group_advantages(rewards, cfg.group)
         if taus:  # expert steering: one rollout per tau and prompt, rows after the policy's
@@ -493,10 +505,10 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
             ex = [env.rollout(None, firsts, seeds[::cfg.group], sampler=ThresholdSampler(ThresholdSampler.Config(tau=t)),
                               record_top=pol.top_probs) for t in taus]
             for j, e in enumerate(ex):
-                for r in e[0]:
+                for r in e.trajectory:
                     r.rows = r.rows + n_policy + j * len(firsts)
-                traj += e[0]
-            ex_rewards = torch.stack([e[1] for e in ex], dim=1)  # (k, E)
+                traj += e.trajectory
+            ex_rewards = torch.stack([e.rewards for e in ex], dim=1)  # (k, E)
             a_pol, a_ex = mixed_advantages(rewards.view(-1, cfg.group), ex_rewards)
             adv = torch.cat([a_pol.flatten(), a_ex.T.flatten()])  # row order: policy, then tau by tau
         batch = {k: to_device(v, acc.device) for k, v in stack_steps(traj, pol).items()}
@@ -507,7 +519,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
         rec = {"step": step, "reward": m[0], "accuracy": m[1], "nfe": m[2], "loss": sum(losses) / len(losses),
                "lr": sched.get_last_lr()[0]}
         if taus:  # logged apart: the experts' rollouts are not the policy's
-            em = torch.stack([torch.stack([e[1].mean(), e[2].mean(), e[3].mean()]) for e in ex]).to(acc.device)
+            em = torch.stack([torch.stack([e.rewards.mean(), e.scores.mean(), e.nfes.mean()]) for e in ex]).to(acc.device)
             em = acc.reduce(em, reduction="mean").tolist()
             rec |= {"expert": {f"{t:g}": {"reward": r, "accuracy": a, "nfe": n} for t, (r, a, n) in zip(taus, em)},
                     "expert_advantage": a_ex.mean().item()}
@@ -528,6 +540,7 @@ def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save({k: v for k, v in rec.items() if k.startswith("val_")} | {"train_reward": m[0]})
         acc.wait_for_everyone()
+        crash.end_of_step(step)
     bar.close()
 
 
@@ -543,8 +556,8 @@ def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
     sampling noise that would otherwise decide which checkpoint is kept."""
     idx = range(acc.process_index, len(prompts), acc.num_processes)
     mine = [prompts[i] for i in idx]  # seeded by index in the whole set: the same draws whatever the split
-    _, rewards, scores, nfes, _ = env.rollout(policy, mine, list(idx), mode=mode, record=False)
-    m = torch.tensor([rewards.sum(), scores.sum(), nfes.sum(), float(len(mine))], device=acc.device)
+    ro = env.rollout(policy, mine, list(idx), mode=mode, record=False)
+    m = torch.tensor([ro.rewards.sum(), ro.scores.sum(), ro.nfes.sum(), float(len(mine))], device=acc.device)
     m = acc.reduce(m, reduction="sum").tolist()
     return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}
 

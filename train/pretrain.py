@@ -27,12 +27,13 @@ from tqdm import tqdm
 
 from lm_eval_dllm.generate import Generator
 from lm_eval_dllm.loading import load
-from lm_eval_dllm.model import BUNDLED_ID
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.tasks import modchain
-from lm_eval_dllm.tiny import BUNDLED_DIR, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID, TinyDLLMConfig, TinyDLLMModel, build_char_tokenizer
 from lm_eval_dllm.tiny.modeling import POS_ENCODINGS
 from lm_eval_dllm.utils import atomic_write, atomic_write_json
+
+from . import crash
 
 log = logging.getLogger("train.pretrain")
 
@@ -176,6 +177,7 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_state()
+        crash.end_of_step(step)
     bar.close()
     train_min = (time.time() - t0) / 60
 

@@ -10,6 +10,7 @@ from .modeling import TinyDLLMConfig, TinyDLLMModel
 from .tokenizer import build_char_tokenizer
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-modchain"
+BUNDLED_ID = "bundled:tiny-modchain"  # how policy cards and the results grid name the bundled model
 
 # Registering the class in-process lets AutoModel load the bundled checkpoint with no remote
 # code; other dLLMs take the same AutoModel call with their own remote code (LLaDA and Dream
@@ -17,4 +18,4 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-mod
 AutoConfig.register(TinyDLLMConfig.model_type, TinyDLLMConfig, exist_ok=True)
 AutoModel.register(TinyDLLMConfig, TinyDLLMModel, exist_ok=True)
 
-__all__ = ["BUNDLED_DIR", "TinyDLLMConfig", "TinyDLLMModel", "build_char_tokenizer"]
+__all__ = ["BUNDLED_DIR", "BUNDLED_ID", "TinyDLLMConfig", "TinyDLLMModel", "build_char_tokenizer"]
