@@ -55,11 +55,19 @@ def sample_seed(seed: int, context: str, occurrence: int = 0) -> int:
     return (seed * 1_000_003 + zlib.crc32(context.encode()) * 7_919 + occurrence) % (2**63)
 
 
+def _config_or_none(model_args: dict):
+    """The checkpoint's config, or None where it cannot be read: __init__ then checks the arguments
+    first and reports the checkpoint in its own words."""
+    try:
+        return read_config(resolve_pretrained(str(model_args["pretrained"])), model_args.get("revision"))
+    except DLLMError:
+        return None
+
+
 class DLLM(DataParallel, LM):
     def __new__(cls, **model_args: Any):
         # issue 31 hook: a DiffusionGemma checkpoint (uniform noise) gets its own subclass (model_dgemma)
-        if cls is DLLM and model_args.get("pretrained") and is_diffusion_gemma(
-                read_config(resolve_pretrained(str(model_args["pretrained"])), model_args.get("revision"))):
+        if cls is DLLM and model_args.get("pretrained") and is_diffusion_gemma(_config_or_none(model_args)):
             from .model_dgemma import DiffusionGemmaLM  # a subclass of this class: a top-level import is a cycle
             cls = DiffusionGemmaLM
         return super().__new__(cls)

@@ -22,6 +22,7 @@ from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .model import DLLM
 from .policy import policy_for
 from .samplers import make_sampler
+from .text import PromptFitter
 from .utils import DLLMError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class DiffusionGemmaLM(DLLM):
         self.gen = DiffusionGemmaGenerator(self.model, self.tokenizer, self.spec, model_id=self.model_id,
                                            device=self._device, max_length=self.cfg.max_length,
                                            truncation=self.cfg.truncation)
+        self._fit_ll = PromptFitter(self.gen.fit.limit, self.cfg.truncation, what="continuation")
         self.stats: dict[str, list[dict]] = defaultdict(list)
         log.info("dllm: DiffusionGemma, acceptance %r, canvas %d, %d denoising steps at most, model %s",
                  self.sampler, canvas, gc.max_denoising_steps, self.cfg.pretrained_path)

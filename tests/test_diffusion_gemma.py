@@ -6,7 +6,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 from lm_eval_dllm.config import DLLMConfig
 from lm_eval_dllm.generate_dgemma import decode
 from lm_eval_dllm.loading import read_checkpoint
-from lm_eval_dllm.model import DLLM
+from lm_eval_dllm.model import DLLM, sample_seed
 from lm_eval_dllm.models.diffusion_gemma import build_tiny_checkpoint
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, action_logprob
 from lm_eval_dllm.samplers import Sampler, make_sampler, top_k
@@ -60,7 +59,7 @@ def test_default_decode_is_generate_for_10_prompts(dg_ckpt, official):
     tok = AutoTokenizer.from_pretrained(str(dg_ckpt))
     for i, p in enumerate(PROMPTS):
         ids = tok(p)["input_ids"]
-        ref = _generate(official, ids, lm._seed(p, 0))
+        ref = _generate(official, ids, sample_seed(lm.cfg.seed, p, 0))
         assert texts[i] == completion_text(ref.sequences[0, len(ids):].tolist(), tok, lm.spec, ["\n\n"])
         assert stats[i]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)
         assert stats[i]["tokens"] / stats[i]["nfe"] == pytest.approx(stats[i]["tpf"], rel=1e-6)
@@ -163,12 +162,11 @@ def test_cli_default_is_generate_for_10_prompts(dg_ckpt, official, tmp_path):
     logged = [json.loads(x) for x in next(tmp_path.rglob("samples_modchain_*.jsonl")).read_text().splitlines()]
     samples = list({s["doc_id"]: s for s in logged}.values())  # one line per doc and filter
     ck = read_checkpoint(str(dg_ckpt))
-    seeds = SimpleNamespace(cfg=SimpleNamespace(seed=DLLMConfig.seed))  # the CLI's default seed
     assert len(samples) == 10
     for s in samples:
         context, gen_kwargs = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
         ids = ck.tokenizer(context)["input_ids"]
-        ref = _generate(official, ids, DLLM._seed(seeds, context, 0))
+        ref = _generate(official, ids, sample_seed(DLLMConfig.seed, context, 0))
         until = stop_strings(gen_kwargs, ck.tokenizer, ck.spec)
         assert s["resps"][0][0] == completion_text(ref.sequences[0, len(ids):].tolist(), ck.tokenizer, ck.spec, until)
         assert s["dllm"]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=1e-6)

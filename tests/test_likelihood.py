@@ -140,7 +140,7 @@ def test_a_long_context_keeps_its_last_tokens_with_one_warning(tiny_ckpt, caplog
     alone = lm.loglikelihood(_requests([(short[0][-6:], short[1])]), disable_tqdm=True)
     assert cut[0] == cut[1] == alone[0]  # both kept the same last 6 context tokens
     strict = DLLM(pretrained=str(tiny_ckpt), max_length=8, truncation="error", device="cpu")
-    with pytest.raises(DLLMError, match="prompt of 30 tokens \\+ continuation 2 exceeds the model's context of 8; "
+    with pytest.raises(DLLMError, match="prompt of 30 tokens \\+ continuation 2 exceeds the context limit of 8 tokens; "
                                         "valid: .*a smaller continuation, or truncation=left"):
         strict.loglikelihood(_requests([("x" * 20 + short[0], short[1])]), disable_tqdm=True)
 
