@@ -3,10 +3,11 @@
     python -m results                         # default grid on the bundled model, then report
     python -m results --preset testbed        # the testbed table's settings only (fewer runs)
     python -m results --preset paper --pretrained GSAI-ML/LLaDA-8B-Instruct --policy P --dry-run   # plan, cost
+    python -m results --preset testbed --cache prefix   # the same with a KV cache -> <model>/cache-prefix/
     python -m results report                  # rebuild tables/figures (and results/README.md) from runs on disk
     python -m results seeds --policies A,B,C --blocks 48   # run-to-run noise of policy training
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
-    python -m results recommend --policy modchain-B48-alpha3   # a policy's default mode/temperature/cutoff, on validation
+    python -m results recommend --policy modchain-B48-alpha3   # a policy's default mode/temperature/cutoff
     python -m results recommend               # the same for every shipped policy of the model
     python -m results transfer                # every shipped policy at other blocks and a longer L -> transfer.md
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from lm_eval_dllm.cache import CACHE_MODES
 from lm_eval_dllm.generate_dgemma import MEANINGFUL
 from lm_eval_dllm.loading import read_config, resolve_pretrained
 from lm_eval_dllm.models.diffusion_gemma import is_diffusion_gemma
@@ -102,6 +104,8 @@ def main(argv=None) -> None:
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"model dtype: auto, float32, bfloat16, float16 "
                    f"(default {DEFAULT_DTYPE})")
+    g.add_argument("--cache", default="none", choices=list(CACHE_MODES), help="KV-cache mode of every run "
+                   "(default none); another mode's runs, tables and figures go to their own folders")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=HERE)
     o.add_argument("--nfe-budget", type=float, default=None, help="fixed NFE budget of the block-size "
@@ -111,7 +115,7 @@ def main(argv=None) -> None:
     # generation length or output folder writes its tables and figures but leaves it alone
     a.default_setup = a.out.resolve() == HERE and a.preset != "paper" and all(
         getattr(a, k) == p.get_default(k)
-        for k in ("pretrained", "policy", "dtype", "seed", "tasks", "limit", "gen_length"))
+        for k in ("pretrained", "policy", "dtype", "seed", "tasks", "limit", "gen_length", "cache"))
     preset = PRESETS[a.preset]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -124,7 +128,7 @@ def main(argv=None) -> None:
                     out=a.out, only=TESTBED if a.preset == "testbed" else None,
                     policy=a.policy, dtype=a.dtype, extra={"device": a.device},
                     gen_length=a.gen_length or preset.gen_length, fewshot=dict(preset.fewshot),
-                    require_policy=preset.require_policy)
+                    require_policy=preset.require_policy, cache=a.cache)
         _run(a, grid)
     except DLLMError as e:
         raise SystemExit(f"results: error: {e}") from None
@@ -158,7 +162,7 @@ def _run(a, grid: Grid) -> None:
 
 def render(grid: Grid, rows, base: Path = ROOT) -> tuple[str, list[Path]]:
     """The Markdown of the tables and the figure paths it links, relative to `base` (nothing written)."""
-    out_dir = grid.out / grid.model_tag
+    out_dir = grid.report_dir
     figs = [out_dir / f"{t}_{kind}.png" for t in sorted({r.task for r in rows})
             for kind in ("acc_vs_nfe", "acc_vs_block")]
     links = "\n".join(f"![{f.stem}]({_rel(f, base)})" for f in figs)
@@ -179,7 +183,7 @@ def report(grid: Grid, paths: list[Path], nfe_budget: float | None, results_read
     rows = load_rows(paths)
     if not rows:
         raise SystemExit("results: error: no finished runs to report; valid: run `python -m results` first")
-    out_dir = grid.out / grid.model_tag
+    out_dir = grid.report_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     body, figs = render(grid, rows)
     written = figures(rows, out_dir, nfe_budget)

@@ -106,8 +106,10 @@ class Setting:
         return f"{self.sampler}({p})" if p else self.sampler
 
     def model_args(self, pretrained: str | None, batch_size: int, seed: int, dtype: str = "auto",
-                   gen_length: int | None = None) -> str:
+                   gen_length: int | None = None, cache: str = "none") -> str:
         args = {"sampler": self.sampler, "block": self.block, "batch_size": batch_size, "seed": seed}
+        if cache != "none":
+            args["cache"] = cache
         if gen_length:
             args["gen_length"] = gen_length
         if dtype != "auto":
@@ -137,6 +139,7 @@ class Grid:
     gen_length: int | None = None  # None: each task's max_gen_toks
     fewshot: dict = field(default_factory=dict)  # task -> shots; a task not named keeps its own count
     require_policy: bool = False  # `learned` without a policy: an error, not a skipped sampler
+    cache: str = "none"  # the KV-cache mode of every run (lm_eval_dllm.cache); not none: runs in their own folder
 
     def settings(self) -> list[Setting]:
         pairs = self.only if self.only is not None else [
@@ -228,9 +231,16 @@ class Grid:
     def model_tag(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "__", self.pretrained or "bundled")
 
+    @property
+    def report_dir(self) -> Path:
+        """Where the report's tables and figures go: a cached grid's beside, not over, the uncached one's."""
+        d = self.out / self.model_tag
+        return d if self.cache == "none" else d / f"cache-{self.cache}"
+
     def run_dir(self, task: str) -> Path:
         lim = f"-limit{self.limit}" if self.limit else ""
         dt = f"-{self.dtype}" if self.dtype != "auto" else ""
+        dt += f"-cache{self.cache}" if self.cache != "none" else ""
         gl = f"-L{self.gen_length}" if self.gen_length else ""
         shots = f"-{self.fewshot[task]}shot" if task in self.fewshot else ""
         return self.out / "runs" / self.model_tag / self.fingerprint / f"{task}{gl}{shots}{lim}{dt}-seed{self.seed}"
@@ -297,7 +307,7 @@ def run_grid(grid: Grid) -> list[Path]:
         t0 = time.time()
         res = lm_eval.simple_evaluate(
             model="dllm", model_args=s.model_args(grid.pretrained, grid.batch_size, grid.seed, grid.dtype,
-                                                  grid.gen_length),
+                                                  grid.gen_length, grid.cache),
             tasks=[task], num_fewshot=grid.fewshot.get(task), limit=grid.limit, task_manager=tm,
             device=grid.extra.get("device"),
             random_seed=grid.seed, numpy_random_seed=grid.seed, torch_random_seed=grid.seed,
@@ -307,7 +317,7 @@ def run_grid(grid: Grid) -> list[Path]:
         res.pop("samples", None)
         res["dllm_setting"] = {"sampler": s.sampler, "params": dict(s.params), "block": s.block,
                                "task": task, "limit": grid.limit, "seed": grid.seed, "dtype": grid.dtype,
-                               "pretrained": grid.pretrained or "bundled",
+                               "pretrained": grid.pretrained or "bundled", "cache": grid.cache,
                                "run_seconds": round(time.time() - t0, 2)}
         if task in grid.fewshot:
             res["dllm_setting"]["num_fewshot"] = grid.fewshot[task]
