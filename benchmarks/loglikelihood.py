@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     rows, n = [], None
     for mc in a.mc_num:
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_lm_eval(f"mc_num={mc},batch_size={a.batch_size}", a.limit, tmp, a.threads)
+            res = run_lm_eval(f"mc_num={mc},batch_size={a.batch_size},dtype=float32", a.limit, tmp, a.threads)
         r = res["results"][TASK]
         n = res["n-samples"][TASK]["effective"]
         rows.append([mc, f"{100 * r['acc,none']:.1f} ± {100 * r['acc_stderr,none']:.1f}",

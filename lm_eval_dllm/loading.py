@@ -55,13 +55,13 @@ def cpu_flags() -> set[str]:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 natively (what dtype=auto asks).
 
-    CUDA: torch.cuda.is_bf16_supported(). CPU: AMX-BF16 or AVX512-BF16, and torch dispatching to
-    AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2 caps that, as it caps torch itself). Elsewhere (an
-    AVX2-only CPU, MPS) bf16 matmuls run through slow paths: the model's addmm 4-5x slower than
-    float32's (docs/models.md#dtypeauto).
+    CUDA: bf16 in hardware (Ampere and later; not the emulation older GPUs offer). CPU: AMX-BF16 or
+    AVX512-BF16, and torch dispatching to AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2 caps that, as it
+    caps torch itself). Elsewhere (an AVX2-only CPU, MPS) bf16 matmuls take slow paths and float32
+    is the faster choice (results/bundled/dtype_cpu.md).
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False
     return bool(cpu_flags() & set(BF16_CPU_FLAGS))

@@ -27,6 +27,13 @@ def test_cpu_detection(monkeypatch, capability, flags, native):
     assert auto_dtype(CPU) == (torch.bfloat16 if native else torch.float32)
 
 
+def test_cuda_needs_bf16_in_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert auto_dtype(torch.device("cuda")) == torch.float32  # emulated only (pre-Ampere): float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert auto_dtype(torch.device("cuda")) == torch.bfloat16
+
+
 def test_mps_stays_float32(monkeypatch):
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"amx_bf16"})
     assert auto_dtype(torch.device("mps")) == torch.float32
