@@ -28,7 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
+from torch.profiler import ProfilerActivity, profile
+
+from lm_eval_dllm.generate import Generator
+from lm_eval_dllm.likelihood import elbo_loglikelihoods, split_pair
+from lm_eval_dllm.loading import load
+from lm_eval_dllm.tasks import modchain, modchain_mc
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 
 from . import finish, parser
 
@@ -64,15 +72,6 @@ def run_lm_eval(task: str, dtype: str, env: dict, limit: int) -> tuple[dict, flo
 
 def profile_child(dtype: str) -> None:
     """In a child process (the CPU's env already set): self CPU ms per op of the ELBO forwards."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from lm_eval_dllm.generate import Generator
-    from lm_eval_dllm.likelihood import elbo_loglikelihoods, split_pair
-    from lm_eval_dllm.loading import load
-    from lm_eval_dllm.tasks import modchain, modchain_mc
-    from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
-
     torch.set_num_threads(1)
     model, tok, spec = load(str(BUNDLED_DIR), dtype=dtype, device="cpu")
     gen = Generator(model, tok, spec, model_id=BUNDLED_ID, device="cpu")

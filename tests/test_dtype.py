@@ -80,3 +80,15 @@ def test_explicit_bf16_on_a_cpu_without_it_warns(monkeypatch, tiny_ckpt, caplog)
         model, _, _ = load(str(tiny_ckpt), dtype="bfloat16", device="cpu")
     assert next(model.parameters()).dtype == torch.bfloat16  # asked for: kept
     assert "runs slower than float32" in caplog.text
+
+
+def test_dtype_cpu_benchmark_checks_its_limit_and_tabulates_the_profile():
+    from benchmarks.dtype_cpu import main, profile_table
+
+    with pytest.raises(SystemExit, match="--limit 0; valid: a positive number of problems"):
+        main(["--limit", "0"])
+    ops = {"float32": {"aten::addmm": 10.0, "aten::gelu": 5.0}, "bfloat16": {"aten::addmm": 40.0, "aten::bmm": 8.0}}
+    lines = profile_table(ops).splitlines()
+    assert [x.split("|")[1].strip() for x in lines[2:]] == ["`aten::addmm`", "`aten::bmm`", "all ops"]
+    cells = [[c.strip() for c in x.split("|")[2:4]] for x in lines[2:]]
+    assert cells == [["10", "40"], ["0", "8"], ["15", "48"]]  # an op float32 never ran counts 0
