@@ -18,7 +18,6 @@ time goes.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import resource
@@ -38,7 +37,7 @@ from lm_eval_dllm.loading import load
 from lm_eval_dllm.tasks import modchain, modchain_mc
 from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 
-from . import finish, parser
+from . import finish, parser, run_lm_eval
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "dtype_cpu.md"
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -55,19 +54,12 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_lm_eval(task: str, dtype: str, env: dict, limit: int) -> tuple[dict, float, float]:
+def timed_run(task: str, dtype: str, env: dict, limit: int) -> tuple[dict, float, float]:
     """(results JSON, wall s, CPU s) of one `python -m lm_eval` run in a fresh process."""
-    args, _ = TASKS[task]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args", f"{args},dtype={dtype}",
-               "--tasks", task, "--device", "cpu", "--limit", str(limit), "--output_path", tmp]
         c0, t0 = cpu_seconds(), time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        if r.returncode != 0:
-            raise SystemExit(f"benchmarks.dtype_cpu: error: lm_eval failed ({task}, {dtype}):\n{r.stderr[-2000:]}")
-        (path,) = glob.glob(os.path.join(tmp, "*", "results_*.json"))
-        return json.loads(Path(path).read_text()), wall, cpu
+        res = run_lm_eval("benchmarks.dtype_cpu", task, f"{TASKS[task][0]},dtype={dtype}", limit, tmp, env)
+        return res, time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def profile_child(dtype: str) -> None:
@@ -115,10 +107,10 @@ def main(argv=None) -> None:
     limit = a.limit or LIMIT
     rows = []
     for cpu, extra in CPUS.items():
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | extra
+        env = {"OMP_NUM_THREADS": "1"} | extra
         for task, (_, metric) in TASKS.items():
             for dtype in DTYPES:
-                res, wall, cpu_s = run_lm_eval(task, dtype, env, limit)
+                res, wall, cpu_s = timed_run(task, dtype, env, limit)
                 n = res["n-samples"][task]["effective"]
                 rows.append([cpu, task, dtype, res["config"]["dllm"]["dtype"], n,
                              f"{100 * res['results'][task][metric]:.1f}", f"{wall:.1f}", f"{cpu_s:.1f}"])
