@@ -98,7 +98,8 @@ def profile_table(ops: dict[str, dict[str, float]], top: int = 6) -> str:
 
 def main(argv=None) -> None:
     p = parser(__doc__, OUT)
-    p.add_argument("--profile-child", choices=("float32", "bfloat16"), help=argparse.SUPPRESS)  # the profiler's own process
+    # the profiler's own process: main() starts it under the emulated CPU's environment
+    p.add_argument("--profile-child", choices=("float32", "bfloat16"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.profile_child:
         return profile_child(a.profile_child)
