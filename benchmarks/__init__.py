@@ -1,12 +1,18 @@
 """Benchmarks on the bundled model that print ratios or counts measured in one run.
 
 The pieces the `python -m benchmarks.<name>` scripts share: the command line (--limit,
---batch-size, --no-write), the modchain problems of a split, setting labels and writing the Markdown table.
+--batch-size, --no-write), the modchain problems of a split, setting labels, one `lm_eval` run and
+writing the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lm_eval_dllm.compat import Compat
@@ -52,3 +58,18 @@ def finish(text: str, out: Path, args: argparse.Namespace) -> None:
     print(text)
     if not args.no_write and args.limit is None:
         atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+
+
+def run_lm_eval(prog: str, task: str, model_args: str, limit: int | None, out_dir: str, env: dict) -> dict:
+    """One offline `python -m lm_eval` run on CPU (os.environ updated by `env`); its results JSON."""
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args", model_args, "--tasks", task,
+           "--device", "cpu", "--output_path", out_dir]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} | env
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{prog}: error: lm_eval failed ({model_args}):\n{r.stderr[-2000:]}")
+    (path,) = glob.glob(os.path.join(out_dir, "*", "results_*.json"))
+    with open(path) as f:
+        return json.load(f)

@@ -13,37 +13,15 @@ a question costs four requests; each run uses one torch thread unless --threads 
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from tabulate import tabulate
 
-from . import finish, parser
+from . import finish, parser, run_lm_eval
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bundled" / "loglikelihood.md"
 TASK = "modchain_mc"
-
-
-def run_lm_eval(model_args: str, limit: int | None, out_dir: str, threads: int) -> dict:
-    """One `python -m lm_eval` run; returns its results JSON."""
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args", model_args, "--tasks", TASK,
-           "--device", "cpu", "--output_path", out_dir]
-    if limit is not None:
-        cmd += ["--limit", str(limit)]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if threads:  # torch's intra-op threads; on a busy machine more threads than free cores is slower
-        env["OMP_NUM_THREADS"] = str(threads)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"benchmarks.loglikelihood: error: lm_eval failed ({model_args}):\n{r.stderr[-2000:]}")
-    (path,) = glob.glob(os.path.join(out_dir, "*", "results_*.json"))
-    with open(path) as f:
-        return json.load(f)
 
 
 def main(argv=None) -> None:
@@ -54,9 +32,12 @@ def main(argv=None) -> None:
     if a.limit is not None and a.limit < 1:
         raise SystemExit(f"benchmarks.loglikelihood: error: --limit {a.limit}; valid: a positive number of questions")
     rows, n = [], None
+    # torch's intra-op threads; on a busy machine more threads than free cores is slower
+    threads = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
     for mc in a.mc_num:
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_lm_eval(f"mc_num={mc},batch_size={a.batch_size}", a.limit, tmp, a.threads)
+            args = f"mc_num={mc},batch_size={a.batch_size},dtype=float32"
+            res = run_lm_eval("benchmarks.loglikelihood", TASK, args, a.limit, tmp, threads)
         r = res["results"][TASK]
         n = res["n-samples"][TASK]["effective"]
         rows.append([mc, f"{100 * r['acc,none']:.1f} ± {100 * r['acc_stderr,none']:.1f}",

@@ -39,6 +39,39 @@ def resolve_dtype(dtype: str | torch.dtype):
     return DTYPES[str(dtype)]
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 CPUs that compute bf16 natively
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.partition(":")[2].split()) for line in text.splitlines()
+                 if line.startswith("flags")), set())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively (what dtype=auto asks).
+
+    CUDA: bf16 in hardware (Ampere and later; not the emulation older GPUs offer). CPU: AMX-BF16 or
+    AVX512-BF16, and torch dispatching to AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2 caps that, as it
+    caps torch itself). Elsewhere (an AVX2-only CPU, MPS) bf16 matmuls take slow paths and float32
+    is the faster choice (results/bundled/dtype_cpu.md).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """dtype=auto: bfloat16 where `device` computes it natively, else float32."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,8 +210,11 @@ def load(pretrained: str, dtype: str = "auto", device: str | None = None,
     """Returns (model in eval mode on device, tokenizer, FamilySpec); `checkpoint` if already read."""
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    if torch_dtype == "auto" and dev.type == "cpu":
-        torch_dtype = torch.float32  # bf16 weights run slowly and inexactly on CPUs
+    if torch_dtype == "auto":
+        torch_dtype = auto_dtype(dev)
+    elif torch_dtype == torch.bfloat16 and dev.type == "cpu" and not native_bf16(dev):
+        log.warning("dtype=bfloat16 on a CPU without AMX-BF16 or AVX512-BF16 runs slower than float32; "
+                    "dtype=auto picks float32 here")
     ck = checkpoint or read_checkpoint(pretrained, trust_remote_code, revision, impl)
     if ck.native:
         local = local_checkpoint(ck.path, revision)

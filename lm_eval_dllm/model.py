@@ -323,6 +323,7 @@ class DLLM(DataParallel, LM):
             "family": self.spec.family,
             "impl": self.cfg.impl,
             "model_class": type(self.model).__name__,  # NativeDLLM, or the class transformers built
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),  # what auto resolved to
             "sampler": self.cfg.sampler,
             "sampler_config": {k: v for k, v in vars(self.sampler.config).items()},
             # what a sampler resolved per (block, L) from what was not given (learned: the card's

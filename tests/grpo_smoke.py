@@ -17,7 +17,7 @@ def run_one_step(tmp_path, task: str, *args) -> dict:
     out = tmp_path / "grpo"
     main(["--task", task, *args, "--steps", "1", "--group", "2", "--prompts-per-step", "2",
           "--val-every", "1", "--val-size", "2", "--gen-length", "32", "--block", "32",
-          "--device", "cpu", "--out", str(out)])
+          "--device", "cpu", "--dtype", "float32", "--out", str(out)])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1]
     rec = log[0]

@@ -136,7 +136,8 @@ def test_cache_through_lm_eval_reports_positions_per_forward(tiny_ckpt, task_man
     import lm_eval  # slow to import: only this test needs it
 
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=confidence,block=8,cache=dual,window=8,batch_size=4",
+        model="dllm",
+        model_args=f"pretrained={tiny_ckpt},sampler=confidence,block=8,cache=dual,window=8,batch_size=4,dtype=float32",
         tasks=["modchain"], limit=4, task_manager=task_manager, device="cpu", log_samples=True)
     row = res["results"]["modchain"]
     samples = [s["dllm"] for s in res["samples"]["modchain"] if s["filter"] == "strict-match"]

@@ -53,7 +53,7 @@ def _generate(official, ids, seed):
 def test_default_decode_is_generate_for_10_prompts(dg_ckpt, official):
     """The lm-eval model (batch 1, per-sample seeds) gives generate()'s texts and tokens_per_forward, and
     its NFE is that ratio's denominator (decoder passes)."""
-    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", batch_size=1)
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32", batch_size=1)
     texts = lm.generate_until(_requests(PROMPTS), disable_tqdm=True)
     stats = sorted(lm.stats["dg"], key=lambda s: s["doc_id"])
     tok = AutoTokenizer.from_pretrained(str(dg_ckpt))
@@ -71,7 +71,7 @@ def test_batch_counts_passes_per_row_as_generate_does(dg_ckpt, official):
     """Batched (left padding): rows that stop denoising early or finish at an EOS stop counting."""
     tok = AutoTokenizer.from_pretrained(str(dg_ckpt))
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:6]]
-    ours = DLLM(pretrained=str(dg_ckpt), device="cpu").model
+    ours = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32").model
     out = decode(ours, prompts, None, gen_length=L, seeds=[7] * 6, pad_id=tok.pad_token_id, device=torch.device("cpu"))
     P = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (P - len(p)) + p for p in prompts])
@@ -87,7 +87,7 @@ def test_batch_counts_passes_per_row_as_generate_does(dg_ckpt, official):
 def test_a_sampler_is_the_acceptance_rule(dg_ckpt):
     """threshold keeps what it says (more with a lower tau), at least one position per row, and each
     recorded step holds only rows still denoising."""
-    lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32")
     tok = lm.tokenizer
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]]
     kept = {}
@@ -113,12 +113,12 @@ def test_a_sampler_is_the_acceptance_rule(dg_ckpt):
 ])
 def test_bad_settings_are_one_line(dg_ckpt, args, needle):
     with pytest.raises(DLLMError) as e:
-        DLLM(pretrained=str(dg_ckpt), device="cpu", **args)
+        DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32", **args)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_loglikelihood_is_refused_in_one_line(dg_ckpt):
-    lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32")
     req = Instance(request_type="loglikelihood", doc={}, arguments=("Q: 1+1\nA:", " 2"), idx=0, metadata=("t", 0, 1))
     with pytest.raises(DLLMError, match="loglikelihood is not supported for DiffusionGemma"):
         lm.loglikelihood([req], disable_tqdm=True)
@@ -127,7 +127,7 @@ def test_loglikelihood_is_refused_in_one_line(dg_ckpt):
 def test_recorded_steps_replay_the_learned_policy(dg_ckpt):
     """What GRPO replays is what the learned sampler decided on: the policy over a recorded step's
     features gives that step's action (greedy) and a finite log-probability of it."""
-    lm = DLLM(pretrained=str(dg_ckpt), device="cpu")
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32")
     torch.manual_seed(0)
     policy = UnmaskPolicy(PolicyConfig(hidden=16, ff=32, init="threshold", init_tau=0.5, block=16, gen_length=L))
     policy.eval()
@@ -154,7 +154,8 @@ def test_cli_default_is_generate_for_10_prompts(dg_ckpt, official, tmp_path):
     """`lm_eval --model dllm` (no sampler=, batch size 1): each logged sample's text and tokens_per_forward
     are those of `generate()` on its prompt under its seed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(["lm_eval", "--model", "dllm", "--model_args", f"pretrained={dg_ckpt},gen_length={L}",
+    res = subprocess.run(["lm_eval", "--model", "dllm",
+                          "--model_args", f"pretrained={dg_ckpt},gen_length={L},dtype=float32",
                           "--tasks", "modchain", "--limit", "10", "--batch_size", "1", "--device", "cpu",
                           "--log_samples", "--output_path", str(tmp_path)],
                          env=env, cwd=ROOT, capture_output=True, text=True)
@@ -181,11 +182,11 @@ def test_grpo_trains_a_policy_that_runs_through_the_cli(tmp_path):
     subprocess.run([sys.executable, "-m", "train.grpo", "--pretrained", str(dg_ckpt), "--steps", "20",
                     "--group", "2", "--prompts-per-step", "1", "--inner-steps", "1", "--val-size", "1",
                     "--val-every", "20", "--gen-length", "16", "--batch-size", "2", "--device", "cpu",
-                    "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True)
+                    "--dtype", "float32", "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 21)) and (out / "best").is_dir()
     res = subprocess.run(["lm_eval", "--model", "dllm", "--model_args",
-                          f"pretrained={dg_ckpt},sampler=learned,policy={out / 'best'},gen_length=16",
+                          f"pretrained={dg_ckpt},sampler=learned,policy={out / 'best'},gen_length=16,dtype=float32",
                           "--tasks", "modchain", "--limit", "2", "--device", "cpu",
                           "--output_path", str(tmp_path / "ev")],
                          env=env, cwd=ROOT, capture_output=True, text=True)
@@ -237,7 +238,7 @@ class KeepAll(Sampler):
 
 
 def test_a_users_own_sampler_is_taken_as_the_rule(dg_ckpt):
-    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", sampler="tests.test_diffusion_gemma:KeepAll")
+    lm = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32", sampler="tests.test_diffusion_gemma:KeepAll")
     ids = lm.tokenizer(PROMPTS[0])["input_ids"]
     out = decode(lm.model, [ids], lm.sampler, gen_length=16, seeds=[3], pad_id=lm.spec.pad_id,
                  device=torch.device("cpu"), record=True)

@@ -19,11 +19,12 @@ def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt
     torch.manual_seed(0)
     policy = UnmaskPolicy(PolicyConfig(block=8, gen_length=48, init="threshold", init_tau=0.6))
     policy.save(tmp_path / "pol", {"alpha": 1.0})
-    env = Env(GRPOConfig(pretrained=str(tiny_ckpt), task="modchain", block=8, device="cpu"), torch.device("cpu"))
+    env = Env(GRPOConfig(pretrained=str(tiny_ckpt), task="modchain", block=8, device="cpu", dtype="float32"),
+              torch.device("cpu"))
     prompts = env.scorer.prompts("validation", n=6, seed=0)
 
     lm = DLLM(pretrained=str(tiny_ckpt), sampler="learned", policy=str(tmp_path / "pol"), mode=mode,
-              policy_temperature=1.0, block=8, batch_size=4, device="cpu")  # as rollouts sample
+              policy_temperature=1.0, block=8, batch_size=4, device="cpu", dtype="float32")  # as rollouts sample
     reqs = [Instance(request_type="generate_until", doc=p.doc, arguments=(p.context, p.gen_kwargs), idx=0,
                      metadata=("modchain", p.doc_id, 1)) for p in prompts]
     texts = lm.generate_until(reqs, disable_tqdm=True)

@@ -115,7 +115,7 @@ def test_results_do_not_depend_on_batch_size_or_order(tiny_ckpt):
              ("Q: 5", " and so on"), ("Q: 1+2", "=4"), ("x" * 30, "yz"), ("Q: 3*3", "=9 #### 9")]
     runs = {}
     for bs in (1, 8):
-        lm = DLLM(pretrained=str(tiny_ckpt), batch_size=bs, mc_num=16, device="cpu")
+        lm = DLLM(pretrained=str(tiny_ckpt), dtype="float32", batch_size=bs, mc_num=16, device="cpu")
         runs[bs] = lm.loglikelihood(_requests(pairs), disable_tqdm=True)
         rev = lm.loglikelihood(_requests(pairs[::-1]), disable_tqdm=True)[::-1]
         assert all(abs(a[0] - b[0]) < ll_tol(lm.model, a[0]) for a, b in zip(runs[bs], rev))
@@ -132,14 +132,14 @@ def test_a_long_context_keeps_its_last_tokens_with_one_warning(tiny_ckpt, caplog
     """Loglikelihood fits prompts as generation does: the context's last tokens, one warning per run;
     truncation=error refuses in one line."""
     short = ("Q: 1+2*3-4", "=3")
-    lm = DLLM(pretrained=str(tiny_ckpt), max_length=8, mc_num=4, device="cpu")
+    lm = DLLM(pretrained=str(tiny_ckpt), dtype="float32", max_length=8, mc_num=4, device="cpu")
     with caplog.at_level("WARNING"):
         cut = lm.loglikelihood(_requests([("x" * 20 + short[0], short[1]), ("y" * 30 + short[0], short[1])]),
                                disable_tqdm=True)
     assert caplog.text.count("+ continuation 2 exceeds the context of 8") == 1
     alone = lm.loglikelihood(_requests([(short[0][-6:], short[1])]), disable_tqdm=True)
     assert cut[0] == cut[1] == alone[0]  # both kept the same last 6 context tokens
-    strict = DLLM(pretrained=str(tiny_ckpt), max_length=8, truncation="error", device="cpu")
+    strict = DLLM(pretrained=str(tiny_ckpt), dtype="float32", max_length=8, truncation="error", device="cpu")
     with pytest.raises(DLLMError, match="prompt of 30 tokens \\+ continuation 2 exceeds the context limit of 8 tokens; "
                                         "valid: .*a smaller continuation, or truncation=left"):
         strict.loglikelihood(_requests([("x" * 20 + short[0], short[1])]), disable_tqdm=True)
@@ -171,7 +171,7 @@ def test_loglikelihood_rolling_sums_its_windows(tiny_ckpt):
     """A 12-character document in windows of 8 (targets 7, 4, 1 tokens, each exact at
     mc_num=127) is the sum of three loglikelihood calls on the same windows."""
     doc = "hello world!"
-    lm = DLLM(pretrained=str(tiny_ckpt), max_length=8, mc_num=127, device="cpu")
+    lm = DLLM(pretrained=str(tiny_ckpt), dtype="float32", max_length=8, mc_num=127, device="cpu")
     (rolled,) = lm.loglikelihood_rolling(_requests([(doc,)], "loglikelihood_rolling"), disable_tqdm=True)
     st = lm.stats["t"][-1]
     assert st["windows"] == 3 and st["target_tokens"] == 12 and st["ll_forwards"] == 127 + 15 + 1
@@ -232,7 +232,7 @@ def test_cli_modchain_mc_and_a_local_arc_style_task(tmp_path):
         "training_split: null\nvalidation_split: null\ntest_split: test\n")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
-                        "mc_num=8,batch_size=64", "--tasks", "modchain_mc,arc_local", "--limit", "8",
+                        "mc_num=8,batch_size=64,dtype=float32", "--tasks", "modchain_mc,arc_local", "--limit", "8",
                         "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"),
                         "--log_samples", "--device", "cpu"], capture_output=True, text=True, env=env,
                        timeout=600)

@@ -59,7 +59,7 @@ def test_each_sampler_through_simple_evaluate(sampler, task_manager):
 
     k = ",k=4" if sampler in ("confidence", "entropy", "margin", "random") else ""  # 12 forwards, not 48
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"sampler={sampler}{k},batch_size=4",
+        model="dllm", model_args=f"sampler={sampler}{k},batch_size=4,dtype=float32",
         tasks=["modchain"], limit=8, task_manager=task_manager, device="cpu", log_samples=True)
     row = res["results"]["modchain"]
     samples = [s for s in res["samples"]["modchain"] if s["filter"] == "flexible-extract"]
@@ -83,7 +83,7 @@ def test_batch_size_does_not_change_outputs(tiny_ckpt, task_manager):
     outs = []
     for bs in (1, 8):
         res = lm_eval.simple_evaluate(
-            model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=threshold,tau=0.3,batch_size={bs}",
+            model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=threshold,tau=0.3,batch_size={bs},dtype=float32",
             tasks=["modchain"], limit=8, task_manager=task_manager, device="cpu", log_samples=True)
         outs.append([(s["resps"], s["dllm"]["nfe"]) for s in res["samples"]["modchain"]])
     assert outs[0] == outs[1]
@@ -92,7 +92,7 @@ def test_batch_size_does_not_change_outputs(tiny_ckpt, task_manager):
 @pytest.mark.slow
 def test_cli_end_to_end(tiny_ckpt, tmp_path):
     """`lm_eval` and `python -m lm_eval`, results JSON with accuracy and NFE, samples with NFE."""
-    args = ["--model", "dllm", "--model_args", f"pretrained={tiny_ckpt},sampler=threshold,tau=0.7",
+    args = ["--model", "dllm", "--model_args", f"pretrained={tiny_ckpt},sampler=threshold,tau=0.7,dtype=float32",
             "--tasks", "modchain", "--limit", "4", "--batch_size", "2", "--log_samples"]
     for i, prefix in enumerate([["lm_eval"], [sys.executable, "-m", "lm_eval"]]):
         exe = prefix if prefix[0] != "lm_eval" else [os.path.join(os.path.dirname(sys.executable), "lm_eval")]
@@ -152,7 +152,7 @@ def test_family_checkpoints_with_chat_template(family, llada_ckpt, dream_ckpt, t
 
     ckpt = {"llada": llada_ckpt, "dream": dream_ckpt}[family]
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={ckpt},sampler=threshold,tau=0.5,gen_length=16,block=8",
+        model="dllm", model_args=f"pretrained={ckpt},sampler=threshold,tau=0.5,gen_length=16,block=8,dtype=float32",
         tasks=["modchain"], limit=2, task_manager=task_manager, device="cpu", log_samples=True,
         apply_chat_template=True)
     assert res["config"]["dllm"]["family"] == family
@@ -171,7 +171,8 @@ def test_learned_sampler_with_a_policy_folder(tiny_ckpt, task_manager, tmp_path)
 
     UnmaskPolicy(PolicyConfig(base_model=str(tiny_ckpt), block=8, gen_length=48)).save(tmp_path / "pol")
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8",
+        model="dllm",
+        model_args=f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8,dtype=float32",
         tasks=["modchain"], limit=4, task_manager=task_manager, device="cpu")
     assert res["results"]["modchain"]["nfe,none"] >= 6  # at least one forward per block
     assert res["config"]["dllm"]["sampler"] == "learned"

@@ -105,7 +105,7 @@ def test_the_grpo_reward_is_the_bounded_scorer_times_the_discount(local_math):
 def test_math_through_the_cli_with_the_bundled_model(local_math, tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9",
+    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9,dtype=float32",
                         "--tasks", "math_local_dllm", "--include_path", str(local_math), "--limit", "2",
                         "--output_path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -263,7 +263,7 @@ def test_imported_paper_policy_decodes_through_lm_eval(paper, tiny_ckpt, tmp_pat
     r = subprocess.run(cmd + ["--out", str(tmp_path / "pol")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
-                        f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8",
+                        f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8,dtype=float32",
                         "--tasks", "modchain", "--limit", "2", "--output_path", str(tmp_path / "res")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -287,7 +287,7 @@ def test_grpo_trains_the_papers_arch_with_expert_steering(tmp_path, monkeypatch,
     out = tmp_path / "run"
     cfg = GRPOConfig(task="modchain", block=8, steps=1, prompts_per_step=2, group=2, val_every=1, val_size=2,
                      arch="dit_confidence", top_p=2, full_context=False, expert_tau="0.9", lr=1e-3,
-                     device="cpu", out=str(out))
+                     device="cpu", dtype="float32", out=str(out))
     train(cfg, resume=False)
     pol = UnmaskPolicy.load(out / "last")
     assert isinstance(pol, DiTPolicy) and (pol.cfg.top_p, pol.cfg.full_context) == (2, False)

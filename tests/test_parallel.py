@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def _evaluate(launch: list[str], out) -> tuple[dict, list[dict]]:
-    args = ["-m", "lm_eval", "--model", "dllm", "--model_args", "sampler=threshold,tau=0.7",
+    args = ["-m", "lm_eval", "--model", "dllm", "--model_args", "sampler=threshold,tau=0.7,dtype=float32",
             "--tasks", "modchain", "--limit", "7", "--batch_size", "2", "--log_samples",
             "--output_path", str(out)]
     r = subprocess.run([sys.executable] + launch + args, capture_output=True, text=True, env=ENV, timeout=600)

@@ -148,7 +148,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
     a run never killed, and a log holding each step once."""
     base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "4",
             "--prompts-per-step", "2", "--group", "4", "--val-every", "100", "--save-every", "1",
-            "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu"]
+            "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     whole = tmp_path / "whole"
     subprocess.run(base + ["--out", str(whole)], check=True, capture_output=True, env=env, timeout=600)

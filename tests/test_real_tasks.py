@@ -16,7 +16,7 @@ def test_stock_gsm8k_through_the_cli_with_the_bundled_model(gsm8k_offline, tmp_p
     """5-shot gsm8k prompts are longer than the bundled model's context: left-truncated, one warning."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(gsm8k_offline)}
     lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9",
+    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9,dtype=float32",
                         "--tasks", "gsm8k", "--limit", "5", "--batch_size", "5", "--output_path", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -34,7 +34,8 @@ def test_stock_gsm8k_with_chat_template_on_a_llada_interface_checkpoint(gsm8k_of
     import lm_eval
 
     res = lm_eval.simple_evaluate(
-        model="dllm", model_args=f"pretrained={llada_ckpt},sampler=threshold,tau=0.5,gen_length=16,block=8",
+        model="dllm",
+        model_args=f"pretrained={llada_ckpt},sampler=threshold,tau=0.5,gen_length=16,block=8,dtype=float32",
         tasks=["gsm8k"], limit=3, task_manager=task_manager, device="cpu", log_samples=True,
         apply_chat_template=True)
     assert res["results"]["gsm8k"]["nfe,none"] >= 2

@@ -135,7 +135,7 @@ def test_recommend_writes_the_card_that_evaluation_then_uses(tmp_path, tiny_ckpt
     assert UnmaskPolicy.load(tmp_path / "p").card["recommended"]["mode"] == rec["mode"]
 
     lm = DLLM(pretrained=str(tiny_ckpt), sampler="learned", policy=str(tmp_path / "p"), block=8,
-              batch_size=4, device="cpu")
+              batch_size=4, device="cpu", dtype="float32")
     p = {"until": ["Q:"], "max_gen_toks": 48}
     lm.generate_until([Instance(request_type="generate_until", doc={}, arguments=("Q: 1+2*3\nA: ", p), idx=0,
                                 metadata=("modchain", 0, 1))], disable_tqdm=True)

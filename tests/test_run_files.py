@@ -97,7 +97,7 @@ def test_a_resume_cleans_partial_saves_and_keeps_the_log(tmp_path, tiny_ckpt):
     out = tmp_path / "run"
     argv = ["--pretrained", str(tiny_ckpt), "--steps", "1", "--prompts-per-step", "2", "--group", "2",
             "--val-size", "2", "--val-every", "100", "--save-every", "1", "--gen-length", "16", "--block", "8",
-            "--device", "cpu", "--out", str(out)]
+            "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     grpo.main(argv)
     partial = [out / ".trainer_state.pt.a1b2.tmp", out / "last" / ".policy.safetensors.c3.tmp"]
     for p in partial:

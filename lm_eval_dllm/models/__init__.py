@@ -82,7 +82,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def checkpoint_dtype(files: list[Path], config: dict) -> torch.dtype:
-    """What dtype=auto means: the config's torch_dtype, else that of the stored weights."""
+    """load_native's dtype="auto": the config's torch_dtype, else that of the stored weights
+    (`loading.load` resolves auto by hardware first: `loading.auto_dtype`)."""
     name = config.get("torch_dtype") or config.get("dtype")
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
