@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tabulate import tabulate
 
 from lm_eval_dllm.decode import diffuse, model_forward
@@ -104,9 +105,15 @@ def checkpoint(out: Path, size: Size) -> Path:
                                  logit_scale=size.logit_scale, **specials)
 
 
+def parameters(ckpt: Path) -> int:
+    """The checkpoint's parameter count, read from its weight file's header."""
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+
+
 def prompts(size: Size, n: int) -> list[list[int]]:
-    return [torch.randint(0, size.id_high, (size.prompt - 10 * i,), generator=torch.Generator().manual_seed(i)).tolist()
-            for i in range(n)]
+    return [torch.randint(0, size.id_high, (size.prompt - 10 * i,), generator=torch.Generator().manual_seed(i))
+            .tolist() for i in range(n)]
 
 
 def runner(row: Row, ckpt: str, size: Size, tmp: Path):
@@ -217,18 +224,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def report(runs: list[dict], a: argparse.Namespace, loads: tuple[str, str], command: str, minutes: float) -> str:
+def report(runs: list[dict], a: argparse.Namespace, loads: tuple[str, str], command: str, minutes: float,
+           params: int) -> str:
     size = TINY if a.tiny else FULL
     tab, speed = table(runs, a, size)
+    where = "all rows in one process (--tiny)" if a.tiny else "each row in a fresh process"
     return (f"`{command}` ({minutes:.0f} min)\n\nMachine: {machine()}; {a.threads} torch thread(s) per row. "
-            f"Load average (1 min) at the start {loads[0]}, at the end {loads[1]} (where it exceeds the cores, "
-            f"other jobs shared the CPU: compare ratios, not seconds).\n\nLLaDA architecture, random weights, vocabulary {size.vocab:,}, d_model {size.d_model}, "
-            f"2 layers; prompts of random token ids, {size.prompt} tokens and 10 fewer per further prompt; "
-            f"L = {size.length}, block {size.block}, threshold tau = {TAU}, float32; ours with compat=fast-dllm "
-            f"except the window row (window = B = {size.block}, compat=none). Batch-1 rows decode the first "
-            f"{a.prompts} prompt(s) one at a time, batched rows {a.batch} in one batch; wall = median of "
-            f"{a.repeats} repeat(s) of the row's total; peak = resident-set growth during the decodes, each row in "
-            f"a fresh process. Random weights have no task accuracy: same tokens is the same accuracy. "
+            f"Load average (1 min) at the start {loads[0]}, at the end {loads[1]} (where it exceeds the "
+            f"cores, other jobs shared the CPU: compare ratios, not seconds).\n\n"
+            f"LLaDA architecture, random weights, vocabulary {size.vocab:,}, d_model {size.d_model}, 2 layers: "
+            f"{params / 1e6:.1f} M parameters; prompts of random token ids, {size.prompt} tokens and 10 fewer "
+            f"per further prompt; L = {size.length}, block {size.block}, threshold tau = {TAU}, float32; ours "
+            f"with compat=fast-dllm except the window row (window = B = {size.block}, compat=none). Batch-1 "
+            f"rows decode the first {a.prompts} prompt(s) one at a time, batched rows {a.batch} in one batch; "
+            f"wall = median of {a.repeats} repeat(s) of the row's total; peak = resident-set growth during the "
+            f"decodes, {where}. Random weights have no task accuracy: same tokens is the same accuracy. "
             f"Ratios are to Fast-dLLM's function of the same cache mode (dual for the window row).\n\n"
             f"{summary(speed)}\n\n{tab}\n")
 
@@ -253,10 +263,11 @@ def main(argv: list[str] | None = None) -> str | None:
         p.error(f"no Fast-dLLM code at {FAST_DLLM}; valid: a checkout with ../shared/reference/fast-dllm")
     start, t0 = Path("/proc/loadavg").read_text().split()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = run_rows(a, str(checkpoint(Path(tmp) / "llada", TINY if a.tiny else FULL)))
+        ckpt = checkpoint(Path(tmp) / "llada", TINY if a.tiny else FULL)
+        params, runs = parameters(ckpt), run_rows(a, str(ckpt))
     command = " ".join(["python -m benchmarks.peers", *(argv if argv is not None else sys.argv[1:])])
     text = report(runs, a, (start, Path("/proc/loadavg").read_text().split()[0]), command,
-                  (time.perf_counter() - t0) / 60)
+                  (time.perf_counter() - t0) / 60, params)
     print(text)
     if not a.no_write:
         atomic_write(OUT, lambda t: Path(t).write_text(text))
