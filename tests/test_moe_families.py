@@ -15,9 +15,9 @@ from lm_eval_dllm.loading import load
 from lm_eval_dllm.testing import build_tiny_checkpoint, float_tol
 from lm_eval_dllm.utils import DLLMError
 
+from .background import OracleRuns, selected
 from .moe_oracle import CODE
 from .native_oracle import REFERENCE
-from .background import OracleRuns, selected
 from .test_likelihood import exact_elbo
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -15,8 +15,8 @@ from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.testing import build_tiny_checkpoint, float_tol
 from lm_eval_dllm.utils import DLLMError
 
-from .native_oracle import REFERENCE
 from .background import OracleRuns, selected
+from .native_oracle import REFERENCE
 
 needs_reference = pytest.mark.skipif(not (REFERENCE / "llada" / "modeling_llada.py").exists(),
                                      reason=f"no official model code at {REFERENCE}")
