@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,34 @@ def dream_ckpt(tmp_path_factory):
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("dream"), "dream", d_model=16,
                                  max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_task_index_per_folder_list():
+    """Every TaskManager() indexes lm-eval's task folders (thousands of YAML files, seconds) and the
+    in-process runs (train.grpo, results, TaskScorer) each build one. Those folders and ours do not
+    change while the tests run: each list of them is indexed once in this process. A list with any
+    other folder (a test's own tasks) is indexed every time; subprocesses index as users' runs do."""
+    import lm_eval
+    from lm_eval.tasks._index import TaskIndex
+
+    from lm_eval_dllm.tasks import task_dir
+
+    fixed = {Path(lm_eval.__file__).parent / "tasks", task_dir()}
+    build, built = TaskIndex.build, {}
+
+    def build_once(paths, *, resolve_includes=True):
+        paths = list(paths)
+        if not {Path(p) for p in paths} <= fixed:
+            return build(paths, resolve_includes=resolve_includes)
+        key = (tuple(str(p) for p in paths), resolve_includes)
+        if key not in built:
+            built[key] = build(paths, resolve_includes=resolve_includes)
+        return dict(built[key])  # entries are read only: the factory deep-copies their configs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskIndex, "build", staticmethod(build_once))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -175,7 +175,7 @@ def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
     fwd = model_forward(native, spec)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     eos = spec.stop_ids[0]
-    rep = {}
+    rep, alone = {}, {}  # alone: (block, tau, row) -> our tokens for that prompt alone
     for block, tau in SETTINGS[family]:
         sampler = make_sampler("threshold", {"tau": tau})
         same, nfe = [], []
@@ -184,6 +184,7 @@ def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
                                      gen_length=gen_length, threshold=tau, eos_id=eos,
                                      mask_id=spec.mask_id, **GENERATE[family])[0].tolist()
             one = diffuse(fwd, [p], spec, sampler, gen_length, block, seeds=[i])
+            alone[block, tau, i] = one.tokens[0]
             same.append(until_eos(one.tokens[0].tolist(), eos) == want)
             nfe.append(int(one.nfe[0]))
         rep[f"B{block}_tau{tau}"] = {"equal_official": same, "mean_nfe": sum(nfe) / len(nfe)}
@@ -191,9 +192,10 @@ def generate_report(family: str, out: Path, gen_length: int = 32) -> dict:
         return rep
     sampler = make_sampler("threshold", {"tau": 0.95})
     batch = diffuse(fwd, prompts, spec, sampler, gen_length, 8, seeds=list(range(8)))
-    rep["batch8_equals_batch1"] = [
-        torch.equal(diffuse(fwd, [p], spec, sampler, gen_length, 8, seeds=[i]).tokens[0], batch.tokens[i])
-        for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):  # the rows decoded alone above are not decoded again
+        if (8, 0.95, i) not in alone:
+            alone[8, 0.95, i] = diffuse(fwd, [p], spec, sampler, gen_length, 8, seeds=[i]).tokens[0]
+    rep["batch8_equals_batch1"] = [torch.equal(alone[8, 0.95, i], batch.tokens[i]) for i in range(len(prompts))]
     rep["distinct_tokens"] = int(batch.tokens.unique().numel())
     return rep
 

@@ -133,38 +133,34 @@ def test_bad_run_files_are_one_line_through_the_cli(tmp_path, name):
 
 
 # ------------------------------------------------------------------ through lm_eval's own CLI
-# lm-eval's CLI entry point, called once per case in one interpreter (each start costs seconds)
-_CLI = r'''
-import json, sys
-from lm_eval.__main__ import cli_evaluate
-codes = []
-for args in json.loads(sys.argv[1]):
-    sys.argv = ["lm_eval", "--model", "dllm", "--tasks", "modchain", "--limit", "1", "--model_args", args]
-    try:
+def cli_error(monkeypatch, task_manager, model_args: str) -> str:
+    """What lm-eval's CLI entry point exits with for `--model_args model_args`, called in this process
+    with the session's TaskManager: lm-eval indexes all its tasks on each call, seconds each, and the
+    error comes before any task loads. The process boundary is tested once, below."""
+    import lm_eval.tasks
+    from lm_eval.__main__ import cli_evaluate
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda *a, **k: task_manager)
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "dllm", "--tasks", "modchain", "--limit", "1",
+                                      "--model_args", model_args])
+    with pytest.raises(SystemExit) as e:
         cli_evaluate()
-        codes.append(0)
-    except SystemExit as e:
-        codes.append(e.code)
-print(json.dumps(codes))
-'''
+    return e.value.code
 
 
 @pytest.mark.slow
-def test_bad_inputs_through_the_lm_eval_cli(tmp_path, tiny_ckpt):
+def test_bad_inputs_through_the_lm_eval_cli(tmp_path, tiny_ckpt, task_manager, monkeypatch):
     bad_config = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, bad_config)
     (bad_config / "config.json").write_text('{"model_type": ')
     heads = _card(tmp_path, "heads", CARDS["heads"][0])
-    # one case of each kind (the unit tests above cover every value): lm-eval indexes all its
-    # tasks on each call, seconds each
+    # one case of each kind (the unit tests above cover every value)
     cases = {"temperature=nan": "temperature=nan is not a valid float; valid: a finite number",
              "gen_length=100000": "gen_length=100000 leaves no room",
              f"pretrained={bad_config}": "config.json is not a model config",
              f"sampler=learned,policy={heads}": "heads=3 does not divide hidden=128"}
-    r = subprocess.run([sys.executable, "-c", _CLI, json.dumps(list(cases))], capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
-    codes = json.loads(r.stdout.strip().splitlines()[-1])
-    for (args, words), code in zip(cases.items(), codes):
+    for args, words in cases.items():
+        code = cli_error(monkeypatch, task_manager, args)
         assert isinstance(code, str) and code.startswith("lm_eval_dllm: error: ") and words in code, (args, code)
         assert "\n" not in code
     # and the process itself: exit status 1, the one line last on stderr, no traceback

@@ -2,7 +2,6 @@
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
 from lm_eval_dllm.testing import float_tol
 from train.grpo import GRPOConfig, step_prompts
+
+from .background import finish, start
 
 WORKER = Path(__file__).with_name("grpo_dp_worker.py")
 ROOT = WORKER.parent.parent
@@ -35,11 +36,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _update(launch: list[str], out: Path) -> dict:
-    r = subprocess.run([sys.executable] + launch + [str(WORKER), str(out)],
-                       capture_output=True, text=True, env=ENV, timeout=600)
+def _update(launch: list[str], out: Path):
+    """Started in the background: one process and two go side by side (one thread each)."""
+    return start([sys.executable] + launch + [str(WORKER), str(out)], out.with_suffix(".log"), env=ENV), out
+
+
+def _result(run) -> dict:
+    r = finish(run[0])
     assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out)
+    return torch.load(run[1])
 
 
 @pytest.mark.slow
@@ -49,9 +54,10 @@ def test_two_processes_make_one_process_update(tmp_path):
     rounding: of the parameters' size, over a gradient summed from 16 rollouts."""
     torch.manual_seed(0)
     init = UnmaskPolicy(PolicyConfig()).state_dict()  # what the worker starts from
-    one = _update([], tmp_path / "one.pt")
-    two = _update(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--main_process_port", str(_free_port())], tmp_path / "two.pt")
+    runs = [_update([], tmp_path / "one.pt"),
+            _update(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--main_process_port", str(_free_port())], tmp_path / "two.pt")]
+    one, two = (_result(run) for run in runs)
     for norm in ("step", "rollout"):
         assert all(not torch.equal(one[norm][k], init[k]) for k in init)  # the update moved every parameter
         diff = max((one[norm][k] - two[norm][k]).abs().max().item() for k in init)

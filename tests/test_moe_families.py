@@ -1,10 +1,8 @@
 """Native LLaDA-MoE and LLaDA2.x against the official inclusionAI code (../shared/reference,
-skipped where it is absent), one subprocess per family (`tests/moe_oracle.py` says how)."""
+skipped where it is absent), one subprocess per family (`tests/moe_oracle.py` says how), the
+families' processes running at once (`tests/background.py`)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,18 +15,34 @@ from lm_eval_dllm.loading import load
 from lm_eval_dllm.testing import build_tiny_checkpoint, float_tol
 from lm_eval_dllm.utils import DLLMError
 
+from .background import OracleRuns, selected
+from .moe_oracle import CODE
 from .native_oracle import REFERENCE
 from .test_likelihood import exact_elbo
 
-ROOT = Path(__file__).resolve().parents[1]
 EPS32 = torch.finfo(torch.float32).eps
+LOGITS_TESTS = ("test_native_llada_moe_logits_equal_the_official_code",
+                "test_native_llada2x_logits_equal_the_official_code_under_its_block_mask")
+GENERATE_TEST = "test_llada2x_threshold_decode_gives_the_tokens_of_its_official_generate"
 
 
-def oracle(tmp_path, *args) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tests.moe_oracle", *args, str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def _family(item) -> str:
+    return item.callspec.params["family"] if hasattr(item, "callspec") else "llada_moe"
+
+
+@pytest.fixture(scope="module")
+def oracle(request, tmp_path_factory):
+    """One oracle process per family the selected tests compare (logits, and official generate
+    when its test is selected: one process gives both), all started at once."""
+    runs = OracleRuns("tests.moe_oracle", tmp_path_factory.mktemp("moe_oracle"), timeout=1800)
+    generate = {_family(it) for it in selected(request, GENERATE_TEST)}
+    families = {_family(it) for test in LOGITS_TESTS for it in selected(request, test)} | generate
+    for family in sorted(families, key=list(CODE).index):
+        folder, _, modeling, _ = CODE[family]
+        if (REFERENCE / folder / f"{modeling}.py").exists():
+            runs.start(family, *(["--generate"] if family in generate else []))
+    yield runs
+    runs.close()
 
 
 def bound(rep: dict) -> float:
@@ -38,8 +52,8 @@ def bound(rep: dict) -> float:
 
 @pytest.mark.skipif(not (REFERENCE / "llada-moe" / "modeling_lladamoe.py").exists(),
                     reason=f"no official LLaDA-MoE code at {REFERENCE}")
-def test_native_llada_moe_logits_equal_the_official_code(tmp_path):
-    rep = oracle(tmp_path, "llada_moe")["logits"]
+def test_native_llada_moe_logits_equal_the_official_code(oracle):
+    rep = oracle.report("llada_moe")["logits"]
     assert (rep["native_class"], rep["official_class"]) == ("NativeDLLM", "LLaDAMoEModelLM")
     assert rep["distinct_argmax"] > 10  # scaled output layer: decisions are not near ties
     assert rep["unpadded"] <= bound(rep)
@@ -50,8 +64,8 @@ def test_native_llada_moe_logits_equal_the_official_code(tmp_path):
 @pytest.mark.skipif(not (REFERENCE / "llada2.1" / "modeling_llada21_moe.py").exists(),
                     reason=f"no official LLaDA2 / 2.1 code at {REFERENCE}")
 @pytest.mark.parametrize("family", ["llada2", "llada21"])
-def test_native_llada2x_logits_equal_the_official_code_under_its_block_mask(family, tmp_path):
-    rep = oracle(tmp_path, family)["logits"]
+def test_native_llada2x_logits_equal_the_official_code_under_its_block_mask(family, oracle):
+    rep = oracle.report(family)["logits"]
     assert (rep["native_class"], rep["official_class"]) == ("NativeDLLM", "LLaDA2MoeModelLM")
     assert rep["distinct_argmax"] > 10
     assert rep["block_mask_changes_logits"] > 1.0  # the comparison would see a missing block mask
@@ -64,11 +78,11 @@ def test_native_llada2x_logits_equal_the_official_code_under_its_block_mask(fami
                     reason=f"no official LLaDA2 / 2.1 code at {REFERENCE}")
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llada2", "llada21"])
-def test_llada2x_threshold_decode_gives_the_tokens_of_its_official_generate(family, tmp_path):
+def test_llada2x_threshold_decode_gives_the_tokens_of_its_official_generate(family, oracle):
     """Blocks aligned to absolute positions (first blocks partly prompt), threshold with at least
     one commit per step = official generate(steps=block_length) at batch 1 (LLaDA2.1: with its
     token editing off, which is not supported). LLaDA2 also: a batch of 8 = each row alone."""
-    rep = oracle(tmp_path, family, "--generate")["generate"]
+    rep = oracle.report(family)["generate"]
     settings = [k for k in rep if k.startswith("B")]
     assert {"B8_tau0.95", "B32_tau0.6"} <= set(settings)  # both block lengths, two thresholds
     for setting in settings:

@@ -1,12 +1,9 @@
 """Native LLaDA and Dream: equal to the official code, padding-safe, sharded, dtype-true.
 
 The comparisons with the official code (../shared/reference, skipped where it is absent) run in
-one subprocess per revision (`tests/native_oracle.py` says why)."""
+one subprocess per revision (`tests/native_oracle.py` says why), all at once (`tests/background.py`)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,24 +15,34 @@ from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.testing import build_tiny_checkpoint, float_tol
 from lm_eval_dllm.utils import DLLMError
 
+from .background import OracleRuns, selected
 from .native_oracle import REFERENCE
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_reference = pytest.mark.skipif(not (REFERENCE / "llada" / "modeling_llada.py").exists(),
                                      reason=f"no official model code at {REFERENCE}")
 
 
-def oracle(tmp_path, *args) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tests.native_oracle", *args, str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def oracle(request, tmp_path_factory):
+    """One oracle process per revision the selected tests compare (logits, and decode when its test
+    is selected: one process gives both), and one for the unpatched code, all started at once."""
+    runs = OracleRuns("tests.native_oracle", tmp_path_factory.mktemp("native_oracle"), timeout=600)
+    if (REFERENCE / "llada" / "modeling_llada.py").exists():
+        decode, logits = ({it.callspec.params["revision"] for it in selected(request, test)} for test in (
+            "test_native_decodes_the_tokens_of_the_official_code", "test_native_logits_equal_the_official_code"))
+        for revision in ("llada-A", "llada-B", "dream"):
+            if revision in logits | decode:
+                runs.start(revision, *(["--decode"] if revision in decode else []))
+        if selected(request, "test_remote_code_failures_name_impl_native"):
+            runs.start("remote-errors")
+    yield runs
+    runs.close()
 
 
 @needs_reference
 @pytest.mark.parametrize("revision", ["llada-A", "llada-B", "dream"])
-def test_native_logits_equal_the_official_code(revision, tmp_path):
-    rep = oracle(tmp_path, revision)["logits"]
+def test_native_logits_equal_the_official_code(revision, oracle):
+    rep = oracle.report(revision)["logits"]
     assert rep["native_class"] == "NativeDLLM"
     assert rep["official_class"] == {"dream": "DreamModel"}.get(revision, "LLaDAModelLM")
     tol = float_tol(rep["max_abs_logit"], rep["terms"])  # two implementations: sums in other orders
@@ -54,8 +61,8 @@ def test_native_logits_equal_the_official_code(revision, tmp_path):
 @needs_reference
 @pytest.mark.slow
 @pytest.mark.parametrize("revision", ["llada-B", "dream"])
-def test_native_decodes_the_tokens_of_the_official_code(revision, tmp_path):
-    rep = oracle(tmp_path, revision, "--decode")["decode"]
+def test_native_decodes_the_tokens_of_the_official_code(revision, oracle):
+    rep = oracle.report(revision)["decode"]
     for sampler in ("threshold", "learned"):
         r = rep[sampler]
         assert r["native_equals_remote"] and r["nfe_equal"], (sampler, r)
@@ -64,9 +71,9 @@ def test_native_decodes_the_tokens_of_the_official_code(revision, tmp_path):
 
 
 @needs_reference
-def test_remote_code_failures_name_impl_native(tmp_path):
+def test_remote_code_failures_name_impl_native(oracle):
     """Unpatched official code under transformers 5: one line that says what to use instead."""
-    rep = oracle(tmp_path, "remote-errors")
+    rep = oracle.report("remote-errors")
     for family in ("llada", "dream"):
         msg = rep[family]
         if msg == "loaded":  # a transformers the official code still works with

@@ -12,11 +12,17 @@ import pytest
 from results.grid import Setting
 from results.plan import nfe_bound
 
+from .background import finish, start
+
+
+def env() -> dict:
+    """Read when a run starts: the gsm8k_offline fixture sets HF_DATASETS_CACHE."""
+    return os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
 
 def run(args, launch=()):
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *launch, "-m", "results", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env(), timeout=600)
 
 
 def test_nfe_bound():
@@ -29,11 +35,14 @@ def test_nfe_bound():
 def test_dry_run_prints_plan_and_estimate_and_learned_needs_a_policy(gsm8k_offline, llada_ckpt, tmp_path):
     base = ["--preset", "paper", "--pretrained", str(llada_ckpt), "--tasks", "gsm8k,humaneval_dllm",
             "--batch-size", "2", "--out", str(tmp_path), "--dry-run"]
-    r = run(base)
+    # both dry runs side by side (one thread each, seconds of imports each)
+    runs = [start([sys.executable, "-m", "results", *args], tmp_path / "logs" / f"dry{i}", env=env())
+            for i, args in enumerate([base, base + ["--samplers", "confidence,threshold"]])]
+    r, r2 = (finish(proc) for proc in runs)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "no shipped policy for" in r.stderr and "python -m train.grpo --task gsm8k" in r.stderr
     assert "--block 256 --gen-length 256" in r.stderr
-    r = run(base + ["--samplers", "confidence,threshold"])
+    r = r2
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in r.stdout.splitlines() if line.startswith("| ") and "task" not in line}

@@ -3,13 +3,14 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
 from lm_eval_dllm.parallel import padding
+
+from .background import finish, start
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -27,11 +28,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _evaluate(launch: list[str], out) -> tuple[dict, list[dict]]:
+def _evaluate(launch: list[str], out):
+    """Started in the background: one process and two go side by side (one thread each)."""
     args = ["-m", "lm_eval", "--model", "dllm", "--model_args", "sampler=threshold,tau=0.7,dtype=float32",
             "--tasks", "modchain", "--limit", "7", "--batch_size", "2", "--log_samples",
             "--output_path", str(out)]
-    r = subprocess.run([sys.executable] + launch + args, capture_output=True, text=True, env=ENV, timeout=600)
+    return start([sys.executable] + launch + args, out.with_suffix(".log"), env=ENV), out
+
+
+def _results(run) -> tuple[dict, list[dict]]:
+    proc, out = run
+    r = finish(proc)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(next(out.rglob("results_*.json")).read_text())
     samples = [json.loads(x) for x in next(out.rglob("samples_modchain_*.jsonl")).read_text().splitlines()]
@@ -41,11 +48,11 @@ def _evaluate(launch: list[str], out) -> tuple[dict, list[dict]]:
 @pytest.mark.slow
 def test_two_processes_report_what_one_does(tmp_path):
     """7 documents on 2 ranks (4 + 3, the second padded with a copy): same accuracy, texts, NFE."""
-    one, one_s = _evaluate([], tmp_path / "one")
     # --multi_gpu: without it accelerate starts a single process on a machine without GPUs
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(_free_port())]
-    two, two_s = _evaluate(launch, tmp_path / "two")
+    runs = [_evaluate([], tmp_path / "one"), _evaluate(launch, tmp_path / "two")]
+    (one, one_s), (two, two_s) = (_results(run) for run in runs)
     r1, r2 = one["results"]["modchain"], two["results"]["modchain"]
     for k in ("exact_match,strict-match", "exact_match,flexible-extract", "nfe,none", "tpf,none"):
         assert r1[k] == r2[k], k

@@ -18,6 +18,7 @@ from train import crash
 from train.grpo import GRPOConfig, skip_gain, update
 from train.grpo_loss import clipped_pg_loss, group_advantages
 
+from .background import finish, start
 from .test_samplers import state
 
 
@@ -147,16 +148,18 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_ckpt):
     """Kill a run mid-way (LM_EVAL_DLLM_KILL_AT_STEP), resume it: the same final policy and optimizer state as
     a run never killed, and a log holding each step once."""
     base = [sys.executable, "-m", "train.grpo", "--pretrained", str(tiny_ckpt), "--steps", "4",
-            "--prompts-per-step", "2", "--group", "4", "--val-every", "100", "--save-every", "1",
-            "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu", "--dtype", "float32"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    whole = tmp_path / "whole"
-    subprocess.run(base + ["--out", str(whole)], check=True, capture_output=True, env=env, timeout=600)
-
-    cut = tmp_path / "cut"
-    # killed at the end of step 3: its log line is written, its state is not (saved every 2 steps)
-    r = subprocess.run(base + ["--out", str(cut), "--save-every", "2"], capture_output=True, timeout=600,
-                       env=env | {crash.ENV: "3"})
+            "--prompts-per-step", "2", "--group", "4", "--val-every", "100", "--val-size", "2",
+            "--save-every", "1", "--gen-length", "16", "--block", "8", "--lr", "1e-3", "--device", "cpu",
+            "--dtype", "float32"]
+    # one thread each: the uninterrupted and the killed run go side by side (each spends seconds
+    # importing, one core apiece), and all three runs compute alike
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    runs = [start(base + ["--out", str(whole)], tmp_path / "whole_log", env=env),
+            # killed at the end of step 3: its log line is written, its state is not (saved every 2 steps)
+            start(base + ["--out", str(cut), "--save-every", "2"], tmp_path / "cut_log", env=env | {crash.ENV: "3"})]
+    r_whole, r = (finish(p) for p in runs)
+    assert r_whole.returncode == 0, r_whole.stderr[-2000:]
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     killed = torch.load(cut / "trainer_state.pt", weights_only=False)
     assert killed["step"] == 2
