@@ -298,18 +298,20 @@ def command_line(cfg: GRPOConfig) -> str:
     return "python -m train.grpo " + " ".join(parts)
 
 
-def init_mismatch(folder: str, src: PolicyConfig, run: PolicyConfig) -> None:
-    """A one-line error unless --init-from's network is this run's."""
-    diff = network_diff(src, run)
+def init_source(folder: str, run: PolicyConfig) -> Policy:
+    """--init-from's policy, or a one-line error unless its network (every setting that shapes the
+    weights: policy.NETWORK) is `run`'s. check_config and start_from both ask here."""
+    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
+    diff = network_diff(src.cfg, run)
     if diff:
-        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src, k)}' for k in diff)}; "
+        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; "
                         f"valid: a policy with this run's {', '.join(f'{k}={v}' for k, v in diff.items())}")
+    return src
 
 
 def start_from(policy: Policy, folder: str) -> None:
     """Load --init-from's weights into `policy`; its network must be the same."""
-    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
-    init_mismatch(folder, src.cfg, policy.cfg)
+    src = init_source(folder, policy.cfg)
     for k in ("base_model", "block", "gen_length"):
         if getattr(src.cfg, k) != getattr(policy.cfg, k):
             log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
@@ -388,8 +390,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
     if cfg.top_p < 1:
         raise bad("top_p", "a positive whole number")
     if cfg.init_from:
-        src = UnmaskPolicy.load(find_policy(cfg.init_from, model_id="", block=0, gen_length=0))
-        init_mismatch(cfg.init_from, src.cfg, network_config(cfg))
+        init_source(cfg.init_from, network_config(cfg))
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DLLMError(f"--out {cfg.out!r} is a file; valid: a folder (new, or an earlier run's with --resume)")
