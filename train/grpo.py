@@ -391,6 +391,12 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("top_p", "a positive whole number")
     if cfg.init_from:
         init_source(cfg.init_from, network_config(cfg))
+    check_out(cfg, resume, overwrite)
+
+
+def check_out(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
+    """--out is a folder we can write to; with --resume it holds a readable trainer state, and with
+    neither --resume nor --overwrite no run at all."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DLLMError(f"--out {cfg.out!r} is a file; valid: a folder (new, or an earlier run's with --resume)")
