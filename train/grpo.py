@@ -524,7 +524,8 @@ class Trainer:
         if self.acc.is_main_process:
             self.log_line(rec)
             if self.due(self.cfg.save_every):
-                self.checkpoint({k: v for k, v in rec.items() if k.startswith("val_")} | {"train_reward": rec["reward"]})
+                val = {k: v for k, v in rec.items() if k.startswith("val_")}
+                self.checkpoint(val | {"train_reward": rec["reward"]})
         self.acc.wait_for_everyone()
         crash.end_of_step(self.step)
 
