@@ -5,17 +5,19 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features
+from lm_eval_dllm.policy import (ARCHS, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features,
+                                 build_policy)
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
 from train import crash
-from train.grpo import GRPOConfig, skip_gain, update
+from train.grpo import GRPOConfig, check_config, init_source, network_config, skip_gain, start_from, update
 from train.grpo_loss import clipped_pg_loss, group_advantages
 
 from .background import finish, start
@@ -313,8 +315,6 @@ def test_seeds_one_section_per_command_and_a_policy_named_twice_counts_once(tmp_
 
 
 def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):
-    from train.grpo import start_from
-
     src = UnmaskPolicy(PolicyConfig(base_model="m", block=48, gen_length=48))
     torch.nn.init.normal_(src.out.weight)
     src.save(tmp_path / "src")
@@ -327,6 +327,53 @@ def test_init_from_starts_from_the_policy_weights(tmp_path, caplog):
     with pytest.raises(DLLMError, match=r"--init-from .* has features=\('mask', 'eligible'"):
         start_from(other, str(tmp_path / "src"))
 
+
+
+def test_init_from_of_another_shape_is_refused_in_one_line_before_and_at_load(tmp_path):
+    """check_config (before anything loads) and start_from (when the weights load) refuse --init-from
+    in the same line: a policy with another number of layers, which no flag can ask for."""
+    run = GRPOConfig(out=str(tmp_path / "run"))
+    UnmaskPolicy(PolicyConfig(layers=2)).save(tmp_path / "deep")
+    with pytest.raises(DLLMError) as early:
+        check_config(replace(run, init_from=str(tmp_path / "deep")), resume=False, overwrite=False)
+    with pytest.raises(DLLMError) as late:
+        start_from(build_policy(network_config(run)), str(tmp_path / "deep"))
+    assert str(early.value) == str(late.value)
+    assert "\n" not in str(early.value)
+    assert str(early.value).endswith("has layers=2; valid: a policy with this run's layers=1")
+
+
+# a value other than the default, for the settings whose type alone does not give one
+OTHER = {"init": "threshold", "sampling": "pl", "features": ("mask", "conf")}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_setting_that_shapes_the_weights_is_checked(tmp_path, arch):
+    """A policy whose weights have other names or shapes than the run's cannot be loaded into it:
+    init_source (the one --init-from check) refuses it in one line, whichever setting made them differ."""
+    base = PolicyConfig(arch=arch)
+    shapes = {k: v.shape for k, v in build_policy(base).state_dict().items()}
+    differ = []
+    for f in fields(PolicyConfig):
+        v = getattr(base, f.name)
+        if f.name in OTHER:
+            other = OTHER[f.name]
+        elif isinstance(v, bool):
+            other = not v
+        elif isinstance(v, (int, float)):
+            other = v * 2 if v else 1
+        else:
+            continue  # names (arch, base_model, task) and extra: no weights
+        try:
+            variant = build_policy(replace(base, **{f.name: other}))
+        except DLLMError:
+            continue  # not a valid policy (init_tau 1.8)
+        if {k: v.shape for k, v in variant.state_dict().items()} != shapes:
+            differ.append(f.name)
+            variant.save(tmp_path / f.name)
+            with pytest.raises(DLLMError, match=f"has {f.name}=.*; valid: a policy with this run's {f.name}="):
+                init_source(str(tmp_path / f.name), base)
+    assert {"hidden", "ff", "layers"} <= set(differ)  # the check above ran for the network's sizes
 
 def test_grpo_flags_show_defaults_and_reject_bad_counts(capsys):
     from train.grpo import main, parse_args

@@ -298,18 +298,20 @@ def command_line(cfg: GRPOConfig) -> str:
     return "python -m train.grpo " + " ".join(parts)
 
 
-def init_mismatch(folder: str, src: PolicyConfig, run: PolicyConfig) -> None:
-    """A one-line error unless --init-from's network is this run's."""
-    diff = network_diff(src, run)
+def init_source(folder: str, run: PolicyConfig) -> Policy:
+    """--init-from's policy, or a one-line error unless its network (every setting that shapes the
+    weights: policy.NETWORK) is `run`'s. check_config and start_from both ask here."""
+    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
+    diff = network_diff(src.cfg, run)
     if diff:
-        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src, k)}' for k in diff)}; "
+        raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; "
                         f"valid: a policy with this run's {', '.join(f'{k}={v}' for k, v in diff.items())}")
+    return src
 
 
 def start_from(policy: Policy, folder: str) -> None:
     """Load --init-from's weights into `policy`; its network must be the same."""
-    src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
-    init_mismatch(folder, src.cfg, policy.cfg)
+    src = init_source(folder, policy.cfg)
     for k in ("base_model", "block", "gen_length"):
         if getattr(src.cfg, k) != getattr(policy.cfg, k):
             log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
@@ -388,8 +390,13 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
     if cfg.top_p < 1:
         raise bad("top_p", "a positive whole number")
     if cfg.init_from:
-        src = UnmaskPolicy.load(find_policy(cfg.init_from, model_id="", block=0, gen_length=0))
-        init_mismatch(cfg.init_from, src.cfg, network_config(cfg))
+        init_source(cfg.init_from, network_config(cfg))
+    check_out(cfg, resume, overwrite)
+
+
+def check_out(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
+    """--out is a folder we can write to; with --resume it holds a readable trainer state, and with
+    neither --resume nor --overwrite no run at all."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DLLMError(f"--out {cfg.out!r} is a file; valid: a folder (new, or an earlier run's with --resume)")
@@ -417,131 +424,206 @@ def load_state(path: Path) -> dict:
                         f"trainer state as train.grpo writes it; rerun with --overwrite to start over") from None
 
 
-def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
-    check_config(cfg, resume, overwrite)
-    # without a GPU accelerate must be told so, or a launch leaves every process alone as rank 0
-    acc = Accelerator(cpu=(cfg.device == "cpu" or not torch.cuda.is_available()))
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
-    env = Env(cfg, acc.device)
-    features = tuple(f for f in cfg.features.split(",") if f)
-    pcfg = replace(network_config(cfg), init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
-                   sampling=cfg.sampling, stop_logit=cfg.stop_logit,
-                   base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
-    policy = build_policy(pcfg)
-    if cfg.init_from:
-        start_from(policy, cfg.init_from)
-    policy = policy.to(acc.device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    step, best, prior_seconds = 0, -float("inf"), 0.0
-    state_path = out / "trainer_state.pt"
-    if resume:
-        st = load_state(state_path)
-        diff = sorted(k for k in st["config"] if st["config"][k] != asdict(cfg).get(k) and k not in RESUME_MAY_CHANGE)
+class Trainer:
+    """One GRPO run and its state: the environment (the frozen dLLM and the task), the policy, its
+    optimizer and schedule, the step and the best validation reward so far.
+
+        Trainer(cfg, resume=False).run()    # what `python -m train.grpo` does
+
+    Each step of `run()`: rollouts -> advantages -> --inner-steps updates -> a log line, with
+    validation (keeping OUT/best) and checkpoints (OUT/last and the trainer state) when due."""
+
+    def __init__(self, cfg: GRPOConfig, resume: bool, overwrite: bool = False):
+        check_config(cfg, resume, overwrite)
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.state_path = self.out / "trainer_state.pt"
+        # without a GPU accelerate must be told so, or a launch leaves every process alone as rank 0
+        self.acc = Accelerator(cpu=(cfg.device == "cpu" or not torch.cuda.is_available()))
+        torch.manual_seed(cfg.seed)
+        self.env = Env(cfg, self.acc.device)
+        self.policy = self._new_policy().to(self.acc.device)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.step, self.best, self.prior_seconds = 0, -float("inf"), 0.0
+        if resume:
+            self._resume()
+        self.ddp_policy, self.opt = self.acc.prepare(self.policy, self.opt)
+        self.train_prompts = self.env.scorer.prompts(cfg.train_split)
+        self.val_prompts = self.env.scorer.prompts(cfg.val_split, n=cfg.val_size, seed=cfg.seed)
+        if self.acc.is_main_process:
+            self._prepare_out(overwrite)
+        self.taus = expert_taus(cfg)
+        self.loop_start, self.bar = time.time(), None
+
+    def _new_policy(self) -> Policy:
+        """The policy the flags ask for, trained for this run's model, task, block and L (--init-from's weights)."""
+        cfg, env = self.cfg, self.env
+        pcfg = replace(network_config(cfg), init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
+                       sampling=cfg.sampling, stop_logit=cfg.stop_logit,
+                       base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
+        policy = build_policy(pcfg)
+        if cfg.init_from:
+            start_from(policy, cfg.init_from)
+        return policy
+
+    def _resume(self) -> None:
+        """Policy, optimizer, schedule, step, best and training time from OUT/trainer_state.pt."""
+        st = load_state(self.state_path)
+        now = asdict(self.cfg)
+        diff = sorted(k for k in st["config"] if st["config"][k] != now.get(k) and k not in RESUME_MAY_CHANGE)
         if diff:
             raise DLLMError(f"--resume with different settings ({', '.join(diff)}); valid: the "
-                            f"settings of the run in {out}, or a new --out")
-        policy.load_state_dict(st["policy"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        step, best = st["step"], st["best"]
-        prior_seconds = st.get("train_seconds", 0.0)
-        log.info("resumed %s at step %d", state_path, step)
-    ddp_policy, opt = acc.prepare(policy, opt)
-    train_prompts = env.scorer.prompts(cfg.train_split)
-    val_prompts = env.scorer.prompts(cfg.val_split, n=cfg.val_size, seed=cfg.seed)
-    if cfg.train_split == cfg.val_split and acc.is_main_process:
-        log.warning("validating on the training split %r: the validation numbers are not held out",
-                    cfg.val_split)
-    if acc.is_main_process:
+                            f"settings of the run in {self.out}, or a new --out")
+        self.policy.load_state_dict(st["policy"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.step, self.best = st["step"], st["best"]
+        self.prior_seconds = st.get("train_seconds", 0.0)
+        log.info("resumed %s at step %d", self.state_path, self.step)
+
+    def _prepare_out(self, overwrite: bool) -> None:
+        """OUT made ready by the main process: emptied with --overwrite, partial saves removed, the
+        log cut back to the resumed step."""
+        cfg, out = self.cfg, self.out
+        if cfg.train_split == cfg.val_split:
+            log.warning("validating on the training split %r: the validation numbers are not held out",
+                        cfg.val_split)
         if overwrite:
             for name in RUN_FILES:
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_saves(out)
-        keep_log_until(out / "log.jsonl", step)
+        keep_log_until(out / "log.jsonl", self.step)
         log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%g, %d processes",
-                 sum(p.numel() for p in policy.parameters()), cfg.task, len(train_prompts), env.L,
-                 env.block, cfg.alpha, acc.num_processes)
+                 sum(p.numel() for p in self.policy.parameters()), cfg.task, len(self.train_prompts),
+                 self.env.L, self.env.block, cfg.alpha, self.acc.num_processes)
 
-    loop_start = time.time()
+    def run(self) -> None:
+        """Train from the current step to --steps."""
+        self.loop_start = time.time()
+        self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc="grpo",
+                        disable=not self.acc.is_main_process, dynamic_ncols=True)
+        while self.step < self.cfg.steps:
+            self.train_step()
+        self.bar.close()
 
-    def elapsed() -> float:
-        return prior_seconds + time.time() - loop_start
-
-    def card(metrics: dict) -> dict:
-        return {"command": command_line(cfg),
-                "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
-                "alpha": cfg.alpha, "features": list(features), "steps": step, "seed": cfg.seed,
-                "processes": acc.num_processes, "metrics": metrics,
-                "train_minutes": round(elapsed() / 60, 2)}  # since the loop started, resumes included
-
-    def save(metrics: dict) -> None:
-        st = {"policy": acc.unwrap_model(ddp_policy).state_dict(), "opt": opt.state_dict(),
-              "sched": sched.state_dict(), "step": step, "best": best, "config": asdict(cfg),
-              "train_seconds": elapsed()}
-        atomic_write(state_path, lambda tmp: torch.save(st, tmp))
-        acc.unwrap_model(ddp_policy).save(out / "last", card(metrics))
-
-    def log_line(rec: dict) -> None:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    taus = expert_taus(cfg)
-    bar = tqdm(total=cfg.steps, initial=step, desc="grpo", disable=not acc.is_main_process, dynamic_ncols=True)
-    while step < cfg.steps:
+    def train_step(self) -> None:
+        """One step: rollouts, advantages, updates; then its log line, validation and checkpoint when due."""
         t0 = time.time()
-        picks, seeds = step_prompts(cfg, step, len(train_prompts), acc.process_index, acc.num_processes)
-        prompts = [train_prompts[i] for i in picks]
-        pol = acc.unwrap_model(ddp_policy)
-        ro = env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
-        traj, rewards, scores, nfes = ro.trajectory, ro.rewards, ro.scores, ro.nfes
-        n_policy = len(rewards)
-        adv = group_advantages(rewards, cfg.group)
-        if taus:  # expert steering: one rollout per tau and prompt, rows after the policy's
-            firsts = prompts[::cfg.group]
-            ex = [env.rollout(None, firsts, seeds[::cfg.group], sampler=ThresholdSampler(ThresholdSampler.Config(tau=t)),
-                              record_top=pol.top_probs) for t in taus]
-            for j, e in enumerate(ex):
-                for r in e.trajectory:
-                    r.rows = r.rows + n_policy + j * len(firsts)
-                traj += e.trajectory
-            ex_rewards = torch.stack([e.rewards for e in ex], dim=1)  # (k, E)
-            a_pol, a_ex = mixed_advantages(rewards.view(-1, cfg.group), ex_rewards)
-            adv = torch.cat([a_pol.flatten(), a_ex.T.flatten()])  # row order: policy, then tau by tau
-        batch = {k: to_device(v, acc.device) for k, v in stack_steps(traj, pol).items()}
-        losses = update(ddp_policy, pol, opt, sched, batch, adv.to(acc.device), cfg, acc, n_policy)
-        step += 1
-        m = torch.tensor([rewards.mean(), scores.mean(), nfes.mean()], device=acc.device)
+        ro, ex = self.rollouts()
+        adv, a_ex = self.advantages(ro, ex)
+        losses = self.optimize(ro, ex, adv)
+        self.step += 1
+        rec = self.record(ro, ex, a_ex, losses)
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}", nfe=f"{rec['nfe']:.1f}")
+        if self.due(self.cfg.val_every):
+            rec |= self.validation()
+        rec["seconds"] = round(time.time() - t0, 2)
+        if self.acc.is_main_process:
+            self.log_line(rec)
+            if self.due(self.cfg.save_every):
+                val = {k: v for k, v in rec.items() if k.startswith("val_")}
+                self.checkpoint(val | {"train_reward": rec["reward"]})
+        self.acc.wait_for_everyone()
+        crash.end_of_step(self.step)
+
+    def due(self, every: int) -> bool:
+        """Whether the step just finished is one of every `every`, or the last."""
+        return self.step % every == 0 or self.step == self.cfg.steps
+
+    def rollouts(self) -> tuple[Rollout, list[Rollout]]:
+        """This step's rollouts: the policy's (--group per prompt, sampling as training does), and
+        for expert steering one per prompt and tau of Fast-dLLM's threshold rule."""
+        cfg, acc = self.cfg, self.acc
+        picks, seeds = step_prompts(cfg, self.step, len(self.train_prompts), acc.process_index, acc.num_processes)
+        prompts = [self.train_prompts[i] for i in picks]
+        pol = acc.unwrap_model(self.ddp_policy)
+        ro = self.env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
+        ex = [self.env.rollout(None, prompts[::cfg.group], seeds[::cfg.group], record_top=pol.top_probs,
+                               sampler=ThresholdSampler(ThresholdSampler.Config(tau=t))) for t in self.taus]
+        return ro, ex
+
+    def advantages(self, ro: Rollout, ex: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each rollout's advantage, row order: the policy's, then tau by tau; and the experts' own
+        (k, E) (None without experts), whose rewards count in their prompt's group baseline."""
+        if not ex:
+            return group_advantages(ro.rewards, self.cfg.group), None
+        ex_rewards = torch.stack([e.rewards for e in ex], dim=1)  # (k, E)
+        a_pol, a_ex = mixed_advantages(ro.rewards.view(-1, self.cfg.group), ex_rewards)
+        return torch.cat([a_pol.flatten(), a_ex.T.flatten()]), a_ex
+
+    def optimize(self, ro: Rollout, ex: list[Rollout], adv: torch.Tensor) -> list[float]:
+        """--inner-steps updates replaying this step's recorded steps; returns the losses."""
+        traj, n_policy = ro.trajectory, len(ro.rewards)
+        for j, e in enumerate(ex):  # the experts' rows come after the policy's, tau by tau
+            for r in e.trajectory:
+                r.rows = r.rows + n_policy + j * len(e.rewards)
+            traj = traj + e.trajectory
+        pol = self.acc.unwrap_model(self.ddp_policy)
+        batch = {k: to_device(v, self.acc.device) for k, v in stack_steps(traj, pol).items()}
+        return update(self.ddp_policy, pol, self.opt, self.sched, batch, adv.to(self.acc.device), self.cfg,
+                      self.acc, n_policy)
+
+    def record(self, ro: Rollout, ex: list[Rollout], a_ex: torch.Tensor | None, losses: list[float]) -> dict:
+        """The step's log record: the policy's mean reward, accuracy and NFE over all processes, the
+        loss and learning rate; the experts' logged apart (their rollouts are not the policy's)."""
+        acc = self.acc
+        m = torch.tensor([ro.rewards.mean(), ro.scores.mean(), ro.nfes.mean()], device=acc.device)
         m = acc.reduce(m, reduction="mean").tolist()
-        rec = {"step": step, "reward": m[0], "accuracy": m[1], "nfe": m[2], "loss": sum(losses) / len(losses),
-               "lr": sched.get_last_lr()[0]}
-        if taus:  # logged apart: the experts' rollouts are not the policy's
+        rec = {"step": self.step, "reward": m[0], "accuracy": m[1], "nfe": m[2], "loss": sum(losses) / len(losses),
+               "lr": self.sched.get_last_lr()[0]}
+        if ex:
             em = torch.stack([torch.stack([e.rewards.mean(), e.scores.mean(), e.nfes.mean()]) for e in ex]).to(acc.device)
             em = acc.reduce(em, reduction="mean").tolist()
-            rec |= {"expert": {f"{t:g}": {"reward": r, "accuracy": a, "nfe": n} for t, (r, a, n) in zip(taus, em)},
+            rec |= {"expert": {f"{t:g}": {"reward": r, "accuracy": a, "nfe": n} for t, (r, a, n) in zip(self.taus, em)},
                     "expert_advantage": a_ex.mean().item()}
-        bar.update(1)
-        bar.set_postfix(reward=f"{m[0]:.3f}", acc=f"{m[1]:.2f}", nfe=f"{m[2]:.1f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            vm = validate(env, acc.unwrap_model(ddp_policy), val_prompts, acc,
-                          policy_mode(cfg) if cfg.val_mode == "sample" else "greedy")
-            rec |= {f"val_{k}": v for k, v in vm.items()}
-            if acc.is_main_process and vm["reward"] > best:
-                best = vm["reward"]
-                acc.unwrap_model(ddp_policy).save(out / "best", card({f"val_{k}": v for k, v in vm.items()}))
-            if acc.is_main_process:
-                bar.write(f"step {step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, NFE {vm['nfe']:.2f}")
-        rec["seconds"] = round(time.time() - t0, 2)
+        return rec
+
+    def validation(self) -> dict:
+        """Validate now: the val_* entries of the log record; a reward above the best so far is kept in OUT/best."""
+        cfg, acc = self.cfg, self.acc
+        vm = validate(self.env, acc.unwrap_model(self.ddp_policy), self.val_prompts, acc,
+                      policy_mode(cfg) if cfg.val_mode == "sample" else "greedy")
+        val = {f"val_{k}": v for k, v in vm.items()}
+        if acc.is_main_process and vm["reward"] > self.best:
+            self.best = vm["reward"]
+            acc.unwrap_model(self.ddp_policy).save(self.out / "best", self.card(val))
         if acc.is_main_process:
-            log_line(rec)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save({k: v for k, v in rec.items() if k.startswith("val_")} | {"train_reward": m[0]})
-        acc.wait_for_everyone()
-        crash.end_of_step(step)
-    bar.close()
+            self.bar.write(f"step {self.step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, "
+                           f"NFE {vm['nfe']:.2f}")
+        return val
+
+    def elapsed(self) -> float:
+        """Training seconds since the run began, resumes included."""
+        return self.prior_seconds + time.time() - self.loop_start
+
+    def card(self, metrics: dict) -> dict:
+        """A saved policy's card: how to rerun it, what it was trained for, and `metrics`."""
+        cfg, env = self.cfg, self.env
+        return {"command": command_line(cfg),
+                "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
+                "alpha": cfg.alpha, "features": [f for f in cfg.features.split(",") if f], "steps": self.step,
+                "seed": cfg.seed, "processes": self.acc.num_processes, "metrics": metrics,
+                "train_minutes": round(self.elapsed() / 60, 2)}  # since the loop started, resumes included
+
+    def checkpoint(self, metrics: dict) -> None:
+        """The trainer state (what --resume reads) and OUT/last."""
+        policy = self.acc.unwrap_model(self.ddp_policy)
+        st = {"policy": policy.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+              "step": self.step, "best": self.best, "config": asdict(self.cfg), "train_seconds": self.elapsed()}
+        atomic_write(self.state_path, lambda tmp: torch.save(st, tmp))
+        policy.save(self.out / "last", self.card(metrics))
+
+    def log_line(self, rec: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def train(cfg: GRPOConfig, resume: bool, overwrite: bool = False) -> None:
+    """Train a policy as `python -m train.grpo` does (see Trainer)."""
+    Trainer(cfg, resume, overwrite).run()
 
 
 def policy_mode(cfg: GRPOConfig) -> str:

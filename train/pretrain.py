@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -107,13 +107,35 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def train(cfg: PretrainConfig, resume: bool) -> None:
-    out = Path(cfg.out)
-    state_path = out / "train_state.pt"
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    tok = make_tokenizer()
+@dataclass
+class RunState:
+    """What a checkpoint holds and --resume restores: the weights, the optimizer, both random
+    generators (questions and masking), the step and the losses so far."""
+    model: TinyDLLMModel
+    opt: torch.optim.Optimizer
+    rng: random.Random  # draws the questions
+    gen: torch.Generator  # draws the masking rates and masks
+    step: int = 0
+    losses: list = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        st = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.getstate(),
+              "gen": self.gen.get_state(), "step": self.step, "losses": self.losses}
+        atomic_write(path, lambda tmp: torch.save(st, tmp))
+
+    def load(self, path: Path) -> None:
+        st = torch.load(path, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.rng.setstate(st["rng"])
+        self.gen.set_state(st["gen"])
+        self.step, self.losses = st["step"], st["losses"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def build_model(cfg: PretrainConfig, tok) -> tuple[TinyDLLMModel, list[str]]:
+    """A fresh model of cfg's size (drawn from torch's global generator), or --init-from's weights;
+    and the commands of the stages that made those weights (empty for a fresh model)."""
     mconf = TinyDLLMConfig(
         vocab_size=8 * math.ceil((max(tok.get_vocab().values()) + 1) / 8),
         d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
@@ -130,74 +152,81 @@ def train(cfg: PretrainConfig, resume: bool) -> None:
             c = json.loads(prev_card.read_text())
             stages = c.get("stages", [c.get("command")]) if "stages" in c or "command" in c else []
         log.info("initialised from %s", cfg.init_from)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                            weight_decay=cfg.weight_decay)
+    return model, stages
+
+
+def sample_docs(rng: random.Random, held_out: set, n: int) -> list[dict]:
+    """n training problems (question and answer), none of the held-out questions."""
+    docs = []
+    while len(docs) < n:
+        q = modchain.sample_question(rng)
+        if q not in held_out:
+            docs.append({"question": q, "answer": modchain.solve(q)})
+    return docs
+
+
+def train_steps(cfg: PretrainConfig, st: RunState, tok, state_path: Path) -> None:
+    """Train from st.step to --steps, saving the state every --save-every steps and at the last."""
     held_out = modchain.held_out_questions()
-    rng, gen, step, losses = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed), 0, []
-    if resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        rng.setstate(st["rng"])
-        gen.set_state(st["gen"])
-        step, losses = st["step"], st["losses"]
-        log.info("resumed from %s at step %d", state_path, step)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2f M parameters, vocab %d", n_params / 1e6, mconf.vocab_size)
-
-    def sample_docs(n: int) -> list[dict]:
-        docs = []
-        while len(docs) < n:
-            q = modchain.sample_question(rng)
-            if q not in held_out:
-                docs.append({"question": q, "answer": modchain.solve(q)})
-        return docs
-
-    def save_state() -> None:
-        st = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
-              "gen": gen.get_state(), "step": step, "losses": losses}
-        atomic_write(state_path, lambda tmp: torch.save(st, tmp))
-
-    t0 = time.time()
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", dynamic_ncols=True)
-    while step < cfg.steps:
-        ids, attn, comp = encode_batch(tok, sample_docs(cfg.batch_size), GEN_LENGTH)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+    mask_id = st.model.config.mask_token_id
+    st.model.train()
+    bar = tqdm(total=cfg.steps, initial=st.step, desc="pretrain", dynamic_ncols=True)
+    while st.step < cfg.steps:
+        ids, attn, comp = encode_batch(tok, sample_docs(st.rng, held_out, cfg.batch_size), GEN_LENGTH)
+        for g in st.opt.param_groups:
+            g["lr"] = lr_at(st.step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = diffusion_loss(model, ids, attn, comp, mconf.mask_token_id, gen, cfg.t_min)
-        opt.zero_grad(set_to_none=True)
+            loss = diffusion_loss(st.model, ids, attn, comp, mask_id, st.gen, cfg.t_min)
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        losses.append(round(loss.item(), 5))
+        torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
+        st.opt.step()
+        st.step += 1
+        st.losses.append(round(loss.item(), 5))
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_state()
-        crash.end_of_step(step)
+        bar.set_postfix(loss=f"{sum(st.losses[-20:]) / len(st.losses[-20:]):.4f}")
+        if st.step % cfg.save_every == 0 or st.step == cfg.steps:
+            st.save(state_path)
+        crash.end_of_step(st.step)
     bar.close()
-    train_min = (time.time() - t0) / 60
 
+
+def save_checkpoint(cfg: PretrainConfig, model: TinyDLLMModel, tok, stages: list[str], facts: dict) -> None:
+    """The finished model, its tokenizer and its card in --out: the command that made it, after the
+    earlier stages' (--init-from), the config, and `facts` about the run."""
+    out = Path(cfg.out)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     command = "python -m train.pretrain " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if k != "out" and v != "")
-    card = {
-        "command": command,
-        "stages": [s for s in stages if s] + [command],
-        "config": asdict(cfg) | {"out": None},
-        "gen_length": GEN_LENGTH,
-        "task": "modchain",
-        "parameters": n_params,
-        "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
-        "train_minutes_this_run": round(train_min, 2),
-    }
+    card = {"command": command, "stages": [s for s in stages if s] + [command],
+            "config": asdict(cfg) | {"out": None}, "gen_length": GEN_LENGTH, "task": "modchain"} | facts
     atomic_write_json(out / "card.json", card)
-    log.info("saved %s (loss %.4f, %.1f min)", out, card["final_loss_mean_last_100"], train_min)
+    log.info("saved %s (loss %.4f, %.1f min)", out, card["final_loss_mean_last_100"], card["train_minutes_this_run"])
+
+
+def train(cfg: PretrainConfig, resume: bool) -> None:
+    """Pretrain (or resume) to --steps, save the checkpoint and its card, and validate it."""
+    out = Path(cfg.out)
+    state_path = out / "train_state.pt"
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok = make_tokenizer()
+    model, stages = build_model(cfg, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    st = RunState(model, opt, random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed))
+    if resume and state_path.exists():
+        st.load(state_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2f M parameters, vocab %d", n_params / 1e6, model.config.vocab_size)
+    t0 = time.time()
+    train_steps(cfg, st, tok, state_path)
+    save_checkpoint(cfg, model, tok, stages, {
+        "parameters": n_params,
+        "final_loss_mean_last_100": sum(st.losses[-100:]) / len(st.losses[-100:]),
+        "train_minutes_this_run": round((time.time() - t0) / 60, 2)})
     state_path.unlink(missing_ok=True)  # the finished checkpoint supersedes it
     evaluate_checkpoint(out, cfg.eval_problems)
 
