@@ -101,6 +101,37 @@ def span_forward(model) -> SpanForward | None:
     return None
 
 
+class HiddenTap:
+    """The dLLM's last hidden states, read where they are made: the output of its final norm (the
+    output layer's input) at each forward, while on. Its columns are the step's logits' columns.
+    The decode loop turns it on for a sampler that reads them (`Sampler.reads_hidden`) and off
+    after; off, no hook is installed."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.handle = module, None
+        self.last: torch.Tensor | None = None  # (b, span, D) of the last forward
+
+    def set(self, on: bool) -> None:
+        if on and self.handle is None:
+            self.handle = self.module.register_forward_hook(self._keep)
+        elif not on and self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.last = None
+
+    def _keep(self, _module, _args, out: torch.Tensor) -> None:
+        self.last = out
+
+
+def hidden_tap(model) -> HiddenTap | None:
+    """A tap on the final norm of a model whose forward is ours (native, bundled); None for others."""
+    if isinstance(model, NativeDLLM):
+        return HiddenTap(model.norm)
+    if isinstance(model, TinyDLLMModel):
+        return HiddenTap(model.ln_f)
+    return None
+
+
 def positions_from(attn: torch.Tensor) -> torch.Tensor:
     """(B, T) RoPE positions counted from each row's first real token (0 on left padding)."""
     return (attn.long().cumsum(-1) - 1).clamp(min=0)
@@ -118,6 +149,7 @@ class FullForward:
                  project: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None):
         self.forward, self.project, self.first = forward, project, 0
         self.block = 0  # > 0: block-diagonal-causal attention over blocks of this size (LLaDA2)
+        self.tap: HiddenTap | None = None  # the model's hidden states, where it exposes them (model_forward)
 
     def attend_blocks(self, size: int) -> None:
         """This decode's blocks are the attention's blocks (a block-diffusion family)."""
@@ -154,6 +186,7 @@ class CachedForward:
         self.past_attn: torch.Tensor | None = None  # (b, Tpast)
         self.since = 0  # steps since the last full forward
         self.first = 0  # a full forward's logits start at this column
+        self.tap: HiddenTap | None = None  # the model's hidden states, where it exposes them (model_forward)
 
     def __call__(self, ids: torch.Tensor, attn: torch.Tensor, out_from: int = 0) -> torch.Tensor:
         return self.run(ids, attn, positions_from(attn), None, False, out_from)[0]
@@ -198,10 +231,14 @@ class CachedForward:
 
 def forward_strategy(model, plain: Callable, cache: str = "none", refresh: int = 0, window: int = 0,
                      project: Callable | None = None):
-    """FullForward(plain, project) for cache=none, else a CachedForward over the model's span forward."""
+    """FullForward(plain, project) for cache=none, else a CachedForward over the model's span forward;
+    either with the model's hidden_tap."""
     check_cache(cache, refresh, window)
     if cache == "none":
-        return FullForward(plain, project)
-    run = span_forward(model)
-    check_cache_support(cache, run is not None, type(model).__name__)
-    return CachedForward(run, cache, refresh, window)
+        strategy = FullForward(plain, project)
+    else:
+        run = span_forward(model)
+        check_cache_support(cache, run is not None, type(model).__name__)
+        strategy = CachedForward(run, cache, refresh, window)
+    strategy.tap = hidden_tap(model)
+    return strategy

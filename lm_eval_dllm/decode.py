@@ -57,6 +57,7 @@ class StepRecord:
     rank: torch.Tensor | None = None  # (b, L) long, the order of the commits (ordered samplers only)
     top: torch.Tensor | None = None  # (b, L, K) top-K token probabilities (samplers that read them)
     steps: torch.Tensor | None = None  # (b,) decode steps each row took before this one
+    hidden: torch.Tensor | None = None  # (b, L, D) the dLLM's last hidden states (samplers that read them)
     block_start: int = 0  # the generated position the block (the span the policy saw) starts at
     block_size: int = 0
 
@@ -67,7 +68,7 @@ class StepRecord:
         return cls(rows=rows.cpu(), conf=state.conf.cpu(), margin=state.margin.cpu(), entropy=state.entropy.cpu(),
                    masked=state.masked.cpu(), eligible=state.eligible.cpu(), action=action.cpu(), block=block,
                    num_blocks=num_blocks, step=step, rank=cpu(rank), top=cpu(state.top), steps=cpu(state.steps),
-                   block_start=state.block_start, block_size=state.block_size)
+                   hidden=cpu(state.hidden), block_start=state.block_start, block_size=state.block_size)
 
 
 @dataclass
@@ -175,12 +176,16 @@ def diffuse(
     device: torch.device | str = "cpu",
     record_top: int = 0,
     compat: str | Compat = "none",
+    record_hidden: bool = False,
 ) -> DecodeOutput:
     """Generate gen_length tokens after each prompt (a list of token ids), batched.
 
     forward: a strategy of lm_eval_dllm.cache, or a plain `forward(ids, attn) -> logits`.
     record_top: top token probabilities to compute (and record) even if the sampler reads fewer,
-    for a policy that replays the trajectory (an expert's rollout, replayed by the paper's policy).
+    for a policy that replays the trajectory (an expert's rollout, replayed by the paper's policy);
+    record_hidden: the same for the dLLM's last hidden states (a dit_hidden policy replays them). A
+    sampler that reads them (`reads_hidden`) gets them in StepState.hidden: the output of the model's
+    final norm, kept per position from the last forward that computed it, as the statistics are.
     compat: "none", or "fast-dllm" (lm_eval_dllm.compat; it turns early_exit off)."""
     strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
     cached = isinstance(strategy, CachedForward)
@@ -215,6 +220,8 @@ def diffuse(
     k_top = max(getattr(sampler, "top_probs", lambda: 0)(), record_top)
     may_pass = getattr(sampler, "may_commit_nothing", lambda: False)()
     top_all = torch.zeros((B, W, k_top), device=device)
+    tap = _hidden_tap(strategy, getattr(sampler, "reads_hidden", lambda: False)() or record_hidden)
+    hidden_all = None  # (B, W, D) in the model's dtype, from the first forward on
 
     for b in range(nb):
         in_block = lay.in_block(b)  # (B, W)
@@ -244,10 +251,17 @@ def diffuse(
             for full, new in zip((x0_all, conf_all, margin_all, entropy_all, top_all), stats):
                 if new is not None:
                     full[rows, g0:g1] = new.to(full.dtype)
+            if tap is not None:  # the norm's columns end where the logits' do; generated j is column P + j
+                h, end = tap.last, start + logits.shape[1]
+                h0, h1 = max(end - h.shape[1] - P, 0), min(end - P, W)
+                if hidden_all is None:
+                    hidden_all = torch.zeros((B, W, h.shape[-1]), dtype=h.dtype, device=device)
+                hidden_all[rows, h0:h1] = h[:, P + h0 - end + h.shape[1]:P + h1 - end + h.shape[1]]
             x0, conf, margin, entropy = x0_all[rows], conf_all[rows], margin_all[rows], entropy_all[rows]
             state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
                               eligible=eligible[rows], generators=row_gens, top=top_all[rows] if k_top else None,
-                              steps=nfe[rows] - 1, block_start=lo, block_size=hi - lo)
+                              steps=nfe[rows] - 1, hidden=None if tap is None else hidden_all[rows],
+                              block_start=lo, block_size=hi - lo)
             sampler.last_rank = None
             action = sampler.select(state)
             _check_action(sampler, action, state.eligible, may_pass)
@@ -268,8 +282,23 @@ def diffuse(
                 noop[rows] = ~((new == spec.mask_id) & in_block[rows]).any(-1) & ~done[rows]
             step += 1
     strategy.release()
+    if tap is not None:
+        tap.set(False)
     return DecodeOutput(tokens=canvas[:, P:P + L].clone(), nfe=nfe, committed=committed,
                         positions=positions, trajectory=traj)
+
+
+def _hidden_tap(strategy, wanted: bool):
+    """The strategy's tap on the model's hidden states, on when `wanted` (else off: a decode that
+    stopped with an error may have left it on); a one-line error when wanted but absent."""
+    tap = getattr(strategy, "tap", None)
+    if tap is not None:
+        tap.set(wanted)
+    if wanted and tap is None:
+        raise DLLMError("a policy of arch dit_hidden reads the dLLM's last hidden states, which this model does "
+                        "not expose here; valid: a native model (impl=native: llada, dream, ...) or the bundled "
+                        "model, or a policy of arch features or dit_confidence")
+    return tap if wanted else None
 
 
 def _canvas(prompts: list[list[int]], spec: FamilySpec, lay: BlockLayout, device: torch.device):

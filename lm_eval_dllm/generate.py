@@ -83,13 +83,14 @@ class Generator:
 
     def generate(self, contexts: list[str], sampler: Sampler, *, gen_length: int, block: int,
                  seeds: list[int], temperature: float = 0.0, until: list[str] | None = None,
-                 record: bool = False, record_top: int = 0) -> Generated:
+                 record: bool = False, record_top: int = 0, record_hidden: bool = False) -> Generated:
         self.attach_policy(sampler, block, gen_length)
         prompts = [self.encode(c, gen_length) for c in contexts]
         t0 = time.perf_counter()
         out = diffuse(self.forward, prompts, self.spec, sampler, gen_length, block,
                       temperature=temperature, seeds=seeds, early_exit=self.early_exit,
-                      record=record, device=self.device, record_top=record_top, compat=self.compat)
+                      record=record, device=self.device, record_top=record_top, compat=self.compat,
+                      record_hidden=record_hidden)
         wall = (time.perf_counter() - t0) / len(contexts)
         texts, stats = [], []
         for i, toks in enumerate(out.tokens.tolist()):

@@ -40,12 +40,13 @@ def check_sampler(name: str) -> None:
                         f"or no sampler= for the family's own entropy-bound rule")
 
 
-def check_acceptance(sampler: Sampler, record_top: int = 0) -> None:
-    """One line for a rule the acceptance step cannot serve: a policy of the paper's network (it reads
-    top-p probabilities and decode steps of the masked loop) or a mode that may keep nothing."""
-    if max(getattr(sampler, "top_probs", lambda: 0)(), record_top):
-        raise DLLMError("a policy of arch dit_confidence does not apply to DiffusionGemma (its inputs are "
-                        "the masked decode loop's); valid: a policy of arch features")
+def check_acceptance(sampler: Sampler, record_top: int = 0, record_hidden: bool = False) -> None:
+    """One line for a rule the acceptance step cannot serve: a policy of the paper's networks (they read
+    top-p probabilities or hidden states and decode steps of the masked loop) or a mode that may keep nothing."""
+    if max(getattr(sampler, "top_probs", lambda: 0)(), record_top) or record_hidden or \
+            getattr(sampler, "reads_hidden", lambda: False)():
+        raise DLLMError("a policy of arch dit_confidence or dit_hidden does not apply to DiffusionGemma (its "
+                        "inputs are the masked decode loop's); valid: a policy of arch features")
     if getattr(sampler, "may_commit_nothing", lambda: False)():
         raise DLLMError("mode=bernoulli may keep nothing in a step, which a DiffusionGemma canvas cannot "
                         "take; valid: mode=sample, greedy, pl (the paper's bernoulli-argmax, dpls)")
@@ -97,12 +98,12 @@ class DiffusionGemmaGenerator(Generator):
 
     def generate(self, contexts: list[str], sampler: Sampler | None, *, gen_length: int, block: int,
                  seeds: list[int], temperature: float = 0.0, until: list[str] | None = None,
-                 record: bool = False, record_top: int = 0) -> Generated:
+                 record: bool = False, record_top: int = 0, record_hidden: bool = False) -> Generated:
         """`temperature` is unused: the family samples under its own schedule (t_max to t_min)."""
         sampler = None if isinstance(sampler, FamilyRule) else sampler
         if sampler is not None:
             self.attach_policy(sampler, block, gen_length)
-            check_acceptance(sampler, record_top)
+            check_acceptance(sampler, record_top, record_hidden)
         prompts = [self.encode(c, gen_length) for c in contexts]
         t0 = time.perf_counter()
         out = decode(self.model, prompts, sampler, gen_length=gen_length, seeds=seeds, pad_id=self.spec.pad_id,

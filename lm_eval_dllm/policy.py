@@ -13,6 +13,8 @@ few commits per step until training finds it pays to commit more).
 That is `arch=features`, the default. `arch=dit_confidence` is the paper's own network
 (`policy_dit.py`) with its own inputs: the top-`top_p` token probabilities and the mask bit of the
 current block (the whole generated region with `full_context`), time = decode steps taken / L.
+`arch=dit_hidden` is the paper's other network: the same, but it reads the dLLM's last hidden states
+(StepState.hidden) through one extra LLaDA block shaped like the dLLM (`dllm_arch`).
 Every arch answers `inputs(step)` (a StepState, or a stack of StepRecords: the tensors its forward
 takes) and `forward(*inputs) -> (b, L)` logits over the generated region.
 """
@@ -34,14 +36,15 @@ from safetensors.torch import load_file, save_file
 import policies
 
 from .plackett_luce import pl_logprob
-from .policy_dit import DiTConfidenceNet
+from .policy_dit import DiTConfidenceNet, DiTHiddenNet, block_arch
 from .utils import DLLMError, atomic_write, atomic_write_json, check_safetensors
 
 log = logging.getLogger(__name__)
 
 ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
 SAMPLINGS = ("bernoulli", "pl")
-ARCHS = ("features", "dit_confidence")
+ARCHS = ("features", "dit_confidence", "dit_hidden")
+DIT_ARCHS = ("dit_confidence", "dit_hidden")  # the paper's: inputs of the current block or all, time = steps / L
 
 
 @dataclass
@@ -70,7 +73,10 @@ class PolicyConfig:
     # the network: "features" (ours, above) or "dit_confidence" (the paper's; policy_dit.py), which
     # reads the top_p most likely tokens' probabilities, of the current block unless full_context
     # (the paper's default), with its time embedding's width and period, smart_init the output
-    # bias it starts with (None: PyTorch's init), and dropout in training
+    # bias it starts with (None: PyTorch's init), and dropout in training; or "dit_hidden" (the
+    # paper's other), which reads the dLLM's last hidden states through `layers` LLaDA blocks shaped
+    # by dllm_arch (policy_dit.DLLM_ARCH_KEYS: the dLLM's width, heads, ...; its hidden, heads and ff
+    # are the dLLM's, set from it; empty only until the model is known, e.g. when flags are checked)
     arch: str = "features"
     top_p: int = 1
     full_context: bool = True
@@ -78,6 +84,7 @@ class PolicyConfig:
     time_period: float = 1.0
     smart_init: float | None = -2.0
     dropout: float = 0.0
+    dllm_arch: dict = field(default_factory=dict)
     # what it was trained for; used to pick a policy and to warn on mismatched use
     base_model: str = ""
     task: str = ""
@@ -99,6 +106,11 @@ class PolicyConfig:
             raise DLLMError(f"policy sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
         if self.arch not in ARCHS:
             raise DLLMError(f"policy arch {self.arch!r}; valid: {', '.join(ARCHS)}")
+        if self.arch == "dit_hidden" and self.dllm_arch:
+            a = block_arch(self.dllm_arch)
+            self.hidden, self.heads, self.ff = a.d_model, a.n_heads, a.d_ff
+        elif self.dllm_arch:
+            raise DLLMError(f"policy dllm_arch given for arch {self.arch!r}; valid: arch dit_hidden, or no dllm_arch")
         if self.top_p < 1 or self.time_embed_dim < 1:
             raise DLLMError(f"policy top_p={self.top_p}, time_embed_dim={self.time_embed_dim}; "
                             f"valid: whole numbers >= 1")
@@ -180,6 +192,7 @@ class Policy(nn.Module):
     cfg: PolicyConfig
     card: dict | None = None  # set by load: the card of the folder it came from
     top_probs = 0  # how many of each position's most likely tokens' probabilities it reads (StepState.top)
+    reads_hidden = False  # whether it reads the dLLM's last hidden states (StepState.hidden)
 
     def inputs(self, s) -> tuple:
         raise NotImplementedError
@@ -268,34 +281,54 @@ class UnmaskPolicy(Policy):
 
 
 class DiTPolicy(Policy):
-    """arch=dit_confidence: the paper's DiTConfidencePolicy (policy_dit.DiTConfidenceNet, held as
-    `base_policy` so the paper's checkpoint keys load as they are) with the paper's inputs."""
+    """arch=dit_confidence / dit_hidden: the paper's DiTConfidencePolicy / DiTHiddenStatePolicy
+    (policy_dit, held as `base_policy` so the paper's checkpoint keys load as they are) with the
+    paper's inputs. The two differ only in what each position brings: its top_p probabilities, or
+    the dLLM's last hidden state there."""
 
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
-        self.cfg, self.top_probs = cfg, cfg.top_p
-        self.base_policy = DiTConfidenceNet(cfg.hidden, cfg.ff, cfg.heads, cfg.layers, cfg.top_p, cfg.time_embed_dim,
-                                            cfg.time_period, cfg.smart_init, cfg.dropout)
+        self.cfg = cfg
+        if cfg.arch == "dit_hidden":
+            if not cfg.dllm_arch:
+                raise DLLMError("policy arch dit_hidden needs dllm_arch, the dLLM's block settings; valid: a "
+                                "policy made for a model (train.grpo, policies.import_paper --dllm-config)")
+            self.reads_hidden = True
+            self.base_policy = DiTHiddenNet(block_arch(cfg.dllm_arch), cfg.layers, cfg.time_embed_dim,
+                                            cfg.time_period, cfg.smart_init)
+        else:
+            self.top_probs = cfg.top_p
+            self.base_policy = DiTConfidenceNet(cfg.hidden, cfg.ff, cfg.heads, cfg.layers, cfg.top_p,
+                                                cfg.time_embed_dim, cfg.time_period, cfg.smart_init, cfg.dropout)
 
     def inputs(self, s) -> tuple:
-        """(m, c, timestep, eligible, start): the mask bit (b, n) and top_p probabilities (b, n, p) of
-        the n positions the policy sees (the block at `s.block_start`, of `s.block_size`; all L with
-        full_context), time = steps taken / L (b, 1); eligible (b, L) and start (b,) place the logits."""
-        if getattr(s, "top", None) is None or s.top.shape[-1] < self.cfg.top_p or getattr(s, "steps", None) is None:
-            raise DLLMError(f"policy arch dit_confidence needs the top {self.cfg.top_p} token probabilities per "
-                            f"position and the steps taken; valid: a step of decode.diffuse (StepState.top, .steps)")
+        """(m, x, timestep, eligible, start): the mask bit (b, n) and what each position brings (b, n, p):
+        its top_p probabilities or the dLLM's hidden state, of the n positions the policy sees (the
+        block at `s.block_start`, of `s.block_size`; all L with full_context), time = steps taken / L
+        (b, 1); eligible (b, L) and start (b,) place the logits."""
+        if self.reads_hidden:
+            x = getattr(s, "hidden", None)
+            if x is None or getattr(s, "steps", None) is None:
+                raise DLLMError("policy arch dit_hidden needs the dLLM's last hidden states per position and the "
+                                "steps taken; valid: a step of decode.diffuse on a model that exposes them "
+                                "(StepState.hidden, .steps)")
+        else:
+            x = getattr(s, "top", None)
+            if x is None or x.shape[-1] < self.cfg.top_p or getattr(s, "steps", None) is None:
+                raise DLLMError(f"policy arch dit_confidence needs the top {self.cfg.top_p} token probabilities per "
+                                f"position and the steps taken; valid: a step of decode.diffuse (StepState.top, .steps)")
+            x = x[..., :self.cfg.top_p]
         b, L = s.masked.shape
         timestep = s.steps.float()[:, None] * (1 / L)  # as the paper: steps_taken * (1 / L)
         start = torch.as_tensor(s.block_start, device=s.masked.device).expand(b)
-        top = s.top[..., :self.cfg.top_p]
         if self.cfg.full_context:
-            return s.masked, top, timestep, s.eligible, start
+            return s.masked, x, timestep, s.eligible, start
         idx = start[:, None] + torch.arange(s.block_size, device=start.device)  # (b, n)
-        return (s.masked.gather(1, idx), top.gather(1, idx[..., None].expand(-1, -1, top.shape[-1])),
+        return (s.masked.gather(1, idx), x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])),
                 timestep, s.eligible, start)
 
-    def forward(self, m, c, timestep, eligible, start) -> torch.Tensor:
-        logits = self.base_policy(m, c, timestep)  # (b, n)
+    def forward(self, m, x, timestep, eligible, start) -> torch.Tensor:
+        logits = self.base_policy(m, x, timestep)  # (b, n)
         if logits.shape[1] == eligible.shape[1]:
             return logits
         idx = start[:, None] + torch.arange(logits.shape[1], device=logits.device)
@@ -304,18 +337,21 @@ class DiTPolicy(Policy):
 
 NETWORK = {"features": ("arch", "features", "hidden", "ff", "heads", "layers"),
            "dit_confidence": ("arch", "hidden", "ff", "heads", "layers", "top_p", "full_context",
-                              "time_embed_dim", "time_period")}
+                              "time_embed_dim", "time_period"),
+           "dit_hidden": ("arch", "dllm_arch", "layers", "full_context", "time_embed_dim", "time_period")}
 
 
 def network_diff(have: PolicyConfig, want: PolicyConfig) -> dict:
     """The settings of `want`'s network (NETWORK[want.arch]) that `have` does not share: key -> want's value.
-    Equal networks take each other's weights."""
-    return {k: getattr(want, k) for k in NETWORK[want.arch] if getattr(have, k) != getattr(want, k)}
+    Equal networks take each other's weights. A dllm_arch `want` does not know yet (empty: no model
+    loaded) is not compared."""
+    return {k: getattr(want, k) for k in NETWORK[want.arch]
+            if getattr(have, k) != getattr(want, k) and not (k == "dllm_arch" and not want.dllm_arch)}
 
 
 def build_policy(cfg: PolicyConfig) -> Policy:
     """A fresh policy of cfg.arch."""
-    return DiTPolicy(cfg) if cfg.arch == "dit_confidence" else UnmaskPolicy(cfg)
+    return DiTPolicy(cfg) if cfg.arch in DIT_ARCHS else UnmaskPolicy(cfg)
 
 
 def update_card(directory: str | Path, **entries) -> dict:

@@ -1,6 +1,8 @@
 """The paper's rollout loop against ours: its `generate_unified` (common/generation/generation.py of
 ../shared/reference/ml-rl-dllm) with its DiTConfidencePolicy on a tiny LLaDA of its own code; its
 actions are then fed through `decode.diffuse` with the same policy weights as `arch=dit_confidence`.
+Likewise its DiTHiddenStatePolicy as `arch=dit_hidden`: there our loop runs our native LLaDA with the
+official model's weights, whose hidden states reach the policy through the loop's own channel.
 Step by step the canvas, the eligible set and the action's log-probability must agree, and at the
 end the tokens and the NFE. Skipped when the reference is absent.
 
@@ -15,12 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_eval_dllm.decode import diffuse
+from lm_eval_dllm.decode import diffuse, model_forward
+from lm_eval_dllm.models import NativeDLLM
+from lm_eval_dllm.models.llada import arch_config, official_names
 from lm_eval_dllm.plackett_luce import pl_logprob
 from lm_eval_dllm.policy import PolicyConfig, bernoulli_logprob, build_policy
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.spec import FamilySpec
 from lm_eval_dllm.models.llada import tiny_config as llada_config
+from lm_eval_dllm.policy_dit import dllm_arch_of
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-rl-dllm"
 pytestmark = pytest.mark.skipif(not PAPER.is_dir(), reason="../shared/reference/ml-rl-dllm is absent")
@@ -59,7 +64,10 @@ def dllm(paper):
     model = paper["llada"].LLaDAModelLM(config, init_params=True).eval()
     with torch.no_grad():
         model.model.transformer.ff_out.weight.mul_(10)
-    return model, config
+    native = NativeDLLM(arch_config(cfg))  # ours, with the official model's weights
+    names, official = official_names(native.config), model.state_dict()
+    native.load_state_dict({k: official[names[k]] for k in native.state_dict()})
+    return model, config, native.eval()
 
 
 class Recorder(torch.nn.Module):
@@ -109,21 +117,30 @@ def dpls_ranks(samples: torch.Tensor, start: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,block,full_context", [
-    ("bernoulli", 8, True), ("dpls", 8, True), ("bernoulli-argmax", 8, False),  # semi-autoregressive
-    ("bernoulli", L, True), ("bernoulli-argmax", L, True), ("dpls", L, True),  # full diffusion
+@pytest.mark.parametrize("arch,mode,block,full_context", [
+    ("dit_confidence", "bernoulli", 8, True), ("dit_confidence", "dpls", 8, True),  # semi-autoregressive
+    ("dit_confidence", "bernoulli-argmax", 8, False),
+    ("dit_confidence", "bernoulli", L, True), ("dit_confidence", "bernoulli-argmax", L, True),  # full diffusion
+    ("dit_confidence", "dpls", L, True),
+    ("dit_hidden", "bernoulli", 8, False), ("dit_hidden", "dpls", 8, True), ("dit_hidden", "bernoulli-argmax", L, True),
 ])
-def test_our_loop_replays_the_papers_rollout(paper, dllm, mode, block, full_context):
-    """Semi-AR and full diffusion, each of the paper's sampling modes, block and full context."""
-    model, config = dllm
+def test_our_loop_replays_the_papers_rollout(paper, dllm, arch, mode, block, full_context):
+    """Semi-AR and full diffusion, each of the paper's sampling modes, block and full context, both networks."""
+    model, config, native = dllm
     torch.manual_seed(1)  # the module's own init draws from the global generator
-    ref = paper["policy"].DiTConfidencePolicy(hidden_dim=32, feedforward_dim=64, num_heads=2,
-                                               confidences_top_p=2, smart_init=-3.0, time_embed_dim=16)
+    if arch == "dit_hidden":
+        ref = paper["policy"].DiTHiddenStatePolicy(model, smart_init=-3.0, time_embed_dim=16)
+    else:
+        ref = paper["policy"].DiTConfidencePolicy(hidden_dim=32, feedforward_dim=64, num_heads=2,
+                                                   confidences_top_p=2, smart_init=-3.0, time_embed_dim=16)
     g = torch.Generator().manual_seed(1)
+    # 32 unit-scale hidden features (not 2 probabilities) through 32-wide adaLN: smaller weights keep
+    # its logits spread as the other's, so that plain Bernoulli steps are sometimes empty
+    scale = 0.05 if arch == "dit_hidden" else 0.3
     with torch.no_grad():
         for p in ref.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    wrapped = paper["policy"].PolicyHFWrapper(ref, "dit_confidence")
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    wrapped = paper["policy"].PolicyHFWrapper(ref, arch)
     prompts = torch.randint(0, config.eos_token_id, (2, P), generator=g)
     rec = Recorder(model)
     torch.manual_seed(2)  # the paper's loop samples from the global generator
@@ -143,9 +160,10 @@ def test_our_loop_replays_the_papers_rollout(paper, dllm, mode, block, full_cont
         ranks, actions = None, [to_canvas(res.samples[:, k], starts[k], False) for k in range(T)]
     paper_lp = replayed_logliks(paper, res, mode)  # (B, T) by the paper's own functions
 
-    ours = build_policy(PolicyConfig(arch="dit_confidence", hidden=32, ff=64, heads=2, top_p=2, time_embed_dim=16,
+    ours = build_policy(PolicyConfig(arch=arch, hidden=32, ff=64, heads=2, top_p=2, time_embed_dim=16,
                                      full_context=full_context, stop_logit=STOP,
-                                     sampling="pl" if mode == "dpls" else "bernoulli"))
+                                     sampling="pl" if mode == "dpls" else "bernoulli",
+                                     dllm_arch=dllm_arch_of(native) if arch == "dit_hidden" else {}))
     ours.load_state_dict(wrapped.state_dict())
     sampler = Replay(ours, mode, actions, ranks, active)
     spec = FamilySpec(family="llada", mask_id=mask_id, stop_ids=(config.eos_token_id,), pad_id=config.eos_token_id,
@@ -156,7 +174,12 @@ def test_our_loop_replays_the_papers_rollout(paper, dllm, mode, block, full_cont
         canvases.append(ids.clone())
         return model(ids).logits
 
+    if arch == "dit_hidden":  # our native model: the loop's hidden-state channel needs a forward of ours
+        forward = model_forward(native, spec)
+        hook = native.register_forward_pre_hook(lambda _m, args: canvases.append(args[0].clone()))
     out = diffuse(forward, prompts.tolist(), spec, sampler, gen_length=L, block=block, early_exit=False)
+    if arch == "dit_hidden":
+        hook.remove()
     assert len(sampler.seen) == T
     # the one place the canvases may part: the paper's bernoulli-argmax forces a pick on rows with
     # nothing eligible too (see the test below), rewriting a committed token; ours never does

@@ -43,8 +43,9 @@ from lm_eval_dllm.generate import Generator, chat_prompt
 from lm_eval_dllm.generate_dgemma import DiffusionGemmaGenerator
 from lm_eval_dllm.loading import load, resolve_dtype
 from lm_eval_dllm.models.diffusion_gemma import MODEL_TYPE as DIFFUSION_GEMMA
-from lm_eval_dllm.policy import (ALL_FEATURES, ARCHS, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy,
+from lm_eval_dllm.policy import (ALL_FEATURES, ARCHS, DIT_ARCHS, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy,
                                  action_logprob, build_policy, find_policy, network_diff)
+from lm_eval_dllm.policy_dit import dllm_arch_of
 from lm_eval_dllm.reward import TaskScorer, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.samplers.threshold import ThresholdSampler
@@ -101,9 +102,9 @@ class GRPOConfig:
     val_size: int = opt(128, 'validation problems')
     save_every: int = opt(10, 'steps between checkpoints of OUT/last and the trainer state (and at the last step)')
     batch_size: int = opt(64, 'decode batch for rollouts and validation')
-    arch: str = opt("features", "policy network: features (ours, --features) | dit_confidence (the paper's DiTConfidencePolicy)")
+    arch: str = opt("features", "policy network: features (ours, --features) | dit_confidence (the paper's DiTConfidencePolicy) | dit_hidden (its DiTHiddenStatePolicy: the dLLM's hidden states through one LLaDA block of the dLLM's shape; --hidden/--ff/--heads do not apply)")
     top_p: int = opt(1, "--arch dit_confidence: the top token probabilities it reads per position")
-    full_context: bool = opt(True, "--arch dit_confidence: it sees the whole generated region (else the current block)")
+    full_context: bool = opt(True, "--arch dit_confidence/dit_hidden: it sees the whole generated region (else the current block)")
     features: str = opt(",".join(PolicyConfig.features), 'comma-separated policy input features')
     hidden: int = opt(128, 'policy width')
     ff: int = opt(512, 'policy feed-forward width')
@@ -165,9 +166,10 @@ class Env:
     def _chat(self, msgs, add_generation_prompt=True, **kw) -> str:  # as lm-eval calls a chat template
         return chat_prompt(self.tok, msgs, add_generation_prompt)
 
-    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None, record_top=0) -> Rollout:
+    def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None, record_top=0,
+                record_hidden=False) -> Rollout:
         """Decode every prompt once (repeat prompts for groups) with the policy in `mode`, or with
-        `sampler` (an expert; record_top: the top probabilities the policy replays)."""
+        `sampler` (an expert; record_top, record_hidden: the top probabilities, hidden states the policy replays)."""
         # temperature 1: the replayed log-probabilities are those of the distribution sampled here
         sampler = sampler or LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
         texts, nfes, scores, traj_all = [], [], [], []
@@ -177,7 +179,7 @@ class Env:
             out = self.gen.generate([p.context for p in chunk], sampler, gen_length=self.L,
                                     block=self.block, seeds=seeds[i:i + len(chunk)],
                                     temperature=self.cfg.dllm_temperature, until=self.until,
-                                    record=record, record_top=record_top)
+                                    record=record, record_top=record_top, record_hidden=record_hidden)
             for p, text, st in zip(chunk, out.texts, out.stats):
                 texts.append(text)
                 nfes.append(st["nfe"])
@@ -207,8 +209,10 @@ def stack_steps(traj, policy: Policy) -> dict:
     action/eligible/rank (N, L), row (N,)."""
     cat = lambda name: torch.cat([getattr(r, name) for r in traj])  # noqa: E731
     steps = SimpleNamespace(**{n: cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible")})
-    if policy.top_probs:
-        steps.top, steps.steps = cat("top"), cat("steps")
+    if policy.cfg.arch in DIT_ARCHS:
+        steps.steps = cat("steps")
+        steps.top = cat("top") if policy.top_probs else None
+        steps.hidden = cat("hidden") if policy.reads_hidden else None
         steps.block_start = torch.cat([torch.full((len(r.rows),), r.block_start) for r in traj])
         steps.block_size = traj[0].block_size
     return {"inputs": policy.inputs(steps), "action": cat("action"), "eligible": steps.eligible,
@@ -220,7 +224,7 @@ def step_logprob(pol, policy: Policy, batch: dict, cfg: GRPOConfig, n_policy: in
     the steps of rollouts n_policy and up are expert steering's, scored as draws of the mixture."""
     experts = len(expert_taus(cfg))
     scored = batch["eligible"]
-    if experts and policy.cfg.arch == "dit_confidence" and policy.cfg.full_context:
+    if experts and policy.cfg.arch in DIT_ARCHS and policy.cfg.full_context:
         # as the paper's code: an expert's step is scored over every masked position the policy
         # sees, those outside the block as not committed (it "mimics thresholding block-agnostically")
         scored = torch.where((batch["row"] >= n_policy)[:, None], batch["masked"], scored)
@@ -460,7 +464,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         pcfg = replace(network_config(cfg), init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
                        sampling=cfg.sampling, stop_logit=cfg.stop_logit,
-                       base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L)
+                       base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L,
+                       dllm_arch=dllm_arch_of(env.model) if cfg.arch == "dit_hidden" else {})
         policy = build_policy(pcfg)
         if cfg.init_from:
             start_from(policy, cfg.init_from)
@@ -542,6 +547,7 @@ class Trainer:
         pol = acc.unwrap_model(self.ddp_policy)
         ro = self.env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
         ex = [self.env.rollout(None, prompts[::cfg.group], seeds[::cfg.group], record_top=pol.top_probs,
+                               record_hidden=pol.reads_hidden,
                                sampler=ThresholdSampler(ThresholdSampler.Config(tau=t))) for t in self.taus]
         return ro, ex
 

@@ -36,6 +36,7 @@ class StepState:
     generators: list[torch.Generator]  # one per row, seeded per sample (batch-invariant)
     top: torch.Tensor | None = None  # (B, L, K) probabilities of the K most likely tokens (K: top_probs())
     steps: torch.Tensor | None = None  # (B,) decode steps (forwards) each row took before this one
+    hidden: torch.Tensor | None = None  # (B, L, D) the dLLM's last hidden states (reads_hidden())
     block_start: int = 0  # the current block: generated positions [block_start, block_start + block_size)
     block_size: int = 0
 
@@ -78,6 +79,11 @@ class Sampler:
         """How many of each position's most likely tokens' probabilities `select` reads
         (StepState.top); 0: none."""
         return 0
+
+    def reads_hidden(self) -> bool:
+        """Whether `select` reads the dLLM's last hidden states (StepState.hidden: after its final
+        norm, where its logits come from; only models that expose them, decode.diffuse says which)."""
+        return False
 
     def attach(self, policy, block: int, gen_length: int) -> None:
         """The caller hands over the policy it loaded for `wanted_policy`, before decoding at (block, L)."""

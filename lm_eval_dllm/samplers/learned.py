@@ -160,6 +160,9 @@ class LearnedSampler(Sampler):
     def top_probs(self) -> int:
         return getattr(self.policy, "top_probs", 0)
 
+    def reads_hidden(self) -> bool:
+        return getattr(self.policy, "reads_hidden", False)
+
     def logits(self, state: StepState) -> torch.Tensor:
         if self.policy is None:
             raise DLLMError("sampler 'learned' has no policy; valid: policy=<folder from train.grpo>")
