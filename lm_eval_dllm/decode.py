@@ -33,7 +33,7 @@ from .blocks import BlockLayout, block_layout
 from .cache import CachedForward, FullForward, check_cache_support, forward_strategy, positions_from, span_forward
 from .compat import Compat, check_compat
 from .models import NativeDLLM
-from .samplers.base import Sampler, StepState, row_uniforms
+from .samplers.base import Action, Sampler, StepState, row_uniforms
 from .spec import FamilySpec
 from .utils import DLLMError
 
@@ -62,12 +62,12 @@ class StepRecord:
     block_size: int = 0
 
     @classmethod
-    def of(cls, rows, state: StepState, action, rank, block: int, num_blocks: int, step: int) -> "StepRecord":
+    def of(cls, rows, state: StepState, action: Action, block: int, num_blocks: int, step: int) -> "StepRecord":
         """The record of one step, on the CPU."""
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         return cls(rows=rows.cpu(), conf=state.conf.cpu(), margin=state.margin.cpu(), entropy=state.entropy.cpu(),
-                   masked=state.masked.cpu(), eligible=state.eligible.cpu(), action=action.cpu(), block=block,
-                   num_blocks=num_blocks, step=step, rank=cpu(rank), top=cpu(state.top), steps=cpu(state.steps),
+                   masked=state.masked.cpu(), eligible=state.eligible.cpu(), action=action.commit.cpu(), block=block,
+                   num_blocks=num_blocks, step=step, rank=cpu(action.rank), top=cpu(state.top), steps=cpu(state.steps),
                    hidden=cpu(state.hidden), block_start=state.block_start, block_size=state.block_size)
 
 
@@ -190,102 +190,145 @@ def diffuse(
     strategy = forward if hasattr(forward, "start_block") else FullForward(forward)
     cached = isinstance(strategy, CachedForward)
     mode = check_compat(compat, strategy.refresh, strategy.window) if cached else check_compat(compat)
-    early_exit = early_exit and mode.early_exit
-    L = gen_length
-    Bk = check_block(block, L)
-    lay = block_layout([len(p) for p in prompts], L, Bk, spec.block_causal, device)
-    nb, W = lay.count, lay.width  # W = L unless blocks align to absolute positions
-    if spec.block_causal:
-        strategy.attend_blocks(Bk)
-    device = torch.device(device)
-    canvas, attn = _canvas(prompts, spec, lay, device)
-    B, P = len(prompts), canvas.shape[1] - W
-    gen_dev = device if device.type == "cuda" else torch.device("cpu")
-    seeds = seeds if seeds is not None else list(range(B))
-    gens = [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
-    stop = torch.tensor(spec.stop_ids or [-1], device=device)
-    suppress = list(spec.suppress_ids) if mode.suppress_mask else []
-    nfe = torch.zeros(B, dtype=torch.long, device=device)
-    committed = torch.zeros(B, dtype=torch.long, device=device)
-    positions = torch.zeros(B, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    noop = torch.zeros(B, dtype=torch.bool, device=device)  # compat: rows owed a forward that commits nothing
-    traj: list[StepRecord] | None = [] if record else None
-    shift = 1 if spec.shifted else 0  # the logit of generated position j sits at column P + j - shift
-    # per row, the statistics of every position from the last forward that computed it
-    x0_all = torch.zeros((B, W), dtype=torch.long, device=device)
-    conf_all, margin_all, entropy_all = (torch.zeros((B, W), device=device, dtype=mode.stats_dtype)
-                                         for _ in range(3))
+    Bk = check_block(block, gen_length)
     # what a sampler may ask of the loop (a duck-typed one, with select alone, asks nothing)
     k_top = max(getattr(sampler, "top_probs", lambda: 0)(), record_top)
     may_pass = getattr(sampler, "may_commit_nothing", lambda: False)()
-    top_all = torch.zeros((B, W, k_top), device=device)
     tap = _hidden_tap(strategy, getattr(sampler, "reads_hidden", lambda: False)() or record_hidden)
-    hidden_all = None  # (B, W, D) in the model's dtype, from the first forward on
-
+    run = _Run(strategy, prompts, spec, gen_length, Bk, mode, device, k_top, tap)
+    early_exit = early_exit and mode.early_exit
+    gens = run.generators(seeds)
+    traj: list[StepRecord] | None = [] if record else None
+    nb = run.lay.count
     for b in range(nb):
-        in_block = lay.in_block(b)  # (B, W)
-        lo, hi = lay.span(b)
-        # the block's columns, and for Dream the one before it (which holds the first one's logit)
-        strategy.start_block(P + lo - shift, P + hi, P - shift)  # logits from P - shift on
+        in_block = run.lay.in_block(b)  # (B, W)
+        lo, hi = run.start_block(b)
         step = 0
         while not (may_pass and step >= Bk):  # a sampler that may pass gets Bk steps a block (the paper's cap)
-            gen = canvas[:, P:]  # (B, L) view
-            masked = gen == spec.mask_id
-            eligible = masked & in_block & ~done[:, None]
-            rows = (eligible.any(-1) | noop).nonzero().squeeze(-1)  # (b,)
+            masked = run.generated() == spec.mask_id  # (B, W)
+            eligible = masked & in_block & ~run.done[:, None]
+            rows = (eligible.any(-1) | run.noop).nonzero().squeeze(-1)  # (b,)
             if rows.numel() == 0:
                 break
-            logits, start, computed = strategy.step(canvas[rows], attn[rows], rows)  # (b, span, V): the one forward
-            nfe[rows] += 1
-            positions[rows] += attn[rows, computed:start + logits.shape[1]].sum(-1)
-            g0 = max(start + shift - P, 0)  # generated positions [g0, g1) the span has logits for
-            g1 = min(start + logits.shape[1] + shift - P, W)
-            if g0 > lo or g1 < hi:
-                raise RuntimeError(f"forward strategy returned columns from {start} for "
-                                   f"{logits.shape[1]}, which miss block {b}")
-            lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].to(mode.stats_dtype)  # (b, g1 - g0, V)
-            lg[..., suppress] = float("-inf")
-            row_gens = [gens[i] for i in rows.tolist()]
-            stats = propose(lg, temperature, row_gens, length=W, offset=g0, top_k=k_top)
-            for full, new in zip((x0_all, conf_all, margin_all, entropy_all, top_all), stats):
-                if new is not None:
-                    full[rows, g0:g1] = new.to(full.dtype)
-            if tap is not None:  # the norm's columns end where the logits' do; generated j is column P + j
-                h, end = tap.last, start + logits.shape[1]
-                h0, h1 = max(end - h.shape[1] - P, 0), min(end - P, W)
-                if hidden_all is None:
-                    hidden_all = torch.zeros((B, W, h.shape[-1]), dtype=h.dtype, device=device)
-                hidden_all[rows, h0:h1] = h[:, P + h0 - end + h.shape[1]:P + h1 - end + h.shape[1]]
-            x0, conf, margin, entropy = x0_all[rows], conf_all[rows], margin_all[rows], entropy_all[rows]
-            state = StepState(conf=conf, margin=margin, entropy=entropy, masked=masked[rows],
-                              eligible=eligible[rows], generators=row_gens, top=top_all[rows] if k_top else None,
-                              steps=nfe[rows] - 1, hidden=None if tap is None else hidden_all[rows],
-                              block_start=lo, block_size=hi - lo)
-            sampler.last_rank = None
-            action = sampler.select(state)
-            _check_action(sampler, action, state.eligible, may_pass)
+            x0, state = run.step(rows, b, temperature, [gens[i] for i in rows.tolist()], masked, eligible)
+            action = Action.of(sampler.select(state))
+            _check_action(sampler, action.commit, state.eligible, may_pass)
             if traj is not None:
-                traj.append(StepRecord.of(rows, state, action, sampler.last_rank, b, nb, step))
-            new = torch.where(action, x0, gen[rows])
-            committed[rows] += (action & (x0 != spec.mask_id)).sum(-1)  # compat may propose the mask
-            if early_exit:
-                fin = _finished(new, spec.mask_id, stop)
-                if fin.any():
-                    # the text ends at the first stop token: what follows can only be padding
-                    new[fin] = torch.where(new[fin] == spec.mask_id, spec.pad_id, new[fin])
-                    done[rows[fin]] = True
-            canvas[rows, P:] = new
-            # compat: a block filled by its first (full) forward of a cached loop costs one more
-            noop[:] = False
+                traj.append(StepRecord.of(rows, state, action, b, nb, step))
+            run.commit(rows, action.commit, x0, early_exit)
             if step == 0 and cached and mode.noop_forward:
-                noop[rows] = ~((new == spec.mask_id) & in_block[rows]).any(-1) & ~done[rows]
+                run.owe_noop(rows, in_block)
             step += 1
     strategy.release()
     if tap is not None:
         tap.set(False)
-    return DecodeOutput(tokens=canvas[:, P:P + L].clone(), nfe=nfe, committed=committed,
-                        positions=positions, trajectory=traj)
+    return run.output(traj)
+
+
+class _Run:
+    """One `diffuse` call's canvas and per-row tallies, and the two halves of a step: the forward
+    with its proposal (`step`), and the commit of the sampler's action (`commit`)."""
+
+    def __init__(self, strategy, prompts: list[list[int]], spec: FamilySpec, L: int, Bk: int,
+                 mode: Compat, device, k_top: int, tap=None):
+        self.strategy, self.spec, self.mode, self.L, self.k_top = strategy, spec, mode, L, k_top
+        self.tap, self.hidden_all = tap, None  # (B, W, D) in the model's dtype, from the first forward on
+        self.lay = block_layout([len(p) for p in prompts], L, Bk, spec.block_causal, device)
+        W = self.lay.width  # W = L unless blocks align to absolute positions
+        if spec.block_causal:
+            strategy.attend_blocks(Bk)
+        self.device = device = torch.device(device)
+        self.canvas, self.attn = _canvas(prompts, spec, self.lay, device)
+        B, self.P = len(prompts), self.canvas.shape[1] - W
+        self.stop = torch.tensor(spec.stop_ids or [-1], device=device)
+        self.suppress = list(spec.suppress_ids) if mode.suppress_mask else []
+        self.nfe, self.committed, self.positions = (torch.zeros(B, dtype=torch.long, device=device) for _ in range(3))
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.noop = torch.zeros(B, dtype=torch.bool, device=device)  # compat: rows owed a forward that commits nothing
+        self.shift = 1 if spec.shifted else 0  # the logit of generated position j sits at column P + j - shift
+        # per row, the statistics of every position from the last forward that computed it
+        self.x0_all = torch.zeros((B, W), dtype=torch.long, device=device)
+        self.conf_all, self.margin_all, self.entropy_all = (torch.zeros((B, W), device=device, dtype=mode.stats_dtype)
+                                                            for _ in range(3))
+        self.top_all = torch.zeros((B, W, k_top), device=device)
+
+    def generators(self, seeds: list[int] | None) -> list[torch.Generator]:
+        """One per row, seeded by `seeds` (default: the row index), on the device's generator type."""
+        gen_dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        seeds = seeds if seeds is not None else list(range(self.canvas.shape[0]))
+        return [torch.Generator(device=gen_dev).manual_seed(int(s)) for s in seeds]
+
+    def generated(self) -> torch.Tensor:
+        return self.canvas[:, self.P:]  # (B, W) view of the generated region
+
+    def start_block(self, b: int) -> tuple[int, int]:
+        """Tell the strategy block b starts; its generated positions [lo, hi)."""
+        lo, hi = self.lay.span(b)
+        P, shift = self.P, self.shift
+        # the block's columns, and for Dream the one before it (which holds the first one's logit)
+        self.strategy.start_block(P + lo - shift, P + hi, P - shift)  # logits from P - shift on
+        self.lo, self.hi = lo, hi
+        return lo, hi
+
+    def step(self, rows, b: int, temperature: float, row_gens, masked, eligible) -> tuple[torch.Tensor, StepState]:
+        """The one forward of a step for `rows` (where NFE is counted), its proposal x0 (b, W), and
+        what the sampler sees."""
+        P, shift, W, lo, hi = self.P, self.shift, self.lay.width, self.lo, self.hi
+        logits, start, computed = self.strategy.step(self.canvas[rows], self.attn[rows], rows)  # (b, span, V)
+        self.nfe[rows] += 1
+        self.positions[rows] += self.attn[rows, computed:start + logits.shape[1]].sum(-1)
+        g0 = max(start + shift - P, 0)  # generated positions [g0, g1) the span has logits for
+        g1 = min(start + logits.shape[1] + shift - P, W)
+        if g0 > lo or g1 < hi:
+            raise RuntimeError(f"forward strategy returned columns from {start} for "
+                               f"{logits.shape[1]}, which miss block {b}")
+        lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].to(self.mode.stats_dtype)  # (b, g1 - g0, V)
+        lg[..., self.suppress] = float("-inf")
+        stats = propose(lg, temperature, row_gens, length=W, offset=g0, top_k=self.k_top)
+        for full, new in zip((self.x0_all, self.conf_all, self.margin_all, self.entropy_all, self.top_all), stats):
+            if new is not None:
+                full[rows, g0:g1] = new.to(full.dtype)
+        if self.tap is not None:
+            self._keep_hidden(rows, start + logits.shape[1])
+        state = StepState(conf=self.conf_all[rows], margin=self.margin_all[rows], entropy=self.entropy_all[rows],
+                          masked=masked[rows], eligible=eligible[rows], generators=row_gens,
+                          top=self.top_all[rows] if self.k_top else None, steps=self.nfe[rows] - 1,
+                          hidden=None if self.tap is None else self.hidden_all[rows],
+                          block_start=lo, block_size=hi - lo)
+        return self.x0_all[rows], state
+
+    def _keep_hidden(self, rows, end: int) -> None:
+        """The tapped hidden states of the forward whose logits' columns end at `end`: the norm's
+        columns end there too, and generated position j is column P + j."""
+        h, P, W = self.tap.last, self.P, self.lay.width
+        h0, h1 = max(end - h.shape[1] - P, 0), min(end - P, W)
+        if self.hidden_all is None:
+            self.hidden_all = torch.zeros((len(self.canvas), W, h.shape[-1]), dtype=h.dtype, device=self.device)
+        self.hidden_all[rows, h0:h1] = h[:, P + h0 - end + h.shape[1]:P + h1 - end + h.shape[1]]
+
+    def commit(self, rows, action: torch.Tensor, x0: torch.Tensor, early_exit: bool) -> None:
+        """Write the committed proposals into `rows`; with early_exit, pad the rest of a row that
+        has committed its stop token."""
+        mask_id = self.spec.mask_id
+        new = torch.where(action, x0, self.generated()[rows])
+        self.committed[rows] += (action & (x0 != mask_id)).sum(-1)  # compat may propose the mask
+        if early_exit:
+            fin = _finished(new, mask_id, self.stop)
+            if fin.any():
+                # the text ends at the first stop token: what follows can only be padding
+                new[fin] = torch.where(new[fin] == mask_id, self.spec.pad_id, new[fin])
+                self.done[rows[fin]] = True
+        self.canvas[rows, self.P:] = new
+        self.noop[:] = False
+
+    def owe_noop(self, rows, in_block: torch.Tensor) -> None:
+        """compat: a block filled by its first (full) forward of a cached loop costs one more."""
+        new = self.generated()[rows]
+        self.noop[rows] = ~((new == self.spec.mask_id) & in_block[rows]).any(-1) & ~self.done[rows]
+
+    def output(self, traj: list[StepRecord] | None) -> DecodeOutput:
+        return DecodeOutput(tokens=self.canvas[:, self.P:self.P + self.L].clone(), nfe=self.nfe,
+                            committed=self.committed, positions=self.positions, trajectory=traj)
 
 
 def _hidden_tap(strategy, wanted: bool):
@@ -327,8 +370,9 @@ def _check_action(sampler: Sampler, action: torch.Tensor, eligible: torch.Tensor
 
 def left_pad(rows: list, width: int, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of token ids (lists or 1-D tensors) right-aligned in a (len(rows), width) canvas of
-    `pad_id`, and its attention mask (1 on real tokens): left padding, as the decode loop and the ELBO batches both lay rows out, so that
-    each row's last token is in the last column and its positions count from its first token."""
+    `pad_id`, and its attention mask (1 on real tokens): left padding, as the decode loop and the
+    ELBO batches both lay rows out, so that each row's last token is in the last column and its
+    positions count from its first token."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for i, r in enumerate(rows):

@@ -19,7 +19,7 @@ import torch
 
 from .compat import Compat
 from .decode import StepRecord, check_block, diffuse, model_forward
-from .policy import policy_for
+from .policy import PolicyLoader
 from .samplers.base import Sampler
 from .spec import FamilySpec
 from .text import PromptFitter, completion_text
@@ -53,29 +53,24 @@ class Generator:
     def __init__(self, model, tokenizer, spec: FamilySpec, *, model_id: str, device,
                  max_length: int | None = None, truncation: str = "left", early_exit: bool = True,
                  chat: bool = False, cache: str = "none", refresh: int = 0, window: int = 0,
-                 compat: str | Compat = "none"):
+                 compat: str | Compat = "none", policies: PolicyLoader | None = None):
         self.forward = model_forward(model, spec, cache, refresh, window)  # the decode loop's strategy
         self.tokenizer, self.spec, self.model_id = tokenizer, spec, model_id
         self.device = torch.device(device)
         self.early_exit, self.compat = early_exit, compat
         self.chat = chat  # contexts carry the chat template's own special tokens: add none
         self.fit = PromptFitter(max_length or spec.max_length, truncation)
-        self._policies: dict[tuple, object] = {}  # (name, block, L) -> loaded policy
+        self.policies = policies or PolicyLoader(model_id, self.device)  # the caller's, to share what it loaded
 
     def resolve(self, gen_length: int | None, block: int | None,
                 max_gen_toks: int | None = None) -> tuple[int, int]:
         return resolve_shape(self.spec, gen_length, block, max_gen_toks)
 
     def attach_policy(self, sampler: Sampler, block: int, gen_length: int) -> None:
-        """Load the policy a sampler wants for this (block, L), once, and hand it over."""
-        name = sampler.wanted_policy()
-        if name is None:
-            return
-        key = (name, block, gen_length)
-        if key not in self._policies:
-            self._policies[key] = policy_for(name, model_id=self.model_id, block=block,
-                                             gen_length=gen_length, device=self.device)
-        sampler.attach(self._policies[key], block, gen_length)
+        """Hand the sampler the policy it wants for this (block, L), loaded once."""
+        policy = self.policies.load(sampler, block, gen_length)
+        if policy is not None:
+            sampler.attach(policy, block, gen_length)
 
     def encode(self, context: str, gen_length: int) -> list[int]:
         ids = self.tokenizer(context, add_special_tokens=not self.chat)["input_ids"]

@@ -31,7 +31,8 @@ from .loading import load, read_checkpoint, read_config, resolve_device, resolve
 from .models.diffusion_gemma import is_diffusion_gemma
 from .tiny import BUNDLED_ID
 from .parallel import DataParallel
-from .policy import policy_for
+from .report import SAMPLES_KEY
+from .policy import PolicyLoader
 from .samplers import make_sampler
 from .tasks import BUNDLED_TASKS
 from .text import PromptFitter, stop_strings
@@ -41,11 +42,6 @@ log = logging.getLogger(__name__)
 
 REAL_DLLM_HINT = "GSAI-ML/LLaDA-8B-Instruct"
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval's EvaluateConfig.device default
-
-# (task_name, doc_id) -> per-sample stats of the most recent run in this process; read by the
-# hook that adds them to lm-eval's results and logged samples
-SAMPLE_STATS: dict[tuple[str, int], list[dict]] = defaultdict(list)
-
 
 def sample_seed(seed: int, context: str, occurrence: int = 0) -> int:
     """A request's random seed, from the run's `seed` and its context (plus `occurrence`: which repeat
@@ -93,9 +89,9 @@ class DLLM(DataParallel, LM):
             L0, block0 = resolve_shape(self.spec, self.cfg.gen_length, self.cfg.block)
         except DLLMError:  # a block that fits only the task's max_gen_toks: checked per request
             L0 = None
-        if L0 is not None and self.sampler.wanted_policy() is not None:
-            policy_for(self.sampler.wanted_policy(), model_id=self.model_id, block=block0,
-                       gen_length=L0, device=device)
+        self.policies = PolicyLoader(self.model_id, device)
+        if L0 is not None:
+            self.policies.load(self.sampler, block0, L0)
         self.model, self.tokenizer, self.spec = load(
             self.cfg.pretrained_path, self.cfg.dtype, str(device),
             self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
@@ -104,10 +100,11 @@ class DLLM(DataParallel, LM):
                              device=self._device, max_length=self.cfg.max_length,
                              truncation=self.cfg.truncation, early_exit=self.cfg.early_exit,
                              cache=self.cfg.cache, refresh=self.cfg.refresh,
-                             window=self.cfg.window, compat=self.cfg.compat)
+                             window=self.cfg.window, compat=self.cfg.compat, policies=self.policies)
         self._fit_ll = PromptFitter(self.gen.fit.limit, self.cfg.truncation, what="continuation")
         self.is_bundled = not self.cfg.pretrained
         self.stats: dict[str, list[dict]] = defaultdict(list)  # task -> per-sample stats
+        self.sample_stats: dict[str, dict[int, list[dict]]] = {}  # task -> doc_id -> what --log_samples shows
         log.info("dllm: sampler %r, block %s, model %s", self.sampler, self.cfg.block,
                  self.cfg.pretrained_path)
 
@@ -162,8 +159,8 @@ class DLLM(DataParallel, LM):
             ctx, tgt = split_pair(self._tokenize, context, continuation)
             items.append((self._ll_context(ctx, tgt), tgt, sample_seed(self.cfg.seed, context)))
         res, wall = self._elbo(items, disable_tqdm, "dllm loglikelihood")
-        self._record_ll(requests, [{"ll_forwards": f, "target_tokens": len(t), "wall_s": wall}
-                                   for (_, f), (_, t, _) in zip(res, items)])
+        self._record(requests, [{"ll_forwards": f, "target_tokens": len(t), "wall_s": wall}
+                                for (_, f), (_, t, _) in zip(res, items)])
         return [ll_greedy for ll_greedy, _ in res]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -189,7 +186,7 @@ class DLLM(DataParallel, LM):
             stats[i]["target_tokens"] += len(tgt)
             stats[i]["windows"] += 1
         n_win = [s["windows"] for s in stats]
-        self._record_ll(requests, [s | {"wall_s": wall * n} for s, n in zip(stats, n_win)])
+        self._record(requests, [s | {"wall_s": wall * n} for s, n in zip(stats, n_win)])
         return totals
 
     def _tokenize(self, text: str) -> list[int]:
@@ -213,13 +210,15 @@ class DLLM(DataParallel, LM):
         pbar.close()
         return [((ll, g), f) for ll, g, f in out], wall
 
-    def _record_ll(self, requests, stats: list[dict]) -> None:
-        for req in requests:  # a new run of these docs replaces what an earlier run measured
-            SAMPLE_STATS.pop((req.task_name, req.doc_id), None)
+    def _record(self, requests, stats: list[dict]) -> None:
+        """Keep each request's statistics (stats[i] is requests[i]'s): per task for the summary, and
+        per document for the logged samples, where a new run of a document replaces an earlier one's."""
+        for req in requests:
+            self.sample_stats.get(req.task_name, {}).pop(req.doc_id, None)
         stats = [{"task": req.task_name, "doc_id": req.doc_id} | st for req, st in zip(requests, stats)]
         for st in self._gather_stats(requests, stats):  # every rank's on rank 0, padding copies left out
             self.stats[st["task"]].append(st)
-            SAMPLE_STATS[(st["task"], st["doc_id"])].append(st)
+            self.sample_stats.setdefault(st["task"], {}).setdefault(st["doc_id"], []).append(st)
         if self.rank == 0:
             self._log_summary()
 
@@ -244,8 +243,6 @@ class DLLM(DataParallel, LM):
         if not requests:
             return []
         self._warn_task_mismatch({r.task_name for r in requests})
-        for req in requests:  # a new run of these docs replaces what an earlier run measured
-            SAMPLE_STATS.pop((req.task_name, req.doc_id), None)
         seen: dict[str, int] = defaultdict(int)
         items = []
         for i, req in enumerate(requests):
@@ -263,12 +260,7 @@ class DLLM(DataParallel, LM):
             pbar.set_postfix(nfe=f"{sum(nfe) / len(nfe):.1f}")
         pbar.close()
         ordered = collator.get_original(results)
-        stats = [{"task": req.task_name, "doc_id": req.doc_id} | st for req, (_, st) in zip(requests, ordered)]
-        for st in self._gather_stats(requests, stats):  # every rank's on rank 0, padding copies left out
-            self.stats[st["task"]].append(st)
-            SAMPLE_STATS[(st["task"], st["doc_id"])].append(st)
-        if self.rank == 0:
-            self._log_summary()
+        self._record(requests, [st for _, st in ordered])
         return [text for text, _ in ordered]
 
     def _generate_batch(self, chunk) -> list[tuple[str, dict]]:
@@ -338,4 +330,4 @@ class DLLM(DataParallel, LM):
             "mc_num": self.cfg.mc_num,
             "mc_batch": self.cfg.mc_batch,
             "per_task": self.task_summary(),
-        }}
+        }, SAMPLES_KEY: self.sample_stats}

@@ -20,7 +20,7 @@ from .config import DLLMConfig
 from .generate_dgemma import DiffusionGemmaGenerator, FamilyRule, check_sampler, resolve_canvas
 from .loading import load, read_checkpoint, resolve_device, resolve_dtype
 from .model import DLLM
-from .policy import policy_for
+from .policy import PolicyLoader
 from .samplers import make_sampler
 from .text import PromptFitter
 from .utils import DLLMError
@@ -53,9 +53,9 @@ class DiffusionGemmaLM(DLLM):
         canvas = ck.config.canvas_length
         L0, block0 = resolve_canvas(canvas, self.cfg.gen_length, self.cfg.block)
         self.sampler = make_sampler(self.cfg.sampler, self.cfg.sampler_args) if given else None
-        if self.sampler is not None and self.sampler.wanted_policy() is not None:  # fail before the weights load
-            policy_for(self.sampler.wanted_policy(), model_id=self.model_id, block=block0, gen_length=L0,
-                       device=device)
+        self.policies = PolicyLoader(self.model_id, device)
+        if self.sampler is not None:  # fail before the weights load
+            self.policies.load(self.sampler, block0, L0)
         self.model, self.tokenizer, self.spec = load(self.cfg.pretrained_path, self.cfg.dtype, str(device),
                                                      self.cfg.trust_remote_code, self.cfg.revision, checkpoint=ck)
         self._device = next(self.model.parameters()).device
@@ -63,9 +63,10 @@ class DiffusionGemmaLM(DLLM):
         self.sampler = self.sampler or FamilyRule(gc.sampler_config.entropy_bound)
         self.gen = DiffusionGemmaGenerator(self.model, self.tokenizer, self.spec, model_id=self.model_id,
                                            device=self._device, max_length=self.cfg.max_length,
-                                           truncation=self.cfg.truncation)
+                                           truncation=self.cfg.truncation, policies=self.policies)
         self._fit_ll = PromptFitter(self.gen.fit.limit, self.cfg.truncation, what="continuation")
         self.stats: dict[str, list[dict]] = defaultdict(list)
+        self.sample_stats = {}
         log.info("dllm: DiffusionGemma, acceptance %r, canvas %d, %d denoising steps at most, model %s",
                  self.sampler, canvas, gc.max_denoising_steps, self.cfg.pretrained_path)
 

@@ -404,3 +404,24 @@ def policy_for(name: str, *, model_id: str, block: int, gen_length: int, device)
         log.warning("policy %s was trained with block %d, used here with block %d (transfer "
                     "across block sizes)", path, cfg.block, block)
     return pol
+
+
+class PolicyLoader:
+    """The one way a run gets the policy a sampler wants (`Sampler.wanted_policy`): found, checked
+    and loaded by `policy_for` once per (name, block, L). The lm-eval model asks at start-up, so a
+    missing or bad policy fails before the weights load, and its `Generator` reuses what it loaded."""
+
+    def __init__(self, model_id: str, device):
+        self.model_id, self.device = model_id, device
+        self._loaded: dict[tuple[str, int, int], Policy] = {}
+
+    def load(self, sampler, block: int, gen_length: int) -> Policy | None:
+        """The policy `sampler` wants at (block, L); None for a sampler that wants none."""
+        name = sampler.wanted_policy()
+        if name is None:
+            return None
+        key = (name, block, gen_length)
+        if key not in self._loaded:
+            self._loaded[key] = policy_for(name, model_id=self.model_id, block=block, gen_length=gen_length,
+                                           device=self.device)
+        return self._loaded[key]

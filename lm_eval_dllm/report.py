@@ -1,8 +1,12 @@
-"""Put the `dllm` model's measurements into lm-eval's results dict (called by the hook)."""
+"""Put the `dllm` model's measurements into lm-eval's results dict (called by the hook).
+
+The model hands them over in its `get_model_info()`, which lm-eval merges into results["config"]:
+per task under "dllm", and per document under SAMPLES_KEY, which attach_stats moves into the
+logged samples (it never reaches the results JSON)."""
 
 from __future__ import annotations
 
-from .model import SAMPLE_STATS
+SAMPLES_KEY = "dllm_samples"  # get_model_info's entry: task -> doc_id -> that document's statistics
 
 # results[task] keys, as lm-eval names metrics ("metric,filter"), so `make_table` prints them
 STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "positions_per_forward": "positions_per_forward",
@@ -10,7 +14,9 @@ STAT_KEYS = {"nfe": "mean_nfe", "tpf": "tpf", "positions_per_forward": "position
 
 
 def attach_stats(results: dict) -> None:
-    info = (results.get("config") or {}).get("dllm")
+    config = results.get("config") or {}
+    per_doc = config.pop(SAMPLES_KEY, None) or {}
+    info = config.get("dllm")
     if not info:
         return
     for task, s in info.get("per_task", {}).items():
@@ -24,6 +30,6 @@ def attach_stats(results: dict) -> None:
             row[f"{key}_stderr,none"] = "N/A"
     for task, samples in (results.get("samples") or {}).items():
         for sample in samples:
-            st = SAMPLE_STATS.get((task, sample.get("doc_id")))
+            st = per_doc.get(task, {}).get(sample.get("doc_id"))
             if st:
                 sample["dllm"] = st[-1] if len(st) == 1 else st

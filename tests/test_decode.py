@@ -5,7 +5,7 @@ import torch
 
 from benchmarks.stats_memory import propose_reference
 from lm_eval_dllm.decode import check_block, diffuse, model_forward, propose
-from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.samplers import Action, make_sampler
 from lm_eval_dllm.spec import FamilySpec
 from lm_eval_dllm.utils import DLLMError
 
@@ -120,6 +120,26 @@ def test_temperature_sampling_is_seeded_per_row():
     assert torch.equal(a.tokens, b.tokens.flip(0))
     c = diffuse(fake_forward(), PROMPTS, spec(), s, 16, 4, temperature=1.0, seeds=[1, 2, 3])
     assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_the_trajectory_records_the_order_the_sampler_returns():
+    """A sampler's Action carries its commit order to the recorded step; a bare mask records none."""
+    class Leftmost:
+        name = "leftmost"
+
+        def __init__(self, ordered):
+            self.ordered = ordered
+
+        def select(self, st):
+            first = st.eligible.float().argmax(-1, keepdim=True)  # (b, 1) leftmost eligible position
+            commit = torch.zeros_like(st.eligible).scatter(1, first, True) & st.eligible
+            return Action(commit, torch.where(commit, 0, -1)) if self.ordered else commit
+
+    ordered = diffuse(fake_forward(), PROMPTS, spec(), Leftmost(True), 16, 4, early_exit=False, record=True)
+    plain = diffuse(fake_forward(), PROMPTS, spec(), Leftmost(False), 16, 4, early_exit=False, record=True)
+    assert torch.equal(ordered.tokens, plain.tokens) and (ordered.nfe == 16).all()
+    assert all(torch.equal(r.rank >= 0, r.action) for r in ordered.trajectory)
+    assert all(r.rank is None for r in plain.trajectory)
 
 
 def test_bad_sampler_output_is_caught():

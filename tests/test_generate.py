@@ -9,13 +9,17 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+from lm_eval_dllm import policy as policy_module
 from lm_eval_dllm.model import DLLM, sample_seed
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy
 from train.grpo import Env, GRPOConfig
 
 
 @pytest.mark.parametrize("mode", ["sample", "greedy"])
-def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt, mode):
+def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt, mode, monkeypatch):
+    loads = []  # the policy is checked at start-up and decoded with: one load serves both
+    real_load = policy_module.policy_for
+    monkeypatch.setattr(policy_module, "policy_for", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
     torch.manual_seed(0)
     policy = UnmaskPolicy(PolicyConfig(block=8, gen_length=48, init="threshold", init_tau=0.6))
     policy.save(tmp_path / "pol", {"alpha": 1.0})
@@ -29,6 +33,7 @@ def test_evaluation_and_a_rollout_give_the_same_text_and_nfe(tmp_path, tiny_ckpt
                      metadata=("modchain", p.doc_id, 1)) for p in prompts]
     texts = lm.generate_until(reqs, disable_tqdm=True)
     stats = [lm.stats["modchain"][i] for i in range(len(prompts))]
+    assert [(kw["block"], kw["gen_length"]) for kw in loads] == [(8, 48)]
 
     seeds = [sample_seed(lm.cfg.seed, p.context) for p in prompts]  # evaluation's per-sample seed
     ro = env.rollout(UnmaskPolicy.load(tmp_path / "pol"), prompts, seeds, mode=mode, record=False)

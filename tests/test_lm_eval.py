@@ -31,6 +31,20 @@ def test_registry_keeps_builtins_and_adds_dllm():
     assert out.stdout.split() == ["HFLM", "DummyLM", "DLLM"], out.stderr[-2000:]
 
 
+def test_per_document_stats_go_from_the_model_info_into_the_samples_only():
+    """The model hands its per-document statistics over in get_model_info; the report moves them
+    into the logged samples (two requests of one document: a list) and out of the results' config."""
+    from lm_eval_dllm.report import SAMPLES_KEY, attach_stats
+
+    per_doc = {"t": {0: [{"nfe": 3}], 1: [{"nfe": 1}, {"nfe": 2}]}}
+    res = {"config": {"dllm": {"per_task": {"t": {"mean_nfe": 2.0}}}, SAMPLES_KEY: per_doc},
+           "results": {"t": {}}, "samples": {"t": [{"doc_id": 0}, {"doc_id": 1}, {"doc_id": 2}]}}
+    attach_stats(res)
+    assert list(res["config"]) == ["dllm"]
+    assert [s.get("dllm") for s in res["samples"]["t"]] == [{"nfe": 3}, [{"nfe": 1}, {"nfe": 2}], None]
+    assert res["results"]["t"]["nfe,none"] == 2.0
+
+
 def test_bundled_task_is_found_without_include_path(task_manager):
     assert "modchain" in task_manager.all_tasks
 

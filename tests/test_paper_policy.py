@@ -278,12 +278,12 @@ def test_bernoulli_argmax_forces_the_papers_argmax(paper):
     st = StepState(conf=torch.rand(4, 16), margin=torch.zeros(4, 16), entropy=torch.zeros(4, 16),
                    masked=eligible, eligible=eligible, generators=[torch.Generator().manual_seed(i) for i in range(4)])
     sampler = LearnedSampler(LearnedSampler.Config(mode="bernoulli-argmax", temperature=1.0), policy=FixedPolicy(logits))
-    got = sampler.select(st)
+    got = sampler.select(st).commit
     masked_logits = logits.masked_fill(~eligible, -torch.inf)
     want = torch.zeros_like(eligible).scatter(1, masked_logits.argmax(-1, keepdim=True), True)
     assert torch.equal(got, want)
     plain = LearnedSampler(LearnedSampler.Config(mode="bernoulli", temperature=1.0), policy=FixedPolicy(logits))
-    assert not plain.select(st).any()  # the paper's plain Bernoulli commits nothing
+    assert not plain.select(st).commit.any()  # the paper's plain Bernoulli commits nothing
 
 
 def test_plain_bernoulli_may_pass_and_a_block_gets_block_size_steps(tiny_loaded):

@@ -22,6 +22,7 @@ from lm_eval_dllm.models import NativeDLLM
 from lm_eval_dllm.models.llada import arch_config, official_names
 from lm_eval_dllm.plackett_luce import pl_logprob
 from lm_eval_dllm.policy import PolicyConfig, bernoulli_logprob, build_policy
+from lm_eval_dllm.samplers import Action
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.spec import FamilySpec
 from lm_eval_dllm.models.llada import tiny_config as llada_config
@@ -95,8 +96,7 @@ class Replay(LearnedSampler):
         rows = self.active[k]
         assert state.eligible.shape[0] == len(rows)
         self.seen.append((state, self.logits(state)))
-        self.last_rank = None if self.ranks is None else self.ranks[k][rows]
-        return self.actions[k][rows]
+        return Action(self.actions[k][rows], None if self.ranks is None else self.ranks[k][rows])
 
 
 def to_canvas(t: torch.Tensor, start: int, fill) -> torch.Tensor:

@@ -52,7 +52,7 @@ def test_learned_sampler_contract(mode):
     for _ in range(20):
         masked = torch.rand(3, 48, generator=g) < 0.7
         st = state(torch.rand(3, 48, generator=g), masked, block=(8, 16))
-        a = s.select(st)
+        a = s.select(st).commit
         assert not (a & ~st.eligible).any()
         assert (a.sum(-1)[st.eligible.any(-1)] >= 1).all()
 
@@ -62,9 +62,9 @@ def test_greedy_cutoff_trades_commits_for_caution():
     g = torch.Generator().manual_seed(1)
     masked = torch.rand(4, 48, generator=g) < 0.8
     st = state(torch.rand(4, 48, generator=g), masked, block=(0, 48))
-    acts = [LearnedSampler(LearnedSampler.Config(mode="greedy", cutoff=c), policy=pol).select(st)
+    acts = [LearnedSampler(LearnedSampler.Config(mode="greedy", cutoff=c), policy=pol).select(st).commit
             for c in (0.1, 0.5, 0.9)]
-    assert torch.equal(acts[1], LearnedSampler.from_policy(pol, mode="greedy").select(st))  # default
+    assert torch.equal(acts[1], LearnedSampler.from_policy(pol, mode="greedy").select(st).commit)  # default
     sizes = [int(a.sum()) for a in acts]
     assert sizes[0] > sizes[1] > sizes[2] >= 4  # fewer commits as the cutoff rises, >= 1 per row
     assert not (acts[2] & ~acts[1]).any() and not (acts[1] & ~acts[0]).any()  # nested

@@ -87,8 +87,9 @@ def test_pl_mode_of_the_learned_sampler_commits_by_its_draw():
     for _ in range(10):
         masked = torch.rand(3, 48, generator=g) < 0.7
         st = state(torch.rand(3, 48, generator=g), masked, block=(8, 24))
-        a = s.select(st)
-        assert torch.equal(a, s.last_rank >= 0)
+        act = s.select(st)
+        a = act.commit
+        assert act.rank is not None and torch.equal(a, act.rank >= 0)  # the commits are the ranked positions
         assert not (a & ~st.eligible).any() and (a.sum(-1)[st.eligible.any(-1)] >= 1).all()
     with pytest.raises(DLLMError, match="mode='plx'; valid: sample, greedy, pl"):
         LearnedSampler.Config(mode="plx")

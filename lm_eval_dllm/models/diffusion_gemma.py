@@ -41,7 +41,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from ..decode import StepRecord, _check_action
-from ..samplers.base import Sampler, StepState
+from ..samplers.base import Action, Sampler, StepState
 from ..spec import FamilySpec
 from ..tiny.tokenizer import build_char_tokenizer
 
@@ -113,22 +113,23 @@ class Acceptance(EntropyBoundSampler):
         if self.rule is None:
             return super().accept_canvas(current_canvas, denoiser_canvas, logits, cur_step)
         state = step_state(denoiser_canvas, logits, self.accepted_token_mask, self.generators)
-        action = self.rule.select(state)
-        _check_action(self.rule, action, state.eligible)  # the sampler contract, as in the masked decode loop
+        action = Action.of(self.rule.select(state))
+        _check_action(self.rule, action.commit, state.eligible)  # the sampler contract, as in the masked decode loop
         if self.record:
             self._record(state, action, int(cur_step))
-        self.accepted_token_mask = action
-        return torch.where(action, denoiser_canvas, current_canvas)
+        self.accepted_token_mask = action.commit
+        return torch.where(action.commit, denoiser_canvas, current_canvas)
 
-    def _record(self, state: StepState, action: torch.Tensor, cur_step: int) -> None:
+    def _record(self, state: StepState, action: Action, cur_step: int) -> None:
         rows = self.active.nonzero().squeeze(-1)  # finished rows' steps are discarded by generate
         if rows.numel() == 0:
             return
         pick = lambda t: t[rows].cpu()  # noqa: E731
         self.out.steps.append(StepRecord(
             rows=rows.cpu(), conf=pick(state.conf), margin=pick(state.margin), entropy=pick(state.entropy),
-            masked=pick(state.masked), eligible=pick(state.eligible), action=pick(action),
-            block=self.canvas, num_blocks=self.canvas + 1, step=self.max_steps - cur_step))
+            masked=pick(state.masked), eligible=pick(state.eligible), action=pick(action.commit),
+            block=self.canvas, num_blocks=self.canvas + 1, step=self.max_steps - cur_step,
+            rank=None if action.rank is None else pick(action.rank)))
 
 
 def step_state(denoiser_canvas: torch.Tensor, logits: torch.Tensor, kept: torch.Tensor | None,

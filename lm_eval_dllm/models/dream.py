@@ -10,8 +10,7 @@ the FamilySpec says so and the decode loop reads them accordingly.
 
 from __future__ import annotations
 
-from ..utils import DLLMError
-from .family import Family, TinyFacts
+from .family import Family, TinyFacts, refuse
 from .transformer import ArchConfig
 
 MODEL_TYPE = "dream"
@@ -20,13 +19,10 @@ MODEL_TYPE = "dream"
 def arch_config(cfg: dict) -> ArchConfig:
     """ArchConfig from a Dream config.json (defaults: its DreamConfig's)."""
     if cfg.get("rope_scaling"):
-        raise DLLMError(f"Dream config rope_scaling={cfg['rope_scaling']!r} is not supported by the "
-                        f"native implementation; valid: null (or impl=remote to run the checkpoint's "
-                        f"own code)")
+        raise refuse("Dream", "rope_scaling", cfg["rope_scaling"], "null")
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "gelu", "relu"):
-        raise DLLMError(f"Dream config hidden_act={act!r} is not supported by the native "
-                        f"implementation; valid: silu, gelu, relu (or impl=remote)")
+        raise refuse("Dream", "hidden_act", act, "silu, gelu, relu")
     n_heads = int(cfg.get("num_attention_heads", 32))
     return ArchConfig(
         vocab_size=int(cfg.get("vocab_size", 151936)), d_model=int(cfg.get("hidden_size", 4096)),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..utils import DLLMError
 from .transformer import ArchConfig
 
 Token = tuple[str, int | None]  # (string, id); id None: the next free id of the tiny tokenizer
@@ -61,3 +62,16 @@ class Family:
     def native(self) -> bool:
         """Loaded by lm_eval_dllm.models (no remote code) rather than through AutoModel."""
         return self.arch_config is not None
+
+
+def refuse(family: str, key: str, value, valid: str) -> DLLMError:
+    """The one-line error for a config.json value a native implementation does not run."""
+    return DLLMError(f"{family} config {key}={value!r} is not supported by the native implementation; "
+                     f"valid: {valid} (or impl=remote to run the checkpoint's own code)")
+
+
+def require(family: str, cfg: dict, wanted: tuple[tuple[str, object], ...]) -> None:
+    """Refuse a config whose value of a key in `wanted` differs from the one given (absent: as wanted)."""
+    for key, want in wanted:
+        if cfg.get(key, want) != want:
+            raise refuse(family, key, cfg[key], repr(want))

@@ -12,27 +12,19 @@ from __future__ import annotations
 
 import math
 
-from ..utils import DLLMError
-from .family import Family, TinyFacts
+from .family import Family, TinyFacts, refuse, require
 from .transformer import ArchConfig
 
 MODEL_TYPE = "llada"
 
 
-def _refuse(key: str, value, valid: str) -> DLLMError:
-    return DLLMError(f"LLaDA config {key}={value!r} is not supported by the native implementation; "
-                     f"valid: {valid} (or impl=remote to run the checkpoint's own code)")
-
-
 def arch_config(cfg: dict) -> ArchConfig:
     """ArchConfig from a LLaDA config.json (its defaults are OLMo's ModelConfig's)."""
-    for key, want in (("block_type", "llama"), ("layer_norm_type", "rms"), ("rope", True),
-                      ("alibi", False), ("attention_layer_norm", False), ("block_group_size", 1)):
-        if cfg.get(key, want) != want:
-            raise _refuse(key, cfg[key], repr(want))
+    require("LLaDA", cfg, (("block_type", "llama"), ("layer_norm_type", "rms"), ("rope", True),
+                           ("alibi", False), ("attention_layer_norm", False), ("block_group_size", 1)))
     act = cfg.get("activation_type", "silu")
     if act not in ("silu", "gelu", "relu"):
-        raise _refuse("activation_type", act, "silu, gelu, relu")
+        raise refuse("LLaDA", "activation_type", act, "silu, gelu, relu")
     d, n_heads = int(cfg["d_model"]), int(cfg["n_heads"])
     n_kv = cfg.get("n_kv_heads")
     if cfg.get("multi_query_attention"):

@@ -15,27 +15,19 @@ blocks so. Logits are aligned with positions.
 
 from __future__ import annotations
 
-from ..utils import DLLMError
-from .family import Family, TinyFacts
+from .family import Family, TinyFacts, refuse, require
 from .llada_moe import expert_names
 from .transformer import ArchConfig, MoE
 
 MODEL_TYPE = "llada2_moe"
 
 
-def _refuse(key: str, value, valid: str) -> DLLMError:
-    return DLLMError(f"LLaDA2 config {key}={value!r} is not supported by the native implementation; "
-                     f"valid: {valid} (or impl=remote to run the checkpoint's own code)")
-
-
 def arch_config(cfg: dict) -> ArchConfig:
     """ArchConfig from a LLaDA2 config.json (defaults: its LLaDA2MoeConfig's)."""
-    for key, want in (("rope_scaling", None), ("norm_head", False), ("use_qk_norm", True)):
-        if cfg.get(key, want) != want:
-            raise _refuse(key, cfg[key], repr(want))
+    require("LLaDA2", cfg, (("rope_scaling", None), ("norm_head", False), ("use_qk_norm", True)))
     d, n_heads = int(cfg.get("hidden_size", 1024)), int(cfg.get("num_attention_heads", 16))
     if cfg.get("head_dim") not in (None, d // n_heads):
-        raise _refuse("head_dim", cfg["head_dim"], f"hidden_size // num_attention_heads = {d // n_heads}")
+        raise refuse("LLaDA2", "head_dim", cfg["head_dim"], f"hidden_size // num_attention_heads = {d // n_heads}")
     n_experts = cfg.get("num_experts", 16)
     moe_size = int(cfg.get("moe_intermediate_size") or 0)
     moe = None if n_experts is None else MoE(

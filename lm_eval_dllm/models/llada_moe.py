@@ -13,25 +13,17 @@ aligned with positions, as LLaDA's.
 
 from __future__ import annotations
 
-from ..utils import DLLMError
-from .family import Family, TinyFacts
+from .family import Family, TinyFacts, refuse, require
 from .transformer import ArchConfig, MoE
 
 MODEL_TYPE = "lladamoe"
 
 
-def _refuse(key: str, value, valid: str) -> DLLMError:
-    return DLLMError(f"LLaDA-MoE config {key}={value!r} is not supported by the native "
-                     f"implementation; valid: {valid} (or impl=remote to run the checkpoint's own code)")
-
-
 def arch_config(cfg: dict) -> ArchConfig:
     """ArchConfig from a LLaDA-MoE config.json."""
-    for key, want in (("rope_scaling", None), ("clip_qkv", None), ("attention_bias", False)):
-        if cfg.get(key, want) != want:
-            raise _refuse(key, cfg[key], repr(want))
+    require("LLaDA-MoE", cfg, (("rope_scaling", None), ("clip_qkv", None), ("attention_bias", False)))
     if cfg.get("moe_router_score_function") not in (None, "softmax"):
-        raise _refuse("moe_router_score_function", cfg["moe_router_score_function"], "softmax")
+        raise refuse("LLaDA-MoE", "moe_router_score_function", cfg["moe_router_score_function"], "softmax")
     d, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     n_layers = int(cfg["num_hidden_layers"])
     freq = list(cfg.get("moe_layer_freq") or [1] * n_layers)

@@ -4,6 +4,7 @@ Register your own with `@register_sampler("name")` on a `Sampler` subclass (see 
 """
 
 from .base import (
+    Action,
     Sampler,
     StepState,
     available_samplers,
@@ -16,6 +17,7 @@ from .base import (
 from . import confidence, entropy, eb, factor, learned, margin, random, threshold  # noqa: F401  (registers)
 
 __all__ = [
+    "Action",
     "Sampler",
     "StepState",
     "available_samplers",

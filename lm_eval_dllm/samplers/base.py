@@ -2,7 +2,9 @@
 
 A sampler decides, at each denoising step, which masked positions of the current block to
 commit. It never calls the model and never touches caches: the decode loop hands it a
-`StepState` (per-position statistics of the model's proposal) and gets back a boolean mask.
+`StepState` (per-position statistics of the model's proposal) and gets back its action: an
+`Action` (the commit mask, plus the commit order for a sampler whose commits come in one), or,
+from a sampler with no order to tell, the bare (B, L) bool mask.
 
 Contract (checked by the loop): for every row that still has masked positions in the current
 block, the returned mask commits at least one of them and nothing outside them.
@@ -41,6 +43,21 @@ class StepState:
     block_size: int = 0
 
 
+@dataclass(frozen=True)
+class Action:
+    """What a sampler commits at one step."""
+
+    commit: torch.Tensor  # (B, L) bool, the positions committed
+    # (B, L) long, the order of the commits (-1 = not committed), for a sampler whose commits come
+    # in an order (Plackett-Luce); the decode loop records it for training to replay. None: unordered
+    rank: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, out: Action | torch.Tensor) -> Action:
+        """A sampler's return value as an Action: a bare bool mask is an unordered commit."""
+        return out if isinstance(out, Action) else cls(out)
+
+
 def row_uniforms(generators: list[torch.Generator], shape, device) -> torch.Tensor:
     """(rows, *shape) uniform draws in [0, 1), row i from generators[i] on that generator's own
     device (torch refuses a CUDA generator for a CPU draw), then moved to `device`: a row's draw
@@ -55,14 +72,11 @@ class Sampler:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = None  # type: ignore[assignment]
-    # a sampler whose commits come in an order (Plackett-Luce) leaves the last step's order here,
-    # (b, L) long, -1 = not committed; the decode loop records it for training to replay
-    last_rank: torch.Tensor | None = None
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
 
-    def select(self, state: StepState) -> torch.Tensor:  # (B, L) bool
+    def select(self, state: StepState) -> Action | torch.Tensor:  # an Action, or its (B, L) bool commit mask
         raise NotImplementedError
 
     def wanted_policy(self) -> str | None:

@@ -37,7 +37,7 @@ import torch
 
 from ..utils import DLLMError
 from ..plackett_luce import pl_sample
-from .base import Sampler, StepState, check_range, register_sampler, row_uniforms, top_k
+from .base import Action, Sampler, StepState, check_range, register_sampler, row_uniforms, top_k
 
 log = logging.getLogger(__name__)
 MODES = ("sample", "greedy", "pl", "bernoulli", "bernoulli-argmax", "dpls")
@@ -172,15 +172,15 @@ class LearnedSampler(Sampler):
     def may_commit_nothing(self) -> bool:
         return self.policy is not None and self._in_use()["mode"] == "bernoulli"
 
-    def select(self, state: StepState) -> torch.Tensor:
+    def select(self, state: StepState) -> Action:
+        """The step's commits; in mode pl with their order (Action.rank), which training replays."""
         logits = self.logits(state).float()  # (b, L)
         use = self._in_use()
         mode = SAME_AS.get(use["mode"], use["mode"])
         if mode == "pl":
             u = row_uniforms(state.generators, 2 * logits.shape[1] + 1, logits.device)
-            self.last_rank = pl_sample(logits / use["temperature"], state.eligible,
-                                       self.policy.cfg.stop_logit, u)
-            return self.last_rank >= 0
+            rank = pl_sample(logits / use["temperature"], state.eligible, self.policy.cfg.stop_logit, u)
+            return Action(rank >= 0, rank)
         prob = torch.sigmoid(logits / use["temperature"])
         if mode == "greedy":
             act = prob > use["cutoff"]
@@ -188,8 +188,8 @@ class LearnedSampler(Sampler):
             act = row_uniforms(state.generators, prob.shape[1], prob.device) < prob
         act = act & state.eligible
         if mode == "bernoulli":  # the paper's plain Bernoulli: nothing forced
-            return act
+            return Action(act)
         none = ~act.any(-1)
         if none.any():  # always commit at least the highest-logit eligible position
             act = act | (top_k(logits, state.eligible, 1) & none[:, None])
-        return act
+        return Action(act)
