@@ -1,8 +1,5 @@
 """Loading through transformers: families, specs and one-line errors."""
 
-import json
-import shutil
-
 import pytest
 import torch
 

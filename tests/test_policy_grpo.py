@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm_eval_dllm.policy import (ARCHS, PolicyConfig, UnmaskPolicy, bernoulli_logprob, build_features,
-                                 build_policy)
+from lm_eval_dllm.policy import ARCHS, PolicyConfig, UnmaskPolicy, build_policy
+from lm_eval_dllm.policy_dit import tiny_arch
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
 from train import crash
-from train.grpo import GRPOConfig, check_config, init_source, network_config, skip_gain, start_from, update
+from train.grpo import GRPOConfig, check_config, init_source, network_config, start_from, update
 from train.grpo_loss import clipped_pg_loss, group_advantages
 
 from .background import finish, start
@@ -351,12 +351,15 @@ OTHER = {"init": "threshold", "sampling": "pl", "features": ("mask", "conf")}
 def test_every_setting_that_shapes_the_weights_is_checked(tmp_path, arch):
     """A policy whose weights have other names or shapes than the run's cannot be loaded into it:
     init_source (the one --init-from check) refuses it in one line, whichever setting made them differ."""
-    base = PolicyConfig(arch=arch)
+    # dit_hidden's width, heads and feed-forward are the dLLM's (dllm_arch), not hidden/ff/heads
+    base = PolicyConfig(arch=arch, dllm_arch=tiny_arch({}) if arch == "dit_hidden" else {})
     shapes = {k: v.shape for k, v in build_policy(base).state_dict().items()}
     differ = []
     for f in fields(PolicyConfig):
         v = getattr(base, f.name)
-        if f.name in OTHER:
+        if f.name == "dllm_arch" and v:
+            other = tiny_arch({"d_model": 2 * v["d_model"]})
+        elif f.name in OTHER:
             other = OTHER[f.name]
         elif isinstance(v, bool):
             other = not v
@@ -373,7 +376,9 @@ def test_every_setting_that_shapes_the_weights_is_checked(tmp_path, arch):
             variant.save(tmp_path / f.name)
             with pytest.raises(DLLMError, match=f"has {f.name}=.*; valid: a policy with this run's {f.name}="):
                 init_source(str(tmp_path / f.name), base)
-    assert {"hidden", "ff", "layers"} <= set(differ)  # the check above ran for the network's sizes
+    sizes = {"dllm_arch", "layers"} if arch == "dit_hidden" else {"hidden", "ff", "layers"}
+    assert sizes <= set(differ)  # the check above ran for the network's sizes
+
 
 def test_grpo_flags_show_defaults_and_reject_bad_counts(capsys):
     from train.grpo import main, parse_args

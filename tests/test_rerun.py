@@ -5,8 +5,8 @@ run file under results/runs/ exactly (every metric but wall time).
 
 The committed files came from one long process that ran the whole grid; a setting's result must not
 depend on what ran before it. Cheap settings (a few seconds each on a quiet CPU): bf16 threshold and
-a shipped learned policy at full diffusion. The grid keeps no cached runs in the default grid's files,
-so no cache setting is among them.
+a shipped learned policy at full diffusion, and threshold with the prefix cache at block 8 (from the
+testbed grid run with --cache prefix).
 """
 
 import json
@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RERUN = [("threshold", {"tau": 0.5}, 48),
-         ("learned", {"cutoff": 0.05, "mode": "greedy", "policy": "modchain-B48-alpha32-p16"}, 48)]
+RERUN = [("threshold", {"tau": 0.5}, 48, "none"),
+         ("learned", {"cutoff": 0.05, "mode": "greedy", "policy": "modchain-B48-alpha32-p16"}, 48, "none"),
+         ("threshold", {"tau": 0.9}, 8, "prefix")]  # of `python -m results --preset testbed --cache prefix`
 ONE_SETTING = """
 import json, sys
 from pathlib import Path
 from results.grid import Grid, run_grid
-sampler, params, block, out = json.loads(sys.argv[1])
+sampler, params, block, cache, out = json.loads(sys.argv[1])
 grid = Grid(tasks=["modchain"], blocks=[block], samplers=[sampler], only=[(sampler, params)],
-            batch_size=64, out=Path(out))
+            batch_size=64, out=Path(out), cache=cache)
 print(run_grid(grid)[0])
 """
 
@@ -36,13 +37,10 @@ def _numbers(path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the committed run files were written by git 2635f95, 76 commits before "
-                   "this test (they lack positions_per_forward, added since); until they are regenerated a "
-                   "rerun differs by a few forwards in 1,000 (threshold tau=0.5: NFE 2.726 vs 2.721; learned: "
-                   "59.0 vs 59.1 %); strict: once they are, this fails until the marker goes")
-@pytest.mark.parametrize("sampler,params,block", RERUN, ids=lambda x: str(x))
-def test_a_committed_setting_rerun_alone_equals_its_run_file(sampler, params, block, tmp_path):
-    r = subprocess.run([sys.executable, "-c", ONE_SETTING, json.dumps([sampler, params, block, str(tmp_path)])],
+@pytest.mark.parametrize("sampler,params,block,cache", RERUN, ids=lambda x: str(x))
+def test_a_committed_setting_rerun_alone_equals_its_run_file(sampler, params, block, cache, tmp_path):
+    r = subprocess.run([sys.executable, "-c", ONE_SETTING,
+                        json.dumps([sampler, params, block, cache, str(tmp_path)])],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     new = Path(r.stdout.strip().splitlines()[-1])
