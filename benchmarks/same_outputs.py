@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             f"{'Every text and every NFE is identical.' if same_all else 'Outputs DIFFER (see the rows).'}\n")
     print(text)
     if not a.no_write:
-        atomic_write(OUT, text)
+        atomic_write(OUT, lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":
