@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from lm_eval_dllm.utils import DLLMError, atomic_write
+from lm_eval_dllm.utils import DLLMError
 
-from . import parser
+from . import finish, parser
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "bundled" / "same_outputs.md"
@@ -85,9 +85,7 @@ def main(argv=None) -> None:
             f"{' plus uncommitted changes' if dirty else ''}; modchain test problems, bfloat16, batch {a.batch_size}, "
             f"through the lm_eval CLI.\n\n{table}\n\n"
             f"{'Every text and every NFE is identical.' if same_all else 'Outputs DIFFER (see the rows).'}\n")
-    print(text)
-    if not a.no_write:
-        atomic_write(OUT, lambda tmp: Path(tmp).write_text(text))
+    finish(text, OUT, a)  # the file holds all 1,000 problems: --limit only prints
 
 
 if __name__ == "__main__":
