@@ -1,8 +1,8 @@
 """Side by side with Fast-dLLM: our decode loop and its `generate`, `generate_with_prefix_cache` and
 `generate_with_dual_cache`, on the same model and prompts, measured in one run.
 
-    python -m benchmarks.peers                          # writes results/peers.md (estimated ~15 min on 2 quiet cores)
-    python -m benchmarks.peers --prompts 1 --batch 2    # the committed run: 39 min at load average 14-17 on 2 cores
+    python -m benchmarks.peers                          # writes results/peers.md (24 min on 2 quiet cores)
+    python -m benchmarks.peers --prompts 1 --batch 2    # shorter
     python -m benchmarks.peers --prompts 1 --batch 2 --no-write
     python -m benchmarks.peers --tiny --no-write        # a tiny model, every row, seconds (tests/test_peers.py)
 
