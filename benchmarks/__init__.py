@@ -60,14 +60,16 @@ def finish(text: str, out: Path, args: argparse.Namespace) -> None:
         atomic_write(out, lambda tmp: Path(tmp).write_text(text))
 
 
-def run_lm_eval(prog: str, task: str, model_args: str, limit: int | None, out_dir: str, env: dict) -> dict:
-    """One offline `python -m lm_eval` run on CPU (os.environ updated by `env`); its results JSON."""
+def run_lm_eval(prog: str, task: str, model_args: str, limit: int | None, out_dir: str, env: dict,
+                cwd: str | None = None, log_samples: bool = False) -> dict:
+    """One offline `python -m lm_eval` run on CPU (os.environ updated by `env`, in `cwd`); its results
+    JSON (with log_samples, the samples file lies beside it)."""
     cmd = [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args", model_args, "--tasks", task,
-           "--device", "cpu", "--output_path", out_dir]
+           "--device", "cpu", "--output_path", out_dir] + (["--log_samples"] if log_samples else [])
     if limit is not None:
         cmd += ["--limit", str(limit)]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} | env
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if r.returncode != 0:
         raise SystemExit(f"{prog}: error: lm_eval failed ({model_args}):\n{r.stderr[-2000:]}")
     (path,) = glob.glob(os.path.join(out_dir, "*", "results_*.json"))

@@ -5,16 +5,15 @@ snapshot of an earlier commit and in this tree, and compares every sample's text
     python -m benchmarks.same_outputs --base HEAD~3 --limit 100 --no-write
 
 Settings: threshold(tau=0.9) and the shipped learned policy, at block 8 and full diffusion (48), in
-the grid's dtype (bfloat16), batch 64 (--batch-size), through the stock `lm_eval` CLI with --log_samples. The snapshot
-is `git archive BASE` in a temporary folder, imported first on PYTHONPATH so its code is what runs.
+the grid's dtype (bfloat16) on CPU, batch 64 (--batch-size), through the stock `lm_eval` CLI with
+--log_samples (benchmarks.run_lm_eval). The snapshot is `git archive BASE` in a temporary folder,
+imported first on PYTHONPATH so its code is what runs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tabulate import tabulate
 
 from lm_eval_dllm.utils import DLLMError
 
-from . import finish, parser
+from . import finish, parser, run_lm_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "bundled" / "same_outputs.md"
@@ -34,12 +33,8 @@ def run(tree: Path, sampler: str, params: str, block: int, limit: int | None, ba
     """doc_id -> (text, nfe) for one setting run by the lm_eval CLI with `tree`'s code."""
     args = ",".join(x for x in (f"sampler={sampler}", params, f"block={block}", "dtype=bfloat16",
                                 f"batch_size={batch}") if x)
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args", args, "--tasks", "modchain",
-           "--log_samples", "--output_path", str(out), *(["--limit", str(limit)] if limit else [])]
-    env = os.environ | {"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    if r.returncode:
-        raise DLLMError(f"{' '.join(cmd)} failed in {tree}: {r.stderr.strip().splitlines()[-1:]}")
+    run_lm_eval("benchmarks.same_outputs", "modchain", args, limit, str(out), {"PYTHONPATH": str(tree)},
+                cwd=str(tree), log_samples=True)
     [samples] = out.rglob("samples_modchain_*.jsonl")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     return {d["doc_id"]: (d["resps"][0][0], d["dllm"]["nfe"]) for d in rows}
