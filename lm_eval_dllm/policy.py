@@ -114,6 +114,9 @@ class PolicyConfig:
         if self.top_p < 1 or self.time_embed_dim < 1:
             raise DLLMError(f"policy top_p={self.top_p}, time_embed_dim={self.time_embed_dim}; "
                             f"valid: whole numbers >= 1")
+        if self.init == "threshold" and self.arch in DIT_ARCHS:
+            raise DLLMError(f"policy init 'threshold' with arch {self.arch!r}; valid: init slow (the paper's "
+                            f"networks start from smart_init) or arch features")
         if self.init == "threshold" and "conf" not in self.features:
             raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
 

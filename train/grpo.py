@@ -372,6 +372,8 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
             raise bad(k, "a positive whole number (or leave it unset)")
     if not 0 < cfg.init_tau <= 1:
         raise bad("init_tau", "a number in (0, 1]")
+    if cfg.init == "threshold" and cfg.arch != "features":
+        raise bad("init", f"slow with --arch {cfg.arch} (the paper's networks start from smart_init), or --arch features")
     try:
         taus = expert_taus(cfg)
     except ValueError:
@@ -610,7 +612,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         return {"command": command_line(cfg),
                 "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
-                "alpha": cfg.alpha, "features": [f for f in cfg.features.split(",") if f], "steps": self.step,
+                "alpha": cfg.alpha, "steps": self.step, "arch": cfg.arch,
+                **({"features": [f for f in cfg.features.split(",") if f]} if cfg.arch == "features" else {}),
                 "seed": cfg.seed, "processes": self.acc.num_processes, "metrics": metrics,
                 "train_minutes": round(self.elapsed() / 60, 2)}  # since the loop started, resumes included
 
