@@ -5,10 +5,11 @@ policies and to choose settings without looking at the test split.
     python -m benchmarks.validation --block 16 --cutoffs 0.1,0.5,0.9 --taus 0.9
     python -m benchmarks.validation --split fresh --fresh-seed 4 --write results/bundled/fresh.md
 
-Accuracy is the final answer (`#### N`, what lm-eval's strict-match reads) on the 500 validation
-problems of the bundled task, which `train.grpo` validates on and the results grid never runs
-(`--split fresh`: problems from the same generator that no split holds, `modchain.fresh`). It
-prints the table, and writes it only to `--write`.
+Each policy runs at the setting its card recommends (`learned(policy=X)`, what `policy=X` alone
+runs) and at each greedy cutoff. Accuracy is the final answer (`#### N`, what lm-eval's
+strict-match reads) on the 500 validation problems of the bundled task, which `train.grpo`
+validates on and the results grid never runs (`--split fresh`: problems from the same generator
+that no split holds, `modchain.fresh`). It prints the table, and writes it only to `--write`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main(argv=None) -> None:
     
         pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
         settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
-            ("learned", {"mode": "greedy", "cutoff": c, "policy": q}) for q in pols for c in _floats(a.cutoffs)]
+            s for q in pols for s in [("learned", {"policy": q})] + [
+                ("learned", {"mode": "greedy", "cutoff": c, "policy": q}) for c in _floats(a.cutoffs)]]
         model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
         rows = []
         for name, params in settings:
@@ -73,7 +75,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"benchmarks.validation: error: {e}") from None
     what = "validation problems" if a.split == "validation" else f"fresh problems (seed {a.fresh_seed}, in no split)"
     text = (f"`python -m benchmarks.validation {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}):\n\n"
+            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}); `learned(policy=X)` alone is the "
+            f"setting X's card recommends:\n\n"
             + tabulate(rows, ["setting", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True) + "\n")
     print(text)
     if a.write:

@@ -175,16 +175,19 @@ def test_cli_default_is_generate_for_10_prompts(dg_ckpt, official, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_trains_a_policy_that_runs_through_the_cli(tmp_path):
-    """20 GRPO steps on the tiny DiffusionGemma, then `lm_eval --model dllm` with that policy."""
+    """GRPO steps on the tiny DiffusionGemma (its command line, in this process), then `lm_eval --model
+    dllm` with that policy."""
+    from train.grpo import main as grpo_main
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     dg_ckpt = build_tiny_checkpoint(tmp_path / "dg", max_denoising_steps=4)  # a short run
     out = tmp_path / "grpo"
-    subprocess.run([sys.executable, "-m", "train.grpo", "--pretrained", str(dg_ckpt), "--steps", "20",
-                    "--group", "2", "--prompts-per-step", "1", "--inner-steps", "1", "--val-size", "1",
-                    "--val-every", "20", "--gen-length", "16", "--batch-size", "2", "--device", "cpu",
-                    "--dtype", "float32", "--out", str(out)], check=True, env=env, cwd=ROOT, capture_output=True)
+    grpo_main(["--pretrained", str(dg_ckpt), "--steps", "6", "--group", "2", "--prompts-per-step", "1",
+               "--inner-steps", "1", "--val-size", "1", "--val-every", "3", "--gen-length", "16", "--batch-size", "2",
+               "--device", "cpu", "--dtype", "float32", "--out", str(out)])
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 21)) and (out / "best").is_dir()
+    assert [r["step"] for r in log] == list(range(1, 7)) and (out / "best").is_dir()
+    assert [r["step"] for r in log if "val_reward" in r] == [3, 6]
     res = subprocess.run(["lm_eval", "--model", "dllm", "--model_args",
                           f"pretrained={dg_ckpt},sampler=learned,policy={out / 'best'},gen_length=16,dtype=float32",
                           "--tasks", "modchain", "--limit", "2", "--device", "cpu",

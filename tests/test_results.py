@@ -197,7 +197,8 @@ def test_the_validation_benchmark_reads_the_validation_split(capsys):
     main(["--limit", "4", "--block", "48", "--cutoffs", "0.1,0.9", "--taus", "0.9"])
     out = capsys.readouterr().out
     assert "on 4 modchain validation problems" in out
-    assert out.count("\n| learned(") == 2 * len(variants_for(BUNDLED_ID, 48)) and "| threshold(tau=0.9)" in out
+    assert out.count("\n| learned(") == 3 * len(variants_for(BUNDLED_ID, 48)) and "| threshold(tau=0.9)" in out
+    assert out.count("\n| learned(policy=") == len(variants_for(BUNDLED_ID, 48))  # each card's own setting
     with pytest.raises(SystemExit, match="--limit 0; valid: a positive number of validation problems"):
         main(["--limit", "0"])
 
