@@ -63,8 +63,8 @@ def main(argv=None) -> None:
     
         pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
         settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
-            s for q in pols for s in [("learned", {"policy": q})] + [
-                ("learned", {"mode": "greedy", "cutoff": c, "policy": q}) for c in _floats(a.cutoffs)]]
+            ("learned", {**p, "policy": q}) for q in pols  # the card's own setting first, then each cutoff
+            for p in [{}] + [{"mode": "greedy", "cutoff": c} for c in _floats(a.cutoffs)]]
         model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
         rows = []
         for name, params in settings:

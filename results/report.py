@@ -130,6 +130,9 @@ def block_name(block: int, gl: int) -> str:
 
 
 def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> str:
+    # one order whatever order the runs were read in (the grid's, or the files'): every sort below
+    # is stable, so exact ties keep this order, and sums add up in it
+    rows = sorted(rows, key=lambda r: (r.task, r.block, r.sampler, r.label))
     parts = []
     for task in sorted({r.task for r in rows}):
         tr = [r for r in rows if r.task == task]
@@ -169,7 +172,7 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
         parts.append("Pareto-optimal settings (no other setting is both more accurate and cheaper):\n")
         parts.append(_fmt([r for b in sorted(by_block) for r in pareto(by_block[b])], with_block=True) + "\n")
         parts.append("<details><summary>All settings</summary>\n\n"
-                     + _fmt(sorted(tr, key=lambda r: (r.block, r.sampler, r.nfe, -r.acc, r.label)), with_block=True)
+                     + _fmt(sorted(tr, key=lambda r: (r.block, r.sampler, r.nfe, -r.acc)), with_block=True)
                      + "\n\n</details>\n")
     return "\n".join(parts)
 
@@ -211,7 +214,7 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = REF) -> str:
             continue
         heur = [r for r in br if r.sampler != "learned"]
         matched = close = 0
-        for h in sorted(heur, key=lambda r: (r.sampler, r.nfe, r.label)):
+        for h in sorted(heur, key=lambda r: (r.sampler, r.nfe)):
             top = best_within(learned, h.nfe)  # the most accurate learned setting at no more NFE
             w = top if top is not None and top.acc >= h.acc else None
             near = top is not None and 100 * (h.acc - top.acc) <= 1 + 1e-9  # float-safe "at most 1 point"
