@@ -4,12 +4,18 @@ policies and to choose settings without looking at the test split.
     python -m benchmarks.validation --block 48 --policies modchain-B48-alpha3,runs/grpo/best
     python -m benchmarks.validation --block 16 --cutoffs 0.1,0.5,0.9 --taus 0.9
     python -m benchmarks.validation --split fresh --fresh-seed 4 --write results/bundled/fresh.md
+    python -m benchmarks.validation --split fresh --block 8 --alpha-map modchain-B8 --write results/bundled/fresh_alpha_map_B8.md
 
 Each policy runs at the setting its card recommends (`learned(policy=X)`, what `policy=X` alone
 runs) and at each greedy cutoff. Accuracy is the final answer (`#### N`, what lm-eval's
 strict-match reads) on the 500 validation problems of the bundled task, which `train.grpo`
 validates on and the results grid never runs (`--split fresh`: problems from the same generator
 that no split holds, `modchain.fresh`). It prints the table, and writes it only to `--write`.
+
+`--alpha-map P` checks an alpha-conditioned policy's map (its card's `alpha_map`, chosen on the
+validation split by `python -m results alpha-map`) instead: every heuristic setting the results
+grid runs at the block, and P at each alpha the map names; a heuristic setting is matched when P at
+its mapped alpha is at least as accurate with no more mean NFE.
 """
 
 from __future__ import annotations
@@ -47,10 +53,13 @@ def main(argv=None) -> None:
                    f"grid's, {grid_cutoffs})")
     p.add_argument("--taus", default="0.7,0.9,0.95,0.99", help="threshold taus")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (default bfloat16, as the results grid)")
-    p.add_argument("--split", default="validation", choices=("validation", "fresh"))
+    p.add_argument("--split", default="validation", choices=("validation", "fresh", "test"),
+                   help="test: the results grid's problems, for policies the grid no longer runs (retired ones)")
     p.add_argument("--fresh-seed", type=int, default=4, help="--split fresh: the generator's seed")
     p.add_argument("--fresh-n", type=int, default=1000, help="--split fresh: how many problems")
     p.add_argument("--write", default="", help="also write the table (Markdown) to this file")
+    p.add_argument("--alpha-map", default="", help="an alpha-conditioned policy (folder or shipped name): "
+                   "check its card's alpha map on these problems instead")
     a = p.parse_args(argv)
     if a.split == "fresh":
         try:
@@ -58,9 +67,14 @@ def main(argv=None) -> None:
         except ValueError as e:
             raise SystemExit(f"benchmarks.validation: error: --fresh-seed: {e}") from None
     else:
-        docs = load_docs("benchmarks.validation", a.limit, split="validation")
+        docs = load_docs("benchmarks.validation", a.limit, split=a.split)
     try:
-    
+        if a.alpha_map:
+            text = check_map(a, docs, argv)
+            print(text)
+            if a.write:
+                atomic_write(Path(a.write), lambda tmp: Path(tmp).write_text(text))
+            return
         pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
         settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
             ("learned", {**p, "policy": q}) for q in pols  # the card's own setting first, then each cutoff
@@ -73,7 +87,7 @@ def main(argv=None) -> None:
             rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
     except DLLMError as e:
         raise SystemExit(f"benchmarks.validation: error: {e}") from None
-    what = "validation problems" if a.split == "validation" else f"fresh problems (seed {a.fresh_seed}, in no split)"
+    what = f"{a.split} problems" if a.split != "fresh" else f"fresh problems (seed {a.fresh_seed}, in no split)"
     text = (f"`python -m benchmarks.validation {' '.join(argv if argv is not None else sys.argv[1:])}` on "
             f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}); `learned(policy=X)` alone is the "
             f"setting X's card recommends:\n\n"
@@ -81,6 +95,47 @@ def main(argv=None) -> None:
     print(text)
     if a.write:
         atomic_write(Path(a.write), lambda tmp: Path(tmp).write_text(text))
+
+
+def check_map(a, docs: list[dict], argv) -> str:
+    """The alpha map of policy `a.alpha_map` on `docs`: per heuristic setting, its numbers, the mapped
+    alpha's, and whether they match; then the count and the misses."""
+    from lm_eval_dllm.policy import UnmaskPolicy, find_policy
+    from results.alpha_map import heuristic_settings
+
+    folder = find_policy(a.alpha_map, model_id=BUNDLED_ID, block=a.block, gen_length=modchain.GEN_LENGTH)
+    amap = (UnmaskPolicy.load(folder).card or {}).get("alpha_map")
+    if not amap:
+        raise DLLMError(f"policy {a.alpha_map!r} has no alpha map on its card; valid: an alpha-conditioned policy "
+                        f"after `python -m results alpha-map --policy {a.alpha_map}`")
+    model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
+
+    def run(name: str, params: dict) -> tuple[float, float]:
+        texts, nfe = decode_setting(model, tok, spec, docs, name, params, a.block, a.batch_size)
+        return 100 * modchain.final_answers_right(texts, docs) / len(docs), nfe / len(docs)
+
+    at = {al: run("learned", {"policy": str(folder), "alpha": str(al)})
+          for al in sorted({m["alpha"] for m in amap.values()})}
+    rows, missed = [], []
+    for s in heuristic_settings(a.block):
+        if s.label not in amap:
+            continue
+        acc, nfe = run(s.sampler, dict(s.params))
+        al = amap[s.label]["alpha"]
+        ok = at[al][0] >= acc and at[al][1] <= nfe
+        rows.append([s.label, f"{acc:.1f}", f"{nfe:.2f}", f"{al:g}", f"{at[al][0]:.1f}", f"{at[al][1]:.2f}",
+                     "yes" if ok else "no"])
+        if not ok:
+            missed.append(f"{s.label} {acc:.1f} % @ {nfe:.2f} (alpha {al:g}: {at[al][0]:.1f} % @ {at[al][1]:.2f})")
+    what = f"{a.split} problems" if a.split != "fresh" else f"fresh problems (seed {a.fresh_seed}, in no split)"
+    return (f"`python -m benchmarks.validation {' '.join(argv if argv is not None else sys.argv[1:])}` on "
+            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}): the alpha map of `{folder.name}` "
+            f"(on its card, chosen on the validation split):\n\n"
+            + tabulate(rows, ["heuristic", "accuracy %", "mean NFE", "mapped alpha", "learned accuracy %",
+                              "learned mean NFE", "matched"], tablefmt="github", disable_numparse=True)
+            + f"\n\n{len(rows) - len(missed)} of {len(rows)} heuristic settings matched ("
+            f"{100 * (len(rows) - len(missed)) / len(rows):.0f} %)" + (f"; missed: {'; '.join(missed)}" if missed else "")
+            + ".\n")
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ class _Run:
                           masked=masked[rows], eligible=eligible[rows], generators=row_gens,
                           top=self.top_all[rows] if self.k_top else None, steps=self.nfe[rows] - 1,
                           hidden=None if self.tap is None else self.hidden_all[rows],
-                          block_start=lo, block_size=hi - lo)
+                          block_start=lo, block_size=hi - lo, rows=rows)
         return self.x0_all[rows], state
 
     def _keep_hidden(self, rows, end: int) -> None:

@@ -15,6 +15,9 @@ That is `arch=features`, the default. `arch=dit_confidence` is the paper's own n
 current block (the whole generated region with `full_context`), time = decode steps taken / L.
 `arch=dit_hidden` is the paper's other network: the same, but it reads the dLLM's last hidden states
 (StepState.hidden) through one extra LLaDA block shaped like the dLLM (`dllm_arch`).
+With `alpha_range` (train.grpo --alpha-range) any arch also takes the reward's NFE-discount exponent
+alpha as an input, embedded into the same adaLN conditioning as the time (`AlphaEmbed`): one policy
+for the whole accuracy-speed curve, the point on it chosen at evaluation (`sampler=learned,alpha=A`).
 Every arch answers `inputs(step)` (a StepState, or a stack of StepRecords: the tensors its forward
 takes) and `forward(*inputs) -> (b, L)` logits over the generated region.
 """
@@ -85,6 +88,12 @@ class PolicyConfig:
     smart_init: float | None = -2.0
     dropout: float = 0.0
     dllm_arch: dict = field(default_factory=dict)
+    # alpha-conditioned (train.grpo --alpha-range): [lo, hi], the NFE-discount exponents it was trained
+    # over; the policy then takes alpha as an input (`alpha_code`, embedded into the adaLN conditioning
+    # as the time is, and for arch features also scaling a second linear path from the features, whose
+    # bias starts at alpha_shift: a larger alpha starts as a lower threshold). None: one alpha, no input
+    alpha_range: list | None = None
+    alpha_shift: float = 0.15
     # what it was trained for; used to pick a policy and to warn on mismatched use
     base_model: str = ""
     task: str = ""
@@ -117,6 +126,13 @@ class PolicyConfig:
         if self.init == "threshold" and self.arch in DIT_ARCHS:
             raise DLLMError(f"policy init 'threshold' with arch {self.arch!r}; valid: init slow (the paper's "
                             f"networks start from smart_init) or arch features")
+        if self.alpha_range is not None:
+            r = self.alpha_range
+            ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r)
+            if not ok or not 0 < r[0] < r[1]:
+                raise DLLMError(f"policy alpha_range={r!r}; valid: [lo, hi] with 0 < lo < hi, or null")
+            self.alpha_range = [float(r[0]), float(r[1])]
         if self.init == "threshold" and "conf" not in self.features:
             raise DLLMError("policy init 'threshold' needs the 'conf' feature; valid: add conf to features")
 
@@ -130,7 +146,8 @@ class PolicyConfig:
         if self.hidden % self.heads:
             raise DLLMError(f"policy heads={self.heads} does not divide hidden={self.hidden}; valid: a "
                             f"divisor of {self.hidden}")
-        for name in ("init_bias", "init_tau", "init_sharpness", "skip_gain", "stop_logit", "time_period", "dropout"):
+        for name in ("init_bias", "init_tau", "init_sharpness", "skip_gain", "stop_logit", "time_period", "dropout",
+                     "alpha_shift"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise DLLMError(f"policy {name}={v!r}; valid: a finite number")
@@ -163,6 +180,32 @@ def _sinusoid(L: int, dim: int, device) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq)
     return pe  # (L, dim)
+
+
+def alpha_code(alpha: torch.Tensor) -> torch.Tensor:
+    """(b,) the policy's alpha input: log2(alpha) / 4, so alpha = 1 is 0 (a policy trained at one alpha,
+    warm-started from, is unchanged there) and the usual range 1/4 .. 64 is -0.5 .. 1.5."""
+    return torch.log2(alpha.float().clamp_min(1e-6)) / 4
+
+
+def _fourier(x: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """(b,) -> (b, 2n): sin and cos of x * 2^k * pi / 2, k < n (the time and alpha embeddings' input)."""
+    f = x.float()[:, None] * (2.0 ** torch.arange(n, device=x.device, dtype=torch.float32))[None, :] * (math.pi / 2)
+    return torch.cat([f.sin(), f.cos()], dim=-1)
+
+
+class AlphaEmbed(nn.Module):
+    """alpha -> (b, h), added to the adaLN conditioning vector; its last layer starts at zero, so a fresh
+    alpha input changes nothing until training finds a use for it."""
+
+    def __init__(self, h: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, h), nn.SiLU(), nn.Linear(h, h))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, alpha: torch.Tensor) -> torch.Tensor:
+        return self.net(_fourier(alpha_code(alpha)))
 
 
 class AdaLNBlock(nn.Module):
@@ -200,12 +243,33 @@ class Policy(nn.Module):
     def inputs(self, s) -> tuple:
         raise NotImplementedError
 
-    def step_logits(self, s) -> torch.Tensor:
-        """(b, L) logits for one step or a stack of steps `s`, computed on the policy's device and in its
-        dtype (a step's statistics may be float64: compat=fast-dllm)."""
+    @property
+    def alpha_conditioned(self) -> bool:
+        return self.cfg.alpha_range is not None
+
+    def full_inputs(self, s, alpha=None) -> tuple:
+        """`inputs(s)`, plus the alpha column (b,) for an alpha-conditioned policy: `alpha` a number or
+        one per row of `s`. A policy of one alpha takes none."""
+        inp = self.inputs(s)
+        if not self.alpha_conditioned:
+            if alpha is not None:
+                raise DLLMError(f"alpha={alpha!r} for a policy trained at one alpha; valid: an alpha-conditioned "
+                                f"policy (train.grpo --alpha-range), or no alpha")
+            return inp
+        if alpha is None:
+            raise DLLMError(f"this policy is alpha-conditioned (trained over alpha {self.cfg.alpha_range}); "
+                            f"valid: an alpha in that range")
+        b = s.masked.shape[0]
+        a = torch.as_tensor(alpha, dtype=torch.float32, device=s.masked.device).reshape(-1)
+        return (*inp, a.expand(b) if a.numel() == 1 else a)
+
+    def step_logits(self, s, alpha=None) -> torch.Tensor:
+        """(b, L) logits for one step or a stack of steps `s` (at `alpha`, for an alpha-conditioned
+        policy), computed on the policy's device and in its dtype (a step's statistics may be float64:
+        compat=fast-dllm)."""
         p = next(self.parameters())
         cast = lambda a: a.to(p.device, p.dtype) if a.is_floating_point() else a.to(p.device)  # noqa: E731
-        return self(*(cast(a) if isinstance(a, torch.Tensor) else a for a in self.inputs(s)))
+        return self(*(cast(a) if isinstance(a, torch.Tensor) else a for a in self.full_inputs(s, alpha)))
 
     def save(self, directory: str | Path, card: dict | None = None) -> None:
         d = Path(directory)
@@ -261,26 +325,36 @@ class UnmaskPolicy(Policy):
             with torch.no_grad():
                 self.skip.weight[0, cfg.features.index("conf")] = cfg.init_sharpness / cfg.skip_gain
                 self.skip.bias.fill_((-cfg.init_sharpness * cfg.init_tau - cfg.init_bias) / cfg.skip_gain)
+        if cfg.alpha_range is not None:
+            self.alpha_embed = AlphaEmbed(h)
+            # gain * alpha_code * (w . f + b): starts as a threshold lowered by alpha_shift * alpha_code / sharpness
+            self.alpha_skip = nn.Linear(len(cfg.features), 1)
+            nn.init.zeros_(self.alpha_skip.weight)
+            nn.init.constant_(self.alpha_skip.bias, cfg.alpha_shift)
 
-    def forward(self, feats: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """feats (b, L, F), t (b,) in [0, 1] -> logits (b, L)."""
+    def forward(self, feats: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """feats (b, L, F), t (b,) in [0, 1], alpha (b,) for an alpha-conditioned policy -> logits (b, L)."""
         b, L, _ = feats.shape
         x = self.inp(feats) + _sinusoid(L, self.cfg.hidden, feats.device)[None]  # (b, L, h)
         freqs = torch.arange(8, device=t.device, dtype=torch.float32)
         tt = t.float()[:, None] * (2.0 ** freqs)[None, :] * math.pi  # (b, 8)
         c = self.time(torch.cat([tt.sin(), tt.cos()], dim=-1))  # (b, h)
+        skip = self.skip(feats)
+        if self.cfg.alpha_range is not None:
+            c = c + self.alpha_embed(alpha).to(c.dtype)
+            skip = skip + alpha_code(alpha).to(skip.dtype)[:, None, None] * self.alpha_skip(feats)
         for blk in self.blocks:
             x = blk(x, c)
-        return (self.out(self.out_ln(x)) + self.cfg.skip_gain * self.skip(feats)).squeeze(-1)  # (b, L)
+        return (self.out(self.out_ln(x)) + self.cfg.skip_gain * skip).squeeze(-1)  # (b, L)
 
     def inputs(self, s) -> tuple:
         """(features (b, L, F), t (b,)): t is the fraction of the canvas still masked."""
         feats = build_features(self.cfg.features, s.conf, s.margin, s.entropy, s.masked, s.eligible)
         return feats, s.masked.float().mean(-1)
 
-    def logits_for(self, conf, margin, entropy, masked, eligible) -> torch.Tensor:
-        return self(*self.inputs(SimpleNamespace(conf=conf, margin=margin, entropy=entropy, masked=masked,
-                                                 eligible=eligible)))
+    def logits_for(self, conf, margin, entropy, masked, eligible, alpha=None) -> torch.Tensor:
+        return self(*self.full_inputs(SimpleNamespace(conf=conf, margin=margin, entropy=entropy, masked=masked,
+                                                      eligible=eligible), alpha))
 
 
 class DiTPolicy(Policy):
@@ -303,6 +377,8 @@ class DiTPolicy(Policy):
             self.top_probs = cfg.top_p
             self.base_policy = DiTConfidenceNet(cfg.hidden, cfg.ff, cfg.heads, cfg.layers, cfg.top_p,
                                                 cfg.time_embed_dim, cfg.time_period, cfg.smart_init, cfg.dropout)
+        if cfg.alpha_range is not None:  # through the paper's conditioning seam (Conditioned.condition's extra)
+            self.alpha_embed = AlphaEmbed(self.base_policy.hidden)
 
     def inputs(self, s) -> tuple:
         """(m, x, timestep, eligible, start): the mask bit (b, n) and what each position brings (b, n, p):
@@ -330,15 +406,16 @@ class DiTPolicy(Policy):
         return (s.masked.gather(1, idx), x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])),
                 timestep, s.eligible, start)
 
-    def forward(self, m, x, timestep, eligible, start) -> torch.Tensor:
-        logits = self.base_policy(m, x, timestep)  # (b, n)
+    def forward(self, m, x, timestep, eligible, start, alpha=None) -> torch.Tensor:
+        extra = self.alpha_embed(alpha) if self.cfg.alpha_range is not None else None
+        logits = self.base_policy(m, x, timestep, extra)  # (b, n)
         if logits.shape[1] == eligible.shape[1]:
             return logits
         idx = start[:, None] + torch.arange(logits.shape[1], device=logits.device)
         return torch.zeros(eligible.shape, dtype=logits.dtype, device=logits.device).scatter(1, idx, logits)
 
 
-NETWORK = {"features": ("arch", "features", "hidden", "ff", "heads", "layers"),
+NETWORK = {"features": ("arch", "features", "hidden", "ff", "heads", "layers", "skip_gain"),
            "dit_confidence": ("arch", "hidden", "ff", "heads", "layers", "top_p", "full_context",
                               "time_embed_dim", "time_period"),
            "dit_hidden": ("arch", "dllm_arch", "layers", "full_context", "time_embed_dim", "time_period")}

@@ -23,7 +23,7 @@ block, whose code is LLaDA's). Same conditioning, same smart_init (the adaLN lin
 
 Both networks condition on one vector per position (`Conditioned.condition`): mask-bit embedding +
 time MLP, plus, where a caller passes it, `extra`, a (*B, h) embedding of a per-row setting summed in
-the same way (the seam for conditioning on a compute/accuracy trade-off; nothing passes it yet).
+the same way: an alpha-conditioned policy (`policy.DiTPolicy` with alpha_range) passes its alpha embedding.
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ def catalog() -> list[dict]:
             cfg = meta["config"]
             card = meta.get("card") or {}
             alpha = card.get("alpha")  # none recorded: never the default pick
+            if alpha is None and card.get("alpha_range"):  # alpha-conditioned: ranked by its lowest alpha
+                alpha = card["alpha_range"][0]
             val = (card.get("metrics") or {}).get("val_reward")  # of the checkpoint kept
             val = None if val is None or val != val else val  # none or NaN: ranked last
             out.append({"path": meta_path.parent.name, "base_model": cfg["base_model"], "task": cfg["task"],
                         "block": cfg["block"], "gen_length": cfg["gen_length"],
                         "alpha": float("inf") if alpha is None else float(alpha),
+                        "alpha_range": card.get("alpha_range"),
                         "val_reward": float("-inf") if val is None else float(val)})
         except (ValueError, KeyError, TypeError) as e:
             raise CatalogError(f"shipped policy {meta_path} is malformed ({type(e).__name__}: {e}); valid: "

@@ -9,6 +9,7 @@
     python -m results seeds --policies A,B,C --policies D,E,F --blocks 48   # two commands, one file
     python -m results recommend --policy modchain-B48-alpha3   # a policy's default mode/temperature/cutoff
     python -m results recommend               # the same for every shipped policy of the model
+    python -m results alpha-map --policy modchain-B48   # an alpha-conditioned policy's alpha map and points
     python -m results transfer                # every shipped policy at other blocks and a longer L -> transfer.md
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
     accelerate launch --multi_gpu --num_processes 8 -m results --pretrained ...   # each run over 8 GPUs
@@ -36,8 +37,10 @@ from lm_eval_dllm.tiny import BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 import policies
 
-from .grid import DEFAULT_DTYPE, PRESETS, SWEEPS, TESTBED, Grid, main_process, report_paths, run_grid
+from .grid import (DEFAULT_DTYPE, PRESETS, SWEEPS, TESTBED, Grid, main_process, policy_card, report_paths,
+                   run_grid)
 from .plan import plan
+from .alpha_map import alpha_map
 from .recommend import recommend
 from .report import figures, load_rows, tables
 from .seeds import seeds
@@ -78,7 +81,8 @@ def _family_grid(a, p) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds", "recommend", "transfer"])
+    p.add_argument("command", nargs="?", default="run", choices=["run", "report", "seeds", "recommend", "alpha-map",
+                                                               "transfer"])
     g = p.add_argument_group("grid")
     g.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="default: every sampler's sweep; testbed: the testbed table's settings; paper: the "
@@ -135,10 +139,13 @@ def main(argv=None) -> None:
 
 
 def _run(a, grid: Grid) -> None:
-    if a.command == "recommend":  # --policy, --policies, or every shipped policy of the model
+    if a.command in ("recommend", "alpha-map"):  # --policy, --policies, or every shipped policy of the model
         names = ([a.policy] if a.policy else []) + [x for g in a.policies for x in g.split(",") if x]
-        for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)]:
-            recommend(name, limit=a.limit, batch_size=a.batch_size, dtype=a.dtype, device=a.device)
+        conditioned = a.command == "alpha-map"  # each command the shipped policies it is for
+        for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)
+                              if (e["alpha_range"] is not None) == conditioned]:
+            (alpha_map if conditioned else recommend)(name, limit=a.limit, batch_size=a.batch_size,
+                                                      dtype=a.dtype, device=a.device)
         return
     if a.command == "transfer":
         transfer(dataclasses.replace(grid, tasks=grid.tasks[:1], gen_length=None),
@@ -166,7 +173,21 @@ def render(grid: Grid, rows, base: Path = ROOT) -> tuple[str, list[Path]]:
     figs = [out_dir / f"{t}_{kind}.png" for t in sorted({r.task for r in rows})
             for kind in ("acc_vs_nfe", "acc_vs_block")]
     links = "\n".join(f"![{f.stem}]({_rel(f, base)})" for f in figs)
-    return tables(rows, testbed=TESTBED) + "\n" + links + "\n", figs
+    return tables(rows, testbed=TESTBED, maps=alpha_maps(grid, rows)) + "\n" + links + "\n", figs
+
+
+def alpha_maps(grid: Grid, rows) -> dict:
+    """block -> (policy name, alpha_map) of the alpha-conditioned policy `learned` runs there, if its card has a map."""
+    out = {}
+    for b in sorted({r.block for r in rows if r.sampler == "learned"}):
+        try:
+            d = grid.policy_dir({}, b)
+        except DLLMError:
+            continue
+        amap = policy_card(d).get("alpha_map")
+        if amap:
+            out[b] = (d.name, amap)
+    return out
 
 
 def results_readme_text(grid: Grid, rows) -> str:

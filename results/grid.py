@@ -48,6 +48,17 @@ SWEEPS: dict[str, list[dict]] = {
     "learned": [{}] + [{"mode": "greedy", "cutoff": c}
                        for c in (0.01, *(round(0.05 * i, 2) for i in range(1, 20)), 0.98)],
 }
+# an alpha-conditioned policy (train.grpo --alpha-range) sweeps its alpha instead of the cutoff: every
+# half-octave from 1/16 to 2048 inside its trained range (`python -m results alpha-map` chooses among the same)
+ALPHAS = tuple(round(2 ** (k / 2), 4) for k in range(-8, 23))
+
+
+def alphas_for(alpha_range) -> list[float]:
+    """ALPHAS inside [lo, hi]."""
+    lo, hi = alpha_range
+    return [a for a in ALPHAS if lo - 1e-9 <= a <= hi + 1e-9]
+
+
 # one-token-per-step runs cost L forwards per sample (most of the grid's time): they mark the ceiling
 # at the smallest block and at full diffusion only
 ENDS_ONLY = {("confidence", (("k", 1),)), ("random", (("k", 1),))}
@@ -169,11 +180,18 @@ class Grid:
                                 if self.policy else "") + f"; valid: one of them, and in a setting only a "
                                 f"shipped policy's name: {', '.join(names) or '(none shipped)'}")
             return [params]
-        if sampler != "learned" or self.policy:
+        if sampler != "learned":
             return [params]
-
-        names = policies.variants_for(self.pretrained or BUNDLED_ID, block)
-        return [params] + [params | {"policy": n} for n in names[1:]]
+        names = [""] + ([] if self.policy else policies.variants_for(self.pretrained or BUNDLED_ID, block)[1:])
+        out = []
+        for q in (params | ({"policy": n} if n else {}) for n in names):
+            rng = policy_card(self.policy_dir(q, block)).get("alpha_range")
+            if rng is None or (params and self.only is not None):  # one alpha, or a setting spelled out
+                out.append(q)
+            elif not params:  # an alpha-conditioned policy: as typed, then its alpha sweep ...
+                out += [q] + [q | {"alpha": a} for a in alphas_for(rng)]
+            # ... instead of SWEEPS' cutoffs
+        return out
 
     def policy_dir(self, params: dict, block: int) -> Path:
         """The policy folder a `learned` run with these params at this block uses: --policy, the

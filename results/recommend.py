@@ -106,6 +106,9 @@ def recommend(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
     folder = find_policy(policy, model_id="", block=0, gen_length=0)
     pol = UnmaskPolicy.load(folder)
     card = dict(pol.card)
+    if pol.alpha_conditioned:
+        raise DLLMError(f"policy {str(folder)!r} is alpha-conditioned; valid: `python -m results alpha-map "
+                        f"--policy {policy}` (it chooses its alpha points and its default setting)")
     if "alpha" not in card:
         raise DLLMError(f"policy {str(folder)!r} has no alpha on its card; valid: a policy written by "
                         f"`python -m train.grpo` (the rule weighs NFE by the alpha it was trained with)")

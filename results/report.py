@@ -129,7 +129,8 @@ def block_name(block: int, gl: int) -> str:
     return f"full diffusion (B = L = {gl})" if block >= gl else f"B = {block}"
 
 
-def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> str:
+def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None, maps: dict | None = None) -> str:
+    """The report's Markdown; `maps`: block -> (policy name, its card's alpha_map), for the alpha-map target."""
     # one order whatever order the runs were read in (the grid's, or the files'): every sort below
     # is stable, so exact ties keep this order, and sums add up in it
     rows = sorted(rows, key=lambda r: (r.task, r.block, r.sampler, r.label))
@@ -168,7 +169,7 @@ def tables(rows: list[Row], testbed: list[tuple[str, dict]] | None = None) -> st
             parts.append(_fmt(best_per_sampler(by_block[full[0]])) + "\n")
         if any(r.sampler == "learned" for r in tr):
             parts.append(learned_vs_heuristics(tr) + "\n")
-            parts.append(targets(tr) + "\n")
+            parts.append(targets(tr, maps or {}) + "\n")
         parts.append("Pareto-optimal settings (no other setting is both more accurate and cheaper):\n")
         parts.append(_fmt([r for b in sorted(by_block) for r in pareto(by_block[b])], with_block=True) + "\n")
         parts.append("<details><summary>All settings</summary>\n\n"
@@ -242,7 +243,21 @@ def learned_vs_heuristics(rows: list[Row], ref: tuple = REF) -> str:
 FULL_TARGET = (99.5, 4.0)  # issue 23: at full diffusion, this accuracy (%) at no more than this NFE
 
 
-def targets(rows: list[Row]) -> str:
+def map_check(rows: list[Row], amap: dict) -> tuple[list[tuple[Row, Row | None]], list[Row]]:
+    """The alpha map on these runs (one block): (heuristic row, the learned row at its mapped alpha,
+    None when that run is missing) for the heuristic settings that run does not match, and the
+    heuristic rows the map covers."""
+    heur = sorted((r for r in rows if r.sampler != "learned" and r.label in amap), key=lambda r: (r.nfe, r.label))
+    at = {dict(r.params)["alpha"]: r for r in rows if r.sampler == "learned" and set(dict(r.params)) == {"alpha"}}
+    missed = []
+    for h in heur:
+        w = at.get(amap[h.label]["alpha"])
+        if w is None or not (w.acc >= h.acc and w.nfe <= h.nfe):
+            missed.append((h, w))
+    return missed, heur
+
+
+def targets(rows: list[Row], maps: dict | None = None) -> str:
     """The shipped policies against the heuristics, each target met or missed with its number:
     at full diffusion >= 99.5 % at <= 4.0 NFE, and every heuristic setting matched (at least as
     accurate at no more NFE by some learned setting: the policies' sweeps and their card defaults);
@@ -265,7 +280,8 @@ def targets(rows: list[Row]) -> str:
         if b >= br[0].gen_length:
             acc, nfe = FULL_TARGET
             top = best_within(learned, nfe)
-            got = f"{top.label} {100 * top.acc:.1f} % @ {top.nfe:.2f}" if top else "no learned setting"
+            got = (f"{top.label} {100 * top.acc:.1f} ± {100 * top.stderr:.1f} % (1 SE) @ {top.nfe:.2f}" if top
+                   else "no learned setting")
             ok = top is not None and 100 * top.acc >= acc - 1e-9
             line += (f"; >= {acc} % at <= {nfe} NFE: " + ("met" if ok else
                      f"missed by {acc - 100 * top.acc:.1f} points" if top else "missed") + f" (best: {got})")
@@ -275,6 +291,14 @@ def targets(rows: list[Row]) -> str:
                        f"best heuristic at no more NFE {h.label} {100 * h.acc:.1f} % @ {h.nfe:.2f}: "
                        + ("met" if t.acc >= h.acc else f"missed by {100 * (h.acc - t.acc):.1f} points"))
             line += f"\n  - as typed, {t.label}: {100 * t.acc:.1f} % @ {t.nfe:.2f}; {verdict}"
+        if b in (maps or {}):
+            pol, amap = maps[b]
+            missed, covered = map_check(br, amap)
+            line += (f"\n  - the alpha map of `{pol}` (one alpha per heuristic setting, chosen on validation, on "
+                     f"its card): {len(covered) - len(missed)} of {len(covered)} matched on this split"
+                     + ("" if not missed else "; missed: " + ", ".join(
+                         f"{h.label} {100 * h.acc:.1f} % @ {h.nfe:.2f} by alpha {amap[h.label]['alpha']:g}"
+                         + (f" {100 * w.acc:.1f} % @ {w.nfe:.2f}" if w else " (not run)") for h, w in missed)))
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -287,7 +311,7 @@ def _series(r: Row) -> str:
 
 def _swept(r: Row) -> bool:
     """A learned row of a sweep, not a policy run with nothing but its name (its card's defaults)."""
-    return bool({"mode", "temperature", "policy_temperature", "cutoff"} & set(dict(r.params)))
+    return bool({"mode", "temperature", "policy_temperature", "cutoff", "alpha"} & set(dict(r.params)))
 
 
 def log_nfe_axis(ax) -> None:
@@ -332,14 +356,16 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
                 for pol in sorted({_series(r) for r in here}):
                     pts = sorted((r.nfe, 100 * r.acc) for r in here if _series(r) == pol and _swept(r))
                     if pts:
+                        alpha_sweep = any("alpha" in dict(r.params) for r in here if _series(r) == pol)
                         ax.plot(*zip(*pts), ".-", color=colors[s], alpha=0.3, lw=0.8, ms=3,
-                                label="learned: one policy's cutoff sweep")
+                                label="learned: one policy's " + ("alpha" if alpha_sweep else "cutoff") + " sweep")
                 typed = [r for r in here if not _swept(r)]
                 if typed:  # each policy as `sampler=learned,policy=X` runs it: its card's defaults
                     ax.plot([r.nfe for r in typed], [100 * r.acc for r in typed], "*", color=colors[s], ms=8,
                             alpha=0.6, label="learned: policy=X alone (card defaults)")
+                several = len({_series(r) for r in here}) > 1
                 ax.plot(*zip(*[(r.nfe, 100 * r.acc) for r in pareto(here)]), "o-", color=colors[s], lw=2,
-                        ms=4, label="learned: best over the policies")
+                        ms=4, label="learned: best over the policies" if several else "learned: the policy's front")
             ax.set_title(block_name(b, tr[0].gen_length))
             log_nfe_axis(ax)
             ax.set_xlabel("mean NFE (forward passes, log scale)")
@@ -369,7 +395,7 @@ def figures(rows: list[Row], out_dir: Path, nfe_budget: float | None = None) -> 
                 pts = [(b, 100 * r.acc) for b, r in best.items() if r is not None]
                 if pts:
                     ax.plot(*zip(*pts), "o-", color=colors[s], ms=4, lw=2 if s == "learned" else 1.5,
-                            label="learned (best over the policies)" if s == "learned" else s)
+                            label="learned (its best setting)" if s == "learned" else s)
             ax.set_xscale("log", base=2)
             ax.set_xticks(blocks, [str(b) for b in blocks])
             ax.set_xlabel("block size (rightmost = full diffusion)")

@@ -105,5 +105,6 @@ def _settings(path: Path) -> str:
         return "?"
     s = res[0]
     src = s.get("source", {})
-    t = f"{s['mode']}, T={s['temperature']:g}" + (f", cutoff={s['cutoff']:g}" if s["mode"] == "greedy" else "")
+    t = (f"{s['mode']}, T={s['temperature']:g}" + (f", cutoff={s['cutoff']:g}" if s["mode"] == "greedy" else "")
+         + (f", alpha={s['alpha']:g}" if s.get("alpha") is not None else ""))
     return t + f" ({'/'.join(sorted(set(src.values())))})"

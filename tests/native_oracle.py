@@ -155,7 +155,7 @@ def logits_report(lms: dict[str, DLLM]) -> dict:
 def decode_report(lms: dict[str, DLLM]) -> dict:
     """Tokens per sampler through each `dllm` model's forward strategy: native vs remote; and the
     native batch of 8 vs each prompt alone (threshold; batch invariance needs one sampler)."""
-    settings = {"threshold": {"tau": 0.5}, "learned": {"policy": "modchain-B8"}}
+    settings = {"threshold": {"tau": 0.5}, "learned": {"policy": "modchain-B8-alphas"}}
     out = {}
     for name, args in settings.items():
         res = {}

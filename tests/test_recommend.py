@@ -39,14 +39,14 @@ def test_no_card_gives_the_papers_defaults_by_block():
     assert used({}, {"alpha": 2.0}, 48, 48) == ("sample", 1.0, 0.5)  # full diffusion
     assert used({}, None, 256, 48) == ("sample", 1.0, 0.5)  # a block past L is full diffusion
     assert used({"mode": "greedy"}, None, 8, 48) == ("greedy", 1.0, 0.5)  # greedy: temperature 1
-    assert resolve_settings(UNSET, None, 8, 48)["source"] == dict.fromkeys(("mode", "temperature", "cutoff"), "default")
+    assert resolve_settings(UNSET, None, 8, 48)["source"] == dict.fromkeys(("mode", "temperature", "cutoff", "alpha"), "default")
 
 
 def test_a_card_gives_its_recommendation_and_given_values_win():
     assert used({}, GREEDY_CARD, 8, 48) == ("greedy", 1.0, 0.35)
     assert used({}, SAMPLE_CARD, 48, 48) == ("sample", 0.25, 0.5)
     assert resolve_settings(UNSET, GREEDY_CARD, 8, 48)["source"] == {"mode": "card", "temperature": "default",
-                                                                      "cutoff": "card"}
+                                                                      "cutoff": "card", "alpha": "default"}
     assert used({"cutoff": 0.9, "mode": "greedy"}, GREEDY_CARD, 8, 48) == ("greedy", 1.0, 0.9)
     assert used({"temperature": 2.0}, SAMPLE_CARD, 48, 48) == ("sample", 2.0, 0.5)
     # a card's temperature or cutoff was chosen for its mode: another mode given gets that mode's defaults
@@ -156,11 +156,11 @@ def test_transfer_table_of_one_policy(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transfer, "TAUS", [0.5, 0.99])
     grid = Grid(tasks=["modchain"], blocks=[48], samplers=[], limit=3, batch_size=8, out=tmp_path)
-    text = transfer.transfer(grid, ["modchain-B8"], long_L=64)
-    rows = [line for line in text.splitlines() if line.startswith("| `modchain-B8`")]
+    text = transfer.transfer(grid, ["modchain-B8-alphas"], long_L=64)
+    rows = [line for line in text.splitlines() if line.startswith("| `modchain-B8-alphas`")]
     assert len(rows) == 2 and "full (B = L = 48)" in rows[0] and "B = 8 (longer L)" in rows[1]
-    rec = json.loads((policies.HERE / "modchain-B8" / "policy.json").read_text())["card"]["recommended"]
+    rec = json.loads((policies.HERE / "modchain-B8-alphas" / "policy.json").read_text())["card"]["recommended"]
     assert rec["mode"] == "greedy"  # the shipped card's choice, which the table shows it ran
-    assert all(f"greedy, T=1, cutoff={rec['cutoff']:g} (card/default)" in r for r in rows)
+    assert all(f"greedy, T=1, cutoff={rec['cutoff']:g}, alpha={rec['alpha']:g} (card/default)" in r for r in rows)
     assert (tmp_path / "bundled" / "transfer.md").read_text() == text
-    assert transfer.transfer(grid, ["modchain-B8"], long_L=64) == text  # the second time: every run on disk
+    assert transfer.transfer(grid, ["modchain-B8-alphas"], long_L=64) == text  # the second time: every run on disk

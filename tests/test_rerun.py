@@ -20,7 +20,7 @@ from .background import finish, selected, start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 RERUN = [("threshold", {"tau": 0.5}, 48, "none"),
-         ("learned", {"cutoff": 0.05, "mode": "greedy", "policy": "modchain-B48-alpha32-p16"}, 48, "none"),
+         ("learned", {"alpha": 16.0}, 48, "none"),  # the shipped alpha-conditioned policy, at one alpha of its sweep
          ("threshold", {"tau": 0.9}, 8, "prefix")]  # of `python -m results --preset testbed --cache prefix`
 ONE_SETTING = """
 import json, sys

@@ -75,6 +75,8 @@ class GRPOConfig:
     max_length: int | None = opt(None, "prompt + gen_length limit; unset: the model's context")
     truncation: str = opt("left", 'too-long prompts: left (keep the last tokens) | error')
     alpha: float = opt(1.0, 'NFE discount exponent; 0 = reward accuracy only')
+    alpha_range: str = opt("", "LO,HI: one alpha-conditioned policy for the whole accuracy-speed curve: each prompt's group draws its alpha log-uniformly from [LO, HI] (the reward's and the policy's input); --alpha is then unused")
+    alpha_shift: float = opt(0.15, "--alpha-range: at the start, how far alpha moves the commit threshold: the logits gain skip-gain x alpha-shift x log2(alpha) / 4 (0: alpha starts with no effect)")
     group: int = opt(8, 'rollouts per prompt')
     sampling: str = opt("bernoulli", "how the policy samples a step's commits: bernoulli (a coin per position) | pl (Plackett-Luce until STOP, the paper's dpls)")
     stop_logit: float = opt(0.0, "--sampling pl: the STOP item's utility (higher: fewer commits per step)")
@@ -127,12 +129,40 @@ RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 @dataclass
 class Rollout:
     """One batch of completions: the per-step records the loss replays (empty unless recorded), and
-    per completion its reward, the task's score, its NFE and its text."""
+    per completion its reward, the task's score, its NFE, its text and (alpha-conditioned) its alpha."""
     trajectory: list
     rewards: torch.Tensor  # (n,)
     scores: torch.Tensor  # (n,)
     nfes: torch.Tensor  # (n,) float
     texts: list[str]
+    alphas: torch.Tensor | None = None  # (n,) each rollout's alpha, for an alpha-conditioned policy
+
+
+def alpha_bounds(cfg: GRPOConfig) -> list[float] | None:
+    """--alpha-range as [lo, hi], or None (one alpha: --alpha)."""
+    if not cfg.alpha_range.strip():
+        return None
+    try:
+        lo, hi = (float(x) for x in cfg.alpha_range.split(","))
+    except ValueError:
+        lo = hi = float("nan")
+    if not (0 < lo < hi < float("inf")):
+        raise DLLMError(f"--alpha-range {cfg.alpha_range!r}; valid: LO,HI with 0 < LO < HI, e.g. 0.25,64")
+    return [lo, hi]
+
+
+def val_alphas(bounds: list[float], n: int = 5) -> list[float]:
+    """The alphas validation runs at: n points evenly spaced in log alpha over the trained range."""
+    lo, hi = (math.log(b) for b in bounds)
+    return [round(math.exp(lo + (hi - lo) * i / (n - 1)), 4) for i in range(n)]
+
+
+def draw_alphas(cfg: GRPOConfig, step: int, n_groups: int, rank: int = 0) -> list[float]:
+    """One alpha per prompt group of this process at `step`, log-uniform over --alpha-range, seeded by
+    the group's global index (a launch's processes draw what one process drawing all would)."""
+    lo, hi = (math.log(b) for b in alpha_bounds(cfg))
+    return [math.exp(lo + (hi - lo) * random.Random(hash((cfg.seed, step, "alpha", rank * n_groups + g))).random())
+            for g in range(n_groups)]
 
 
 class Env:
@@ -167,14 +197,19 @@ class Env:
         return chat_prompt(self.tok, msgs, add_generation_prompt)
 
     def rollout(self, policy, prompts, seeds, mode="sample", record=True, sampler=None, record_top=0,
-                record_hidden=False) -> Rollout:
+                record_hidden=False, alphas=None) -> Rollout:
         """Decode every prompt once (repeat prompts for groups) with the policy in `mode`, or with
-        `sampler` (an expert; record_top, record_hidden: the top probabilities, hidden states the policy replays)."""
+        `sampler` (an expert; record_top, record_hidden: the top probabilities, hidden states the policy replays);
+        `alphas`: one per prompt, the reward's (and an alpha-conditioned policy's) alpha, else --alpha."""
         # temperature 1: the replayed log-probabilities are those of the distribution sampled here
         sampler = sampler or LearnedSampler.from_policy(policy, mode=mode, temperature=1.0)
+        per_row = alphas is not None and policy is not None and policy.alpha_conditioned  # else: the sampler's own
+        alphas = [self.cfg.alpha] * len(prompts) if alphas is None else list(alphas)
         texts, nfes, scores, traj_all = [], [], [], []
         for i in range(0, len(prompts), self.cfg.batch_size):
             chunk = prompts[i:i + self.cfg.batch_size]
+            if per_row:
+                sampler.row_alpha = torch.tensor(alphas[i:i + len(chunk)], dtype=torch.float32)
             # exactly the text evaluation would score: stop tokens, then the task's stop strings
             out = self.gen.generate([p.context for p in chunk], sampler, gen_length=self.L,
                                     block=self.block, seeds=seeds[i:i + len(chunk)],
@@ -188,9 +223,9 @@ class Env:
                 for r in out.trajectory:
                     r.rows = r.rows + i  # rows index the whole rollout batch
                 traj_all += out.trajectory
-        rewards = [reward(s, n, self.L, self.cfg.alpha) for s, n in zip(scores, nfes)]
+        rewards = [reward(s, n, self.L, a) for s, n, a in zip(scores, nfes, alphas)]
         return Rollout(traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float),
-                       texts)
+                       texts, torch.tensor(alphas, dtype=torch.float32))
 
 
 def commit_rank(r) -> torch.Tensor:
@@ -204,8 +239,9 @@ def commit_rank(r) -> torch.Tensor:
     return torch.full_like(order, -1).scatter(-1, order, torch.where(r.action.gather(-1, order), pos, -1))
 
 
-def stack_steps(traj, policy: Policy) -> dict:
-    """All (rollout, step) records as one batch: inputs (the policy's forward arguments),
+def stack_steps(traj, policy: Policy, alphas: torch.Tensor | None = None) -> dict:
+    """All (rollout, step) records as one batch: inputs (the policy's forward arguments; for an
+    alpha-conditioned policy, each step's rollout's alpha from `alphas`, one per rollout),
     action/eligible/rank (N, L), row (N,)."""
     cat = lambda name: torch.cat([getattr(r, name) for r in traj])  # noqa: E731
     steps = SimpleNamespace(**{n: cat(n) for n in ("conf", "margin", "entropy", "masked", "eligible")})
@@ -215,8 +251,10 @@ def stack_steps(traj, policy: Policy) -> dict:
         steps.hidden = cat("hidden") if policy.reads_hidden else None
         steps.block_start = torch.cat([torch.full((len(r.rows),), r.block_start) for r in traj])
         steps.block_size = traj[0].block_size
-    return {"inputs": policy.inputs(steps), "action": cat("action"), "eligible": steps.eligible,
-            "masked": steps.masked, "row": cat("rows"), "rank": torch.cat([commit_rank(r) for r in traj])}
+    rows = cat("rows")
+    return {"inputs": policy.full_inputs(steps, None if alphas is None else alphas[rows]), "action": cat("action"),
+            "eligible": steps.eligible, "masked": steps.masked, "row": rows,
+            "rank": torch.cat([commit_rank(r) for r in traj])}
 
 
 def step_logprob(pol, policy: Policy, batch: dict, cfg: GRPOConfig, n_policy: int) -> torch.Tensor:
@@ -307,6 +345,8 @@ def init_source(folder: str, run: PolicyConfig) -> Policy:
     weights: policy.NETWORK) is `run`'s. check_config and start_from both ask here."""
     src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
     diff = network_diff(src.cfg, run)
+    if src.alpha_conditioned and run.alpha_range is None:  # the other way round, the alpha input starts fresh
+        diff["alpha_range"] = None
     if diff:
         raise DLLMError(f"--init-from {folder!r} has {', '.join(f'{k}={getattr(src.cfg, k)}' for k in diff)}; "
                         f"valid: a policy with this run's {', '.join(f'{k}={v}' for k, v in diff.items())}")
@@ -320,14 +360,19 @@ def start_from(policy: Policy, folder: str) -> None:
         if getattr(src.cfg, k) != getattr(policy.cfg, k):
             log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
                         getattr(src.cfg, k), getattr(policy.cfg, k))
-    policy.load_state_dict(src.state_dict())
-    log.info("policy initialised from %s", folder)
+    missing, _ = policy.load_state_dict(src.state_dict(), strict=not (policy.alpha_conditioned and not src.alpha_conditioned))
+    if missing:  # only the alpha input's weights (`init_source` refuses every other difference)
+        log.info("policy initialised from %s; its alpha input (%d tensors) starts fresh: at alpha 1 the policy is %s",
+                 folder, len(missing), folder)
+    else:
+        log.info("policy initialised from %s", folder)
 
 
 def network_config(cfg: GRPOConfig) -> PolicyConfig:
     """The policy network the flags ask for."""
     return PolicyConfig(arch=cfg.arch, features=tuple(f for f in cfg.features.split(",") if f), hidden=cfg.hidden,
-                        ff=cfg.ff, heads=cfg.heads, top_p=cfg.top_p, full_context=cfg.full_context)
+                        ff=cfg.ff, heads=cfg.heads, top_p=cfg.top_p, full_context=cfg.full_context,
+                        skip_gain=skip_gain(cfg), alpha_range=alpha_bounds(cfg), alpha_shift=cfg.alpha_shift)
 
 
 def skip_gain(cfg: GRPOConfig) -> float:
@@ -382,6 +427,8 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("expert_tau", "comma-separated thresholds in (0, 1], e.g. 0.9,0.7")
     if cfg.sampling not in SAMPLINGS:
         raise bad("sampling", ", ".join(SAMPLINGS))
+    if alpha_bounds(cfg) is not None and taus:
+        raise bad("expert_tau", "empty with --alpha-range (the experts' rewards would need an alpha of their own)")
     skip_gain(cfg)
     resolve_dtype(cfg.dtype)
     check_cache(cfg.cache, 0, cfg.cache_window)  # main() refuses other modes (CHOICES); this is for callers of the API
@@ -502,9 +549,9 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_saves(out)
         keep_log_until(out / "log.jsonl", self.step)
-        log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%g, %d processes",
+        log.info("policy: %d parameters; task %s (%d train prompts), L=%d, block=%d, alpha=%s, %d processes",
                  sum(p.numel() for p in self.policy.parameters()), cfg.task, len(self.train_prompts),
-                 self.env.L, self.env.block, cfg.alpha, self.acc.num_processes)
+                 self.env.L, self.env.block, cfg.alpha_range or f"{cfg.alpha:g}", self.acc.num_processes)
 
     def run(self) -> None:
         """Train from the current step to --steps."""
@@ -547,7 +594,11 @@ class Trainer:
         picks, seeds = step_prompts(cfg, self.step, len(self.train_prompts), acc.process_index, acc.num_processes)
         prompts = [self.train_prompts[i] for i in picks]
         pol = acc.unwrap_model(self.ddp_policy)
-        ro = self.env.rollout(pol, prompts, seeds, mode=policy_mode(cfg))
+        alphas = None
+        if pol.alpha_conditioned:  # one alpha per prompt group: advantages compare rollouts of one alpha
+            alphas = [a for a in draw_alphas(cfg, self.step, cfg.prompts_per_step, acc.process_index)
+                      for _ in range(cfg.group)]
+        ro = self.env.rollout(pol, prompts, seeds, mode=policy_mode(cfg), alphas=alphas)
         ex = [self.env.rollout(None, prompts[::cfg.group], seeds[::cfg.group], record_top=pol.top_probs,
                                record_hidden=pol.reads_hidden,
                                sampler=ThresholdSampler(ThresholdSampler.Config(tau=t))) for t in self.taus]
@@ -570,7 +621,8 @@ class Trainer:
                 r.rows = r.rows + n_policy + j * len(e.rewards)
             traj = traj + e.trajectory
         pol = self.acc.unwrap_model(self.ddp_policy)
-        batch = {k: to_device(v, self.acc.device) for k, v in stack_steps(traj, pol).items()}
+        batch = {k: to_device(v, self.acc.device)
+                 for k, v in stack_steps(traj, pol, ro.alphas if pol.alpha_conditioned else None).items()}
         return update(self.ddp_policy, pol, self.opt, self.sched, batch, adv.to(self.acc.device), self.cfg,
                       self.acc, n_policy)
 
@@ -593,14 +645,15 @@ class Trainer:
         """Validate now: the val_* entries of the log record; a reward above the best so far is kept in OUT/best."""
         cfg, acc = self.cfg, self.acc
         vm = validate(self.env, acc.unwrap_model(self.ddp_policy), self.val_prompts, acc,
-                      policy_mode(cfg) if cfg.val_mode == "sample" else "greedy")
+                      policy_mode(cfg) if cfg.val_mode == "sample" else "greedy", alpha_bounds(cfg))
         val = {f"val_{k}": v for k, v in vm.items()}
         if acc.is_main_process and vm["reward"] > self.best:
             self.best = vm["reward"]
             acc.unwrap_model(self.ddp_policy).save(self.out / "best", self.card(val))
         if acc.is_main_process:
             self.bar.write(f"step {self.step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, "
-                           f"NFE {vm['nfe']:.2f}")
+                           f"NFE {vm['nfe']:.2f}" + "".join(
+                               f"; alpha {a}: {100 * v['accuracy']:.1f} % @ {v['nfe']:.2f}" for a, v in vm.get("at", {}).items()))
         return val
 
     def elapsed(self) -> float:
@@ -610,9 +663,11 @@ class Trainer:
     def card(self, metrics: dict) -> dict:
         """A saved policy's card: how to rerun it, what it was trained for, and `metrics`."""
         cfg, env = self.cfg, self.env
+        bounds = alpha_bounds(cfg)
         return {"command": command_line(cfg),
                 "base_model": env.model_id, "task": cfg.task, "block": env.block, "gen_length": env.L,
-                "alpha": cfg.alpha, "steps": self.step, "arch": cfg.arch,
+                **({"alpha": cfg.alpha} if bounds is None else {"alpha_range": bounds}), "steps": self.step,
+                "arch": cfg.arch,
                 **({"features": [f for f in cfg.features.split(",") if f]} if cfg.arch == "features" else {}),
                 "seed": cfg.seed, "processes": self.acc.num_processes, "metrics": metrics,
                 "train_minutes": round(self.elapsed() / 60, 2)}  # since the loop started, resumes included
@@ -641,13 +696,24 @@ def policy_mode(cfg: GRPOConfig) -> str:
 
 
 @torch.no_grad()
-def validate(env: Env, policy, prompts, acc, mode: str = "greedy") -> dict:
+def validate(env: Env, policy, prompts, acc, mode: str = "greedy", bounds: list[float] | None = None,
+             alpha: float | None = None) -> dict:
     """The policy in `mode` (sampling with fixed seeds, or greedy) on held-out prompts, sharded
     over processes. Greedy by default: what evaluation with `mode=greedy` runs, without the
-    sampling noise that would otherwise decide which checkpoint is kept."""
+    sampling noise that would otherwise decide which checkpoint is kept.
+
+    An alpha-conditioned policy (`bounds`: its --alpha-range) runs at each of `val_alphas(bounds)`;
+    its reward is the geometric mean of theirs (each alpha's relative gain counts the same, though
+    a large alpha's rewards are small), its accuracy and NFE their means, and `at` holds each alpha's."""
+    if bounds is not None:
+        at = {f"{a:g}": validate(env, policy, prompts, acc, mode, None, a) for a in val_alphas(bounds)}
+        geo = math.exp(sum(math.log(max(v["reward"], 1e-9)) for v in at.values()) / len(at))
+        return {"reward": geo, "accuracy": sum(v["accuracy"] for v in at.values()) / len(at),
+                "nfe": sum(v["nfe"] for v in at.values()) / len(at), "at": at}
     idx = range(acc.process_index, len(prompts), acc.num_processes)
     mine = [prompts[i] for i in idx]  # seeded by index in the whole set: the same draws whatever the split
-    ro = env.rollout(policy, mine, list(idx), mode=mode, record=False)
+    ro = env.rollout(policy, mine, list(idx), mode=mode, record=False,
+                     alphas=None if alpha is None else [alpha] * len(mine))
     m = torch.tensor([ro.rewards.sum(), ro.scores.sum(), ro.nfes.sum(), float(len(mine))], device=acc.device)
     m = acc.reduce(m, reduction="sum").tolist()
     return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}

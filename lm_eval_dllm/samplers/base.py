@@ -41,6 +41,7 @@ class StepState:
     hidden: torch.Tensor | None = None  # (B, L, D) the dLLM's last hidden states (reads_hidden())
     block_start: int = 0  # the current block: generated positions [block_start, block_start + block_size)
     block_size: int = 0
+    rows: torch.Tensor | None = None  # (B,) which rows of the decoded batch these are (None: all, in order)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ greedy runs at temperature 1 unless told (there a temperature only rescales the 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ from .base import Action, Sampler, StepState, check_range, register_sampler, row
 log = logging.getLogger(__name__)
 MODES = ("sample", "greedy", "pl", "bernoulli", "bernoulli-argmax", "dpls")
 SAME_AS = {"bernoulli-argmax": "sample", "dpls": "pl"}  # the paper's names for our modes
-SETTINGS = ("mode", "temperature", "cutoff")
+SETTINGS = ("mode", "temperature", "cutoff", "alpha")
 
 
 def paper_defaults(block: int, gen_length: int, sampling: str = "bernoulli") -> dict:
@@ -50,7 +51,7 @@ def paper_defaults(block: int, gen_length: int, sampling: str = "bernoulli") -> 
     Plackett-Luce for a policy trained with it) at the paper's evaluation temperature, 0.5 for
     semi-autoregressive blocks and 1.0 at full diffusion (block >= L)."""
     return {"mode": "pl" if sampling == "pl" else "sample", "temperature": 0.5 if block < gen_length else 1.0,
-            "cutoff": 0.5}
+            "cutoff": 0.5, "alpha": None}
 
 
 def from_card(given: dict, card: dict | None) -> dict:
@@ -60,10 +61,11 @@ def from_card(given: dict, card: dict | None) -> dict:
     rec = (card or {}).get("recommended") or {}
     if not rec.get("mode"):
         return {}
+    alpha = {} if given.get("alpha") is not None or rec.get("alpha") is None else {"alpha": rec["alpha"]}
     if rec["mode"] not in MODES:  # a card written by a newer version, or by hand
         raise DLLMError(f"sampler 'learned': the policy card recommends mode={rec['mode']!r}; valid: "
                         f"{', '.join(MODES)} (or give mode= in model_args)")
-    out = {} if given.get("mode") is not None else {"mode": rec["mode"]}
+    out = alpha | ({} if given.get("mode") is not None else {"mode": rec["mode"]})
     mode = given.get("mode") or rec["mode"]
     if mode == rec["mode"]:
         key = "cutoff" if mode == "greedy" else "temperature"
@@ -96,6 +98,45 @@ def resolve_settings(given: dict, card: dict | None, block: int, gen_length: int
     return {**out, "source": source}
 
 
+def parse_alpha(value) -> float | None:
+    """A positive finite alpha from a number or its text, else None (a name, or nothing valid)."""
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        return None
+    return a if a > 0 and a != float("inf") else None
+
+
+def resolve_alpha(value, policy) -> tuple[float | None, str]:
+    """The number an alpha setting means for `policy`, and where it came from: None for a policy of
+    one alpha (given one: an error), else the number, a card operating point, or the range's middle."""
+    cfg = getattr(policy, "cfg", None)
+    rng = getattr(cfg, "alpha_range", None)
+    if rng is None:
+        if value is not None:
+            raise DLLMError(f"sampler 'learned': alpha={value} for a policy trained at one alpha; valid: an "
+                            f"alpha-conditioned policy (train.grpo --alpha-range), or no alpha")
+        return None, ""
+    card = getattr(policy, "card", None) or {}
+    points = card.get("operating_points") or {}
+    if value is None:
+        return math.sqrt(rng[0] * rng[1]), "the middle of the trained range"
+    a = parse_alpha(value)
+    if a is None:
+        if value not in points:
+            raise DLLMError(f"sampler 'learned': alpha={value!r} is not an operating point of this policy; "
+                            f"valid: {', '.join(points) or '(the card names none)'}, or a number in "
+                            f"[{rng[0]:g}, {rng[1]:g}]")
+        a, where = parse_alpha(points[value]["alpha"]), f"operating point {value!r}"
+    else:
+        where = "given"
+    if a is None or not rng[0] <= a <= rng[1]:
+        raise DLLMError(f"sampler 'learned': alpha={value} is outside the range the policy was trained over; "
+                        f"valid: a number in [{rng[0]:g}, {rng[1]:g}]"
+                        + (f" or one of {', '.join(points)}" if points else ""))
+    return a, where
+
+
 def _sampling(policy) -> str:
     return getattr(getattr(policy, "cfg", None), "sampling", "bernoulli")
 
@@ -112,6 +153,10 @@ class LearnedSampler(Sampler):
         mode: str | None = None  # sample | greedy | pl
         temperature: float | None = None
         cutoff: float | None = None  # greedy: commit where p > cutoff
+        # an alpha-conditioned policy's point on the accuracy-speed curve: a number in the range it was
+        # trained over, or a name of its card's `operating_points` (chosen on validation); None: the
+        # card's recommended alpha, else the middle of the range (geometric)
+        alpha: str | None = None
 
         def __post_init__(self):
             if self.mode is not None and self.mode not in MODES:
@@ -120,6 +165,9 @@ class LearnedSampler(Sampler):
                 check_range("learned", "temperature", self.temperature, 0.0, float("inf"), lo_open=True)
             if self.cutoff is not None:
                 check_range("learned", "cutoff", self.cutoff, 0.0, 1.0, lo_open=True, hi_open=True)
+            if self.alpha is not None and parse_alpha(self.alpha) is None and not self.alpha.isidentifier():
+                raise DLLMError(f"sampler 'learned': alpha={self.alpha!r}; valid: a number > 0 or the name of "
+                                f"an operating point on the policy card")
             if self.cutoff is not None and self.cutoff != 0.5 and self.mode != "greedy":
                 raise DLLMError(f"sampler 'learned': cutoff={self.cutoff} needs mode=greedy (sampling "
                                 f"commits with probability p); valid: mode=greedy,cutoff=<0..1>")
@@ -129,6 +177,7 @@ class LearnedSampler(Sampler):
         self.policy = policy  # an UnmaskPolicy: handed in (training) or set by the caller
         self._live = policy is not None and not self.config.policy  # training's own policy
         self.settings: dict | None = None  # in use: resolved by `attach` for the batch's (block, L)
+        self.row_alpha: torch.Tensor | None = None  # training: one alpha per row of the decoded batch
         self.resolved: dict[tuple, dict] = {}  # (block, L) -> settings, for the run's record
 
     @classmethod
@@ -144,10 +193,12 @@ class LearnedSampler(Sampler):
         given = {k: getattr(self.config, k) for k in SETTINGS}
         self.settings = resolve_settings(given, getattr(policy, "card", None), block, gen_length,
                                          _sampling(policy))
+        self._resolve_alpha()
         if (block, gen_length) not in self.resolved:
             self.resolved[(block, gen_length)] = self.settings
             log.info("sampler learned at block %d, L %d: %s", block, gen_length, ", ".join(
-                f"{k}={self.settings[k]} ({self.settings['source'][k]})" for k in SETTINGS))
+                f"{k}={self.settings[k]} ({self.settings['source'][k]})" for k in SETTINGS
+                if self.settings[k] is not None))
 
     def _in_use(self) -> dict:
         if self.settings is None:  # a policy handed in, never attached (training): its own shape
@@ -155,7 +206,16 @@ class LearnedSampler(Sampler):
             self.settings = resolve_settings({k: getattr(self.config, k) for k in SETTINGS},
                                              getattr(self.policy, "card", None), cfg.block or 1,
                                              cfg.gen_length or cfg.block or 1, _sampling(self.policy))
+            if self.row_alpha is None:
+                self._resolve_alpha()
         return self.settings
+
+    def _resolve_alpha(self) -> None:
+        """settings["alpha"]: the number in use (None for a policy of one alpha), and its source."""
+        value, src = self.settings["alpha"], self.settings["source"]["alpha"]
+        a, where = resolve_alpha(value, self.policy)
+        self.settings["alpha"] = a
+        self.settings["source"]["alpha"] = where if where and src != "card" else src
 
     def top_probs(self) -> int:
         return getattr(self.policy, "top_probs", 0)
@@ -166,8 +226,12 @@ class LearnedSampler(Sampler):
     def logits(self, state: StepState) -> torch.Tensor:
         if self.policy is None:
             raise DLLMError("sampler 'learned' has no policy; valid: policy=<folder from train.grpo>")
+        alpha = self._in_use()["alpha"] if self.row_alpha is None else (
+            self.row_alpha if state.rows is None else self.row_alpha[state.rows.cpu()])
         with torch.no_grad():
-            return self.policy.step_logits(state).to(state.conf.device)
+            # a policy of one alpha is called as before alpha existed (stand-ins define step_logits(state))
+            out = self.policy.step_logits(state) if alpha is None else self.policy.step_logits(state, alpha)
+            return out.to(state.conf.device)
 
     def may_commit_nothing(self) -> bool:
         return self.policy is not None and self._in_use()["mode"] == "bernoulli"

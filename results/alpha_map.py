@@ -1,0 +1,192 @@
+"""Choose an alpha-conditioned policy's points on the accuracy-speed curve on the validation split;
+write them into its card.
+
+    python -m results alpha-map --policy modchain-B48           # a shipped name or a policy folder
+    python -m results alpha-map                                 # every shipped alpha-conditioned policy
+
+On the validation problems `train.grpo` validated the policy on (its card's command's --val-split,
+--val-size and --seed; --limit takes fewer), at the block and L it was trained for:
+
+- the policy at each alpha of `results.grid.ALPHAS` inside its trained range, greedy at cutoff 0.5 (what training
+  validated; the results grid sweeps the same alphas);
+- every heuristic setting the results grid runs at that block (`results.grid.SWEEPS`, as `python -m
+  results` runs them with the default preset's blocks).
+
+Then, written into the card (policy.json, rewritten atomically; weights and config untouched):
+
+- `alpha_map`: for each heuristic setting, the alpha whose validation point beats it by the widest
+  margin, the margin being the smaller of the accuracy gain and the NFE saving, each in standard
+  errors of the difference of two means of this many problems (so the choice holds up best on
+  other problems); with the validation numbers of both, and whether the alpha matched it there;
+- `operating_points`: `accurate`, `balanced` and `fast`, the alphas with the highest mean
+  validation reward r = correct x ((L - min(NFE, L) + 1) / L) ** a for a = 1/4, 1 and 32
+  (`alpha=accurate` in model_args picks one);
+- `recommended`: greedy at cutoff 0.5 and the `balanced` alpha: what `sampler=learned` runs when
+  model_args say nothing.
+
+The test split is never read. Finished points are kept in runs/alpha_map/ (one JSON line each), so
+an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from lm_eval_dllm.policy import UnmaskPolicy, find_policy, update_card
+from lm_eval_dllm.reward import reward
+from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.utils import DLLMError
+from train.grpo import Env, GRPOConfig
+
+from .grid import PRESETS, Grid, Setting, alphas_for, policy_fingerprint
+from .recommend import training_config
+
+log = logging.getLogger("results")
+POINTS = {"accurate": 0.25, "balanced": 1.0, "fast": 32.0}  # name -> the alpha whose reward picks it
+GREEDY = {"mode": "greedy", "temperature": 1.0, "cutoff": 0.5}
+CACHE = Path("runs/alpha_map")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting's validation outcome: its per-problem scores and NFE, summarised."""
+    label: str
+    scores: tuple
+    nfes: tuple
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.scores) / self.n
+
+    @property
+    def nfe(self) -> float:
+        return sum(self.nfes) / self.n
+
+    def var(self, which: str) -> float:
+        xs = self.scores if which == "acc" else self.nfes
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)
+
+    def reward(self, alpha: float, gen_length: int) -> float:
+        return sum(reward(s, k, gen_length, alpha) for s, k in zip(self.scores, self.nfes)) / self.n
+
+
+def margin(p: Point, h: Point) -> float:
+    """How far `p` beats `h`: the smaller of its accuracy gain and its NFE saving, each divided by the
+    standard error of the difference of two independent means of these many problems (a floor of
+    one problem's worth keeps a zero variance from dividing by zero). Positive: p matches h."""
+    se_acc = max(math.sqrt(p.var("acc") / p.n + h.var("acc") / h.n), 1 / p.n)
+    se_nfe = max(math.sqrt(p.var("nfe") / p.n + h.var("nfe") / h.n), 1 / p.n)
+    return min((p.accuracy - h.accuracy) / se_acc, (h.nfe - p.nfe) / se_nfe)
+
+
+def matches(p: Point, h: Point) -> bool:
+    return p.accuracy >= h.accuracy and p.nfe <= h.nfe
+
+
+def choose_alpha(curve: dict[float, Point], h: Point) -> float:
+    """The alpha whose point beats `h` by the widest margin (ties: the larger alpha, the cheaper)."""
+    return max(curve, key=lambda a: (margin(curve[a], h), a))
+
+
+def heuristic_settings(block: int) -> list[Setting]:
+    """Every heuristic setting the default results grid runs at `block` (with its ENDS_ONLY rule)."""
+    blocks = list(PRESETS["default"].blocks)
+    samplers = ["confidence", "margin", "entropy", "random", "threshold", "factor", "eb"]
+    grid = Grid(tasks=["modchain"], blocks=sorted(set(blocks) | {block}), samplers=samplers)
+    return [s for s in grid.settings() if s.block == block]
+
+
+def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dtype: str | None = None,
+              device: str | None = None, write: bool = True, cache_dir: Path = CACHE) -> dict:
+    """Sweep alpha and the heuristics on validation, choose, write the card's map and points."""
+    folder = find_policy(policy, model_id="", block=0, gen_length=0)
+    pol = UnmaskPolicy.load(folder)
+    if not pol.alpha_conditioned:
+        raise DLLMError(f"policy {str(folder)!r} was trained at one alpha; valid: an alpha-conditioned policy "
+                        f"(train.grpo --alpha-range), or `python -m results recommend` for this one")
+    card = dict(pol.card)
+    cfg = training_config({**card, "alpha": 1.0}, pol)
+    if cfg.val_split == "test":
+        raise DLLMError("the policy was validated on the test split; valid: a policy trained with "
+                        "--val-split validation (the map must not be chosen on the test problems)")
+    n = min(limit, cfg.val_size) if limit else cfg.val_size
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = GRPOConfig(**{**asdict(cfg), "device": str(dev), "batch_size": batch_size, "dtype": dtype or cfg.dtype})
+    env = Env(cfg, dev)
+    prompts = env.scorer.prompts(cfg.val_split, n=n, seed=cfg.seed)
+    pol = pol.to(dev)
+    cache = cache_dir / f"{policy_fingerprint(folder)}-{cfg.val_split}-n{len(prompts)}-seed{cfg.seed}-{cfg.dtype}.jsonl"
+    done = _read_cache(cache)
+
+    def run(label: str, sampler) -> Point:
+        if label not in done:
+            ro = env.rollout(pol if isinstance(sampler, LearnedSampler) else None, prompts,
+                             list(range(len(prompts))), record=False, sampler=sampler)
+            done[label] = Point(label, tuple(ro.scores.tolist()), tuple(int(x) for x in ro.nfes.tolist()))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache, "a") as f:
+                f.write(json.dumps(asdict(done[label])) + "\n")
+            log.info("%s: accuracy %.3f, NFE %.2f", label, done[label].accuracy, done[label].nfe)
+        return done[label]
+
+    curve = {a: run(f"learned(alpha={a:g})", LearnedSampler(LearnedSampler.Config(
+        **{k: v for k, v in GREEDY.items() if k != "temperature"}, temperature=1.0, alpha=str(a)), policy=pol))
+        for a in alphas_for(pol.cfg.alpha_range)}
+    heur = {s.label: run(s.label, make_sampler(s.sampler, dict(s.params))) for s in heuristic_settings(env.block)}
+    amap = {}
+    for label, h in heur.items():
+        a = choose_alpha(curve, h)
+        amap[label] = {"alpha": a, "matched": matches(curve[a], h), "margin_se": round(margin(curve[a], h), 2),
+                       "heuristic": [round(h.accuracy, 4), round(h.nfe, 3)],
+                       "learned": [round(curve[a].accuracy, 4), round(curve[a].nfe, 3)]}
+    points = {name: {"alpha": max(curve, key=lambda a: (curve[a].reward(obj, env.L), -curve[a].nfe)),
+                     "rule": f"highest mean validation reward at alpha={obj:g}"} for name, obj in POINTS.items()}
+    for p in points.values():
+        c = curve[p["alpha"]]
+        p |= {"val_accuracy": round(c.accuracy, 4), "val_nfe": round(c.nfe, 3)}
+    command = f"python -m results alpha-map --policy {shlex.quote(policy)}" + (f" --limit {limit}" if limit else "")
+    rec = {**GREEDY, "alpha": points["balanced"]["alpha"], "rule": "greedy at cutoff 0.5 (as validated in "
+           "training), alpha of the `balanced` operating point", "split": cfg.val_split, "n": len(prompts),
+           "block": env.block, "gen_length": env.L, "dtype": cfg.dtype, "command": command,
+           "sweep": [[a, round(c.accuracy, 4), round(c.nfe, 3)] for a, c in curve.items()]}
+    print(map_table(curve, heur, amap))
+    if write:
+        update_card(folder, recommended=rec, operating_points=points, alpha_map=amap,
+                    alpha_map_command=command)
+        log.info("wrote the alpha map (%d of %d heuristic settings matched on validation) into %s",
+                 sum(m["matched"] for m in amap.values()), len(amap), folder / "policy.json")
+    return {"recommended": rec, "operating_points": points, "alpha_map": amap}
+
+
+def _read_cache(path: Path) -> dict:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                out[d["label"]] = Point(d["label"], tuple(d["scores"]), tuple(d["nfes"]))
+            except (ValueError, KeyError, TypeError):  # a line a kill cut short: that point reruns
+                continue
+    return out
+
+
+def map_table(curve: dict[float, Point], heur: dict[str, Point], amap: dict) -> str:
+    body = [[label, f"{100 * h.accuracy:.1f}", f"{h.nfe:.2f}", f"{m['alpha']:g}", f"{100 * curve[m['alpha']].accuracy:.1f}",
+             f"{curve[m['alpha']].nfe:.2f}", f"{m['margin_se']:+.2f}", "yes" if m["matched"] else "no"]
+            for (label, h), m in zip(heur.items(), amap.values())]
+    return tabulate(body, ["heuristic", "val acc %", "val NFE", "alpha", "learned val acc %", "learned val NFE",
+                           "margin (SE)", "matched"], tablefmt="github", disable_numparse=True)

@@ -1,0 +1,209 @@
+"""One policy for the whole accuracy-speed curve: alpha as a policy input (issue 32).
+
+    python -m pytest tests/test_alpha_policy.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, build_policy, update_card
+from lm_eval_dllm.samplers import make_sampler
+from lm_eval_dllm.utils import DLLMError
+from results.alpha_map import Point, choose_alpha, heuristic_settings, margin, matches
+from results.grid import ALPHAS, Grid, alphas_for
+from results.report import Row, targets
+from train.grpo import GRPOConfig, check_config, draw_alphas, stack_steps, start_from, val_alphas
+
+from .test_samplers import state
+
+RANGE = [0.25, 64.0]
+
+
+def _canvas(b=3, L=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(b, L, generator=g)
+    masked = torch.rand(b, L, generator=g) < 0.8
+    return conf, masked
+
+
+def test_a_fresh_alpha_input_leaves_the_source_policy_unchanged_at_alpha_1(tmp_path):
+    """--init-from a policy of one alpha: the alpha input starts at zero effect at alpha 1 (so the
+    run starts as that policy) and, at init, a larger alpha lowers the threshold (higher logits)."""
+    src = UnmaskPolicy(PolicyConfig(init="threshold", skip_gain=20.0))
+    torch.nn.init.normal_(src.out.weight, std=0.1)
+    src.save(tmp_path / "src")
+    run = build_policy(PolicyConfig(init="threshold", skip_gain=20.0, alpha_range=RANGE))
+    start_from(run, str(tmp_path / "src"))
+    conf, masked = _canvas()
+    args = (conf, conf / 2, 1 - conf, masked, masked)
+    base = src.logits_for(*args)
+    torch.testing.assert_close(run.logits_for(*args, alpha=1.0), base, rtol=0, atol=0)
+    # gain 20 x alpha_code(16) = 1 x alpha_shift 0.15: +3 logits, -3 at alpha 1/16
+    torch.testing.assert_close(run.logits_for(*args, alpha=16.0), base + 3.0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(run.logits_for(*args, alpha=1 / 16), base - 3.0, rtol=0, atol=1e-4)
+    # one alpha per row
+    per_row = run.logits_for(*args, alpha=torch.tensor([1.0, 16.0, 1 / 16]))
+    torch.testing.assert_close(per_row, base + torch.tensor([[0.0], [3.0], [-3.0]]), rtol=0, atol=1e-4)
+
+
+def test_the_alpha_embedding_conditions_both_architectures():
+    """Once trained (here: its zero-initialised layers set at random), the alpha embedding changes
+    the logits, through our adaLN and through the paper network's conditioning seam alike."""
+    conf, masked = _canvas()
+    s = SimpleNamespace(conf=conf, margin=conf / 2, entropy=1 - conf, masked=masked, eligible=masked,
+                        top=conf[..., None], steps=torch.zeros(3), block_start=0, block_size=12)
+    for cfg in (PolicyConfig(alpha_range=RANGE, alpha_shift=0.0), PolicyConfig(arch="dit_confidence", alpha_range=RANGE)):
+        pol = build_policy(cfg)
+        same = pol.step_logits(s, alpha=1.0)
+        torch.testing.assert_close(pol.step_logits(s, alpha=8.0), same)  # zero-initialised: no effect yet
+        with torch.no_grad():  # as training leaves them: the zero-initialised layers (adaLN, alpha's last) nonzero
+            for w in pol.parameters():
+                if not w.any():
+                    w.normal_(std=0.3)
+        assert not torch.allclose(pol.step_logits(s, alpha=8.0), pol.step_logits(s, alpha=1.0))
+
+
+def test_alpha_errors_are_one_line():
+    conf, masked = _canvas()
+    args = (conf, conf, conf, masked, masked)
+    with pytest.raises(DLLMError, match="trained at one alpha; valid: an alpha-conditioned"):
+        UnmaskPolicy(PolicyConfig()).logits_for(*args, alpha=2.0)
+    with pytest.raises(DLLMError, match=r"alpha-conditioned \(trained over alpha \[0.25, 64.0\]\)"):
+        build_policy(PolicyConfig(alpha_range=RANGE)).logits_for(*args)
+    for bad in ([4, 2], [0, 1], [1], "1,2", [1, float("inf")]):
+        with pytest.raises(DLLMError, match=r"alpha_range=.*valid: \[lo, hi\] with 0 < lo < hi"):
+            PolicyConfig(alpha_range=bad)
+
+
+def _sampler(policy, card=None, **params):
+    s = make_sampler("learned", {"mode": "greedy", **params})
+    policy.card = card or {}
+    s.attach(policy, 48, 48)
+    return s
+
+
+def test_the_sampler_takes_alpha_as_a_number_a_named_point_or_the_cards():
+    pol = build_policy(PolicyConfig(alpha_range=RANGE))
+    card = {"operating_points": {"fast": {"alpha": 16.0}},
+            "recommended": {"mode": "greedy", "cutoff": 0.5, "alpha": 2.0}}
+    assert _sampler(pol, alpha="8").settings["alpha"] == 8.0
+    assert _sampler(pol, card, alpha="fast").settings["alpha"] == 16.0
+    assert _sampler(pol, card).settings["alpha"] == 2.0  # the card's recommended
+    s = _sampler(pol)  # no card: the middle of the range, said so
+    assert s.settings["alpha"] == 4.0 and s.settings["source"]["alpha"] == "the middle of the trained range"
+    cases = [({"alpha": "128"}, r"alpha=128 is outside the range .* valid: a number in \[0.25, 64\]"),
+             ({"alpha": "slow"}, r"alpha='slow' is not an operating point of this policy; valid: fast, or a number"),
+             ({"alpha": "-1"}, r"alpha='-1'; valid: a number > 0 or the name of an operating point")]
+    for params, msg in cases:
+        with pytest.raises(DLLMError, match=msg):
+            _sampler(pol, card, **params)
+    with pytest.raises(DLLMError, match="alpha=2 for a policy trained at one alpha"):
+        _sampler(UnmaskPolicy(PolicyConfig()), alpha="2")
+    # the alpha in use reaches the policy: a larger alpha commits more at the same step
+    st = state(torch.linspace(0.5, 0.99, 48)[None].repeat(2, 1))
+    pol = build_policy(PolicyConfig(alpha_range=RANGE, init="threshold", skip_gain=20.0))  # tau 0.9 at alpha 1
+    few, many = (_sampler(pol, alpha=a).select(st).commit.sum() for a in ("0.25", "64"))
+    assert many > few
+
+
+def test_training_draws_one_alpha_per_group_and_rewards_with_it():
+    cfg = GRPOConfig(alpha_range="0.25,64", seed=3)
+    a = draw_alphas(cfg, step=5, n_groups=4)
+    assert a == draw_alphas(cfg, step=5, n_groups=4) and len(set(a)) == 4
+    assert all(0.25 <= x <= 64 for x in a)
+    assert draw_alphas(cfg, 5, 2, rank=1) == a[2:]  # process 1 of 2 draws what one process drew for its groups
+    assert val_alphas([0.25, 64.0]) == [0.25, 1.0, 4.0, 16.0, 64.0]
+    for bad in ("64,0.25", "0,4", "x", "1,2,3"):
+        with pytest.raises(DLLMError, match=r"--alpha-range .*; valid: LO,HI with 0 < LO < HI"):
+            check_config(GRPOConfig(alpha_range=bad, out="/nonexistent/x"), False, False)
+    with pytest.raises(DLLMError, match="--expert-tau '0.9'; valid: empty with --alpha-range"):
+        check_config(GRPOConfig(alpha_range="1,4", expert_tau="0.9", out="/nonexistent/x"), False, False)
+
+
+def test_each_replayed_step_carries_its_rollouts_alpha():
+    pol = build_policy(PolicyConfig(alpha_range=RANGE))
+    conf, masked = _canvas(b=3)
+    rec = SimpleNamespace(conf=conf, margin=conf, entropy=conf, masked=masked, eligible=masked,
+                          action=masked & (conf > 0.5), rows=torch.tensor([2, 0, 1]), rank=None)
+    batch = stack_steps([rec], pol, torch.tensor([1.0, 4.0, 16.0]))
+    assert batch["inputs"][-1].tolist() == [16.0, 1.0, 4.0]
+
+
+def test_an_alpha_policy_sweeps_alpha_in_the_grid(tmp_path, monkeypatch):
+    import policies
+
+    monkeypatch.setattr(policies, "HERE", tmp_path)
+    pol = build_policy(PolicyConfig(alpha_range=[1.0, 16.0], base_model="bundled:tiny-modchain", task="modchain",
+                                    block=48, gen_length=48))
+    pol.save(tmp_path / "a48", {"alpha_range": [1.0, 16.0]})
+    learned = [s for s in Grid(tasks=["modchain"], blocks=[48], samplers=["learned"]).settings()]
+    assert [dict(s.params) for s in learned] == [{}] + [{"alpha": a} for a in (1.0, 1.4142, 2.0, 2.8284, 4.0, 5.6569,
+                                                                              8.0, 11.3137, 16.0)]
+    assert alphas_for([0.0625, 2048]) == list(ALPHAS) and len(ALPHAS) == 31 and ALPHAS[6] == 0.5
+
+
+def _point(label, acc, nfe, n=100):
+    right = round(acc * n)
+    return Point(label, tuple([1.0] * right + [0.0] * (n - right)), tuple(nfe + (-1) ** i for i in range(n)))
+
+
+def test_the_map_picks_the_alpha_that_beats_a_setting_by_the_widest_margin():
+    curve = {1.0: _point("a1", 0.99, 6), 4.0: _point("a4", 0.95, 5), 16.0: _point("a16", 0.80, 4)}
+    h = _point("threshold", 0.90, 5.5)
+    assert matches(curve[4.0], h) and not matches(curve[1.0], h) and not matches(curve[16.0], h)
+    assert choose_alpha(curve, h) == 4.0 and margin(curve[4.0], h) > 0 > margin(curve[16.0], h)
+    # nothing matches: the closest miss
+    assert choose_alpha(curve, _point("eb", 0.99, 4.5)) == 4.0
+    labels = [s.label for s in heuristic_settings(48)]
+    assert "threshold(tau=0.9)" in labels and "confidence(k=1)" in labels and len(labels) == 17
+    assert "confidence(k=1)" not in [s.label for s in heuristic_settings(16)]  # ends only, as the grid
+
+
+def _row(sampler, params, acc, nfe, block=48):
+    return Row("modchain", sampler, tuple(sorted(params.items())), block, 48, acc, nfe, 1.0, 0.01, 1000,
+               stderr=math.sqrt(acc * (1 - acc) / 1000))
+
+
+def test_the_report_checks_the_map_on_the_split_it_reports():
+    rows = [_row("threshold", {"tau": 0.9}, 0.90, 4.0), _row("threshold", {"tau": 0.5}, 0.60, 3.0),
+            _row("learned", {}, 0.97, 4.0), _row("learned", {"alpha": 2.0}, 0.95, 3.9),
+            _row("learned", {"alpha": 16.0}, 0.58, 2.9)]
+    amap = {"threshold(tau=0.9)": {"alpha": 2.0}, "threshold(tau=0.5)": {"alpha": 16.0}}
+    text = targets(rows, {48: ("a48", amap)})
+    assert ("the alpha map of `a48` (one alpha per heuristic setting, chosen on validation, on its card): "
+            "1 of 2 matched on this split; missed: threshold(tau=0.5) 60.0 % @ 3.00 by alpha 16 58.0 % @ 2.90") in text
+    assert "best: learned 97.0 ± 0.5 % (1 SE) @ 4.00" in text
+
+
+def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path):
+    """The whole command on a small alpha policy: every heuristic setting of the block gets an alpha from
+    the swept ones, the operating points and the recommendation go on the card, and `alpha=fast` then
+    runs the alpha the card names."""
+    from results.alpha_map import alpha_map
+
+    folder = tmp_path / "pol"
+    pol = build_policy(PolicyConfig(alpha_range=[1.0, 4.0], init="threshold", skip_gain=20.0,
+                                    base_model="bundled:tiny-modchain", task="modchain", block=16, gen_length=48))
+    pol.save(folder, {"alpha_range": [1.0, 4.0], "command": "python -m train.grpo --task modchain --block 16 "
+                      "--alpha-range 1,4 --val-size 8 --dtype float32"})
+    out = alpha_map(str(folder), batch_size=16, cache_dir=tmp_path / "cache")
+    card = json.loads((folder / "policy.json").read_text())["card"]
+    assert card["alpha_map"] == out["alpha_map"]
+    assert set(card["alpha_map"]) == {s.label for s in heuristic_settings(16)}
+    assert {m["alpha"] for m in card["alpha_map"].values()} <= {1.0, 1.4142, 2.0, 2.8284, 4.0}
+    assert set(card["operating_points"]) == {"accurate", "balanced", "fast"}
+    assert card["recommended"]["alpha"] == card["operating_points"]["balanced"]["alpha"]
+    assert card["recommended"]["n"] == 8 and len(card["recommended"]["sweep"]) == 5
+    loaded = UnmaskPolicy.load(folder)
+    s = make_sampler("learned", {"policy": str(folder), "alpha": "fast"})
+    s.attach(loaded, 16, 48)
+    assert s.settings["alpha"] == card["operating_points"]["fast"]["alpha"]
+    assert s.settings["mode"] == "greedy"
+    update_card(folder, alpha_map={})  # the cache makes a rerun read nothing again
+    assert alpha_map(str(folder), batch_size=16, cache_dir=tmp_path / "cache", write=False)["alpha_map"] == out["alpha_map"]
