@@ -37,7 +37,6 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
 from lm_eval_dllm.policy import UnmaskPolicy, find_policy, update_card
@@ -45,10 +44,9 @@ from lm_eval_dllm.reward import reward
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
-from train.grpo import Env, GRPOConfig
 
-from .grid import PRESETS, Grid, Setting, alphas_for, policy_fingerprint
-from .recommend import training_config
+from .grid import PRESETS, Grid, Setting, alphas_for
+from .recommend import on_validation, read_cache, training_config
 
 log = logging.getLogger("results")
 POINTS = {"accurate": 0.25, "balanced": 1.0, "fast": 32.0}  # name -> the alpha whose reward picks it
@@ -118,19 +116,9 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
     if not pol.alpha_conditioned:
         raise DLLMError(f"policy {str(folder)!r} was trained at one alpha; valid: an alpha-conditioned policy "
                         f"(train.grpo --alpha-range), or `python -m results recommend` for this one")
-    card = dict(pol.card)
-    cfg = training_config({**card, "alpha": 1.0}, pol)
-    if cfg.val_split == "test":
-        raise DLLMError("the policy was validated on the test split; valid: a policy trained with "
-                        "--val-split validation (the map must not be chosen on the test problems)")
-    n = min(limit, cfg.val_size) if limit else cfg.val_size
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = GRPOConfig(**{**asdict(cfg), "device": str(dev), "batch_size": batch_size, "dtype": dtype or cfg.dtype})
-    env = Env(cfg, dev)
-    prompts = env.scorer.prompts(cfg.val_split, n=n, seed=cfg.seed)
-    pol = pol.to(dev)
-    cache = cache_dir / f"{policy_fingerprint(folder)}-{cfg.val_split}-n{len(prompts)}-seed{cfg.seed}-{cfg.dtype}.jsonl"
-    done = _read_cache(cache)
+    cfg, env, prompts, pol, cache = on_validation(folder, pol, training_config({**pol.card, "alpha": 1.0}, pol),
+                                                  limit, batch_size, dtype, device, cache_dir)
+    done = {label: Point(label, tuple(d["scores"]), tuple(d["nfes"])) for label, d in read_cache(cache, "label").items()}
 
     def run(label: str, sampler) -> Point:
         if label not in done:
@@ -170,18 +158,6 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
         log.info("wrote the alpha map (%d of %d heuristic settings matched on validation) into %s",
                  sum(m["matched"] for m in amap.values()), len(amap), folder / "policy.json")
     return {"recommended": rec, "operating_points": points, "alpha_map": amap}
-
-
-def _read_cache(path: Path) -> dict:
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                d = json.loads(line)
-                out[d["label"]] = Point(d["label"], tuple(d["scores"]), tuple(d["nfes"]))
-            except (ValueError, KeyError, TypeError):  # a line a kill cut short: that point reruns
-                continue
-    return out
 
 
 def map_table(curve: dict[float, Point], heur: dict[str, Point], amap: dict) -> str:

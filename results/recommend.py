@@ -113,21 +113,9 @@ def recommend(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
         raise DLLMError(f"policy {str(folder)!r} has no alpha on its card; valid: a policy written by "
                         f"`python -m train.grpo` (the rule weighs NFE by the alpha it was trained with)")
     alpha = float(card["alpha"])
-    cfg = training_config(card, pol)
-    if cfg.val_split == "test":
-        raise DLLMError("the policy was validated on the test split; valid: a policy trained with "
-                        "--val-split validation (a default must not be chosen on the test problems)")
-    n = min(limit, cfg.val_size) if limit else cfg.val_size
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = GRPOConfig(**{**asdict(cfg), "device": str(dev), "batch_size": batch_size, "dtype": dtype or cfg.dtype})
-    env = Env(cfg, dev)
-    if (env.block, env.L) != (pol.cfg.block, pol.cfg.gen_length):
-        log.warning("validating at block %d, L %d; the policy was trained at block %d, L %d",
-                    env.block, env.L, pol.cfg.block, pol.cfg.gen_length)
-    prompts = env.scorer.prompts(cfg.val_split, n=n, seed=cfg.seed)
-    pol = pol.to(dev)
-    cache = cache_dir / f"{policy_fingerprint(folder)}-{cfg.val_split}-n{len(prompts)}-seed{cfg.seed}-{cfg.dtype}.jsonl"
-    done = _read_cache(cache)
+    cfg, env, prompts, pol, cache = on_validation(folder, pol, training_config(card, pol), limit, batch_size,
+                                                  dtype, device, cache_dir)
+    done = {key: Trial(**t) for key, t in read_cache(cache, "key", "trial").items()}
     trials = []
     for cand in candidates(temperatures, cutoffs, pol.cfg.sampling):
         key = json.dumps(cand, sort_keys=True)
@@ -156,14 +144,36 @@ def recommend(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
     return rec
 
 
-def _read_cache(path: Path) -> dict:
+def on_validation(folder: Path, pol: UnmaskPolicy, cfg: GRPOConfig, limit: int | None, batch_size: int,
+                  dtype: str | None, device: str | None, cache_dir: Path):
+    """What a sweep of `pol` on its validation problems needs: the config it was validated with (this
+    batch size, dtype and device), the environment, the prompts (its card's --val-split, --val-size,
+    --seed; `limit` takes fewer), the policy on the device, and the file of finished points.
+    A policy validated on the test split is refused: nothing may be chosen on the test problems."""
+    if cfg.val_split == "test":
+        raise DLLMError("the policy was validated on the test split; valid: a policy trained with "
+                        "--val-split validation (nothing may be chosen on the test problems)")
+    n = min(limit, cfg.val_size) if limit else cfg.val_size
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = GRPOConfig(**{**asdict(cfg), "device": str(dev), "batch_size": batch_size, "dtype": dtype or cfg.dtype})
+    env = Env(cfg, dev)
+    if (env.block, env.L) != (pol.cfg.block, pol.cfg.gen_length):
+        log.warning("validating at block %d, L %d; the policy was trained at block %d, L %d",
+                    env.block, env.L, pol.cfg.block, pol.cfg.gen_length)
+    prompts = env.scorer.prompts(cfg.val_split, n=n, seed=cfg.seed)
+    cache = cache_dir / f"{policy_fingerprint(folder)}-{cfg.val_split}-n{len(prompts)}-seed{cfg.seed}-{cfg.dtype}.jsonl"
+    return cfg, env, prompts, pol.to(dev), cache
+
+
+def read_cache(path: Path, key: str, value: str | None = None) -> dict:
+    """The finished points of a sweep (one JSON object a line): d[key] -> d[value], or the whole d."""
     out = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 d = json.loads(line)
-                out[d["key"]] = Trial(**d["trial"])
-            except (ValueError, KeyError, TypeError):  # a line a kill cut short: that candidate reruns
+                out[d[key]] = d if value is None else d[value]
+            except (ValueError, KeyError, TypeError):  # a line a kill cut short: that point reruns
                 continue
     return out
 
