@@ -184,7 +184,7 @@ def _sinusoid(L: int, dim: int, device) -> torch.Tensor:
 
 def alpha_code(alpha: torch.Tensor) -> torch.Tensor:
     """(b,) the policy's alpha input: log2(alpha) / 4, so alpha = 1 is 0 (a policy trained at one alpha,
-    warm-started from, is unchanged there) and the usual range 1/4 .. 64 is -0.5 .. 1.5."""
+    warm-started from, is unchanged there) and the shipped policies' 1/16 .. 2048 is -1 .. 2.75."""
     return torch.log2(alpha.float().clamp_min(1e-6)) / 4
 
 
