@@ -69,55 +69,58 @@ def main(argv=None) -> None:
     else:
         docs = load_docs("benchmarks.validation", a.limit, split=a.split)
     try:
-        if a.alpha_map:
-            text = check_map(a, docs, argv)
-            print(text)
-            if a.write:
-                atomic_write(Path(a.write), lambda tmp: Path(tmp).write_text(text))
-            return
-        pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
-        settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
-            ("learned", {**p, "policy": q}) for q in pols  # the card's own setting first, then each cutoff
-            for p in [{}] + [{"mode": "greedy", "cutoff": c} for c in _floats(a.cutoffs)]]
+        mapped = alpha_map_of(a.alpha_map, a.block) if a.alpha_map else None  # refused before the model loads
         model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
-        rows = []
-        for name, params in settings:
+
+        def run(name: str, params: dict) -> tuple[float, float]:
+            """(accuracy %, mean NFE) of one setting on the problems."""
             texts, nfe = decode_setting(model, tok, spec, docs, name, params, a.block, a.batch_size)
-            right = modchain.final_answers_right(texts, docs)
-            rows.append([label(name, params), f"{100 * right / len(docs):.1f}", f"{nfe / len(docs):.2f}"])
+            return 100 * modchain.final_answers_right(texts, docs) / len(docs), nfe / len(docs)
+
+        body = check_map(a.block, *mapped, run) if mapped else sweep(a, run)
     except DLLMError as e:
         raise SystemExit(f"benchmarks.validation: error: {e}") from None
     what = f"{a.split} problems" if a.split != "fresh" else f"fresh problems (seed {a.fresh_seed}, in no split)"
     text = (f"`python -m benchmarks.validation {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}); `learned(policy=X)` alone is the "
-            f"setting X's card recommends:\n\n"
-            + tabulate(rows, ["setting", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True) + "\n")
+            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}){body}")
     print(text)
     if a.write:
         atomic_write(Path(a.write), lambda tmp: Path(tmp).write_text(text))
 
 
-def check_map(a, docs: list[dict], argv) -> str:
-    """The alpha map of policy `a.alpha_map` on `docs`: per heuristic setting, its numbers, the mapped
-    alpha's, and whether they match; then the count and the misses."""
-    from lm_eval_dllm.policy import UnmaskPolicy, find_policy
-    from results.alpha_map import heuristic_settings
+def sweep(a, run) -> str:
+    """The threshold taus, then each policy at its card's setting and at each greedy cutoff."""
+    pols = [x for x in a.policies.split(",") if x] or variants_for(BUNDLED_ID, a.block)
+    settings = [("threshold", {"tau": t}) for t in _floats(a.taus)] + [
+        ("learned", {**p, "policy": q}) for q in pols  # the card's own setting first, then each cutoff
+        for p in [{}] + [{"mode": "greedy", "cutoff": c} for c in _floats(a.cutoffs)]]
+    rows = [[label(name, params), *(f"{acc:.1f}", f"{nfe:.2f}")] for name, params in settings
+            for acc, nfe in [run(name, params)]]
+    return ("; `learned(policy=X)` alone is the setting X's card recommends:\n\n"
+            + tabulate(rows, ["setting", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True) + "\n")
 
-    folder = find_policy(a.alpha_map, model_id=BUNDLED_ID, block=a.block, gen_length=modchain.GEN_LENGTH)
+
+def alpha_map_of(policy: str, block: int) -> tuple[Path, dict]:
+    """The folder of an alpha-conditioned policy and its card's alpha map (a one-line error without one)."""
+    from lm_eval_dllm.policy import UnmaskPolicy, find_policy
+
+    folder = find_policy(policy, model_id=BUNDLED_ID, block=block, gen_length=modchain.GEN_LENGTH)
     amap = (UnmaskPolicy.load(folder).card or {}).get("alpha_map")
     if not amap:
-        raise DLLMError(f"policy {a.alpha_map!r} has no alpha map on its card; valid: an alpha-conditioned policy "
-                        f"after `python -m results alpha-map --policy {a.alpha_map}`")
-    model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
+        raise DLLMError(f"policy {policy!r} has no alpha map on its card; valid: an alpha-conditioned policy "
+                        f"after `python -m results alpha-map --policy {policy}`")
+    return folder, amap
 
-    def run(name: str, params: dict) -> tuple[float, float]:
-        texts, nfe = decode_setting(model, tok, spec, docs, name, params, a.block, a.batch_size)
-        return 100 * modchain.final_answers_right(texts, docs) / len(docs), nfe / len(docs)
+
+def check_map(block: int, folder: Path, amap: dict, run) -> str:
+    """The alpha map on the problems: per heuristic setting, its numbers, the mapped alpha's, and whether
+    they match; then the count and the misses."""
+    from results.alpha_map import heuristic_settings
 
     at = {al: run("learned", {"policy": str(folder), "alpha": str(al)})
           for al in sorted({m["alpha"] for m in amap.values()})}
     rows, missed = [], []
-    for s in heuristic_settings(a.block):
+    for s in heuristic_settings(block):
         if s.label not in amap:
             continue
         acc, nfe = run(s.sampler, dict(s.params))
@@ -127,10 +130,7 @@ def check_map(a, docs: list[dict], argv) -> str:
                      "yes" if ok else "no"])
         if not ok:
             missed.append(f"{s.label} {acc:.1f} % @ {nfe:.2f} (alpha {al:g}: {at[al][0]:.1f} % @ {at[al][1]:.2f})")
-    what = f"{a.split} problems" if a.split != "fresh" else f"fresh problems (seed {a.fresh_seed}, in no split)"
-    return (f"`python -m benchmarks.validation {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-            f"{len(docs)} modchain {what}, block {a.block} ({a.dtype}): the alpha map of `{folder.name}` "
-            f"(on its card, chosen on the validation split):\n\n"
+    return (f": the alpha map of `{folder.name}` (on its card, chosen on the validation split):\n\n"
             + tabulate(rows, ["heuristic", "accuracy %", "mean NFE", "mapped alpha", "learned accuracy %",
                               "learned mean NFE", "matched"], tablefmt="github", disable_numparse=True)
             + f"\n\n{len(rows) - len(missed)} of {len(rows)} heuristic settings matched ("

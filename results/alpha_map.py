@@ -45,7 +45,7 @@ from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError
 
-from .grid import PRESETS, Grid, Setting, alphas_for
+from .grid import PRESETS, SWEEPS, Grid, Setting, alphas_for
 from .recommend import on_validation, read_cache, training_config
 
 log = logging.getLogger("results")
@@ -103,8 +103,8 @@ def choose_alpha(curve: dict[float, Point], h: Point) -> float:
 def heuristic_settings(block: int) -> list[Setting]:
     """Every heuristic setting the default results grid runs at `block` (with its ENDS_ONLY rule)."""
     blocks = list(PRESETS["default"].blocks)
-    samplers = ["confidence", "margin", "entropy", "random", "threshold", "factor", "eb"]
-    grid = Grid(tasks=["modchain"], blocks=sorted(set(blocks) | {block}), samplers=samplers)
+    heuristics = [s for s in SWEEPS if s != "learned"]
+    grid = Grid(tasks=["modchain"], blocks=sorted(set(blocks) | {block}), samplers=heuristics)
     return [s for s in grid.settings() if s.block == block]
 
 
