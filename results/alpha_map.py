@@ -14,10 +14,12 @@ On the validation problems `train.grpo` validated the policy on (its card's comm
 
 Then, written into the card (policy.json, rewritten atomically; weights and config untouched):
 
-- `alpha_map`: for each heuristic setting, the alpha whose validation point beats it by the widest
-  margin, the margin being the smaller of the accuracy gain and the NFE saving, each in standard
-  errors of the difference of two means of this many problems (so the choice holds up best on
-  other problems); with the validation numbers of both, and whether the alpha matched it there;
+- `alpha_map`: for each heuristic setting, the alpha most likely to match it again (at least as
+  accurate at no more NFE) on a new sample of problems, judged from the paired differences on these
+  (`log_match_chance`; ties to the smaller alpha); with the validation numbers of both, the chance, and
+  whether the alpha matched it here;
+- `alpha_map_summary`: how many settings the map matched here, and how many it is expected to
+  match on as many new problems (the sum of the chances): the number to compare policies by;
 - `operating_points`: `accurate`, `balanced` and `fast`, the alphas with the highest mean
   validation reward r = correct x ((L - min(NFE, L) + 1) / L) ** a for a = 1/4, 1 and 32
   (`alpha=accurate` in model_args picks one);
@@ -37,6 +39,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from lm_eval_dllm.policy import UnmaskPolicy, find_policy, update_card
@@ -82,13 +85,25 @@ class Point:
         return sum(reward(s, k, gen_length, alpha) for s, k in zip(self.scores, self.nfes)) / self.n
 
 
-def margin(p: Point, h: Point) -> float:
-    """How far `p` beats `h`: the smaller of its accuracy gain and its NFE saving, each divided by the
-    standard error of the difference of two independent means of these many problems (a floor of
-    one problem's worth keeps a zero variance from dividing by zero). Positive: p matches h."""
-    se_acc = max(math.sqrt(p.var("acc") / p.n + h.var("acc") / h.n), 1 / p.n)
-    se_nfe = max(math.sqrt(p.var("nfe") / p.n + h.var("nfe") / h.n), 1 / p.n)
-    return min((p.accuracy - h.accuracy) / se_acc, (h.nfe - p.nfe) / se_nfe)
+def z_scores(p: Point, h: Point) -> tuple[float, float]:
+    """How far `p` beats `h` in accuracy and in NFE saving, each in standard errors of the paired
+    difference (the same problems, so what both solve or both miss cancels) as a new sample of this
+    many problems would see it: its estimate here plus that sample's own noise. A floor of one
+    problem's worth keeps a difference with no spread (both solve everything) from dividing by zero."""
+    out = []
+    for d in ([a - b for a, b in zip(p.scores, h.scores)], [b - a for a, b in zip(p.nfes, h.nfes)]):
+        n = len(d)
+        m = sum(d) / n
+        var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
+        out.append(m / max(math.sqrt(2 * var / n), 1 / n))
+    return out[0], out[1]
+
+
+def log_match_chance(p: Point, h: Point) -> float:
+    """The log of the chance that `p` is again at least as accurate as `h` at no more NFE on a new
+    sample of this many problems: the two z-scores' normal tails, multiplied (taken as independent);
+    in logs, so that among settings far from matching the closest miss still ranks first."""
+    return float(torch.special.log_ndtr(torch.tensor(z_scores(p, h), dtype=torch.float64)).sum())
 
 
 def matches(p: Point, h: Point) -> bool:
@@ -96,8 +111,11 @@ def matches(p: Point, h: Point) -> bool:
 
 
 def choose_alpha(curve: dict[float, Point], h: Point) -> float:
-    """The alpha whose point beats `h` by the widest margin (ties: the larger alpha, the cheaper)."""
-    return max(curve, key=lambda a: (margin(curve[a], h), a))
+    """The alpha most likely to match `h` again (`log_match_chance`, to 1e-6). Ties (chiefly both at
+    100 % here, where validation cannot tell the accuracies apart, and the NFE saving is certain) go
+    to the smaller alpha: the lower penalty, the more careful decoding, the more accurate on
+    problems validation did not have."""
+    return max(curve, key=lambda a: (round(log_match_chance(curve[a], h), 6), -a))
 
 
 def heuristic_settings(block: int) -> list[Setting]:
@@ -138,7 +156,7 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
     amap = {}
     for label, h in heur.items():
         a = choose_alpha(curve, h)
-        amap[label] = {"alpha": a, "matched": matches(curve[a], h), "margin_se": round(margin(curve[a], h), 2),
+        amap[label] = {"alpha": a, "matched": matches(curve[a], h), "chance": round(math.exp(log_match_chance(curve[a], h)), 3),
                        "heuristic": [round(h.accuracy, 4), round(h.nfe, 3)],
                        "learned": [round(curve[a].accuracy, 4), round(curve[a].nfe, 3)]}
     points = {name: {"alpha": max(curve, key=lambda a: (curve[a].reward(obj, env.L), -curve[a].nfe)),
@@ -151,18 +169,22 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
            "training), alpha of the `balanced` operating point", "split": cfg.val_split, "n": len(prompts),
            "block": env.block, "gen_length": env.L, "dtype": cfg.dtype, "command": command,
            "sweep": [[a, round(c.accuracy, 4), round(c.nfe, 3)] for a, c in curve.items()]}
+    summary = {"settings": len(amap), "matched_on_validation": sum(m["matched"] for m in amap.values()),
+               "expected_on_new_problems": round(sum(math.exp(log_match_chance(curve[m["alpha"]], heur[label]))
+                                                     for label, m in amap.items()), 2)}
     print(map_table(curve, heur, amap))
+    print(f"{summary['matched_on_validation']} of {len(amap)} heuristic settings matched on validation; expected "
+          f"on as many new problems: {summary['expected_on_new_problems']:.2f} (the sum of the chances)")
     if write:
-        update_card(folder, recommended=rec, operating_points=points, alpha_map=amap,
+        update_card(folder, recommended=rec, operating_points=points, alpha_map=amap, alpha_map_summary=summary,
                     alpha_map_command=command)
-        log.info("wrote the alpha map (%d of %d heuristic settings matched on validation) into %s",
-                 sum(m["matched"] for m in amap.values()), len(amap), folder / "policy.json")
-    return {"recommended": rec, "operating_points": points, "alpha_map": amap}
+        log.info("wrote the alpha map into %s", folder / "policy.json")
+    return {"recommended": rec, "operating_points": points, "alpha_map": amap, "alpha_map_summary": summary}
 
 
 def map_table(curve: dict[float, Point], heur: dict[str, Point], amap: dict) -> str:
     body = [[label, f"{100 * h.accuracy:.1f}", f"{h.nfe:.2f}", f"{m['alpha']:g}", f"{100 * curve[m['alpha']].accuracy:.1f}",
-             f"{curve[m['alpha']].nfe:.2f}", f"{m['margin_se']:+.2f}", "yes" if m["matched"] else "no"]
+             f"{curve[m['alpha']].nfe:.2f}", f"{m['chance']:.3f}", "yes" if m["matched"] else "no"]
             for (label, h), m in zip(heur.items(), amap.values())]
     return tabulate(body, ["heuristic", "val acc %", "val NFE", "alpha", "learned val acc %", "learned val NFE",
-                           "margin (SE)", "matched"], tablefmt="github", disable_numparse=True)
+                           "chance of a match", "matched"], tablefmt="github", disable_numparse=True)

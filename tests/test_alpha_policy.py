@@ -15,10 +15,12 @@ import torch
 from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, build_policy, update_card
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.utils import DLLMError
-from results.alpha_map import Point, choose_alpha, heuristic_settings, margin, matches
+from results.alpha_map import Point, choose_alpha, heuristic_settings, log_match_chance, matches
 from results.grid import ALPHAS, Grid, alphas_for
 from results.report import Row, targets
+from lm_eval_dllm.reward import log_reward, reward
 from train.grpo import GRPOConfig, check_config, draw_alphas, stack_steps, start_from, val_alphas
+from train.grpo_loss import group_advantages, relative_advantages
 
 from .test_samplers import state
 
@@ -122,8 +124,33 @@ def test_training_draws_one_alpha_per_group_and_rewards_with_it():
     for bad in ("64,0.25", "0,4", "x", "1,2,3"):
         with pytest.raises(DLLMError, match=r"--alpha-range .*; valid: LO,HI with 0 < LO < HI"):
             check_config(GRPOConfig(alpha_range=bad, out="/nonexistent/x"), False, False)
-    with pytest.raises(DLLMError, match="--expert-tau '0.9'; valid: empty with --alpha-range"):
-        check_config(GRPOConfig(alpha_range="1,4", expert_tau="0.9", out="/nonexistent/x"), False, False)
+
+
+def test_experts_are_rewarded_and_replayed_at_their_groups_alpha(tmp_path, monkeypatch):
+    """Expert steering with --alpha-range: each prompt's threshold rollouts take its group's alpha
+    in the reward and in the replay; relative advantages run through the same step."""
+    import train.grpo as grpo
+    from tests.grpo_smoke import run_one_step
+
+    calls, stacked = [], []
+    rollout, stack = grpo.Env.rollout, grpo.stack_steps
+
+    def spy_rollout(self, policy, prompts, seeds, *a, **kw):
+        ro = rollout(self, policy, prompts, seeds, *a, **kw)
+        if kw.get("record", True):
+            calls.append((kw.get("sampler") is not None, ro.alphas.tolist(), ro.rewards, ro.nfes, ro.scores))
+        return ro
+
+    monkeypatch.setattr(grpo.Env, "rollout", spy_rollout)
+    monkeypatch.setattr(grpo, "stack_steps", lambda traj, pol, alphas=None: stacked.append(alphas) or stack(traj, pol, alphas))
+    run_one_step(tmp_path, "modchain", "--alpha-range", "0.25,64", "--expert-tau", "0.5,0.99", "--adv-norm", "relative")
+    (pol_expert, pol_alphas, *_), *experts = calls
+    assert not pol_expert and len(experts) == 2 and all(e[0] for e in experts)
+    assert len(set(pol_alphas)) == 2 and pol_alphas[0] == pol_alphas[1]  # 2 prompts, a group of 2 each
+    for _, alphas, rewards, nfes, scores in experts:
+        assert alphas == pol_alphas[::2]
+        assert rewards.tolist() == pytest.approx([reward(float(s), int(n), 32, a) for s, n, a in zip(scores, nfes, alphas)])
+    assert stacked[0].tolist() == pytest.approx(pol_alphas + pol_alphas[::2] * 2)
 
 
 def test_each_replayed_step_carries_its_rollouts_alpha():
@@ -153,16 +180,48 @@ def _point(label, acc, nfe, n=100):
     return Point(label, tuple([1.0] * right + [0.0] * (n - right)), tuple(nfe + (-1) ** i for i in range(n)))
 
 
-def test_the_map_picks_the_alpha_that_beats_a_setting_by_the_widest_margin():
+def test_the_map_picks_the_alpha_most_likely_to_match_again():
     curve = {1.0: _point("a1", 0.99, 6), 4.0: _point("a4", 0.95, 5), 16.0: _point("a16", 0.80, 4)}
     h = _point("threshold", 0.90, 5.5)
     assert matches(curve[4.0], h) and not matches(curve[1.0], h) and not matches(curve[16.0], h)
-    assert choose_alpha(curve, h) == 4.0 and margin(curve[4.0], h) > 0 > margin(curve[16.0], h)
-    # nothing matches: the closest miss
-    assert choose_alpha(curve, _point("eb", 0.99, 4.5)) == 4.0
+    assert choose_alpha(curve, h) == 4.0
+    assert log_match_chance(curve[4.0], h) > math.log(0.9) > math.log(0.1) > log_match_chance(curve[16.0], h)
+    # nothing matches: the closest miss, 3.4 SE short in accuracy rather than 50 SE over in NFE
+    # (both chances underflow a float; their logs rank them)
+    assert choose_alpha(curve, _point("eb", 0.99, 4.5)) == 16.0
+    # paired: 92 solved of 100 against 90 is surer when the 92 hold the 90 than when they miss 10 of them
+    q = Point("q", tuple([1.0] * 90 + [0.0] * 10), (5,) * 100)
+    superset = Point("p", tuple([1.0] * 92 + [0.0] * 8), (4,) * 100)
+    elsewhere = Point("p", tuple([0.0] * 8 + [1.0] * 92), (4,) * 100)
+    assert log_match_chance(superset, q) > log_match_chance(elsewhere, q) + 0.2
+    assert math.exp(log_match_chance(superset, q)) == pytest.approx(0.5 * math.erfc(-(0.02 / math.sqrt(2 * 0.0198 / 100))
+                                                                                    / math.sqrt(2)), rel=1e-3)
+    # both solve every problem: a tie validation cannot break; the smaller alpha, the more careful
+    top = {0.125: _point("a", 1.0, 20), 0.25: _point("b", 1.0, 12), 1.0: _point("c", 0.99, 5)}
+    assert choose_alpha(top, _point("confidence", 1.0, 48)) == 0.125
     labels = [s.label for s in heuristic_settings(48)]
     assert "threshold(tau=0.9)" in labels and "confidence(k=1)" in labels and len(labels) == 17
     assert "confidence(k=1)" not in [s.label for s in heuristic_settings(16)]  # ends only, as the grid
+
+
+def test_relative_advantages_weigh_every_alpha_alike_and_never_underflow():
+    L = 48
+    assert log_reward(1.0, 5, L, 3.0) == pytest.approx(math.log(reward(1.0, 5, L, 3.0)), rel=1e-12)
+    assert log_reward(0.0, 5, L, 3.0) == -math.inf
+    assert reward(1.0, 20, L, 2048.0) == 0.0 and log_reward(1.0, 20, L, 2048.0) > -1100  # float64 underflows
+    # a group at alpha 1 and the same outcomes at alpha 2048: the paper's (mean-centred) advantages
+    # differ by ~60 orders of magnitude, the relative ones are r / mean - 1 of each
+    outcomes = [(1.0, 4), (1.0, 5), (0.0, 4), (1.0, 6)]
+    for alpha in (1.0, 2048.0):
+        logs = torch.tensor([[log_reward(s, n, L, alpha) for s, n in outcomes]], dtype=torch.float64)
+        a = relative_advantages(logs)[0]
+        r = torch.tensor([reward(s, n, L, alpha) for s, n in outcomes], dtype=torch.float64)
+        if alpha == 1.0:
+            assert torch.allclose(a, r / r.mean() - 1, rtol=0, atol=1e-12)
+            assert torch.allclose(group_advantages(r, 4), r - r.mean())
+        assert abs(float(a.sum())) < 1e-9 and a[2] == -1 and a[0] > a[1] >= a[3] and a[0] > 0
+        assert torch.isfinite(a).all()
+    assert (relative_advantages(torch.full((2, 3), -math.inf, dtype=torch.float64)) == 0).all()  # nothing solved
 
 
 def _row(sampler, params, acc, nfe, block=48):
@@ -200,6 +259,10 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path):
     assert set(card["operating_points"]) == {"accurate", "balanced", "fast"}
     assert card["recommended"]["alpha"] == card["operating_points"]["balanced"]["alpha"]
     assert card["recommended"]["n"] == 8 and len(card["recommended"]["sweep"]) == 5
+    summary = card["alpha_map_summary"]
+    assert summary["matched_on_validation"] == sum(m["matched"] for m in card["alpha_map"].values())
+    assert summary["expected_on_new_problems"] == pytest.approx(sum(m["chance"] for m in card["alpha_map"].values()),
+                                                                abs=0.0005 * len(card["alpha_map"]) + 0.005)
     loaded = UnmaskPolicy.load(folder)
     s = make_sampler("learned", {"policy": str(folder), "alpha": "fast"})
     s.attach(loaded, 16, 48)

@@ -46,7 +46,7 @@ from lm_eval_dllm.models.diffusion_gemma import MODEL_TYPE as DIFFUSION_GEMMA
 from lm_eval_dllm.policy import (ALL_FEATURES, ARCHS, DIT_ARCHS, SAMPLINGS, Policy, PolicyConfig, UnmaskPolicy,
                                  action_logprob, build_policy, find_policy, network_diff)
 from lm_eval_dllm.policy_dit import dllm_arch_of
-from lm_eval_dllm.reward import TaskScorer, reward
+from lm_eval_dllm.reward import TaskScorer, log_reward, reward
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.samplers.threshold import ThresholdSampler
 from lm_eval_dllm.text import stop_strings
@@ -54,7 +54,8 @@ from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError, atomic_write
 
 from . import crash
-from .grpo_loss import clipped_pg_loss, expert_mixture, group_advantages, loss_count, mixed_advantages
+from .grpo_loss import (clipped_pg_loss, expert_mixture, group_advantages, loss_count, mixed_advantages,
+                        relative_advantages)
 from .run_files import check_writable, keep_log_until, remove_partial_saves
 
 log = logging.getLogger("train.grpo")
@@ -88,6 +89,7 @@ class GRPOConfig:
     warmup: int = opt(0, 'linear learning-rate warmup steps')
     clip_eps: float = opt(0.5, 'PPO-style ratio clip')
     loss_norm: str = opt("step", 'step: mean over (rollout, step) terms | rollout: each rollout weighs the same (the paper code\'s)')
+    adv_norm: str = opt("mean", "a rollout's advantage: mean (its reward minus its group's mean: the paper's) | relative (that divided by the group's mean reward, in log space: with --alpha-range every alpha's groups weigh the same, where a large alpha's rewards are tiny)")
     inner_steps: int = opt(2, 'optimizer steps per rollout batch (rollouts reused)')
     grad_clip: float = opt(0.2, 'gradient-norm clip')
     weight_decay: float = opt(0.0, 'AdamW weight decay')
@@ -121,7 +123,7 @@ class GRPOConfig:
     out: str = opt("runs/grpo", 'OUT/best, OUT/last, OUT/log.jsonl, OUT/trainer_state.pt')
 
 
-CHOICES = {"arch": ARCHS, "val_mode": ("greedy", "sample"), "sampling": SAMPLINGS, "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"),
+CHOICES = {"arch": ARCHS, "val_mode": ("greedy", "sample"), "sampling": SAMPLINGS, "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"), "adv_norm": ("mean", "relative"),
            "truncation": ("left", "error"), "cache": CACHE_MODES}
 RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
 
@@ -132,6 +134,7 @@ class Rollout:
     per completion its reward, the task's score, its NFE, its text and (alpha-conditioned) its alpha."""
     trajectory: list
     rewards: torch.Tensor  # (n,)
+    log_rewards: torch.Tensor  # (n,) float64, their logs (-inf: score 0), exact where a reward underflows
     scores: torch.Tensor  # (n,)
     nfes: torch.Tensor  # (n,) float
     texts: list[str]
@@ -224,7 +227,9 @@ class Env:
                     r.rows = r.rows + i  # rows index the whole rollout batch
                 traj_all += out.trajectory
         rewards = [reward(s, n, self.L, a) for s, n, a in zip(scores, nfes, alphas)]
-        return Rollout(traj_all, torch.tensor(rewards), torch.tensor(scores), torch.tensor(nfes, dtype=torch.float),
+        logs = [log_reward(s, n, self.L, a) for s, n, a in zip(scores, nfes, alphas)]
+        return Rollout(traj_all, torch.tensor(rewards), torch.tensor(logs, dtype=torch.float64), torch.tensor(scores),
+                       torch.tensor(nfes, dtype=torch.float),
                        texts, torch.tensor(alphas, dtype=torch.float32))
 
 
@@ -427,8 +432,7 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("expert_tau", "comma-separated thresholds in (0, 1], e.g. 0.9,0.7")
     if cfg.sampling not in SAMPLINGS:
         raise bad("sampling", ", ".join(SAMPLINGS))
-    if alpha_bounds(cfg) is not None and taus:
-        raise bad("expert_tau", "empty with --alpha-range (the experts' rewards would need an alpha of their own)")
+    alpha_bounds(cfg)  # a malformed --alpha-range fails here, before the model loads
     skip_gain(cfg)
     resolve_dtype(cfg.dtype)
     check_cache(cfg.cache, 0, cfg.cache_window)  # main() refuses other modes (CHOICES); this is for callers of the API
@@ -600,17 +604,24 @@ class Trainer:
                       for _ in range(cfg.group)]
         ro = self.env.rollout(pol, prompts, seeds, mode=policy_mode(cfg), alphas=alphas)
         ex = [self.env.rollout(None, prompts[::cfg.group], seeds[::cfg.group], record_top=pol.top_probs,
-                               record_hidden=pol.reads_hidden,
+                               record_hidden=pol.reads_hidden, alphas=None if alphas is None else alphas[::cfg.group],
                                sampler=ThresholdSampler(ThresholdSampler.Config(tau=t))) for t in self.taus]
         return ro, ex
 
     def advantages(self, ro: Rollout, ex: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each rollout's advantage, row order: the policy's, then tau by tau; and the experts' own
         (k, E) (None without experts), whose rewards count in their prompt's group baseline."""
+        G = self.cfg.group
+        if self.cfg.adv_norm == "relative":  # in log space, so that tiny rewards (large alphas) count alike
+            parts = [ro.log_rewards.view(-1, G)] + ([torch.stack([e.log_rewards for e in ex], 1)] if ex else [])
+            a = relative_advantages(torch.cat(parts, 1)).float()
+            a_pol, a_ex = a[:, :G], a[:, G:]
+        elif not ex:
+            return group_advantages(ro.rewards, G), None
+        else:
+            a_pol, a_ex = mixed_advantages(ro.rewards.view(-1, G), torch.stack([e.rewards for e in ex], dim=1))
         if not ex:
-            return group_advantages(ro.rewards, self.cfg.group), None
-        ex_rewards = torch.stack([e.rewards for e in ex], dim=1)  # (k, E)
-        a_pol, a_ex = mixed_advantages(ro.rewards.view(-1, self.cfg.group), ex_rewards)
+            return a_pol.flatten(), None
         return torch.cat([a_pol.flatten(), a_ex.T.flatten()]), a_ex
 
     def optimize(self, ro: Rollout, ex: list[Rollout], adv: torch.Tensor) -> list[float]:
@@ -622,7 +633,8 @@ class Trainer:
             traj = traj + e.trajectory
         pol = self.acc.unwrap_model(self.ddp_policy)
         batch = {k: to_device(v, self.acc.device)
-                 for k, v in stack_steps(traj, pol, ro.alphas if pol.alpha_conditioned else None).items()}
+                 for k, v in stack_steps(traj, pol, torch.cat([ro.alphas] + [e.alphas for e in ex])
+                                         if pol.alpha_conditioned else None).items()}
         return update(self.ddp_policy, pol, self.opt, self.sched, batch, adv.to(self.acc.device), self.cfg,
                       self.acc, n_policy)
 
@@ -651,7 +663,7 @@ class Trainer:
             self.best = vm["reward"]
             acc.unwrap_model(self.ddp_policy).save(self.out / "best", self.card(val))
         if acc.is_main_process:
-            self.bar.write(f"step {self.step}: validation reward {vm['reward']:.3f}, accuracy {vm['accuracy']:.3f}, "
+            self.bar.write(f"step {self.step}: validation reward {vm['reward']:.3g}, accuracy {vm['accuracy']:.3f}, "
                            f"NFE {vm['nfe']:.2f}" + "".join(
                                f"; alpha {a}: {100 * v['accuracy']:.1f} % @ {v['nfe']:.2f}" for a, v in vm.get("at", {}).items()))
         return val
@@ -695,6 +707,9 @@ def policy_mode(cfg: GRPOConfig) -> str:
     return "pl" if cfg.sampling == "pl" else "bernoulli" if cfg.paper_mode else "sample"
 
 
+LOG_FLOOR = math.log(1e-300)  # validation: the log mean reward of an alpha where nothing is solved
+
+
 @torch.no_grad()
 def validate(env: Env, policy, prompts, acc, mode: str = "greedy", bounds: list[float] | None = None,
              alpha: float | None = None) -> dict:
@@ -704,19 +719,28 @@ def validate(env: Env, policy, prompts, acc, mode: str = "greedy", bounds: list[
 
     An alpha-conditioned policy (`bounds`: its --alpha-range) runs at each of `val_alphas(bounds)`;
     its reward is the geometric mean of theirs (each alpha's relative gain counts the same, though
-    a large alpha's rewards are small), its accuracy and NFE their means, and `at` holds each alpha's."""
+    a large alpha's rewards are small), its accuracy and NFE their means, and `at` holds each alpha's.
+    Mean rewards are taken in log space (`log_reward`: "log_reward" in each entry), so one far below
+    float64's range still counts; an alpha where nothing is solved counts as LOG_FLOOR (none solving
+    anything: 0)."""
     if bounds is not None:
         at = {f"{a:g}": validate(env, policy, prompts, acc, mode, None, a) for a in val_alphas(bounds)}
-        geo = math.exp(sum(math.log(max(v["reward"], 1e-9)) for v in at.values()) / len(at))
-        return {"reward": geo, "accuracy": sum(v["accuracy"] for v in at.values()) / len(at),
+        solved = any(v["accuracy"] > 0 for v in at.values())
+        log_geo = sum(max(v["log_reward"], LOG_FLOOR) for v in at.values()) / len(at) if solved else -math.inf
+        return {"reward": math.exp(log_geo), "log_reward": log_geo,
+                "accuracy": sum(v["accuracy"] for v in at.values()) / len(at),
                 "nfe": sum(v["nfe"] for v in at.values()) / len(at), "at": at}
     idx = range(acc.process_index, len(prompts), acc.num_processes)
     mine = [prompts[i] for i in idx]  # seeded by index in the whole set: the same draws whatever the split
     ro = env.rollout(policy, mine, list(idx), mode=mode, record=False,
                      alphas=None if alpha is None else [alpha] * len(mine))
-    m = torch.tensor([ro.rewards.sum(), ro.scores.sum(), ro.nfes.sum(), float(len(mine))], device=acc.device)
-    m = acc.reduce(m, reduction="sum").tolist()
-    return {"reward": m[0] / m[3], "accuracy": m[1] / m[3], "nfe": m[2] / m[3]}
+    m = torch.tensor([ro.scores.sum(), ro.nfes.sum(), float(len(mine))], device=acc.device)
+    score, nfe, n = acc.reduce(m, reduction="sum").tolist()
+    lse = torch.logsumexp(ro.log_rewards, 0) if len(mine) else torch.tensor(-math.inf, dtype=torch.float64)
+    if acc.num_processes > 1:  # float64 (not on MPS, where there is only one process)
+        lse = torch.logsumexp(acc.gather(lse.reshape(1).to(acc.device)).double().cpu(), 0)
+    log_mean = float(lse) - math.log(n)
+    return {"reward": math.exp(log_mean), "log_reward": log_mean, "accuracy": score / n, "nfe": nfe / n}
 
 
 def parse_args(argv=None) -> tuple[GRPOConfig, bool, bool]:

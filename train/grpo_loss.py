@@ -11,6 +11,16 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     return (r - r.mean(-1, keepdim=True)).flatten()
 
 
+def relative_advantages(log_rewards: torch.Tensor) -> torch.Tensor:
+    """Per row (a prompt's group, (k, G) log-rewards): r / mean(r) - 1, the gain relative to the
+    group's mean reward, computed in log space, so a group whose rewards are all tiny (a large NFE
+    penalty) weighs as much as one near 1 and none underflows. A group with no reward at all: 0."""
+    top = log_rewards.max(-1, keepdim=True).values
+    w = torch.exp(log_rewards - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))  # max 1 (or all 0)
+    m = w.mean(-1, keepdim=True)
+    return torch.where(m > 0, w / m.clamp_min(torch.finfo(w.dtype).tiny) - 1, torch.zeros_like(w))
+
+
 def mixed_advantages(policy_rewards: torch.Tensor, expert_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert steering's advantages: policy_rewards (k, G) and expert_rewards (k, E) of k prompts
     form k groups of G + E; each reward minus its group's mean over all G + E. Returns the
