@@ -19,9 +19,14 @@ from lm_eval.tasks import TaskManager
 from .utils import DLLMError
 
 
-def nfe_discount(nfe: int, gen_length: int, alpha: float) -> float:
+def _kept_share(nfe: int, gen_length: int) -> float:
+    """(L - min(NFE, L) + 1) / L: the base the NFE discount raises to alpha."""
     L = gen_length
-    return ((L - min(nfe, L) + 1) / L) ** alpha
+    return (L - min(nfe, L) + 1) / L
+
+
+def nfe_discount(nfe: int, gen_length: int, alpha: float) -> float:
+    return _kept_share(nfe, gen_length) ** alpha
 
 
 def reward(score: float, nfe: int, gen_length: int, alpha: float) -> float:
@@ -34,8 +39,7 @@ def log_reward(score: float, nfe: int, gen_length: int, alpha: float) -> float:
     NFE 20 and alpha 2048 it is about 1e-450, below float64's smallest number)."""
     if score <= 0:
         return -math.inf
-    L = gen_length
-    return math.log(score) + alpha * math.log((L - min(nfe, L) + 1) / L)
+    return math.log(score) + alpha * math.log(_kept_share(nfe, gen_length))
 
 
 @dataclass

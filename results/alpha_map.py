@@ -153,10 +153,11 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
         **{k: v for k, v in GREEDY.items() if k != "temperature"}, temperature=1.0, alpha=str(a)), policy=pol))
         for a in alphas_for(pol.cfg.alpha_range)}
     heur = {s.label: run(s.label, make_sampler(s.sampler, dict(s.params))) for s in heuristic_settings(env.block)}
-    amap = {}
+    amap, chances = {}, []
     for label, h in heur.items():
         a = choose_alpha(curve, h)
-        amap[label] = {"alpha": a, "matched": matches(curve[a], h), "chance": round(math.exp(log_match_chance(curve[a], h)), 3),
+        chances.append(math.exp(log_match_chance(curve[a], h)))
+        amap[label] = {"alpha": a, "matched": matches(curve[a], h), "chance": round(chances[-1], 3),
                        "heuristic": [round(h.accuracy, 4), round(h.nfe, 3)],
                        "learned": [round(curve[a].accuracy, 4), round(curve[a].nfe, 3)]}
     points = {name: {"alpha": max(curve, key=lambda a: (curve[a].reward(obj, env.L), -curve[a].nfe)),
@@ -170,8 +171,7 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
            "block": env.block, "gen_length": env.L, "dtype": cfg.dtype, "command": command,
            "sweep": [[a, round(c.accuracy, 4), round(c.nfe, 3)] for a, c in curve.items()]}
     summary = {"settings": len(amap), "matched_on_validation": sum(m["matched"] for m in amap.values()),
-               "expected_on_new_problems": round(sum(math.exp(log_match_chance(curve[m["alpha"]], heur[label]))
-                                                     for label, m in amap.items()), 2)}
+               "expected_on_new_problems": round(sum(chances), 2)}
     print(map_table(curve, heur, amap))
     print(f"{summary['matched_on_validation']} of {len(amap)} heuristic settings matched on validation; expected "
           f"on as many new problems: {summary['expected_on_new_problems']:.2f} (the sum of the chances)")
