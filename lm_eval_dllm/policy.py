@@ -5,7 +5,9 @@ named in `PolicyConfig.features` — mask bit, in-current-block bit, the dLLM's 
 top-1 minus top-2 margin, entropy, relative position, and `left`: the share of the L generated
 positions to its left that are still masked (0 when everything before it is committed; it lets the
 policy hold a token back until what it depends on is known, which one attention layer over mask bits
-and positions learns only slowly). Conditioning on the diffusion time t (the
+and positions learns only slowly); and, not in the default set, its local forms over the NEAR
+positions just before it: `near`, the share of them still masked, and `near_conf`, the lowest
+confidence among those still masked (1 when none is). Conditioning on the diffusion time t (the
 fraction still masked) through adaLN, as in DiT. Output: one logit per position; the action is a
 Bernoulli per eligible (masked, in-block) position. The output bias starts at -2 ("slow start":
 few commits per step until training finds it pays to commit more).
@@ -44,7 +46,9 @@ from .utils import DLLMError, atomic_write, atomic_write_json, check_safetensors
 
 log = logging.getLogger(__name__)
 
-ALL_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
+DEFAULT_FEATURES = ("mask", "eligible", "conf", "margin", "entropy", "pos", "left")
+ALL_FEATURES = DEFAULT_FEATURES + ("near", "near_conf")
+NEAR = 8  # the window of `near` and `near_conf`: the generated positions just before a position
 SAMPLINGS = ("bernoulli", "pl")
 ARCHS = ("features", "dit_confidence", "dit_hidden")
 DIT_ARCHS = ("dit_confidence", "dit_hidden")  # the paper's: inputs of the current block or all, time = steps / L
@@ -52,7 +56,7 @@ DIT_ARCHS = ("dit_confidence", "dit_hidden")  # the paper's: inputs of the curre
 
 @dataclass
 class PolicyConfig:
-    features: tuple = ALL_FEATURES
+    features: tuple = DEFAULT_FEATURES
     hidden: int = 128
     ff: int = 512
     heads: int = 2
@@ -64,6 +68,10 @@ class PolicyConfig:
     init: str = "slow"
     init_tau: float = 0.9
     init_sharpness: float = 20.0
+    # with feature near_conf, the threshold start holds a token back while what sits just before it is
+    # masked and unsure: commit p ~ sigmoid(init_sharpness * (conf - tau + init_near_conf * (near_conf - 1)));
+    # alpha-conditioned, the term fades to nothing at the top of alpha_range (UnmaskPolicy.start_near_conf)
+    init_near_conf: float = 0.0
     # the linear skip path's output is multiplied by this fixed gain, so its weights live on the
     # features' own scale and Adam (whose step is ~lr per weight, whatever the weight's size) moves
     # every feature's contribution at the same rate; 1.0 = no gain (policies written before it)
@@ -156,6 +164,12 @@ class PolicyConfig:
             raise DLLMError(f"policy smart_init={self.smart_init!r}; valid: a finite number, or null")
         if not 0 < self.init_tau <= 1:
             raise DLLMError(f"policy init_tau={self.init_tau}; valid: a number in (0, 1]")
+        if isinstance(self.init_near_conf, bool) or not isinstance(self.init_near_conf, (int, float)) or not (
+                0 <= self.init_near_conf < math.inf):
+            raise DLLMError(f"policy init_near_conf={self.init_near_conf!r}; valid: a finite number >= 0")
+        if self.init_near_conf and (self.arch != "features" or "near_conf" not in self.features):
+            raise DLLMError(f"policy init_near_conf={self.init_near_conf} without the near_conf feature; valid: "
+                            f"features that include near_conf (arch features), or init_near_conf 0")
 
 
 def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tensor:
@@ -169,8 +183,15 @@ def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tens
         "entropy": lambda: entropy.float() / math.log(2.0) / 8.0,  # bits, roughly in [0, 1]
         "pos": lambda: torch.arange(L, device=conf.device).float().div(max(L - 1, 1)).expand(b, L),
         "left": lambda: (masked.float().cumsum(-1) - masked.float()) / L,  # masked positions before i, / L
+        "near": lambda: _before(masked.float(), 0.0).mean(-1),
+        "near_conf": lambda: torch.where(_before(masked, False), _before(conf.float(), 1.0), 1.0).amin(-1),
     }
     return torch.stack([cols[n]() for n in names], dim=-1)
+
+
+def _before(x: torch.Tensor, pad) -> torch.Tensor:
+    """(b, L) -> (b, L, NEAR): for each position the NEAR values just before it, `pad` before the start."""
+    return F.pad(x, (NEAR, 0), value=pad)[:, :-1].unfold(-1, NEAR, 1)
 
 
 def _sinusoid(L: int, dim: int, device) -> torch.Tensor:
@@ -331,6 +352,25 @@ class UnmaskPolicy(Policy):
             self.alpha_skip = nn.Linear(len(cfg.features), 1)
             nn.init.zeros_(self.alpha_skip.weight)
             nn.init.constant_(self.alpha_skip.bias, cfg.alpha_shift)
+        if cfg.init == "threshold":
+            self.start_near_conf()
+
+    @torch.no_grad()
+    def start_near_conf(self) -> None:
+        """Add init_near_conf * (near_conf - 1), times the threshold start's sharpness, to the linear path
+        (nothing when it is 0): the threshold start's dependency term, also given to a policy whose
+        features gain near_conf (train.grpo --init-from). An alpha-conditioned policy's alpha path fades
+        the term linearly in log alpha, from its full weight at alpha 1 to none at the top of the range:
+        the term costs forwards, and the top of the range is where they cost the most."""
+        cfg = self.cfg
+        if cfg.init_near_conf:
+            i, w = cfg.features.index("near_conf"), cfg.init_sharpness * cfg.init_near_conf / cfg.skip_gain
+            self.skip.weight[0, i] += w
+            self.skip.bias -= w
+            top = alpha_code(torch.tensor([float(cfg.alpha_range[1])])).item() if cfg.alpha_range else 0.0
+            if top > 0:  # (a range that ends at or below alpha 1 keeps the full term)
+                self.alpha_skip.weight[0, i] -= w / top
+                self.alpha_skip.bias += w / top
 
     def forward(self, feats: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         """feats (b, L, F), t (b,) in [0, 1], alpha (b,) for an alpha-conditioned policy -> logits (b, L)."""

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lm_eval_dllm.policy import PolicyConfig, UnmaskPolicy, build_policy, update_card
+from lm_eval_dllm.policy import DEFAULT_FEATURES, NEAR, PolicyConfig, UnmaskPolicy, build_features, build_policy, update_card
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.utils import DLLMError
 from results.alpha_map import Point, choose_alpha, heuristic_settings, log_match_chance, matches
@@ -52,6 +53,104 @@ def test_a_fresh_alpha_input_leaves_the_source_policy_unchanged_at_alpha_1(tmp_p
     # one alpha per row
     per_row = run.logits_for(*args, alpha=torch.tensor([1.0, 16.0, 1 / 16]))
     torch.testing.assert_close(per_row, base + torch.tensor([[0.0], [3.0], [-3.0]]), rtol=0, atol=1e-4)
+
+
+def test_the_local_features_read_the_window_just_before_each_position():
+    """near / near_conf, recomputed position by position: the share of the NEAR positions before it
+    that are masked, and the lowest confidence among those (1 where none is); nothing before the start."""
+    conf, masked = _canvas(b=2, L=3 * NEAR)
+    got = build_features(("near", "near_conf"), conf, conf, conf, masked, masked)
+    for r in range(2):
+        for i in range(3 * NEAR):
+            win = [j for j in range(i - NEAR, i) if j >= 0 and masked[r, j]]
+            assert got[r, i, 0].item() == pytest.approx(len(win) / NEAR, abs=0)
+            assert got[r, i, 1].item() == (min(conf[r, j].item() for j in win) if win else 1.0)
+    assert got[:, 0].tolist() == [[0.0, 1.0]] * 2  # the first position has nothing before it
+
+
+def test_init_from_a_policy_with_fewer_features_starts_as_that_policy(tmp_path, caplog):
+    """--features adding near,near_conf to a trained policy: the new features' input weights start at
+    zero, so the wider run computes the source's logits at every alpha, whatever the new features hold."""
+    src = UnmaskPolicy(PolicyConfig(init="threshold", skip_gain=20.0, alpha_range=RANGE))
+    for name in ("inp.weight", "skip.weight", "alpha_skip.weight", "out.weight"):
+        torch.nn.init.normal_(src.get_parameter(name), std=0.3)
+    src.save(tmp_path / "src")
+    wide = ("near",) + DEFAULT_FEATURES[::-1] + ("near_conf",)  # new ones around, the old in another order
+    run = build_policy(PolicyConfig(init="threshold", skip_gain=20.0, alpha_range=RANGE, features=wide))
+    with caplog.at_level("INFO"):
+        start_from(run, str(tmp_path / "src"))
+    assert "features near,near_conf are new to" in caplog.text
+    conf, masked = _canvas()
+    args = (conf, conf / 2, 1 - conf, masked, masked)
+    for alpha in (RANGE[0], 1.0, RANGE[1]):
+        base = src.logits_for(*args, alpha=alpha)
+        # the same float32 sums over the input layers' columns in another order and length: a few
+        # units of float32 rounding of the largest logit
+        torch.testing.assert_close(run.logits_for(*args, alpha=alpha), base, rtol=0,
+                                   atol=32 * torch.finfo(torch.float32).eps * base.abs().max().item())
+    sd = run.state_dict()
+    assert sd["inp.weight"][:, [0, len(wide) - 1]].abs().sum() == 0  # the new features' columns
+    with pytest.raises(DLLMError, match=r"--init-from .* has features="):  # a feature dropped is refused
+        start_from(build_policy(PolicyConfig(features=DEFAULT_FEATURES[1:], alpha_range=RANGE)), str(tmp_path / "src"))
+
+
+def test_the_dependency_aware_start_holds_back_what_follows_an_unsure_masked_token(tmp_path):
+    """init_near_conf: the threshold start commits where conf - tau + beta (near_conf - 1) > 0, from scratch
+    and, for a policy gaining near_conf, on top of --init-from's weights; bad values are one-line errors."""
+    conf = torch.tensor([[0.95, 0.4, 0.95, 0.95] + [0.99] * 8 + [0.95]])
+    masked = torch.ones_like(conf, dtype=torch.bool)
+    masked[0, 4:12] = False  # position 12's window is all committed: near_conf 1
+    args = (conf, conf / 2, 1 - conf, masked, masked)
+    near_conf = build_features(("near_conf",), *args)[..., 0]
+    pol = UnmaskPolicy(PolicyConfig(features=("conf", "near_conf"), init="threshold", init_tau=0.7,
+                                    skip_gain=20.0, init_near_conf=0.5))
+    torch.nn.init.zeros_(pol.out.weight)  # the block's share of the logit: its output bias alone
+    want = 20.0 * (conf - 0.7 + 0.5 * (near_conf - 1))
+    tol = 8 * torch.finfo(torch.float32).eps * 20.0  # a few roundings of terms of size <= 20
+    torch.testing.assert_close(pol.logits_for(*args), want, rtol=0, atol=tol)
+    commit = pol.logits_for(*args)[0] > 0
+    # 0.95 with nothing before it commits; the unsure 0.4 waits, and so does the 0.95 after it (0.95 - 0.7
+    # + 0.5 (0.4 - 1) < 0; the plain threshold rule at 0.7 would commit it); 0.95 after 8 committed commits
+    assert commit[[0, 1, 2, 12]].tolist() == [True, False, False, True]
+    src = UnmaskPolicy(PolicyConfig(features=("conf",), init="threshold", init_tau=0.7, skip_gain=20.0))
+    torch.nn.init.normal_(src.out.weight, std=0.1)
+    src.save(tmp_path / "src")
+    run = build_policy(PolicyConfig(features=("conf", "near_conf"), init="threshold", skip_gain=20.0, init_near_conf=0.5))
+    start_from(run, str(tmp_path / "src"))
+    base = src.logits_for(*args)
+    torch.testing.assert_close(run.logits_for(*args), base + 10.0 * (near_conf - 1), rtol=0,
+                               atol=8 * torch.finfo(torch.float32).eps * base.abs().max().item())
+    # alpha-conditioned: the full term at alpha 1, none at the top of the range, half of it halfway (in log alpha)
+    fade = UnmaskPolicy(PolicyConfig(features=("conf", "near_conf"), init="threshold", init_tau=0.7, skip_gain=20.0,
+                                     init_near_conf=0.5, alpha_range=[0.25, 16.0]))
+    plain = UnmaskPolicy(replace(fade.cfg, init_near_conf=0.0))
+    plain.load_state_dict({k: v for k, v in fade.state_dict().items() if not k.endswith("skip.weight")
+                           and not k.endswith("skip.bias")}, strict=False)
+    for alpha, share in ((1.0, 1.0), (4.0, 0.5), (16.0, 0.0)):
+        torch.testing.assert_close(fade.logits_for(*args, alpha=alpha) - plain.logits_for(*args, alpha=alpha),
+                                   share * 10.0 * (near_conf - 1), rtol=0, atol=tol * 4)
+    with pytest.raises(DLLMError, match=r"^policy init_near_conf=0.5 without the near_conf feature; valid:"):
+        PolicyConfig(init_near_conf=0.5)
+    with pytest.raises(DLLMError, match=r"^--init-near-conf 0.5; valid: 0 without feature near_conf, or --features "):
+        check_config(GRPOConfig(out=str(tmp_path / "r"), init="threshold", init_near_conf=0.5), resume=False, overwrite=False)
+    with pytest.raises(DLLMError, match=r"^--init-near-conf -1.0; valid: a finite number >= 0"):
+        check_config(GRPOConfig(out=str(tmp_path / "r"), init="threshold", init_near_conf=-1.0,
+                                features=",".join(DEFAULT_FEATURES + ("near_conf",))), resume=False, overwrite=False)
+
+
+def test_the_benchmarks_hand_rule_is_the_threshold_rule_plus_the_term():
+    """benchmarks.dependency_start's hand rule: conf - tau + beta (near_conf - 1), times the sharpness;
+    at beta 0 it commits exactly where the threshold rule does."""
+    from benchmarks.dependency_start import hand_rule
+    src = UnmaskPolicy(PolicyConfig(block=8, gen_length=12))
+    conf, masked = _canvas()
+    args = (conf, conf / 2, 1 - conf, masked, masked)
+    near_conf = build_features(("near_conf",), *args)[..., 0]
+    for beta in (0.0, 0.5):
+        got = hand_rule(src, 0.7, beta).logits_for(*args)
+        torch.testing.assert_close(got, 20.0 * (conf - 0.7 + beta * (near_conf - 1)), rtol=0,
+                                   atol=8 * torch.finfo(torch.float32).eps * 20.0)
+    assert torch.equal(hand_rule(src, 0.7, 0.0).logits_for(*args) > 0, conf > 0.7)
 
 
 def test_the_alpha_embedding_conditions_both_architectures():

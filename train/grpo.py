@@ -109,12 +109,13 @@ class GRPOConfig:
     arch: str = opt("features", "policy network: features (ours, --features) | dit_confidence (the paper's DiTConfidencePolicy) | dit_hidden (its DiTHiddenStatePolicy: the dLLM's hidden states through one LLaDA block of the dLLM's shape; --hidden/--ff/--heads do not apply)")
     top_p: int = opt(1, "--arch dit_confidence: the top token probabilities it reads per position")
     full_context: bool = opt(True, "--arch dit_confidence/dit_hidden: it sees the whole generated region (else the current block)")
-    features: str = opt(",".join(PolicyConfig.features), 'comma-separated policy input features')
+    features: str = opt(",".join(PolicyConfig.features), f"comma-separated policy input features, of: {', '.join(ALL_FEATURES)}")
     hidden: int = opt(128, 'policy width')
     ff: int = opt(512, 'policy feed-forward width')
     heads: int = opt(2, 'policy attention heads')
     init: str = opt("slow", "slow (the paper's bias -2) | threshold (start as Fast-dLLM's rule at --init-tau)")
     init_tau: float = opt(0.9, "the threshold start's tau")
+    init_near_conf: float = opt(0.0, "with feature near_conf: the threshold start commits where conf - tau + this x (near_conf - 1) > 0, holding a token back while what sits just before it is masked and unsure; with --init-from a policy without near_conf, added to it")
     skip_gain: float = opt(0.0, "gain of the policy's linear skip path; 0 = --init's own: its sharpness (20) for threshold, 1 for slow")
     init_from: str = opt("", "start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha")
     seed: int = opt(0, 'policy init, prompt order and rollout sampling')
@@ -350,6 +351,8 @@ def init_source(folder: str, run: PolicyConfig) -> Policy:
     weights: policy.NETWORK) is `run`'s. check_config and start_from both ask here."""
     src = UnmaskPolicy.load(find_policy(folder, model_id="", block=0, gen_length=0))
     diff = network_diff(src.cfg, run)
+    if run.arch == "features" and set(src.cfg.features) <= set(run.features):
+        diff.pop("features", None)  # features added: their input weights start at zero (`widened`)
     if src.alpha_conditioned and run.alpha_range is None:  # the other way round, the alpha input starts fresh
         diff["alpha_range"] = None
     if diff:
@@ -365,12 +368,37 @@ def start_from(policy: Policy, folder: str) -> None:
         if getattr(src.cfg, k) != getattr(policy.cfg, k):
             log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
                         getattr(src.cfg, k), getattr(policy.cfg, k))
-    missing, _ = policy.load_state_dict(src.state_dict(), strict=not (policy.alpha_conditioned and not src.alpha_conditioned))
+    missing, _ = policy.load_state_dict(widened(src, policy.cfg.features),
+                                        strict=not (policy.alpha_conditioned and not src.alpha_conditioned))
     if missing:  # only the alpha input's weights (`init_source` refuses every other difference)
         log.info("policy initialised from %s; its alpha input (%d tensors) starts fresh: at alpha 1 the policy is %s",
                  folder, len(missing), folder)
     else:
         log.info("policy initialised from %s", folder)
+    added = [f for f in policy.cfg.features if f not in src.cfg.features]
+    if added:
+        log.info("features %s are new to %s: their input weights start at zero, so the run starts as %s",
+                 ",".join(added), folder, folder)
+    if "near_conf" in added and policy.cfg.init_near_conf:
+        policy.start_near_conf()
+        log.info("... plus the threshold start's near_conf term (--init-near-conf %g)", policy.cfg.init_near_conf)
+
+
+def widened(src: Policy, features: tuple) -> dict:
+    """`src`'s weights for a network that reads `features` (its own, in any order, plus new ones): the
+    layers that read the features (UnmaskPolicy's inp, skip, alpha_skip) get their columns by name,
+    zero for a new feature, so the wider network computes what `src` does."""
+    state = src.state_dict()
+    if src.cfg.arch != "features" or tuple(src.cfg.features) == tuple(features):
+        return state
+    out = dict(state)
+    for name in ("inp.weight", "skip.weight", "alpha_skip.weight"):
+        if name in state:
+            w = state[name]
+            cols = [w[:, src.cfg.features.index(f)] if f in src.cfg.features else torch.zeros_like(w[:, 0])
+                    for f in features]
+            out[name] = torch.stack(cols, dim=1)
+    return out
 
 
 def network_config(cfg: GRPOConfig) -> PolicyConfig:
@@ -422,6 +450,12 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
             raise bad(k, "a positive whole number (or leave it unset)")
     if not 0 < cfg.init_tau <= 1:
         raise bad("init_tau", "a number in (0, 1]")
+    if cfg.init_near_conf and "near_conf" not in cfg.features.split(","):
+        raise bad("init_near_conf", f"0 without feature near_conf, or --features {cfg.features},near_conf")
+    if not 0 <= cfg.init_near_conf < math.inf:
+        raise bad("init_near_conf", "a finite number >= 0")
+    if cfg.init_near_conf and cfg.init != "threshold" and not cfg.init_from:
+        raise bad("init_near_conf", "0 with the slow start, or --init threshold (whose dependency term it is)")
     if cfg.init == "threshold" and cfg.arch != "features":
         raise bad("init", f"slow with --arch {cfg.arch} (the paper's networks start from smart_init), or --arch features")
     try:
@@ -515,7 +549,8 @@ class Trainer:
     def _new_policy(self) -> Policy:
         """The policy the flags ask for, trained for this run's model, task, block and L (--init-from's weights)."""
         cfg, env = self.cfg, self.env
-        pcfg = replace(network_config(cfg), init=cfg.init, init_tau=cfg.init_tau, skip_gain=skip_gain(cfg),
+        pcfg = replace(network_config(cfg), init=cfg.init, init_tau=cfg.init_tau, init_near_conf=cfg.init_near_conf,
+                       skip_gain=skip_gain(cfg),
                        sampling=cfg.sampling, stop_logit=cfg.stop_logit,
                        base_model=env.model_id, task=cfg.task, block=env.block, gen_length=env.L,
                        dllm_arch=dllm_arch_of(env.model) if cfg.arch == "dit_hidden" else {})
