@@ -1,6 +1,7 @@
 """The near_conf dependency term, measured before any training (issue 32), on the validation split.
 
-    python -m benchmarks.dependency_start --block 48    # -> results/bundled/dependency_start_B48.md
+    python -m benchmarks.dependency_start --block 16    # -> results/bundled/dependency_start_B16.md
+    python -m benchmarks.dependency_start --block 48 --policy results/bundled/retired_policies/modchain-B48-alphas-stage1
     python -m benchmarks.dependency_start --block 16 --hand-only --betas 0.1,0.2 --taus 0.4,0.5 --write F
 
 `near_conf` is the lowest dLLM confidence among the still-masked positions just before a position
@@ -79,6 +80,8 @@ def _numbers(name: str, text: str) -> list[float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--block", type=int, required=True, help="8, 16 or 48: the shipped policy modchain-B<block>-alphas")
+    ap.add_argument("--policy", default=None, help="an alpha-conditioned policy without near_conf, instead of the "
+                    "shipped one (e.g. results/bundled/retired_policies/modchain-B48-alphas-stage1)")
     ap.add_argument("--beta", type=float, default=0.5, help="the term's weight (default 0.5)")
     ap.add_argument("--betas", default=None, help="the hand rule's betas besides 0 (comma-separated; default --beta)")
     ap.add_argument("--taus", default=None, help="the hand rule's taus (default the threshold sweep's)")
@@ -93,11 +96,16 @@ def main(argv=None) -> int:
         hand_taus = None if args.taus is None else _numbers("taus", args.taus)
         if hand_taus and not all(0 < t <= 1 for t in hand_taus):
             raise DLLMError(f"--taus {args.taus}; valid: numbers in (0, 1]")
-        shipped = f"modchain-B{args.block}-alphas"
+        shipped = args.policy or f"modchain-B{args.block}-alphas"
         folder = find_policy(shipped, model_id="", block=0, gen_length=0)
+        src = UnmaskPolicy.load(folder)
+        if not args.hand_only and ("near_conf" in src.cfg.features or not src.alpha_conditioned):
+            raise DLLMError(f"policy {shipped!r} {'reads near_conf already' if src.alpha_conditioned else 'takes no alpha'}; "
+                            f"valid: an alpha-conditioned policy without near_conf (--policy), or --hand-only")
+        if src.cfg.block != args.block:
+            raise DLLMError(f"--policy {shipped!r} was trained at block {src.cfg.block}; valid: --block {src.cfg.block}")
     except DLLMError as e:
         raise SystemExit(f"error: {e}")
-    src = UnmaskPolicy.load(folder)
     cfg, env, prompts, _, _ = on_validation(folder, src, training_config({**src.card, "alpha": 1.0}, src), None, 64,
                                             None, None, Path("runs/alpha_map"))
     greedy = {k: v for k, v in GREEDY.items() if k != "temperature"}
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
         parts += ["", f"`{shipped}` plus the term (beta {args.beta:g}" + (f", fading to 0 at alpha "
                   f"{src.cfg.alpha_range[1]:g}: the training start)" if fade else " at every alpha)") + f", untrained: {s['matched_on_validation']} of "
                   f"{s['settings']} heuristic settings matched, {s['expected_on_new_problems']:.2f} expected on as many "
-                  f"new problems (the shipped policy's card: {src.card['alpha_map_summary']['expected_on_new_problems']:.2f})", "",
+                  f"new problems (the policy's own card: {src.card['alpha_map_summary']['expected_on_new_problems']:.2f})", "",
                   tabulate(body, ["heuristic", "acc %", "NFE", "alpha", "learned acc %", "learned NFE", "chance",
                                   "matched"], tablefmt="github", disable_numparse=True),
                   "", "Its alpha sweep (alpha, accuracy %, NFE): " + "; ".join(
