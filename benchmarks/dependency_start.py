@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from lm_eval_dllm.policy import ALL_FEATURES, PolicyConfig, UnmaskPolicy, alpha_code, build_policy, find_policy
+from lm_eval_dllm.policy import ALL_FEATURES, PolicyConfig, UnmaskPolicy, build_policy, find_policy
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError, atomic_write
 from results.alpha_map import GREEDY, alpha_map, heuristic_settings
@@ -55,17 +55,13 @@ def hand_rule(src: UnmaskPolicy, tau: float, beta: float) -> UnmaskPolicy:
 
 
 def with_term(shipped: str, beta: float, out: Path, fade: bool) -> Path:
-    """The shipped policy widened to every feature, plus the term: `train.grpo.start_from`'s start, whose
-    alpha path fades the term; without `fade`, that fade undone."""
+    """The shipped policy widened to every feature, plus the term: with `fade`, what `train.grpo
+    --init-near-conf beta --init-from shipped` starts from; without, the full term at every alpha."""
     src = UnmaskPolicy.load(find_policy(shipped, model_id="", block=0, gen_length=0))
-    pol = build_policy(replace(src.cfg, features=ALL_FEATURES, init_near_conf=beta))
-    start_from(pol, shipped)
-    if not fade:
-        c = pol.cfg
-        w = c.init_sharpness * beta / c.skip_gain / alpha_code(torch.tensor([float(c.alpha_range[1])])).item()
-        with torch.no_grad():
-            pol.alpha_skip.weight[0, c.features.index("near_conf")] += w
-            pol.alpha_skip.bias -= w
+    pol = build_policy(replace(src.cfg, features=ALL_FEATURES))
+    start_from(pol, shipped)  # the shipped policy, the new features' weights at zero
+    pol.cfg = replace(pol.cfg, init_near_conf=beta)
+    pol.start_near_conf(fade=fade)
     pol.save(out, {k: v for k, v in src.card.items() if k not in CARD_KEYS})
     return out
 

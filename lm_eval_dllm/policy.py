@@ -356,19 +356,20 @@ class UnmaskPolicy(Policy):
             self.start_near_conf()
 
     @torch.no_grad()
-    def start_near_conf(self) -> None:
+    def start_near_conf(self, fade: bool = True) -> None:
         """Add init_near_conf * (near_conf - 1), times the threshold start's sharpness, to the linear path
         (nothing when it is 0): the threshold start's dependency term, also given to a policy whose
         features gain near_conf (train.grpo --init-from). An alpha-conditioned policy's alpha path fades
         the term linearly in log alpha, from its full weight at alpha 1 to none at the top of the range:
-        the term costs forwards, and the top of the range is where they cost the most."""
+        the term costs forwards, and the top of the range is where they cost the most (`fade` False:
+        the full term at every alpha, which benchmarks.dependency_start compares)."""
         cfg = self.cfg
         if cfg.init_near_conf:
             i, w = cfg.features.index("near_conf"), cfg.init_sharpness * cfg.init_near_conf / cfg.skip_gain
             self.skip.weight[0, i] += w
             self.skip.bias -= w
             top = alpha_code(torch.tensor([float(cfg.alpha_range[1])])).item() if cfg.alpha_range else 0.0
-            if top > 0:  # (a range that ends at or below alpha 1 keeps the full term)
+            if fade and top > 0:  # (a range that ends at or below alpha 1 keeps the full term)
                 self.alpha_skip.weight[0, i] -= w / top
                 self.alpha_skip.bias += w / top
 
