@@ -27,11 +27,14 @@ Then, written into the card (policy.json, rewritten atomically; weights and conf
   model_args say nothing.
 
 The test split is never read. Finished points are kept in runs/alpha_map/ (one JSON line each), so
-an interrupted sweep resumes.
+an interrupted sweep resumes; the heuristics' in a file of their own, keyed by the validation setting
+and not the policy, so that mapping another policy (say each of a run's `--keep-validated`
+checkpoints) decodes only its own alphas.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +49,7 @@ from lm_eval_dllm.policy import UnmaskPolicy, find_policy, update_card
 from lm_eval_dllm.reward import reward
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.learned import LearnedSampler
+from lm_eval_dllm.tiny import BUNDLED_DIR, BUNDLED_ID
 from lm_eval_dllm.utils import DLLMError
 
 from .grid import PRESETS, SWEEPS, Grid, Setting, alphas_for
@@ -118,6 +122,19 @@ def choose_alpha(curve: dict[float, Point], h: Point) -> float:
     return max(curve, key=lambda a: (round(log_match_chance(curve[a], h), 6), -a))
 
 
+ENV_FIELDS = ("pretrained", "include_path", "task", "block", "gen_length", "max_length", "truncation", "dllm_temperature",
+              "cache", "cache_window", "num_fewshot", "apply_chat_template", "dtype", "val_split", "seed")
+
+
+def env_fingerprint(cfg, env, n: int) -> str:
+    """What a heuristic's validation outcome depends on (the model, task, block, L, dtype, decoding and
+    the problems), not which policy is being mapped: its points are shared by every policy validated so."""
+    key = {k: getattr(cfg, k) for k in ENV_FIELDS} | {"model": env.model_id, "block_used": env.block, "L": env.L, "n": n}
+    if env.model_id == BUNDLED_ID:  # its weights may be retrained under the same name
+        key["weights"] = hashlib.sha256((BUNDLED_DIR / "model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def heuristic_settings(block: int) -> list[Setting]:
     """Every heuristic setting the default results grid runs at `block` (with its ENDS_ONLY rule)."""
     blocks = list(PRESETS["default"].blocks)
@@ -136,15 +153,17 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
                         f"(train.grpo --alpha-range), or `python -m results recommend` for this one")
     cfg, env, prompts, pol, cache = on_validation(folder, pol, training_config({**pol.card, "alpha": 1.0}, pol),
                                                   limit, batch_size, dtype, device, cache_dir)
-    done = {label: Point(label, tuple(d["scores"]), tuple(d["nfes"])) for label, d in read_cache(cache, "label").items()}
+    heur_cache = cache.parent / f"heuristics-{env_fingerprint(cfg, env, len(prompts))}.jsonl"
+    done = {label: Point(label, tuple(d["scores"]), tuple(d["nfes"]))
+            for path in (cache, heur_cache) for label, d in read_cache(path, "label").items()}
 
     def run(label: str, sampler) -> Point:
         if label not in done:
-            ro = env.rollout(pol if isinstance(sampler, LearnedSampler) else None, prompts,
-                             list(range(len(prompts))), record=False, sampler=sampler)
+            learned = isinstance(sampler, LearnedSampler)
+            ro = env.rollout(pol if learned else None, prompts, list(range(len(prompts))), record=False, sampler=sampler)
             done[label] = Point(label, tuple(ro.scores.tolist()), tuple(int(x) for x in ro.nfes.tolist()))
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with open(cache, "a") as f:
+            with open(cache if learned else heur_cache, "a") as f:
                 f.write(json.dumps(asdict(done[label])) + "\n")
             log.info("%s: accuracy %.3f, NFE %.2f", label, done[label].accuracy, done[label].nfe)
         return done[label]

@@ -339,7 +339,7 @@ def test_the_report_checks_the_map_on_the_split_it_reports():
     assert "best: learned 97.0 ± 0.5 % (1 SE) @ 4.00" in text
 
 
-def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path):
+def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypatch):
     """The whole command on a small alpha policy: every heuristic setting of the block gets an alpha from
     the swept ones, the operating points and the recommendation go on the card, and `alpha=fast` then
     runs the alpha the card names."""
@@ -369,3 +369,21 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path):
     assert s.settings["mode"] == "greedy"
     update_card(folder, alpha_map={})  # the cache makes a rerun read nothing again
     assert alpha_map(str(folder), batch_size=16, cache_dir=tmp_path / "cache", write=False)["alpha_map"] == out["alpha_map"]
+
+    # another policy on the same validation setting decodes its own alphas only: the heuristics' points are shared
+    from train.grpo import Env
+    other = build_policy(PolicyConfig(alpha_range=[1.0, 4.0], init="threshold", skip_gain=20.0, alpha_shift=0.5,
+                                      base_model="bundled:tiny-modchain", task="modchain", block=16, gen_length=48))
+    other.save(tmp_path / "other", {"alpha_range": [1.0, 4.0], "command": "python -m train.grpo --task modchain "
+                                    "--block 16 --alpha-range 1,4 --val-size 8 --dtype float32"})
+    decoded, rollout = [], Env.rollout
+
+    def counting(self, pol, *args, sampler=None, **kw):
+        decoded.append(type(sampler).__name__)
+        return rollout(self, pol, *args, sampler=sampler, **kw)
+
+    monkeypatch.setattr(Env, "rollout", counting)
+    second = alpha_map(str(tmp_path / "other"), batch_size=16, cache_dir=tmp_path / "cache", write=False)
+    assert decoded == ["LearnedSampler"] * 5
+    heur = {label: (h["heuristic"]) for label, h in second["alpha_map"].items()}
+    assert heur == {label: h["heuristic"] for label, h in out["alpha_map"].items()}

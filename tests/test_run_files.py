@@ -11,7 +11,9 @@ import os
 import subprocess
 
 import pytest
+import torch
 
+from lm_eval_dllm.policy import UnmaskPolicy
 from train import grpo
 from train.run_files import keep_log_until, remove_partial_saves
 
@@ -40,8 +42,11 @@ def test_resume_keeps_every_line_and_sets_damaged_ones_aside(tmp_path, caplog):
 
 def test_partial_saves_are_removed_and_whole_files_kept(tmp_path):
     (tmp_path / "last").mkdir()
-    keep = [tmp_path / "trainer_state.pt", tmp_path / "last" / "policy.safetensors", tmp_path / "notes.tmp"]
-    partial = [tmp_path / ".trainer_state.pt.k2j3.tmp", tmp_path / "last" / ".policy.safetensors.x1.tmp"]
+    (tmp_path / "validated" / "step-25").mkdir(parents=True)
+    keep = [tmp_path / "trainer_state.pt", tmp_path / "last" / "policy.safetensors", tmp_path / "notes.tmp",
+            tmp_path / "validated" / "step-25" / "policy.json"]
+    partial = [tmp_path / ".trainer_state.pt.k2j3.tmp", tmp_path / "last" / ".policy.safetensors.x1.tmp",
+               tmp_path / "validated" / "step-25" / ".policy.json.q9.tmp"]
     for p in keep + partial:
         p.write_bytes(b"x")
     assert sorted(remove_partial_saves(tmp_path)) == sorted(partial)
@@ -107,3 +112,28 @@ def test_a_resume_cleans_partial_saves_and_keeps_the_log(tmp_path, tiny_ckpt):
     grpo.main(argv + ["--resume"])
     assert not any(p.exists() for p in partial)
     assert _lines(out / "log.jsonl") == logged and _lines(out / "log.jsonl.bad") == ['{"step": 2, "rewa']
+
+
+@pytest.mark.slow
+def test_keep_validated_keeps_each_validated_policy_and_overwrite_clears_them(tmp_path, tiny_ckpt):
+    """--keep-validated: OUT/validated/step-N for every validation, each the policy validated then
+    (its card's step and metrics); OUT/best is one of them. --overwrite starts clean without it."""
+    out = tmp_path / "run"
+    argv = ["--pretrained", str(tiny_ckpt), "--steps", "2", "--prompts-per-step", "2", "--group", "2",
+            "--val-size", "2", "--val-every", "1", "--save-every", "1", "--gen-length", "16", "--block", "8",
+            "--lr", "0.05", "--weight-decay", "0.5", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+    grpo.main(argv + ["--keep-validated"])
+    kept = {p.name: UnmaskPolicy.load(p) for p in sorted((out / "validated").iterdir())}
+    assert sorted(kept) == ["step-1", "step-2"]
+    logged = {json.loads(line)["step"]: json.loads(line)["val_reward"] for line in _lines(out / "log.jsonl")}
+    for name, pol in kept.items():
+        step = int(name.split("-")[1])
+        assert pol.card["steps"] == step and pol.card["metrics"]["val_reward"] == logged[step]
+    weights = [torch.cat([t.flatten() for t in p.state_dict().values()]) for p in kept.values()]
+    assert not torch.equal(*weights)  # two different policies (weight decay moves them), not one saved twice
+    best = UnmaskPolicy.load(out / "best")
+    assert best.card["steps"] in (1, 2)
+    best_weights = torch.cat([t.flatten() for t in best.state_dict().values()])
+    assert torch.equal(best_weights, weights[best.card["steps"] - 1])
+    grpo.main(argv + ["--steps", "1", "--overwrite"])
+    assert not (out / "validated").exists()

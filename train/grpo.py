@@ -104,6 +104,7 @@ class GRPOConfig:
     val_every: int = opt(20, 'steps between validations (and one at the last step)')
     val_mode: str = opt("greedy", 'policy mode for validation (and so for keeping `best`): greedy | sample')
     val_size: int = opt(128, 'validation problems')
+    keep_validated: bool = opt(False, "also keep the policy of each validation in OUT/validated/step-N (to choose among afterwards, e.g. by `python -m results alpha-map`'s expected count)")
     save_every: int = opt(10, 'steps between checkpoints of OUT/last and the trainer state (and at the last step)')
     batch_size: int = opt(64, 'decode batch for rollouts and validation')
     arch: str = opt("features", "policy network: features (ours, --features) | dit_confidence (the paper's DiTConfidencePolicy) | dit_hidden (its DiTHiddenStatePolicy: the dLLM's hidden states through one LLaDA block of the dLLM's shape; --hidden/--ff/--heads do not apply)")
@@ -126,7 +127,7 @@ class GRPOConfig:
 
 CHOICES = {"arch": ARCHS, "val_mode": ("greedy", "sample"), "sampling": SAMPLINGS, "init": ("slow", "threshold"), "loss_norm": ("step", "rollout"), "adv_norm": ("mean", "relative"),
            "truncation": ("left", "error"), "cache": CACHE_MODES}
-RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size"}
+RESUME_MAY_CHANGE = {"val_every", "save_every", "out", "device", "batch_size", "keep_validated"}
 
 
 @dataclass
@@ -425,7 +426,7 @@ def lr_lambda(cfg: GRPOConfig):
     return f
 
 
-RUN_FILES = ("best", "last", "trainer_state.pt", "log.jsonl")  # what a run writes into OUT
+RUN_FILES = ("best", "last", "validated", "trainer_state.pt", "log.jsonl")  # what a run writes into OUT
 
 
 def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
@@ -697,6 +698,8 @@ class Trainer:
         if acc.is_main_process and vm["reward"] > self.best:
             self.best = vm["reward"]
             acc.unwrap_model(self.ddp_policy).save(self.out / "best", self.card(val))
+        if acc.is_main_process and cfg.keep_validated:
+            acc.unwrap_model(self.ddp_policy).save(self.out / "validated" / f"step-{self.step}", self.card(val))
         if acc.is_main_process:
             self.bar.write(f"step {self.step}: validation reward {vm['reward']:.3g}, accuracy {vm['accuracy']:.3f}, "
                            f"NFE {vm['nfe']:.2f}" + "".join(

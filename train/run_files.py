@@ -65,8 +65,8 @@ def keep_log_until(path: Path, step: int) -> None:
 def remove_partial_saves(out: Path) -> list[Path]:
     """Temporary files of a save a kill interrupted (atomic_write's `.<name>.*.tmp`): removed on
     resume, where the finished files they were to replace are still whole."""
-    partial = [p for d in (out, out / "last", out / "best") if d.is_dir()
-               for p in d.glob(".*.tmp") if p.is_file()]
+    folders = [out, out / "last", out / "best", *sorted((out / "validated").glob("step-*"))]
+    partial = [p for d in folders if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
     for p in partial:
         p.unlink()
         log.info("removed %s, left by an interrupted save", p)
