@@ -123,13 +123,15 @@ def choose_alpha(curve: dict[float, Point], h: Point) -> float:
 
 
 ENV_FIELDS = ("pretrained", "include_path", "task", "block", "gen_length", "max_length", "truncation", "dllm_temperature",
-              "cache", "cache_window", "num_fewshot", "apply_chat_template", "dtype", "val_split", "seed")
+              "cache", "cache_window", "num_fewshot", "apply_chat_template", "dtype", "val_split")
 
 
-def env_fingerprint(cfg, env, n: int) -> str:
+def env_fingerprint(cfg, env, prompts) -> str:
     """What a heuristic's validation outcome depends on (the model, task, block, L, dtype, decoding and
-    the problems), not which policy is being mapped: its points are shared by every policy validated so."""
-    key = {k: getattr(cfg, k) for k in ENV_FIELDS} | {"model": env.model_id, "block_used": env.block, "L": env.L, "n": n}
+    the problems: their ids and contexts, not the seed that drew them), not which policy is being
+    mapped: its points are shared by every policy validated so."""
+    key = {k: getattr(cfg, k) for k in ENV_FIELDS} | {"model": env.model_id, "block_used": env.block, "L": env.L,
+                                                      "problems": [(p.doc_id, p.context) for p in prompts]}
     if env.model_id == BUNDLED_ID:  # its weights may be retrained under the same name
         key["weights"] = hashlib.sha256((BUNDLED_DIR / "model.safetensors").read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -153,7 +155,7 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
                         f"(train.grpo --alpha-range), or `python -m results recommend` for this one")
     cfg, env, prompts, pol, cache = on_validation(folder, pol, training_config({**pol.card, "alpha": 1.0}, pol),
                                                   limit, batch_size, dtype, device, cache_dir)
-    heur_cache = cache.parent / f"heuristics-{env_fingerprint(cfg, env, len(prompts))}.jsonl"
+    heur_cache = cache.parent / f"heuristics-{env_fingerprint(cfg, env, prompts)}.jsonl"
     done = {label: Point(label, tuple(d["scores"]), tuple(d["nfes"]))
             for path in (cache, heur_cache) for label, d in read_cache(path, "label").items()}
 
