@@ -10,6 +10,7 @@
     python -m results recommend --policy modchain-B48-alpha3   # a policy's default mode/temperature/cutoff
     python -m results recommend               # the same for every shipped policy of the model
     python -m results alpha-map --policy modchain-B48   # an alpha-conditioned policy's alpha map and points
+    python -m results alpha-map --policies "$(ls -d runs/X/validated/step-* | paste -sd,)"   # each, then ranked
     python -m results transfer                # every shipped policy at other blocks and a longer L -> transfer.md
     python -m results --pretrained GSAI-ML/LLaDA-8B-Instruct --tasks gsm8k --blocks 32,256 --limit 200
     accelerate launch --multi_gpu --num_processes 8 -m results --pretrained ...   # each run over 8 GPUs
@@ -27,6 +28,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from tabulate import tabulate
 from transformers import AutoConfig
 
 from lm_eval_dllm.cache import CACHE_MODES
@@ -142,10 +144,12 @@ def _run(a, grid: Grid) -> None:
     if a.command in ("recommend", "alpha-map"):  # --policy, --policies, or every shipped policy of the model
         names = ([a.policy] if a.policy else []) + [x for g in a.policies for x in g.split(",") if x]
         conditioned = a.command == "alpha-map"  # each command the shipped policies it is for
-        for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)
-                              if (e["alpha_range"] is not None) == conditioned]:
-            (alpha_map if conditioned else recommend)(name, limit=a.limit, batch_size=a.batch_size,
-                                                      dtype=a.dtype, device=a.device)
+        done = {name: (alpha_map if conditioned else recommend)(name, limit=a.limit, batch_size=a.batch_size,
+                                                                dtype=a.dtype, device=a.device)
+                for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)
+                                      if (e["alpha_range"] is not None) == conditioned]}
+        if conditioned and len(names) > 1 and main_process():  # e.g. a run's --keep-validated checkpoints
+            print(ranking(done))
         return
     if a.command == "transfer":
         transfer(dataclasses.replace(grid, tasks=grid.tasks[:1], gen_length=None),
@@ -174,6 +178,15 @@ def render(grid: Grid, rows, base: Path = ROOT) -> tuple[str, list[Path]]:
             for kind in ("acc_vs_nfe", "acc_vs_block")]
     links = "\n".join(f"![{f.stem}]({_rel(f, base)})" for f in figs)
     return tables(rows, testbed=TESTBED, maps=alpha_maps(grid, rows)) + "\n" + links + "\n", figs
+
+
+def ranking(maps: dict) -> str:
+    """The policies alpha-map was given, most heuristic settings expected to match on new problems first."""
+    order = sorted(maps, key=lambda n: -maps[n]["alpha_map_summary"]["expected_on_new_problems"])
+    body = [[n, maps[n]["alpha_map_summary"]["matched_on_validation"], maps[n]["alpha_map_summary"]["settings"],
+             f'{maps[n]["alpha_map_summary"]["expected_on_new_problems"]:.2f}'] for n in order]
+    return "\n" + tabulate(body, ["policy", "settings matched on validation", "of", "expected on new problems"],
+                            tablefmt="github", disable_numparse=True)
 
 
 def alpha_maps(grid: Grid, rows) -> dict:

@@ -387,3 +387,17 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
     assert decoded == ["LearnedSampler"] * 5
     heur = {label: (h["heuristic"]) for label, h in second["alpha_map"].items()}
     assert heur == {label: h["heuristic"] for label, h in out["alpha_map"].items()}
+
+
+def test_alpha_map_ranks_several_policies_by_the_expected_count():
+    """`python -m results alpha-map --policies A,B,...` (a run's --keep-validated checkpoints) ends with
+    the policies ranked, most settings expected to match on new problems first."""
+    from results.__main__ import ranking
+
+    def summary(matched, expected):
+        return {"alpha_map_summary": {"matched_on_validation": matched, "settings": 17, "expected_on_new_problems": expected}}
+
+    rows = [r for r in ranking({"step-30": summary(15, 12.41), "step-60": summary(14, 13.02),
+                                "step-90": summary(16, 11.9)}).splitlines() if r.startswith("| step")]
+    assert [r.split("|")[1].strip() for r in rows] == ["step-60", "step-30", "step-90"]
+    assert rows[0].split("|")[2].strip() == "14" and rows[0].split("|")[4].strip() == "13.02"
