@@ -1,6 +1,7 @@
 """The near_conf dependency term, measured before any training (issue 32), on the validation split.
 
-    python -m benchmarks.dependency_start --block 16    # -> results/bundled/dependency_start_B16.md
+    python -m benchmarks.dependency_start --block 8     # -> results/bundled/dependency_start_B8.md
+    python -m benchmarks.dependency_start --block 16 --policy results/bundled/retired_policies/modchain-B16-alphas-chain
     python -m benchmarks.dependency_start --block 48 --policy results/bundled/retired_policies/modchain-B48-alphas-stage1
     python -m benchmarks.dependency_start --block 16 --hand-only --betas 0.1,0.2 --taus 0.4,0.5 --write F
 
@@ -18,6 +19,8 @@ is masked and unsure. Three measurements, each on the policy's own validation pr
 3. **The same with the full term at every alpha** (the fade undone): its alpha map, to show what the
    fade is for.
 
+The shipped B = 16 and full-diffusion policies read near_conf already (they were trained from the
+threshold start with the term); --policy names the retired ones these files were measured with.
 The two policies are written to runs/dependency-start-B<block>[-full]; their alpha maps are
 computed by `results.alpha_map` (cached there, like every alpha map).
 """

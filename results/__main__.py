@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 from tabulate import tabulate
@@ -102,7 +103,8 @@ def main(argv=None) -> None:
                    "recommend: the policy (folder or shipped name) whose card gets the recommendation")
     g.add_argument("--policies", action="append", default=[], help="seeds: comma-separated policy folders "
                    "trained by the same command with different --seed (shipped names work too); give it once "
-                   "per command, each a section of seed_noise.md; pass --blocks with their block")
+                   "per command, each a section of seed_noise.md; pass --blocks with their block; alpha-map: "
+                   "map each, then rank them (e.g. a run's --keep-validated checkpoints)")
     g.add_argument("--limit", type=int, default=None, help="documents per task (default: all); recommend: "
                    "validation problems (default: those the policy was validated on in training)")
     g.add_argument("--batch-size", type=int, default=64)
@@ -114,9 +116,15 @@ def main(argv=None) -> None:
                    "(default none); another mode's runs, tables and figures go to their own folders")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=HERE)
+    o.add_argument("--write", type=Path, default=None, help="alpha-map with --policies: also write the ranking "
+                   "to this file, headed by the command")
     o.add_argument("--nfe-budget", type=float, default=None, help="fixed NFE budget of the block-size "
                    "figure's left panel (default L/4; its right panel uses threshold tau=0.9's NFE per block)")
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    if a.write and (a.command != "alpha-map" or sum(len([x for x in g.split(",") if x]) for g in a.policies) < 2):
+        p.error(f"--write {str(a.write)!r} is for alpha-map with --policies A,B,... (two or more); valid: "
+                f"leave it out, or rank several policies")
     # results/README.md shows the default grid only: another model, policy, dtype, seed, task, limit,
     # generation length or output folder writes its tables and figures but leaves it alone
     a.default_setup = a.out.resolve() == HERE and a.preset != "paper" and all(
@@ -150,6 +158,10 @@ def _run(a, grid: Grid) -> None:
                                       if (e["alpha_range"] is not None) == conditioned]}
         if conditioned and len(names) > 1 and main_process():  # e.g. a run's --keep-validated checkpoints
             print(ranking(done))
+            if a.write:
+                text = (f"`python -m results {' '.join(a.argv)}` (each policy's alpha map on its validation "
+                        f"problems, written into its card):\n{ranking(done)}\n")
+                atomic_write(a.write, lambda tmp: Path(tmp).write_text(text))
         return
     if a.command == "transfer":
         transfer(dataclasses.replace(grid, tasks=grid.tasks[:1], gen_length=None),

@@ -401,3 +401,12 @@ def test_alpha_map_ranks_several_policies_by_the_expected_count():
                                 "step-90": summary(16, 11.9)}).splitlines() if r.startswith("| step")]
     assert [r.split("|")[1].strip() for r in rows] == ["step-60", "step-30", "step-90"]
     assert rows[0].split("|")[2].strip() == "14" and rows[0].split("|")[4].strip() == "13.02"
+
+
+@pytest.mark.parametrize("argv", [["report", "--write", "r.md"], ["alpha-map", "--policies", "a", "--write", "r.md"]])
+def test_write_is_refused_but_for_a_ranking_of_several_policies(argv, capsys):
+    from results.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "--write 'r.md' is for alpha-map with --policies A,B,... (two or more)" in capsys.readouterr().err

@@ -117,23 +117,26 @@ def test_a_resume_cleans_partial_saves_and_keeps_the_log(tmp_path, tiny_ckpt):
 @pytest.mark.slow
 def test_keep_validated_keeps_each_validated_policy_and_overwrite_clears_them(tmp_path, tiny_ckpt):
     """--keep-validated: OUT/validated/step-N for every validation, each the policy validated then
-    (its card's step and metrics); OUT/best is one of them. --overwrite starts clean without it."""
+    (its card's step and metrics), and step-0, the start; OUT/best is one of them. --overwrite starts
+    clean without it."""
     out = tmp_path / "run"
     argv = ["--pretrained", str(tiny_ckpt), "--steps", "2", "--prompts-per-step", "2", "--group", "2",
             "--val-size", "2", "--val-every", "1", "--save-every", "1", "--gen-length", "16", "--block", "8",
             "--lr", "0.05", "--weight-decay", "0.5", "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     grpo.main(argv + ["--keep-validated"])
     kept = {p.name: UnmaskPolicy.load(p) for p in sorted((out / "validated").iterdir())}
-    assert sorted(kept) == ["step-1", "step-2"]
+    assert sorted(kept) == ["step-0", "step-1", "step-2"]
+    start = kept.pop("step-0")
+    assert start.card["steps"] == 0 and start.card["metrics"] == {}
     logged = {json.loads(line)["step"]: json.loads(line)["val_reward"] for line in _lines(out / "log.jsonl")}
     for name, pol in kept.items():
         step = int(name.split("-")[1])
         assert pol.card["steps"] == step and pol.card["metrics"]["val_reward"] == logged[step]
-    weights = [torch.cat([t.flatten() for t in p.state_dict().values()]) for p in kept.values()]
-    assert not torch.equal(*weights)  # two different policies (weight decay moves them), not one saved twice
+    weights = [torch.cat([t.flatten() for t in p.state_dict().values()]) for p in (start, *kept.values())]
+    assert not any(torch.equal(weights[i], weights[j]) for i in range(3) for j in range(i))  # weight decay moves them
     best = UnmaskPolicy.load(out / "best")
     assert best.card["steps"] in (1, 2)
     best_weights = torch.cat([t.flatten() for t in best.state_dict().values()])
-    assert torch.equal(best_weights, weights[best.card["steps"] - 1])
+    assert torch.equal(best_weights, weights[best.card["steps"]])
     grpo.main(argv + ["--steps", "1", "--overwrite"])
     assert not (out / "validated").exists()

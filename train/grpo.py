@@ -104,7 +104,7 @@ class GRPOConfig:
     val_every: int = opt(20, 'steps between validations (and one at the last step)')
     val_mode: str = opt("greedy", 'policy mode for validation (and so for keeping `best`): greedy | sample')
     val_size: int = opt(128, 'validation problems')
-    keep_validated: bool = opt(False, "also keep the policy of each validation in OUT/validated/step-N (to choose among afterwards, e.g. by `python -m results alpha-map`'s expected count)")
+    keep_validated: bool = opt(False, "also keep the policy of each validation in OUT/validated/step-N, and the start as step-0 (to choose among afterwards, e.g. by `python -m results alpha-map`'s expected count)")
     save_every: int = opt(10, 'steps between checkpoints of OUT/last and the trainer state (and at the last step)')
     batch_size: int = opt(64, 'decode batch for rollouts and validation')
     arch: str = opt("features", "policy network: features (ours, --features) | dit_confidence (the paper's DiTConfidencePolicy) | dit_hidden (its DiTHiddenStatePolicy: the dLLM's hidden states through one LLaDA block of the dLLM's shape; --hidden/--ff/--heads do not apply)")
@@ -596,6 +596,8 @@ class Trainer:
     def run(self) -> None:
         """Train from the current step to --steps."""
         self.loop_start = time.time()
+        if self.cfg.keep_validated and self.step == 0 and self.acc.is_main_process:  # the start, to rank with the rest
+            self.acc.unwrap_model(self.ddp_policy).save(self.out / "validated" / "step-0", self.card({}))
         self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc="grpo",
                         disable=not self.acc.is_main_process, dynamic_ncols=True)
         while self.step < self.cfg.steps:
