@@ -385,7 +385,7 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
     monkeypatch.setattr(Env, "rollout", counting)
     second = alpha_map(str(tmp_path / "other"), batch_size=16, cache_dir=tmp_path / "cache", write=False)
     assert decoded == ["LearnedSampler"] * 5
-    heur = {label: (h["heuristic"]) for label, h in second["alpha_map"].items()}
+    heur = {label: h["heuristic"] for label, h in second["alpha_map"].items()}
     assert heur == {label: h["heuristic"] for label, h in out["alpha_map"].items()}
 
 
