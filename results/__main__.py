@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def main(argv=None) -> None:
                    "figure's left panel (default L/4; its right panel uses threshold tau=0.9's NFE per block)")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    if a.write and (a.command != "alpha-map" or sum(len([x for x in g.split(",") if x]) for g in a.policies) < 2):
+    a.names = ([a.policy] if a.policy else []) + _listed(a)  # recommend / alpha-map: the policies named
+    if a.write and (a.command != "alpha-map" or len(a.names) < 2):
         p.error(f"--write {str(a.write)!r} is for alpha-map with --policies A,B,... (two or more); valid: "
                 f"leave it out, or rank several policies")
     # results/README.md shows the default grid only: another model, policy, dtype, seed, task, limit,
@@ -150,7 +152,7 @@ def main(argv=None) -> None:
 
 def _run(a, grid: Grid) -> None:
     if a.command in ("recommend", "alpha-map"):  # --policy, --policies, or every shipped policy of the model
-        names = ([a.policy] if a.policy else []) + [x for g in a.policies for x in g.split(",") if x]
+        names = a.names
         conditioned = a.command == "alpha-map"  # each command the shipped policies it is for
         done = {name: (alpha_map if conditioned else recommend)(name, limit=a.limit, batch_size=a.batch_size,
                                                                 dtype=a.dtype, device=a.device)
@@ -159,13 +161,13 @@ def _run(a, grid: Grid) -> None:
         if conditioned and len(names) > 1 and main_process():  # e.g. a run's --keep-validated checkpoints
             print(ranking(done))
             if a.write:
-                text = (f"`python -m results {' '.join(a.argv)}` (each policy's alpha map on its validation "
+                text = (f"`python -m results {shlex.join(a.argv)}` (each policy's alpha map on its validation "
                         f"problems, written into its card):\n{ranking(done)}\n")
                 atomic_write(a.write, lambda tmp: Path(tmp).write_text(text))
         return
     if a.command == "transfer":
         transfer(dataclasses.replace(grid, tasks=grid.tasks[:1], gen_length=None),
-                 [x for g in a.policies for x in g.split(",") if x], a.gen_length or LONG_L)
+                 _listed(a), a.gen_length or LONG_L)
         return
     if a.command == "seeds":
         seeds(grid, *[[x for x in g.split(",") if x] for g in a.policies or [""]])
@@ -192,11 +194,17 @@ def render(grid: Grid, rows, base: Path = ROOT) -> tuple[str, list[Path]]:
     return tables(rows, testbed=TESTBED, maps=alpha_maps(grid, rows)) + "\n" + links + "\n", figs
 
 
+def _listed(a) -> list[str]:
+    """Every policy of --policies (each comma-separated, given once or more)."""
+    return [x for g in a.policies for x in g.split(",") if x]
+
+
 def ranking(maps: dict) -> str:
     """The policies alpha-map was given, most heuristic settings expected to match on new problems first."""
-    order = sorted(maps, key=lambda n: -maps[n]["alpha_map_summary"]["expected_on_new_problems"])
-    body = [[n, maps[n]["alpha_map_summary"]["matched_on_validation"], maps[n]["alpha_map_summary"]["settings"],
-             f'{maps[n]["alpha_map_summary"]["expected_on_new_problems"]:.2f}'] for n in order]
+    summary = {n: m["alpha_map_summary"] for n, m in maps.items()}
+    order = sorted(summary, key=lambda n: -summary[n]["expected_on_new_problems"])
+    body = [[n, summary[n]["matched_on_validation"], summary[n]["settings"],
+             f'{summary[n]["expected_on_new_problems"]:.2f}'] for n in order]
     return "\n" + tabulate(body, ["policy", "settings matched on validation", "of", "expected on new problems"],
                             tablefmt="github", disable_numparse=True)
 

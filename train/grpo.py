@@ -597,7 +597,7 @@ class Trainer:
         """Train from the current step to --steps."""
         self.loop_start = time.time()
         if self.cfg.keep_validated and self.step == 0 and self.acc.is_main_process:  # the start, to rank with the rest
-            self.acc.unwrap_model(self.ddp_policy).save(self.out / "validated" / "step-0", self.card({}))
+            self.keep_validated({})
         self.bar = tqdm(total=self.cfg.steps, initial=self.step, desc="grpo",
                         disable=not self.acc.is_main_process, dynamic_ncols=True)
         while self.step < self.cfg.steps:
@@ -701,12 +701,16 @@ class Trainer:
             self.best = vm["reward"]
             acc.unwrap_model(self.ddp_policy).save(self.out / "best", self.card(val))
         if acc.is_main_process and cfg.keep_validated:
-            acc.unwrap_model(self.ddp_policy).save(self.out / "validated" / f"step-{self.step}", self.card(val))
+            self.keep_validated(val)
         if acc.is_main_process:
             self.bar.write(f"step {self.step}: validation reward {vm['reward']:.3g}, accuracy {vm['accuracy']:.3f}, "
                            f"NFE {vm['nfe']:.2f}" + "".join(
                                f"; alpha {a}: {100 * v['accuracy']:.1f} % @ {v['nfe']:.2f}" for a, v in vm.get("at", {}).items()))
         return val
+
+    def keep_validated(self, metrics: dict) -> None:
+        """--keep-validated: the policy as it is now in OUT/validated/step-<step>."""
+        self.acc.unwrap_model(self.ddp_policy).save(self.out / "validated" / f"step-{self.step}", self.card(metrics))
 
     def elapsed(self) -> float:
         """Training seconds since the run began, resumes included."""
