@@ -7,10 +7,13 @@ write them into its card.
 On the validation problems `train.grpo` validated the policy on (its card's command's --val-split,
 --val-size and --seed; --limit takes fewer), at the block and L it was trained for:
 
-- the policy at each alpha of `results.grid.ALPHAS` inside its trained range, greedy at cutoff 0.5 (what training
-  validated; the results grid sweeps the same alphas);
 - every heuristic setting the results grid runs at that block (`results.grid.SWEEPS`, as `python -m
-  results` runs them with the default preset's blocks).
+  results` runs them with the default preset's blocks);
+- the policy at each alpha of `results.grid.ALPHAS` inside its trained range, greedy at cutoff 0.5 (what training
+  validated), then at the alphas `refine` adds: bisections (in log alpha) of the gap where the policy's NFE
+  crosses a heuristic setting's, down to a sixteenth of an octave, so that a curve that jumps between two
+  grid alphas (B = 16 once: 4.9 to 22 NFE) still offers a point at each setting's NFE. The results grid
+  sweeps the grid's alphas and every alpha the map names (`results.grid.swept_alphas`).
 
 Then, written into the card (policy.json, rewritten atomically; weights and config untouched):
 
@@ -114,6 +117,29 @@ def matches(p: Point, h: Point) -> bool:
     return p.accuracy >= h.accuracy and p.nfe <= h.nfe
 
 
+FINEST = 2 ** (1 / 16)  # refine's narrowest gap: the grid's half octave bisected three times
+
+
+def bisect_at(curve: dict[float, Point], nfe: float) -> float | None:
+    """The alpha halfway (in log alpha) across the gap where the curve's NFE crosses `nfe`: between the
+    most careful alpha that spends no more than `nfe` (the smallest alpha that does) and the next smaller
+    alpha. None where no alpha spends so little, the smallest one already does, or the gap is already
+    as narrow as FINEST."""
+    alphas = sorted(curve)
+    i = next((i for i, a in enumerate(alphas) if curve[a].nfe <= nfe), 0)
+    if not i or alphas[i] / alphas[i - 1] < FINEST * 1.01:
+        return None
+    return round(math.sqrt(alphas[i - 1] * alphas[i]), 4)
+
+
+def refine(curve: dict[float, Point], heur: dict[str, Point], run) -> None:
+    """Add to `curve` (alpha -> Point, `run(alpha)` decodes one) the bisections toward each heuristic
+    setting's NFE (`bisect_at`): at most three per grid gap, however many settings fall in it."""
+    for h in heur.values():
+        while (a := bisect_at(curve, h.nfe)) is not None:
+            curve[a] = run(a)
+
+
 def choose_alpha(curve: dict[float, Point], h: Point) -> float:
     """The alpha most likely to match `h` again (`log_match_chance`, to 1e-6). Ties (chiefly both at
     100 % here, where validation cannot tell the accuracies apart, and the NFE saving is certain) go
@@ -170,10 +196,14 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
             log.info("%s: accuracy %.3f, NFE %.2f", label, done[label].accuracy, done[label].nfe)
         return done[label]
 
-    curve = {a: run(f"learned(alpha={a:g})", LearnedSampler(LearnedSampler.Config(
-        **{k: v for k, v in GREEDY.items() if k != "temperature"}, temperature=1.0, alpha=str(a)), policy=pol))
-        for a in alphas_for(pol.cfg.alpha_range)}
+    def at(a: float) -> Point:
+        return run(f"learned(alpha={a:g})", LearnedSampler(LearnedSampler.Config(
+            **{k: v for k, v in GREEDY.items() if k != "temperature"}, temperature=1.0, alpha=str(a)), policy=pol))
+
     heur = {s.label: run(s.label, make_sampler(s.sampler, dict(s.params))) for s in heuristic_settings(env.block)}
+    curve = {a: at(a) for a in alphas_for(pol.cfg.alpha_range)}
+    refine(curve, heur, at)
+    curve = dict(sorted(curve.items()))
     amap, chances = {}, []
     for label, h in heur.items():
         a = choose_alpha(curve, h)

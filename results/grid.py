@@ -49,7 +49,8 @@ SWEEPS: dict[str, list[dict]] = {
                        for c in (0.01, *(round(0.05 * i, 2) for i in range(1, 20)), 0.98)],
 }
 # an alpha-conditioned policy (train.grpo --alpha-range) sweeps its alpha instead of the cutoff: every
-# half-octave from 1/16 to 2048 inside its trained range (`python -m results alpha-map` chooses among the same)
+# half-octave from 1/16 to 2048 inside its trained range, and the alphas its card's map chose between them
+# (`python -m results alpha-map` starts from the same and refines: `results.alpha_map.refine`)
 ALPHAS = tuple(round(2 ** (k / 2), 4) for k in range(-8, 23))
 
 
@@ -57,6 +58,14 @@ def alphas_for(alpha_range) -> list[float]:
     """ALPHAS inside [lo, hi]."""
     lo, hi = alpha_range
     return [a for a in ALPHAS if lo - 1e-9 <= a <= hi + 1e-9]
+
+
+def swept_alphas(card: dict) -> list[float]:
+    """The alphas a results sweep runs for an alpha-conditioned policy: ALPHAS inside its range, plus every
+    alpha its card's map and operating points name (so the test split runs each alpha chosen on validation)."""
+    named = [m["alpha"] for m in (card.get("alpha_map") or {}).values()]
+    named += [p["alpha"] for p in (card.get("operating_points") or {}).values()]
+    return sorted(set(alphas_for(card["alpha_range"])) | set(named))
 
 
 # one-token-per-step runs cost L forwards per sample (most of the grid's time): they mark the ceiling
@@ -185,11 +194,11 @@ class Grid:
         names = [""] + ([] if self.policy else policies.variants_for(self.pretrained or BUNDLED_ID, block)[1:])
         out = []
         for q in (params | ({"policy": n} if n else {}) for n in names):
-            rng = policy_card(self.policy_dir(q, block)).get("alpha_range")
-            if rng is None or (params and self.only is not None):  # one alpha, or a setting spelled out
+            card = policy_card(self.policy_dir(q, block))
+            if card.get("alpha_range") is None or (params and self.only is not None):  # one alpha, or spelled out
                 out.append(q)
             elif not params:  # an alpha-conditioned policy: as typed, then its alpha sweep ...
-                out += [q] + [q | {"alpha": a} for a in alphas_for(rng)]
+                out += [q] + [q | {"alpha": a} for a in swept_alphas(card)]
             # ... instead of SWEEPS' cutoffs
         return out
 

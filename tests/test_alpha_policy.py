@@ -16,8 +16,8 @@ import torch
 from lm_eval_dllm.policy import DEFAULT_FEATURES, NEAR, PolicyConfig, UnmaskPolicy, build_features, build_policy, update_card
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.utils import DLLMError
-from results.alpha_map import Point, choose_alpha, heuristic_settings, log_match_chance, matches
-from results.grid import ALPHAS, Grid, alphas_for
+from results.alpha_map import Point, bisect_at, choose_alpha, heuristic_settings, log_match_chance, matches, refine
+from results.grid import ALPHAS, Grid, alphas_for, policy_card, swept_alphas
 from results.report import Row, targets
 from lm_eval_dllm.reward import log_reward, reward
 from train.grpo import GRPOConfig, check_config, draw_alphas, stack_steps, start_from, val_alphas
@@ -272,6 +272,12 @@ def test_an_alpha_policy_sweeps_alpha_in_the_grid(tmp_path, monkeypatch):
     assert [dict(s.params) for s in learned] == [{}] + [{"alpha": a} for a in (1.0, 1.4142, 2.0, 2.8284, 4.0, 5.6569,
                                                                               8.0, 11.3137, 16.0)]
     assert alphas_for([0.0625, 2048]) == list(ALPHAS) and len(ALPHAS) == 31 and ALPHAS[6] == 0.5
+    # an alpha the card's map chose between two grid alphas is swept too, so the test split runs it
+    update_card(tmp_path / "a48", alpha_map={"threshold(tau=0.9)": {"alpha": 1.0905}},
+                operating_points={"fast": {"alpha": 16.0}})
+    assert swept_alphas(policy_card(tmp_path / "a48"))[:3] == [1.0, 1.0905, 1.4142]
+    learned = [s for s in Grid(tasks=["modchain"], blocks=[48], samplers=["learned"]).settings()]
+    assert {"alpha": 1.0905} in [dict(s.params) for s in learned] and len(learned) == 11
 
 
 def _point(label, acc, nfe, n=100):
@@ -339,6 +345,27 @@ def test_the_report_checks_the_map_on_the_split_it_reports():
     assert "best: learned 97.0 ± 0.5 % (1 SE) @ 4.00" in text
 
 
+def test_the_map_bisects_toward_each_settings_nfe_where_the_curve_jumps():
+    """B = 16's curve once jumped from 4.9 NFE (alpha 0.1768) to 22 (alpha 0.125): no grid alpha was
+    more careful than 4.9 NFE at a setting's 18. Bisecting toward 18 finds points in the jump, and the
+    map then takes the most careful one that spends less."""
+    def at(a):  # 98 % at 4.9 NFE above alpha 0.17, 100 % below, NFE climbing to 21.9 at alpha 0.125
+        return _point(f"a{a}", 0.98 if a > 0.17 else 1.0, 4.9 + 17 * min(max((0.1768 - a) / 0.0518, 0), 1) ** 2, n=1000)
+
+    curve = {a: at(a) for a in (0.125, 0.1768, 0.25)}
+    h = _point("confidence(k=2)", 1.0, 18.0, n=1000)
+    assert choose_alpha(curve, h) == 0.1768  # before: the grid's best is 2 points short
+    decoded = []
+    refine(curve, {"confidence(k=2)": h}, lambda a: decoded.append(a) or at(a))
+    assert decoded == [0.1487, 0.1363, 0.1305]  # 9.9, 15.3, then 18.5 NFE: the crossing, to a sixteenth octave
+    assert choose_alpha(curve, h) == 0.1363 and matches(curve[0.1363], h)
+    # nothing to split: every alpha spends more, or the smallest already spends no more
+    assert bisect_at(curve, 4.0) is None and bisect_at(curve, 30.0) is None
+    # a gap is split to a sixteenth of an octave at most, however many settings fall in it
+    refine(curve, {f"k={k}": _point("c", 1.0, nfe, n=1000) for k, nfe in enumerate((17.9, 18.1, 18.2))}, at)
+    assert sorted(curve) == [0.125, 0.1305, 0.1363, 0.1487, 0.1768, 0.25]
+
+
 def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypatch):
     """The whole command on a small alpha policy: every heuristic setting of the block gets an alpha from
     the swept ones, the operating points and the recommendation go on the card, and `alpha=fast` then
@@ -354,10 +381,12 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
     card = json.loads((folder / "policy.json").read_text())["card"]
     assert card["alpha_map"] == out["alpha_map"]
     assert set(card["alpha_map"]) == {s.label for s in heuristic_settings(16)}
-    assert {m["alpha"] for m in card["alpha_map"].values()} <= {1.0, 1.4142, 2.0, 2.8284, 4.0}
+    swept = [a for a, _, _ in card["recommended"]["sweep"]]  # the grid's five, then the bisections, in order
+    assert set(swept) >= {1.0, 1.4142, 2.0, 2.8284, 4.0} and swept == sorted(swept) and 1.0 <= min(swept)
+    assert {m["alpha"] for m in card["alpha_map"].values()} <= set(swept) and max(swept) <= 4.0
     assert set(card["operating_points"]) == {"accurate", "balanced", "fast"}
     assert card["recommended"]["alpha"] == card["operating_points"]["balanced"]["alpha"]
-    assert card["recommended"]["n"] == 8 and len(card["recommended"]["sweep"]) == 5
+    assert card["recommended"]["n"] == 8
     summary = card["alpha_map_summary"]
     assert summary["matched_on_validation"] == sum(m["matched"] for m in card["alpha_map"].values())
     assert summary["expected_on_new_problems"] == pytest.approx(sum(m["chance"] for m in card["alpha_map"].values()),
@@ -384,7 +413,7 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
 
     monkeypatch.setattr(Env, "rollout", counting)
     second = alpha_map(str(tmp_path / "other"), batch_size=16, cache_dir=tmp_path / "cache", write=False)
-    assert decoded == ["LearnedSampler"] * 5
+    assert decoded == ["LearnedSampler"] * len(second["recommended"]["sweep"]) and len(decoded) >= 5
     heur = {label: h["heuristic"] for label, h in second["alpha_map"].items()}
     assert heur == {label: h["heuristic"] for label, h in out["alpha_map"].items()}
 
