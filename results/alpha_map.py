@@ -10,10 +10,11 @@ On the validation problems `train.grpo` validated the policy on (its card's comm
 - every heuristic setting the results grid runs at that block (`results.grid.SWEEPS`, as `python -m
   results` runs them with the default preset's blocks);
 - the policy at each alpha of `results.grid.ALPHAS` inside its trained range, greedy at cutoff 0.5 (what training
-  validated), then at the alphas `refine` adds: bisections (in log alpha) of the gap where the policy's NFE
-  crosses a heuristic setting's, down to a sixteenth of an octave, so that a curve that jumps between two
-  grid alphas (B = 16 once: 4.9 to 22 NFE) still offers a point at each setting's NFE. The results grid
-  sweeps the grid's alphas and every alpha the map names (`results.grid.swept_alphas`).
+  validated), then at the alphas `refine` adds where the curve jumps (its NFE changes by a factor JUMP or
+  more between two grid alphas, as B = 16's once went from 4.9 to 22): bisections (in log alpha) of the
+  gap where the policy's NFE crosses a heuristic setting's, down to a sixteenth of an octave, so that a
+  setting inside the jump still finds a point at its NFE. The results grid sweeps the grid's alphas and
+  every alpha the map names (`results.grid.swept_alphas`).
 
 Then, written into the card (policy.json, rewritten atomically; weights and config untouched):
 
@@ -118,23 +119,28 @@ def matches(p: Point, h: Point) -> bool:
 
 
 FINEST = 2 ** (1 / 16)  # refine's narrowest gap: the grid's half octave bisected three times
+JUMP = 1.5  # a gap whose two ends differ in NFE by this factor or more is a jump in the curve: refine splits it
 
 
 def bisect_at(curve: dict[float, Point], nfe: float) -> float | None:
-    """The alpha halfway (in log alpha) across the gap where the curve's NFE crosses `nfe`: between the
-    most careful alpha that spends no more than `nfe` (the smallest alpha that does) and the next smaller
-    alpha. None where no alpha spends so little, the smallest one already does, or the gap is already
-    as narrow as FINEST."""
+    """The alpha halfway (in log alpha) across the gap where the curve's NFE crosses `nfe`, if the curve
+    jumps there: between the most careful alpha that spends no more than `nfe` (the smallest alpha that
+    does) and the next smaller alpha, whose NFE is JUMP times as much or more. None where no alpha spends
+    so little, the smallest one already does, the curve is smooth there, or the gap is as narrow as FINEST."""
     alphas = sorted(curve)
     i = next((i for i, a in enumerate(alphas) if curve[a].nfe <= nfe), 0)
     if not i or alphas[i] / alphas[i - 1] < FINEST * 1.01:
+        return None
+    if curve[alphas[i - 1]].nfe < JUMP * curve[alphas[i]].nfe:  # smooth here
         return None
     return round(math.sqrt(alphas[i - 1] * alphas[i]), 4)
 
 
 def refine(curve: dict[float, Point], heur: dict[str, Point], run) -> None:
     """Add to `curve` (alpha -> Point, `run(alpha)` decodes one) the bisections toward each heuristic
-    setting's NFE (`bisect_at`): at most three per grid gap, however many settings fall in it."""
+    setting's NFE where the curve jumps (`bisect_at`): at most three per grid gap, however many settings
+    fall in it. Where the curve is smooth the grid stays as it is: more alphas there would add choices
+    that differ by less than validation's noise, and the map's pick among them would be the luckiest."""
     for h in heur.values():
         while (a := bisect_at(curve, h.nfe)) is not None:
             curve[a] = run(a)

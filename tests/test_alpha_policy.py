@@ -348,21 +348,21 @@ def test_the_report_checks_the_map_on_the_split_it_reports():
 def test_the_map_bisects_toward_each_settings_nfe_where_the_curve_jumps():
     """B = 16's curve once jumped from 4.9 NFE (alpha 0.1768) to 22 (alpha 0.125): no grid alpha was
     more careful than 4.9 NFE at a setting's 18. Bisecting toward 18 finds points in the jump, and the
-    map then takes the most careful one that spends less."""
-    def at(a):  # 98 % at 4.9 NFE above alpha 0.17, 100 % below, NFE climbing to 21.9 at alpha 0.125
-        return _point(f"a{a}", 0.98 if a > 0.17 else 1.0, 4.9 + 17 * min(max((0.1768 - a) / 0.0518, 0), 1) ** 2, n=1000)
+    map then takes the most careful one that spends less. Where the curve is smooth nothing is added."""
+    def at(a):  # 98 % above alpha 0.17, 100 % below; a cliff from about 5 NFE to 40 at alpha 0.133
+        return _point(f"a{a}", 0.98 if a > 0.17 else 1.0, 40.0 if a < 0.133 else 4.9 + 10 * (0.1768 - a), n=1000)
 
     curve = {a: at(a) for a in (0.125, 0.1768, 0.25)}
     h = _point("confidence(k=2)", 1.0, 18.0, n=1000)
     assert choose_alpha(curve, h) == 0.1768  # before: the grid's best is 2 points short
     decoded = []
     refine(curve, {"confidence(k=2)": h}, lambda a: decoded.append(a) or at(a))
-    assert decoded == [0.1487, 0.1363, 0.1305]  # 9.9, 15.3, then 18.5 NFE: the crossing, to a sixteenth octave
+    assert decoded == [0.1487, 0.1363, 0.1305]  # into the cliff, to a sixteenth of an octave
     assert choose_alpha(curve, h) == 0.1363 and matches(curve[0.1363], h)
-    # nothing to split: every alpha spends more, or the smallest already spends no more
-    assert bisect_at(curve, 4.0) is None and bisect_at(curve, 30.0) is None
+    # nothing to split: every alpha spends more; the smallest already spends no more; smooth (4.9 to 4.17 NFE)
+    assert bisect_at(curve, 4.0) is None and bisect_at(curve, 50.0) is None and bisect_at(curve, 4.5) is None
     # a gap is split to a sixteenth of an octave at most, however many settings fall in it
-    refine(curve, {f"k={k}": _point("c", 1.0, nfe, n=1000) for k, nfe in enumerate((17.9, 18.1, 18.2))}, at)
+    refine(curve, {f"k={k}": _point("c", 1.0, nfe, n=1000) for k, nfe in enumerate((17.9, 18.1, 4.5))}, at)
     assert sorted(curve) == [0.125, 0.1305, 0.1363, 0.1487, 0.1768, 0.25]
 
 
