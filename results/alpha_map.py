@@ -133,7 +133,8 @@ def bisect_at(curve: dict[float, Point], nfe: float) -> float | None:
         return None
     if curve[alphas[i - 1]].nfe < JUMP * curve[alphas[i]].nfe:  # smooth here
         return None
-    return round(math.sqrt(alphas[i - 1] * alphas[i]), 4)
+    mid = round(math.sqrt(alphas[i - 1] * alphas[i]), 4)
+    return None if mid in curve else mid  # four decimals may not split a gap below alpha 0.004
 
 
 def refine(curve: dict[float, Point], heur: dict[str, Point], run) -> None:
