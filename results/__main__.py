@@ -159,10 +159,11 @@ def _run(a, grid: Grid) -> None:
                 for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)
                                       if (e["alpha_range"] is not None) == conditioned]}
         if conditioned and len(names) > 1 and main_process():  # e.g. a run's --keep-validated checkpoints
-            print(ranking(done))
+            table = ranking(done)
+            print(table)
             if a.write:
                 text = (f"`python -m results {shlex.join(a.argv)}` (each policy's alpha map on its validation "
-                        f"problems, written into its card):\n{ranking(done)}\n")
+                        f"problems, written into its card):\n{table}\n")
                 atomic_write(a.write, lambda tmp: Path(tmp).write_text(text))
         return
     if a.command == "transfer":
