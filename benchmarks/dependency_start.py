@@ -4,6 +4,7 @@
     python -m benchmarks.dependency_start --block 16 --policy results/bundled/retired_policies/modchain-B16-alphas-chain
     python -m benchmarks.dependency_start --block 48 --policy results/bundled/retired_policies/modchain-B48-alphas-stage1
     python -m benchmarks.dependency_start --block 16 --hand-only --betas 0.1,0.2 --taus 0.4,0.5 --write F
+    python -m benchmarks.dependency_start --block 48 --hand-only --near-window 16 ...   # a wider near_conf
 
 `near_conf` is the lowest dLLM confidence among the still-masked positions just before a position
 (`policy.NEAR`). The term beta * (near_conf - 1) holds a token back while what sits just before it
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from lm_eval_dllm import policy as policy_module
 from lm_eval_dllm.policy import ALL_FEATURES, PolicyConfig, UnmaskPolicy, build_policy, find_policy
 from lm_eval_dllm.samplers.learned import LearnedSampler
 from lm_eval_dllm.utils import DLLMError, atomic_write
@@ -42,6 +44,7 @@ from results.alpha_map import GREEDY, alpha_map, heuristic_settings
 from results.recommend import on_validation, training_config
 from train.grpo import start_from
 
+NEAR_TRAINED = policy_module.NEAR  # the window the policies read (--near-window changes the module's, for the hand rule)
 CARD_KEYS = ("alpha_map", "alpha_map_summary", "operating_points", "recommended", "alpha_map_command")
 
 
@@ -85,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--betas", default=None, help="the hand rule's betas besides 0 (comma-separated; default --beta)")
     ap.add_argument("--taus", default=None, help="the hand rule's taus (default the threshold sweep's)")
     ap.add_argument("--hand-only", action="store_true", help="the hand rule alone, no alpha maps")
+    ap.add_argument("--near-window", type=int, default=NEAR_TRAINED,
+                    help=f"the hand rule's near_conf window: how many positions before each it reads (default "
+                         f"{NEAR_TRAINED}, what the policies read; another needs --hand-only)")
     ap.add_argument("--write", default=None, help="default results/bundled/dependency_start_B<block>.md")
     args = ap.parse_args(argv)
     try:
@@ -92,6 +98,11 @@ def main(argv=None) -> int:
         for name, v in [("beta", args.beta)] + [("betas", b) for b in betas]:
             if not 0 < v < float("inf"):
                 raise DLLMError(f"--{name} {v}; valid: finite numbers > 0")
+        if not 1 <= args.near_window <= 4096:
+            raise DLLMError(f"--near-window {args.near_window}; valid: 1 to 4096 positions")
+        if args.near_window != NEAR_TRAINED and not args.hand_only:
+            raise DLLMError(f"--near-window {args.near_window} with alpha maps; valid: --hand-only, or "
+                            f"--near-window {NEAR_TRAINED} (the window the policies were trained with)")
         hand_taus = None if args.taus is None else _numbers("taus", args.taus)
         if hand_taus and not all(0 < t <= 1 for t in hand_taus):
             raise DLLMError(f"--taus {args.taus}; valid: numbers in (0, 1]")
@@ -108,6 +119,7 @@ def main(argv=None) -> int:
     cfg, env, prompts, _, _ = on_validation(folder, src, training_config({**src.card, "alpha": 1.0}, src), None, 64,
                                             None, None, Path("runs/alpha_map"))
     greedy = {k: v for k, v in GREEDY.items() if k != "temperature"}
+    policy_module.NEAR = args.near_window  # read by the features at each call; this process only hand-decodes then
     sweep = [dict(s.params)["tau"] for s in heuristic_settings(env.block) if s.sampler == "threshold"]
     rows, raw = [], []
     for beta in [0.0] + betas:
@@ -122,7 +134,9 @@ def main(argv=None) -> int:
     flags = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     parts = [f"`python -m benchmarks.dependency_start{flags}` on the {len(prompts)} problems of the "
              f"{cfg.val_split} split, block {env.block} ({cfg.dtype}).", "",
-             "The hand rule conf - tau + beta (near_conf - 1) > 0 (beta 0 is the threshold rule):", "",
+             "The hand rule conf - tau + beta (near_conf - 1) > 0 (beta 0 is the threshold rule)"
+             + (f", near_conf over the {args.near_window} positions before each (the policies read "
+                f"{NEAR_TRAINED})" if args.near_window != NEAR_TRAINED else "") + ":", "",
              tabulate(rows, ["beta", "tau", "accuracy %", "mean NFE"], tablefmt="github", disable_numparse=True)]
     for fade in () if args.hand_only else (True, False):
         out = with_term(shipped, args.beta, Path(f"runs/dependency-start-B{args.block}" + ("" if fade else "-full")), fade)

@@ -20,8 +20,8 @@ Then, written into the card (policy.json, rewritten atomically; weights and conf
 
 - `alpha_map`: for each heuristic setting, the alpha most likely to match it again (at least as
   accurate at no more NFE) on a new sample of problems, judged from the paired differences on these
-  (`log_match_chance`; ties to the smaller alpha); with the validation numbers of both, the chance, and
-  whether the alpha matched it here;
+  (`log_match_chance`; ties to the smaller alpha); with the validation numbers of both, the chance,
+  whether the alpha matched it here, and how many problems only one of the two solved (`solved_by_one`);
 - `alpha_map_summary`: how many settings the map matched here, and how many it is expected to
   match on as many new problems (the sum of the chances): the number to compare policies by;
 - `operating_points`: `accurate`, `balanced` and `fast`, the alphas with the highest mean
@@ -112,6 +112,13 @@ def log_match_chance(p: Point, h: Point) -> float:
     sample of this many problems: the two z-scores' normal tails, multiplied (taken as independent);
     in logs, so that among settings far from matching the closest miss still ranks first."""
     return float(torch.special.log_ndtr(torch.tensor(z_scores(p, h), dtype=torch.float64)).sum())
+
+
+def solved_by_one(p: Point, h: Point) -> dict[str, int]:
+    """How many problems only the heuristic `h` solves, and how many only `p`: the paired accuracy
+    difference rests on these alone, and few of them say the two decoders mostly decide alike."""
+    return {"heuristic": sum(b > a for a, b in zip(p.scores, h.scores)),
+            "learned": sum(a > b for a, b in zip(p.scores, h.scores))}
 
 
 def matches(p: Point, h: Point) -> bool:
@@ -217,7 +224,8 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
         chances.append(math.exp(log_match_chance(curve[a], h)))
         amap[label] = {"alpha": a, "matched": matches(curve[a], h), "chance": round(chances[-1], 3),
                        "heuristic": [round(h.accuracy, 4), round(h.nfe, 3)],
-                       "learned": [round(curve[a].accuracy, 4), round(curve[a].nfe, 3)]}
+                       "learned": [round(curve[a].accuracy, 4), round(curve[a].nfe, 3)],
+                       "solved_by_one": solved_by_one(curve[a], h)}
     points = {name: {"alpha": max(curve, key=lambda a: (curve[a].reward(obj, env.L), -curve[a].nfe)),
                      "rule": f"highest mean validation reward at alpha={obj:g}"} for name, obj in POINTS.items()}
     for p in points.values():
@@ -242,7 +250,9 @@ def alpha_map(policy: str, *, limit: int | None = None, batch_size: int = 64, dt
 
 def map_table(curve: dict[float, Point], heur: dict[str, Point], amap: dict) -> str:
     body = [[label, f"{100 * h.accuracy:.1f}", f"{h.nfe:.2f}", f"{m['alpha']:g}", f"{100 * curve[m['alpha']].accuracy:.1f}",
-             f"{curve[m['alpha']].nfe:.2f}", f"{m['chance']:.3f}", "yes" if m["matched"] else "no"]
+             f"{curve[m['alpha']].nfe:.2f}", f"{m['chance']:.3f}", "yes" if m["matched"] else "no",
+             f"{m['solved_by_one']['heuristic']} / {m['solved_by_one']['learned']}"]
             for (label, h), m in zip(heur.items(), amap.values())]
     return tabulate(body, ["heuristic", "val acc %", "val NFE", "alpha", "learned val acc %", "learned val NFE",
-                           "chance of a match", "matched"], tablefmt="github", disable_numparse=True)
+                           "chance of a match", "matched", "solved by one only (heuristic / learned)"],
+                    tablefmt="github", disable_numparse=True)

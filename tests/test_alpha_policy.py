@@ -16,7 +16,8 @@ import torch
 from lm_eval_dllm.policy import DEFAULT_FEATURES, NEAR, PolicyConfig, UnmaskPolicy, build_features, build_policy, update_card
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.utils import DLLMError
-from results.alpha_map import Point, bisect_at, choose_alpha, heuristic_settings, log_match_chance, matches, refine
+from results.alpha_map import (Point, bisect_at, choose_alpha, heuristic_settings, log_match_chance, matches, refine,
+                               solved_by_one)
 from results.grid import ALPHAS, Grid, alphas_for, policy_card, swept_alphas
 from results.report import Row, targets
 from lm_eval_dllm.reward import log_reward, reward
@@ -151,6 +152,17 @@ def test_the_benchmarks_hand_rule_is_the_threshold_rule_plus_the_term():
         torch.testing.assert_close(got, 20.0 * (conf - 0.7 + beta * (near_conf - 1)), rtol=0,
                                    atol=8 * torch.finfo(torch.float32).eps * 20.0)
     assert torch.equal(hand_rule(src, 0.7, 0.0).logits_for(*args) > 0, conf > 0.7)
+
+
+def test_the_benchmarks_near_window_is_for_the_hand_rule_alone():
+    """--near-window changes what near_conf reads, so it may not feed alpha maps of policies trained
+    with the default window; both refusals are one line, before anything decodes."""
+    from benchmarks.dependency_start import main
+    with pytest.raises(SystemExit, match=r"^error: --near-window 16 with alpha maps; valid: --hand-only, or "
+                                         r"--near-window 8 \(the window the policies were trained with\)$"):
+        main(["--block", "48", "--near-window", "16"])
+    with pytest.raises(SystemExit, match=r"^error: --near-window 0; valid: 1 to 4096 positions$"):
+        main(["--block", "48", "--near-window", "0", "--hand-only"])
 
 
 def test_the_alpha_embedding_conditions_both_architectures():
@@ -299,6 +311,8 @@ def test_the_map_picks_the_alpha_most_likely_to_match_again():
     superset = Point("p", tuple([1.0] * 92 + [0.0] * 8), (4,) * 100)
     elsewhere = Point("p", tuple([0.0] * 8 + [1.0] * 92), (4,) * 100)
     assert log_match_chance(superset, q) > log_match_chance(elsewhere, q) + 0.2
+    assert solved_by_one(superset, q) == {"heuristic": 0, "learned": 2}  # what the map's card records
+    assert solved_by_one(elsewhere, q) == {"heuristic": 8, "learned": 10}
     assert math.exp(log_match_chance(superset, q)) == pytest.approx(0.5 * math.erfc(-(0.02 / math.sqrt(2 * 0.0198 / 100))
                                                                                     / math.sqrt(2)), rel=1e-3)
     # both solve every problem: a tie validation cannot break; the smaller alpha, the more careful
@@ -387,6 +401,9 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
     assert set(card["operating_points"]) == {"accurate", "balanced", "fast"}
     assert card["recommended"]["alpha"] == card["operating_points"]["balanced"]["alpha"]
     assert card["recommended"]["n"] == 8
+    for label, m in card["alpha_map"].items():  # the accuracy difference is what one solves and the other not
+        one = m["solved_by_one"]
+        assert one["learned"] - one["heuristic"] == round(8 * (m["learned"][0] - m["heuristic"][0])), label
     summary = card["alpha_map_summary"]
     assert summary["matched_on_validation"] == sum(m["matched"] for m in card["alpha_map"].values())
     assert summary["expected_on_new_problems"] == pytest.approx(sum(m["chance"] for m in card["alpha_map"].values()),
