@@ -119,18 +119,21 @@ def main(argv=None) -> int:
     cfg, env, prompts, _, _ = on_validation(folder, src, training_config({**src.card, "alpha": 1.0}, src), None, 64,
                                             None, None, Path("runs/alpha_map"))
     greedy = {k: v for k, v in GREEDY.items() if k != "temperature"}
-    policy_module.NEAR = args.near_window  # read by the features at each call; this process only hand-decodes then
     sweep = [dict(s.params)["tau"] for s in heuristic_settings(env.block) if s.sampler == "threshold"]
     rows, raw = [], []
-    for beta in [0.0] + betas:
-        for tau in hand_taus or sweep:
-            pol = hand_rule(src, tau, beta)
-            ro = env.rollout(pol, prompts, list(range(len(prompts))), record=False,
-                             sampler=LearnedSampler(LearnedSampler.Config(**greedy, temperature=1.0), policy=pol))
-            acc, nfe = ro.scores.double().mean().item(), ro.nfes.double().mean().item()
-            raw.append((beta, tau, round(acc, 4), round(nfe, 3)))  # as the alpha map stores a heuristic's
-            rows.append([f"{beta:g}", f"{tau:g}", f"{100 * acc:.1f}", f"{nfe:.2f}"])
-            print(*rows[-1], flush=True)
+    policy_module.NEAR = args.near_window  # the features read it at each call
+    try:
+        for beta in [0.0] + betas:
+            for tau in hand_taus or sweep:
+                pol = hand_rule(src, tau, beta)
+                ro = env.rollout(pol, prompts, list(range(len(prompts))), record=False,
+                                 sampler=LearnedSampler(LearnedSampler.Config(**greedy, temperature=1.0), policy=pol))
+                acc, nfe = ro.scores.double().mean().item(), ro.nfes.double().mean().item()
+                raw.append((beta, tau, round(acc, 4), round(nfe, 3)))  # as the alpha map stores a heuristic's
+                rows.append([f"{beta:g}", f"{tau:g}", f"{100 * acc:.1f}", f"{nfe:.2f}"])
+                print(*rows[-1], flush=True)
+    finally:  # the policies' own window again, for the alpha maps below and any caller of main()
+        policy_module.NEAR = NEAR_TRAINED
     flags = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     parts = [f"`python -m benchmarks.dependency_start{flags}` on the {len(prompts)} problems of the "
              f"{cfg.val_split} split, block {env.block} ({cfg.dtype}).", "",

@@ -402,8 +402,8 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
     assert card["recommended"]["alpha"] == card["operating_points"]["balanced"]["alpha"]
     assert card["recommended"]["n"] == 8
     for label, m in card["alpha_map"].items():  # the accuracy difference is what one solves and the other not
-        one = m["solved_by_one"]
-        assert one["learned"] - one["heuristic"] == round(8 * (m["learned"][0] - m["heuristic"][0])), label
+        one, n = m["solved_by_one"], card["recommended"]["n"]
+        assert one["learned"] - one["heuristic"] == round(n * (m["learned"][0] - m["heuristic"][0])), label
     summary = card["alpha_map_summary"]
     assert summary["matched_on_validation"] == sum(m["matched"] for m in card["alpha_map"].values())
     assert summary["expected_on_new_problems"] == pytest.approx(sum(m["chance"] for m in card["alpha_map"].values()),
