@@ -294,8 +294,8 @@ class _Run:
                           masked=masked[rows], eligible=eligible[rows], generators=row_gens,
                           top=self.top_all[rows] if self.k_top else None, steps=self.nfe[rows] - 1,
                           hidden=None if self.tap is None else self.hidden_all[rows],
-                          block_start=lo, block_size=hi - lo, rows=rows)
-        return self.x0_all[rows], state
+                          block_start=lo, block_size=hi - lo, rows=rows, x0=self.x0_all[rows])
+        return state.x0, state
 
     def _keep_hidden(self, rows, end: int) -> None:
         """The tapped hidden states of the forward whose logits' columns end at `end`: the norm's

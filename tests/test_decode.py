@@ -142,6 +142,28 @@ def test_the_trajectory_records_the_order_the_sampler_returns():
     assert all(r.rank is None for r in plain.trajectory)
 
 
+def test_a_sampler_sees_the_proposed_tokens_a_commit_writes():
+    """StepState.x0 is the proposal: every committed position ends holding the x0 of its step."""
+    class Seen:
+        name = "seen"
+
+        def __init__(self):
+            self.inner, self.writes = make_sampler("threshold", {"tau": 0.3}), []
+
+        def select(self, st):
+            commit = self.inner.select(st)
+            assert st.x0.shape == st.conf.shape and st.x0.dtype == torch.long
+            self.writes.append((st.rows.clone(), commit.clone(), st.x0.clone()))
+            return commit
+
+    seen = Seen()
+    out = diffuse(fake_forward(), PROMPTS, spec(), seen, 16, 4, early_exit=False)
+    got = torch.full_like(out.tokens, -1)
+    for rows, commit, x0 in seen.writes:
+        got[rows] = torch.where(commit, x0, got[rows])
+    assert torch.equal(got, out.tokens)
+
+
 def test_bad_sampler_output_is_caught():
     class Greedy:
         name = "bad"

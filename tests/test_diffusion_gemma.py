@@ -240,14 +240,21 @@ class KeepAll(Sampler):
     class Config:
         pass
 
+    seen = []  # each step's proposal (StepState.x0)
+
     def select(self, state):
+        KeepAll.seen.append(state.x0.clone())
         return state.eligible.clone()
 
 
 def test_a_users_own_sampler_is_taken_as_the_rule(dg_ckpt):
+    KeepAll.seen.clear()
     lm = DLLM(pretrained=str(dg_ckpt), device="cpu", dtype="float32", sampler="tests.test_diffusion_gemma:KeepAll")
     ids = lm.tokenizer(PROMPTS[0])["input_ids"]
     out = decode(lm.model, [ids], lm.sampler, gen_length=16, seeds=[3], pad_id=lm.spec.pad_id,
                  device=torch.device("cpu"), record=True)
     assert all(r.action.all() for r in out.steps)
     assert all(not r.masked.any() for r in out.steps if r.step > 0)  # nothing re-noised after a keep-all step
+    # the sampler saw each step's proposal (what a commit writes), one token id per position
+    assert len(KeepAll.seen) == len(out.steps)
+    assert all(x.dtype == torch.long and x.shape == r.conf.shape for x, r in zip(KeepAll.seen, out.steps))

@@ -142,7 +142,7 @@ def step_state(denoiser_canvas: torch.Tensor, logits: torch.Tensor, kept: torch.
     every = torch.ones_like(conf, dtype=torch.bool)
     masked = every if kept is None else ~kept  # noise: not kept last step (all of it at a canvas start)
     return StepState(conf=conf, margin=top2[..., 0] - top2[..., 1], entropy=entropy, masked=masked,
-                     eligible=every, generators=generators)
+                     eligible=every, generators=generators, x0=denoiser_canvas)
 
 
 @dataclass

@@ -42,6 +42,7 @@ class StepState:
     block_start: int = 0  # the current block: generated positions [block_start, block_start + block_size)
     block_size: int = 0
     rows: torch.Tensor | None = None  # (B,) which rows of the decoded batch these are (None: all, in order)
+    x0: torch.Tensor | None = None  # (B, L) long, the proposed tokens (what a commit writes; conf is their probability)
 
 
 @dataclass(frozen=True)
