@@ -12,6 +12,10 @@ grid's and 0.3 and 0.4 below them), on the same problems.
 1. **Two-stage threshold**: tau1 at a block's first step (every position of the block still masked),
    tau2 at its later steps. tau2 0 finishes every block in at most two steps; tau1 = tau2 is the
    threshold rule (the first row: the check that the rule is wired as the threshold sampler).
+   With the near_conf term as well (conf - tau + beta (near_conf - 1), as benchmarks.dependency_start's
+   hand rule): the rules tried near threshold 0.5's NFE at B = 16. The one furthest above the curve
+   on validation is measured again on --check-size train problems, against the threshold curve there:
+   chosen among fourteen on 500 problems, its lead there is partly the choice's.
 2. **A correctness probe**: a logistic regression, fitted on the threshold(--probe-tau) decodes of
    --train-size train problems, that predicts whether a masked position's proposed token is the
    reference's, from the policy's seven inputs (conf, margin, entropy, pos, left, near, near_conf)
@@ -40,6 +44,11 @@ from results.recommend import on_validation, training_config
 INPUTS = ("conf", "margin", "entropy", "pos", "left", "near", "near_conf")  # the policies' inputs but mask, eligible
 TWO_STAGE = ((0.5, 0.5), (0.4, 0.0), (0.5, 0.0), (0.6, 0.0), (0.7, 0.0), (0.9, 0.0), (0.7, 0.3), (0.9, 0.3), (0.7, 0.5),
              (0.8, 0.4))
+# with the near_conf term as well (tau1, tau2, beta): the rules tried near threshold 0.5's NFE at B = 16
+WITH_NEAR = ((0.55, 0.0, 0.0), (0.6, 0.0, 0.1), (0.55, 0.0, 0.2), (0.5, 0.3, 0.2), (0.6, 0.3, 0.1), (0.45, 0.45, 0.1),
+             (0.6, 0.2, 0.0), (0.65, 0.1, 0.0), (0.5, 0.0, 0.2), (0.52, 0.0, 0.2), (0.5, 0.0, 0.3), (0.45, 0.0, 0.3),
+             (0.5, 0.0, 0.15), (0.55, 0.0, 0.1))
+CHECK_TAUS = (0.3, 0.4, 0.5, 0.7)  # the threshold curve on the check problems, around the fast end
 PROBE_TS = (0.4, 0.5, 0.6, 0.7)
 LOWER = (0.3, 0.4)  # threshold taus below the grid's, so that the curve reaches the rules' fastest points
 
@@ -58,14 +67,20 @@ def probe_inputs(s: StepState, hidden: bool) -> torch.Tensor:
 
 
 class TwoStage(Sampler):
+    """Commit where conf - tau + beta (near_conf - 1) >= 0, tau = tau1 at a block's first step and tau2
+    after (beta 0: on conf alone; tau1 = tau2 and beta 0: the threshold rule)."""
     name = "two_stage"
 
-    def __init__(self, tau1: float, tau2: float):
-        self.tau1, self.tau2 = tau1, tau2
+    def __init__(self, tau1: float, tau2: float, beta: float = 0.0):
+        self.tau1, self.tau2, self.beta = tau1, tau2, beta
 
     def select(self, s: StepState):
         tau = torch.where(first_step(s), self.tau1, self.tau2)[:, None]
-        return (s.eligible & (s.conf >= tau)) | top_k(s.conf, s.eligible, 1)
+        score = s.conf.float() - tau
+        if self.beta:
+            near = build_features(("near_conf",), s.conf, s.margin, s.entropy, s.masked, s.eligible)[..., 0]
+            score = score + self.beta * (near - 1)
+        return (s.eligible & (score >= 0)) | top_k(score, s.eligible, 1)
 
 
 class Recorder(Sampler):
@@ -162,12 +177,16 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, required=True, choices=(8, 16, 48),
                     help="the block of the shipped policy modchain-B<block>-alphas, whose validation problems it uses")
     ap.add_argument("--train-size", type=int, default=1500, help="train problems the probe is fitted on (default 1500)")
+    ap.add_argument("--check-size", type=int, default=2000,
+                    help="train problems the best rule with near_conf is measured again on (default 2000)")
     ap.add_argument("--probe-tau", type=float, default=0.5, help="the threshold the probe's decodes use (default 0.5)")
     ap.add_argument("--limit", type=int, default=None, help="validation problems (default the card's, 500)")
     ap.add_argument("--write", default=None, help="default results/bundled/fast_end_B<block>.md")
     args = ap.parse_args(argv)
     if args.train_size < 10:
         raise SystemExit(f"error: --train-size {args.train_size}; valid: 10 or more problems")
+    if args.check_size < 10:
+        raise SystemExit(f"error: --check-size {args.check_size}; valid: 10 or more problems")
     if not 0 < args.probe_tau <= 1:
         raise SystemExit(f"error: --probe-tau {args.probe_tau}; valid: a number in (0, 1]")
     folder = find_policy(f"modchain-B{args.block}-alphas", model_id="", block=0, gen_length=0)
@@ -175,12 +194,13 @@ def main(argv=None) -> int:
     cfg, env, prompts, _, _ = on_validation(folder, src, training_config({**src.card, "alpha": 1.0}, src), args.limit,
                                             64, None, None, Path("runs/alpha_map"))
 
-    def point(sampler) -> tuple[float, float]:
-        ro = env.rollout(None, prompts, list(range(len(prompts))), record=False, sampler=sampler)
+    def point(sampler, on=None) -> tuple[float, float]:
+        on = prompts if on is None else on
+        ro = env.rollout(None, on, list(range(len(on))), record=False, sampler=sampler)
         return ro.scores.double().mean().item(), ro.nfes.double().mean().item()
 
-    def vs_curve(label: str, acc: float, nfe: float) -> list[str]:
-        at = on_curve(curve, nfe)
+    def vs_curve(label: str, acc: float, nfe: float, along=None) -> list[str]:
+        at = on_curve(curve if along is None else along, nfe)
         return [label, f"{100 * acc:.1f}", f"{nfe:.2f}", "–" if at is None else f"{100 * at:.1f}",
                 "–" if at is None else f"{100 * (acc - at):+.1f}"]
 
@@ -190,6 +210,20 @@ def main(argv=None) -> int:
     print(*(f"threshold {t:g}: {100 * a:.1f} % @ {n:.2f}" for t, a, n in sweep), sep="\n", flush=True)
     two = [vs_curve(f"tau1 {t1:g}, tau2 {t2:g}", *point(TwoStage(t1, t2))) for t1, t2 in TWO_STAGE]
     print(*two, sep="\n", flush=True)
+    near = []
+    for t1, t2, beta in WITH_NEAR:
+        acc, nfe = point(TwoStage(t1, t2, beta))
+        near.append(((t1, t2, beta), acc, nfe, vs_curve(f"tau1 {t1:g}, tau2 {t2:g}, beta {beta:g}", acc, nfe)))
+        print(*near[-1][-1], flush=True)
+    (t1, t2, beta), acc, nfe, _ = max((r for r in near if on_curve(curve, r[2]) is not None),
+                                      key=lambda r: r[1] - on_curve(curve, r[2]))
+    check = env.scorer.prompts("train", n=args.check_size, seed=1)
+    ck_sweep = [(tau, *point(make_sampler("threshold", {"tau": tau}), check)) for tau in CHECK_TAUS]
+    ck_curve = [(n, a) for _, a, n in ck_sweep]
+    label = f"tau1 {t1:g}, tau2 {t2:g}, beta {beta:g}"
+    checked = [vs_curve(f"{label} (validation)", acc, nfe),
+               vs_curve(f"{label} (the {len(check)} check problems)", *point(TwoStage(t1, t2, beta), check), ck_curve)]
+    print(*checked, sep="\n", flush=True)
 
     train = env.scorer.prompts("train", n=args.train_size, seed=0)
     Xt, yt = collect(env, train, args.probe_tau, 64)
@@ -220,6 +254,13 @@ def main(argv=None) -> int:
                  tablefmt="github", disable_numparse=True), "",
         "Two-stage threshold: tau1 at a block's first step, tau2 after (tau1 = tau2: the threshold rule):", "",
         tabulate(two, head, tablefmt="github", disable_numparse=True), "",
+        "With the near_conf term as well, conf - tau + beta (near_conf - 1) >= 0 (the rules tried near "
+        "threshold 0.5's NFE at B = 16):", "",
+        tabulate([r[-1] for r in near], head, tablefmt="github", disable_numparse=True), "",
+        f"The one furthest above the curve on validation, measured again on {len(check)} train problems (no rule "
+        "here is fitted to them), against the threshold curve there ("
+        + "; ".join(f"threshold {t:g}: {100 * a:.1f} % @ {n:.2f}" for t, a, n in ck_sweep) + "):", "",
+        tabulate(checked, head, tablefmt="github", disable_numparse=True), "",
         f"The correctness probe, fitted on the threshold({args.probe_tau:g}) decodes of {len(train)} train problems "
         f"({len(yt)} position-steps, {100 * (1 - yt.mean().item()):.1f} % wrong proposals); its AUC on the "
         f"validation decodes ({len(yv)} position-steps), at every eligible position and at those the threshold "

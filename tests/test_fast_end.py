@@ -39,6 +39,10 @@ def test_two_stage_is_the_threshold_rule_at_equal_taus_and_finishes_a_block_in_t
     assert torch.equal(TwoStage(0.9, 0.0).select(first), torch.tensor([[True, False, False, False],
                                                                         [False, False, False, True]]))
     assert torch.equal(TwoStage(0.9, 0.0).select(later), later.eligible)
+    # near_conf holds back what follows an unsure masked position: 0.55 at position 2 has 0.3 masked just before it
+    s = state([[0.95, 0.3, 0.55, 0.2]], [[True] * 4])
+    assert TwoStage(0.5, 0.5).select(s).tolist() == [[True, False, True, False]]
+    assert TwoStage(0.5, 0.5, beta=0.2).select(s).tolist() == [[True, False, False, False]]  # 0.55-0.5-0.2*0.7 < 0
 
 
 def test_the_probe_reads_the_policys_inputs_the_first_step_flag_and_optionally_the_hidden_states():
@@ -50,6 +54,7 @@ def test_the_probe_reads_the_policys_inputs_the_first_step_flag_and_optionally_t
 
 
 @pytest.mark.parametrize("args, needle", [(["--train-size", "3"], r"--train-size 3; valid: 10 or more problems"),
+                                          (["--check-size", "0"], r"--check-size 0; valid: 10 or more problems"),
                                           (["--probe-tau", "0"], r"--probe-tau 0.0; valid: a number in \(0, 1\]")])
 def test_bad_arguments_are_one_line(args, needle):
     with pytest.raises(SystemExit, match=rf"^error: {needle}$"):
