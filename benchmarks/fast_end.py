@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from lm_eval_dllm.policy import build_features, find_policy, UnmaskPolicy
+from lm_eval_dllm.policy import UnmaskPolicy, build_features, find_policy
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.base import Sampler, StepState, top_k
 from lm_eval_dllm.utils import DLLMError, atomic_write
