@@ -88,7 +88,7 @@ class Recorder(Sampler):
     name = "recorder"
 
     def __init__(self, tau: float):
-        self.tau, self.records, self.offset = tau, [], 0
+        self.rule, self.records, self.offset = make_sampler("threshold", {"tau": tau}), [], 0
 
     def reads_hidden(self) -> bool:
         return True
@@ -97,7 +97,7 @@ class Recorder(Sampler):
         r, p = s.eligible.nonzero(as_tuple=True)
         rec = (s.rows[r] + self.offset, p, s.x0[r, p], probe_inputs(s, True)[r, p])
         self.records.append(tuple(t.cpu() for t in rec))
-        return (s.eligible & (s.conf >= self.tau)) | top_k(s.conf, s.eligible, 1)
+        return self.rule.select(s)
 
 
 class Probe:
