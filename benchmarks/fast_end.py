@@ -1,4 +1,4 @@
-"""Two rules aimed at the threshold rule's fast end (issue 32), on the validation split.
+"""Rules aimed at the threshold rule's fast end (issue 32), and their headroom, on the validation split.
 
     python -m benchmarks.fast_end --block 16     # -> results/bundled/fast_end_B16.md
     python -m benchmarks.fast_end --block 48     # -> results/bundled/fast_end_B48.md
@@ -16,13 +16,26 @@ grid's and 0.3 and 0.4 below them), on the same problems.
    hand rule): the rules tried near threshold 0.5's NFE at B = 16. The one furthest above the curve
    on validation is measured again on --check-size train problems, against the threshold curve there:
    chosen among fourteen on 500 problems, its lead there is partly the choice's.
-2. **A correctness probe**: a logistic regression, fitted on the threshold(--probe-tau) decodes of
+2. **A block-level gate**: where every eligible position of the block has conf >= t_all, commit them
+   all; else commit only those with conf >= t_hi. A held token costs a forward only when it is the
+   block's one reason to take another step; once the block takes one anyway, holding more is free.
+   The threshold rule ignores that (t_hi = t_all). Its row with the largest leads on validation is
+   measured again on the check problems. Also its linear form, conf + beta * (the block's lowest
+   eligible conf) >= tau: what a policy's linear path from its features could start as.
+3. **A correctness probe**: a logistic regression, fitted on the threshold(--probe-tau) decodes of
    --train-size train problems, that predicts whether a masked position's proposed token is the
    reference's, from the policy's seven inputs (conf, margin, entropy, pos, left, near, near_conf)
    and whether this is the block's first step; and, second, from those plus the dLLM's last hidden
    states. Its AUC is measured on the validation problems' decodes. The rule commits where the
    probe's P(correct) >= t (and at least its most likely position), so it holds back what the probe
-   expects to be wrong.
+   expects to be wrong. As a veto instead: the threshold rule's commits less those whose P(correct)
+   is below g, so that a low g holds back only what the probe is surest of.
+4. **The headroom**: a decoder that knows the reference tokens and commits only the proposals that
+   are the reference's (the most confident one where none is). It is not a decoder; it says how much
+   the commit decisions alone could gain on this model.
+5. **Whether the next forward sees a wrong commit**: along the threshold(--probe-tau) decodes, what
+   the block's next forward proposes at each position committed the step before (a commit could be
+   revised at no cost only if that forward proposed another token where the commit was wrong).
 """
 
 from __future__ import annotations
@@ -48,8 +61,13 @@ TWO_STAGE = ((0.5, 0.5), (0.4, 0.0), (0.5, 0.0), (0.6, 0.0), (0.7, 0.0), (0.9, 0
 WITH_NEAR = ((0.55, 0.0, 0.0), (0.6, 0.0, 0.1), (0.55, 0.0, 0.2), (0.5, 0.3, 0.2), (0.6, 0.3, 0.1), (0.45, 0.45, 0.1),
              (0.6, 0.2, 0.0), (0.65, 0.1, 0.0), (0.5, 0.0, 0.2), (0.52, 0.0, 0.2), (0.5, 0.0, 0.3), (0.45, 0.0, 0.3),
              (0.5, 0.0, 0.15), (0.55, 0.0, 0.1))
-CHECK_TAUS = (0.3, 0.4, 0.5, 0.7)  # the threshold curve on the check problems, around the fast end
+CHECK_TAUS = (0.3, 0.4, 0.5, 0.7, 0.9, 0.95, 0.99)  # the threshold curve on the check problems
+GATE = tuple((t_all, t_hi) for t_all in (0.3, 0.4, 0.5, 0.6, 0.7) for t_hi in (0.9, 0.95, 0.99))
+GATE_CHECK = tuple((t_all, 0.95) for t_all in (0.4, 0.5, 0.6, 0.7))  # a whole row of GATE, measured again
+LINEAR = ((1.0, 0.8), (1.0, 1.0), (2.0, 1.0), (2.0, 1.2))  # (beta, tau): conf + beta * block min >= tau
 PROBE_TS = (0.4, 0.5, 0.6, 0.7)
+VETO = tuple((tau, g) for tau in (0.4, 0.5) for g in (0.2, 0.3, 0.4))  # (tau, g): g low = only the surest vetoes
+ORACLES = ((0.0, float("inf")), (0.5, float("inf")), (0.5, 0.9), (0.5, 0.7))  # (tau, trust), see Oracle
 LOWER = (0.3, 0.4)  # threshold taus below the grid's, so that the curve reaches the rules' fastest points
 
 
@@ -98,6 +116,95 @@ class Recorder(Sampler):
         rec = (s.rows[r] + self.offset, p, s.x0[r, p], probe_inputs(s, True)[r, p])
         self.records.append(tuple(t.cpu() for t in rec))
         return self.rule.select(s)
+
+
+def block_min(s: StepState) -> torch.Tensor:
+    """(B, 1) the lowest confidence among the eligible positions (1 where there is none)."""
+    return torch.where(s.eligible, s.conf.float(), 1.0).amin(-1, keepdim=True)
+
+
+class BlockGate(Sampler):
+    """A block-level rule: where every eligible position has conf >= t_all, commit them all (the block
+    ends with this step); else commit only those with conf >= t_hi, as the block takes another step
+    anyway, and a token held back then costs no forward of its own (at least the most confident one).
+    t_hi = t_all is the threshold rule."""
+    name = "block_gate"
+
+    def __init__(self, t_all: float, t_hi: float):
+        self.t_all, self.t_hi = t_all, t_hi
+
+    def select(self, s: StepState):
+        want = s.eligible & ((block_min(s) >= self.t_all) | (s.conf >= self.t_hi))
+        return want | top_k(s.conf, s.eligible, 1)
+
+
+class LinearGate(Sampler):
+    """What a linear path from the features can hold of BlockGate: commit where conf + beta * block min
+    >= tau (at least the most confident position). Every position ends the block where the block min
+    is at least tau / (1 + beta); with a low block min the bar is tau."""
+    name = "linear_gate"
+
+    def __init__(self, beta: float, tau: float):
+        self.beta, self.tau = beta, tau
+
+    def select(self, s: StepState):
+        score = s.conf.float() + self.beta * block_min(s) - self.tau
+        return (s.eligible & (score >= 0)) | top_k(score, s.eligible, 1)
+
+
+class Oracle(Sampler):
+    """Knows the reference tokens (`refs` (N, L), row s.rows + offset): commits where conf >= tau and the
+    proposal is the reference's, or is not but conf >= trust (inf: every wrong proposal held back),
+    and the most confident position when nothing qualifies. Not a decoder: the headroom of the
+    commit-only decisions a policy makes, on this model."""
+    name = "oracle"
+
+    def __init__(self, refs: torch.Tensor, tau: float = 0.0, trust: float = float("inf")):
+        self.refs, self.tau, self.trust, self.offset = refs, tau, trust, 0
+
+    def select(self, s: StepState):
+        right = s.x0 == self.refs.to(s.x0.device)[s.rows + self.offset]
+        want = s.eligible & (s.conf >= self.tau) & (right | (s.conf >= self.trust))
+        return want | (top_k(s.conf, s.eligible, 1) & ~want.any(-1, keepdim=True))
+
+
+class Rechecker(Sampler):
+    """The threshold rule, keeping for each commit followed by another step of its block (row, the
+    committed token, the next forward's proposal there): does the next forward, which sees the
+    commit, propose another token where the commit was wrong?"""
+    name = "rechecker"
+
+    def __init__(self, tau: float):
+        self.rule, self.pairs, self.offset, self.last = make_sampler("threshold", {"tau": tau}), [], 0, None
+
+    def select(self, s: StepState):
+        rows = (s.rows + self.offset).cpu()
+        if self.last is not None and self.last[0] == s.block_start:
+            _, last_rows, commit, tok = self.last
+            at = {r: j for j, r in enumerate(rows.tolist())}
+            for k, r in enumerate(last_rows.tolist()):
+                if r in at:  # the row takes another step in this block
+                    p = commit[k].nonzero().squeeze(-1)
+                    self.pairs.append((torch.full_like(p, r), p, tok[k, p], s.x0[at[r], p].cpu()))
+        action = self.rule.select(s)
+        self.last = (s.block_start, rows, action.cpu(), s.x0.cpu())
+        return action
+
+
+class Veto(Sampler):
+    """The threshold rule with the probe's veto: commit where conf >= tau and P(correct) >= g (and at
+    least the most confident position). A low g holds back only what the probe is surest is wrong."""
+    name = "veto"
+
+    def __init__(self, probe: "Probe", tau: float, g: float, hidden: bool):
+        self.probe, self.tau, self.g, self.hidden = probe, tau, g, hidden
+
+    def reads_hidden(self) -> bool:
+        return self.hidden
+
+    def select(self, s: StepState):
+        p = torch.sigmoid(self.probe.logit(probe_inputs(s, self.hidden)))
+        return (s.eligible & (s.conf >= self.tau) & (p >= self.g)) | top_k(s.conf, s.eligible, 1)
 
 
 class Probe:
@@ -166,10 +273,27 @@ def collect(env, prompts, tau: float, batch: int):
         rec.offset = i
         env.gen.generate([p.context for p in chunk], rec, gen_length=env.L, block=env.block,
                          seeds=list(range(i, i + len(chunk))), temperature=env.cfg.dllm_temperature, until=env.until)
-    eos = env.spec.stop_ids[0]
-    ref = torch.tensor([(ids + [eos] * env.L)[:env.L] for ids in (env.tok.encode(p.doc["answer"]) for p in prompts)])
     row, pos, x0, X = (torch.cat(c) for c in zip(*rec.records))
-    return X.float(), (x0 == ref[row, pos]).float()
+    return X.float(), (x0 == references(env, prompts)[row, pos]).float()
+
+
+def references(env, prompts) -> torch.Tensor:
+    """(N, L) each problem's reference answer as tokens, stop tokens after it."""
+    eos = env.spec.stop_ids[0]
+    return torch.tensor([(ids + [eos] * env.L)[:env.L] for ids in (env.tok.encode(p.doc["answer"]) for p in prompts)])
+
+
+def recheck_table(pairs, refs: torch.Tensor) -> list[list[str]]:
+    """From Rechecker's pairs: for wrong and for right commits, how often the next forward proposes
+    another token there, and how often the reference's."""
+    row, pos, tok, nxt = (torch.cat(c) for c in zip(*pairs))
+    ref = refs[row, pos]
+    out = []
+    for name, sel in (("wrong (not the reference token)", tok != ref), ("right", tok == ref)):
+        n = int(sel.sum())
+        out.append([name, str(n), f"{100 * (nxt[sel] != tok[sel]).double().mean().item():.1f}",
+                    f"{100 * (nxt[sel] == ref[sel]).double().mean().item():.1f}"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -199,6 +323,16 @@ def main(argv=None) -> int:
         ro = env.rollout(None, on, list(range(len(on))), record=False, sampler=sampler)
         return ro.scores.double().mean().item(), ro.nfes.double().mean().item()
 
+    def by_chunk(sampler, on) -> tuple[float, float]:
+        """point() for a sampler that finds a row by its place in `on` (its offset: the chunk's first)."""
+        scores, nfes, n = [], [], env.cfg.batch_size
+        for i in range(0, len(on), n):
+            sampler.offset = i
+            ro = env.rollout(None, on[i:i + n], list(range(i, i + len(on[i:i + n]))), record=False, sampler=sampler)
+            scores.append(ro.scores.double())
+            nfes.append(ro.nfes.double())
+        return torch.cat(scores).mean().item(), torch.cat(nfes).mean().item()
+
     def vs_curve(label: str, acc: float, nfe: float, along=None) -> list[str]:
         at = on_curve(curve if along is None else along, nfe)
         return [label, f"{100 * acc:.1f}", f"{nfe:.2f}", "–" if at is None else f"{100 * at:.1f}",
@@ -225,6 +359,16 @@ def main(argv=None) -> int:
                vs_curve(f"{label} (the {len(check)} check problems)", *point(TwoStage(t1, t2, beta), check), ck_curve)]
     print(*checked, sep="\n", flush=True)
 
+    gates = []
+    for t_all, t_hi in GATE:
+        gates.append(vs_curve(f"t_all {t_all:g}, t_hi {t_hi:g}", *point(BlockGate(t_all, t_hi))))
+        print(*gates[-1], flush=True)
+    gates_checked = [vs_curve(f"t_all {t_all:g}, t_hi {t_hi:g}", *point(BlockGate(t_all, t_hi), check), ck_curve)
+                     for t_all, t_hi in GATE_CHECK]
+    print(*gates_checked, sep="\n", flush=True)
+    linear = [vs_curve(f"beta {beta:g}, tau {tau:g}", *point(LinearGate(beta, tau))) for beta, tau in LINEAR]
+    print(*linear, sep="\n", flush=True)
+
     train = env.scorer.prompts("train", n=args.train_size, seed=0)
     Xt, yt = collect(env, train, args.probe_tau, 64)
     Xv, yv = collect(env, prompts, args.probe_tau, 64)
@@ -242,6 +386,23 @@ def main(argv=None) -> int:
         for t in PROBE_TS:
             rules.append(vs_curve(f"{name}, P(correct) >= {t:g}", *point(ProbeRule(probe, t, hidden))))
             print(*rules[-1], flush=True)
+    vetoes = []
+    for name, (probe, _, hidden) in fits.items():
+        for tau, g in VETO:
+            vetoes.append(vs_curve(f"{name}, tau {tau:g}, g {g:g}", *point(Veto(probe, tau, g, hidden))))
+            print(*vetoes[-1], flush=True)
+
+    refs = references(env, prompts)
+    oracles = []
+    for tau, trust in ORACLES:
+        label = ("every right proposal" if tau == 0 else f"threshold {tau:g}'s commits less its wrong ones"
+                 + ("" if trust == float("inf") else f" below conf {trust:g}"))
+        oracles.append(vs_curve(label, *by_chunk(Oracle(refs, tau, trust), prompts)))
+        print(*oracles[-1], flush=True)
+    recheck = Rechecker(args.probe_tau)
+    by_chunk(recheck, prompts)
+    rechecked = recheck_table(recheck.pairs, refs)
+    print(*rechecked, sep="\n", flush=True)
 
     head = ["rule", "accuracy %", "mean NFE", "threshold curve at that NFE %", "difference (points)"]
     flags = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
@@ -261,6 +422,16 @@ def main(argv=None) -> int:
         "here is fitted to them), against the threshold curve there ("
         + "; ".join(f"threshold {t:g}: {100 * a:.1f} % @ {n:.2f}" for t, a, n in ck_sweep) + "):", "",
         tabulate(checked, head, tablefmt="github", disable_numparse=True), "",
+        "A block-level gate: where every eligible position has conf >= t_all, commit them all; else only those "
+        "with conf >= t_hi (the block takes another step anyway, so what it holds back costs no forward of "
+        "its own):", "",
+        tabulate(gates, head, tablefmt="github", disable_numparse=True), "",
+        f"Its row with the largest leads on validation (t_hi 0.95, t_all above 0.3) measured again on the "
+        f"{len(check)} check problems, against their threshold curve:", "",
+        tabulate(gates_checked, head, tablefmt="github", disable_numparse=True), "",
+        "What a linear path from the features holds of it: commit where conf + beta * (the block's lowest "
+        "eligible conf) >= tau:", "",
+        tabulate(linear, head, tablefmt="github", disable_numparse=True), "",
         f"The correctness probe, fitted on the threshold({args.probe_tau:g}) decodes of {len(train)} train problems "
         f"({len(yt)} position-steps, {100 * (1 - yt.mean().item()):.1f} % wrong proposals); its AUC on the "
         f"validation decodes ({len(yv)} position-steps), at every eligible position and at those the threshold "
@@ -268,7 +439,18 @@ def main(argv=None) -> int:
         tabulate(aucs, ["inputs", "AUC, every eligible position", "AUC, the committed ones"], tablefmt="github",
                  disable_numparse=True), "",
         "The probe as a rule: commit where P(correct) >= t:", "",
-        tabulate(rules, head, tablefmt="github", disable_numparse=True), ""])
+        tabulate(rules, head, tablefmt="github", disable_numparse=True), "",
+        "The probe as a veto on the threshold rule: commit where conf >= tau and P(correct) >= g (a low g "
+        "holds back only the proposals the probe is surest are wrong):", "",
+        tabulate(vetoes, head, tablefmt="github", disable_numparse=True), "",
+        "A decoder that knew the reference tokens (not a decoder: how far the commit decisions alone could "
+        "go on this model). It commits only proposals that are the reference's, or, where nothing "
+        "qualifies, the most confident one:", "",
+        tabulate(oracles, head, tablefmt="github", disable_numparse=True), "",
+        f"Does the next forward see a wrong commit? Along threshold({args.probe_tau:g})'s decodes, each "
+        "commit that its block's next step follows, and what that step's forward proposes there:", "",
+        tabulate(rechecked, ["commits", "count", "another token proposed %", "the reference's proposed %"],
+                 tablefmt="github", disable_numparse=True), ""])
     out = Path(args.write or f"results/bundled/fast_end_B{args.block}.md")
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out}")

@@ -72,6 +72,10 @@ class PolicyConfig:
     # masked and unsure: commit p ~ sigmoid(init_sharpness * (conf - tau + init_near_conf * (near_conf - 1)));
     # alpha-conditioned, the term fades to nothing at the top of alpha_range (UnmaskPolicy.start_near_conf)
     init_near_conf: float = 0.0
+    # the block gate (arch features; 0: none): where the policy would commit every eligible position, the
+    # block ends with this step as it decides; else it commits only where also conf >= gate_hi, since the
+    # block takes another forward anyway and what it holds back then costs none (UnmaskPolicy.gated)
+    gate_hi: float = 0.0
     # the linear skip path's output is multiplied by this fixed gain, so its weights live on the
     # features' own scale and Adam (whose step is ~lr per weight, whatever the weight's size) moves
     # every feature's contribution at the same rate; 1.0 = no gain (policies written before it)
@@ -170,6 +174,11 @@ class PolicyConfig:
         if self.init_near_conf and (self.arch != "features" or "near_conf" not in self.features):
             raise DLLMError(f"policy init_near_conf={self.init_near_conf} without the near_conf feature; valid: "
                             f"features that include near_conf (arch features), or init_near_conf 0")
+        if isinstance(self.gate_hi, bool) or not isinstance(self.gate_hi, (int, float)) or not 0 <= self.gate_hi <= 1:
+            raise DLLMError(f"policy gate_hi={self.gate_hi!r}; valid: a number in (0, 1], or 0 for no gate")
+        if self.gate_hi and (self.arch != "features" or not {"conf", "eligible"} <= set(self.features)):
+            raise DLLMError(f"policy gate_hi={self.gate_hi} needs arch features with the conf and eligible features; "
+                            f"valid: such a policy, or gate_hi 0")
 
 
 def build_features(names, conf, margin, entropy, masked, eligible) -> torch.Tensor:
@@ -386,7 +395,21 @@ class UnmaskPolicy(Policy):
             skip = skip + alpha_code(alpha).to(skip.dtype)[:, None, None] * self.alpha_skip(feats)
         for blk in self.blocks:
             x = blk(x, c)
-        return (self.out(self.out_ln(x)) + self.cfg.skip_gain * skip).squeeze(-1)  # (b, L)
+        logits = (self.out(self.out_ln(x)) + self.cfg.skip_gain * skip).squeeze(-1)  # (b, L)
+        return self.gated(logits, feats) if self.cfg.gate_hi else logits
+
+    def gated(self, logits: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The block gate: min(logit, max(the lowest eligible logit, sharpness * (conf - gate_hi))). Where
+        every eligible logit is >= 0 the block ends as the policy decides; else a position is committed
+        (logit >= 0) only if its own logit and conf - gate_hi both are. A held token costs a forward
+        only when it is the block's one reason to take another step; once it takes one anyway, holding
+        more back is free, which the threshold rule (and a policy that decides position by position)
+        does not use. A row with no eligible position keeps its logits."""
+        f = self.cfg.features
+        eligible = feats[..., f.index("eligible")] > 0.5
+        lowest = torch.where(eligible, logits, torch.inf).amin(-1, keepdim=True)  # (b, 1)
+        sure = self.cfg.init_sharpness * (feats[..., f.index("conf")] - self.cfg.gate_hi)
+        return torch.minimum(logits, torch.maximum(lowest, sure.to(logits.dtype)))
 
     def inputs(self, s) -> tuple:
         """(features (b, L, F), t (b,)): t is the fraction of the canvas still masked."""

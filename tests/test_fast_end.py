@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from benchmarks.fast_end import INPUTS, TwoStage, auc, first_step, main, on_curve, probe_inputs
+from benchmarks.fast_end import (INPUTS, BlockGate, LinearGate, Oracle, Rechecker, TwoStage, Veto, auc, first_step, main, on_curve, probe_inputs,
+                                 recheck_table)
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.base import StepState
 
 
-def state(conf, eligible, block_start=0, block_size=4, hidden=None):
+def state(conf, eligible, block_start=0, block_size=4, hidden=None, x0=None, rows=None):
     conf = torch.tensor(conf)
     masked = torch.tensor(eligible)
     return StepState(conf=conf, margin=conf / 2, entropy=1 - conf, masked=masked, eligible=masked.clone(),
-                     generators=[], block_start=block_start, block_size=block_size, hidden=hidden)
+                     generators=[], block_start=block_start, block_size=block_size, hidden=hidden,
+                     x0=None if x0 is None else torch.tensor(x0), rows=None if rows is None else torch.tensor(rows))
 
 
 def test_auc_counts_pairs_and_halves_ties():
@@ -59,3 +61,67 @@ def test_the_probe_reads_the_policys_inputs_the_first_step_flag_and_optionally_t
 def test_bad_arguments_are_one_line(args, needle):
     with pytest.raises(SystemExit, match=rf"^error: {needle}$"):
         main(["--block", "16", *args])
+
+
+def test_the_oracle_commits_the_right_proposals_and_else_the_most_confident_one():
+    refs = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]])
+    # rows 0 and 1 of a chunk that starts at problem 1: their references are refs[1] and refs[2]
+    s = state([[0.9, 0.3, 0.6, 0.2], [0.8, 0.7, 0.1, 0.4]], [[True] * 4, [True, True, True, False]],
+              x0=[[1, 2, 0, 4], [0, 0, 0, 9]], rows=[0, 1])
+    o = Oracle(refs)
+    o.offset = 1
+    assert o.select(s).tolist() == [[True, True, False, True], [True, False, False, False]]  # row 1: none right
+    o.tau = 0.5
+    assert o.select(s).tolist() == [[True, False, False, False], [True, False, False, False]]
+    o.tau, o.trust = 0.5, 0.6  # a wrong proposal as confident as 0.6 is committed all the same
+    assert o.select(s).tolist() == [[True, False, True, False], [True, True, False, False]]
+
+
+class FixedProbe:
+    """A probe whose P(correct) at each position is fixed."""
+
+    def __init__(self, p):
+        self.p = torch.tensor(p)
+
+    def logit(self, X):
+        return torch.logit(self.p).expand(X.shape[:-1])
+
+
+def test_the_veto_holds_back_the_threshold_rules_commits_below_g_but_never_all():
+    s = state([[0.9, 0.8, 0.6, 0.2]], [[True] * 4])
+    veto = Veto(FixedProbe([[0.9, 0.1, 0.5, 0.9]]), tau=0.5, g=0.3, hidden=False)
+    assert veto.select(s).tolist() == [[True, False, True, False]]
+    every = Veto(FixedProbe([[0.1, 0.1, 0.1, 0.1]]), tau=0.5, g=0.3, hidden=False)
+    assert every.select(s).tolist() == [[True, False, False, False]]  # the most confident one stays
+
+
+def test_the_rechecker_pairs_each_commit_with_its_blocks_next_proposal():
+    r = Rechecker(0.5)
+    first = state([[0.9, 0.3, 0.6, 0.2], [0.7, 0.2, 0.1, 0.3]], [[True] * 4, [True] * 4],
+                  x0=[[1, 2, 3, 4], [5, 6, 7, 8]], rows=[0, 1])
+    assert r.select(first).tolist() == [[True, False, True, False], [True, False, False, False]]
+    # row 0 finished; row 1 (now batch row 0) takes another step of the same block
+    later = state([[0.1, 0.9, 0.9, 0.9]], [[False, True, True, True]], x0=[[9, 6, 7, 8]], rows=[1])
+    r.select(later)
+    assert len(r.pairs) == 1
+    row, pos, tok, nxt = r.pairs[0]
+    assert (row.tolist(), pos.tolist(), tok.tolist(), nxt.tolist()) == ([1], [0], [5], [9])
+    # a new block's first step pairs nothing with the block before
+    r.select(state([[0.9, 0.9, 0.9, 0.9]], [[True] * 4], block_start=4, x0=[[1, 1, 1, 1]], rows=[1]))
+    assert len(r.pairs) == 1
+    refs = torch.tensor([[0, 0, 0, 0], [5, 0, 0, 0]])
+    wrong, right = recheck_table(r.pairs, refs)
+    assert wrong[1] == "0" and right[1:] == ["1", "100.0", "0.0"]  # the right 5 met a proposed 9
+
+
+def test_the_block_gate_ends_a_sure_block_and_else_keeps_only_the_surest_and_is_the_threshold_rule_at_equal_taus():
+    s = state([[0.9, 0.8, 0.6, 0.55], [0.97, 0.8, 0.4, 0.3], [0.2, 0.3, 0.1, 0.0]],
+              [[True] * 4, [True, True, True, False], [True] * 4])
+    assert BlockGate(0.5, 0.95).select(s).tolist() == [[True] * 4,  # every eligible one is >= 0.5
+                                                       [True, False, False, False],  # 0.4 < 0.5: only >= 0.95
+                                                       [False, True, False, False]]  # none: the most confident
+    for t in (0.3, 0.5, 0.85):
+        assert torch.equal(BlockGate(t, t).select(s), make_sampler("threshold", {"tau": t}).select(s))
+    # linear: the block ends where its lowest conf is >= tau / (1 + beta) = 0.5; else the bar is 1 - beta * min
+    assert LinearGate(1.0, 1.0).select(s).tolist() == [[True] * 4, [True, True, False, False],
+                                                       [False, True, False, False]]

@@ -118,6 +118,7 @@ class GRPOConfig:
     init_tau: float = opt(0.9, "the threshold start's tau")
     init_near_conf: float = opt(0.0, "with feature near_conf: the threshold start commits where conf - tau + this x (near_conf - 1) > 0, holding a token back while what sits just before it is masked and unsure; with --init-from a policy without near_conf, added to it")
     skip_gain: float = opt(0.0, "gain of the policy's linear skip path; 0 = --init's own: its sharpness (20) for threshold, 1 for slow")
+    gate_hi: float = opt(0.0, "the block gate (arch features): where the policy would commit every eligible position the block ends; else it commits only where also conf >= this, as the block takes another step anyway (0: no gate)")
     init_from: str = opt("", "start from this policy's weights (a train.grpo OUT/best, or a shipped name), e.g. to retrain at another --alpha")
     seed: int = opt(0, 'policy init, prompt order and rollout sampling')
     dtype: str = opt("auto", "the dLLM's dtype: auto, float32, bfloat16, float16")
@@ -365,7 +366,7 @@ def init_source(folder: str, run: PolicyConfig) -> Policy:
 def start_from(policy: Policy, folder: str) -> None:
     """Load --init-from's weights into `policy`; its network must be the same."""
     src = init_source(folder, policy.cfg)
-    for k in ("base_model", "block", "gen_length"):
+    for k in ("base_model", "block", "gen_length", "gate_hi"):
         if getattr(src.cfg, k) != getattr(policy.cfg, k):
             log.warning("--init-from %s was trained with %s=%s; this run has %s", folder, k,
                         getattr(src.cfg, k), getattr(policy.cfg, k))
@@ -406,7 +407,8 @@ def network_config(cfg: GRPOConfig) -> PolicyConfig:
     """The policy network the flags ask for."""
     return PolicyConfig(arch=cfg.arch, features=tuple(f for f in cfg.features.split(",") if f), hidden=cfg.hidden,
                         ff=cfg.ff, heads=cfg.heads, top_p=cfg.top_p, full_context=cfg.full_context,
-                        skip_gain=skip_gain(cfg), alpha_range=alpha_bounds(cfg), alpha_shift=cfg.alpha_shift)
+                        skip_gain=skip_gain(cfg), alpha_range=alpha_bounds(cfg), alpha_shift=cfg.alpha_shift,
+                        gate_hi=cfg.gate_hi)
 
 
 def skip_gain(cfg: GRPOConfig) -> float:
@@ -457,6 +459,11 @@ def check_config(cfg: GRPOConfig, resume: bool, overwrite: bool) -> None:
         raise bad("init_near_conf", "a finite number >= 0")
     if cfg.init_near_conf and cfg.init != "threshold" and not cfg.init_from:
         raise bad("init_near_conf", "0 with the slow start, or --init threshold (whose dependency term it is)")
+    if isinstance(cfg.gate_hi, bool) or not 0 <= cfg.gate_hi <= 1:
+        raise bad("gate_hi", "a number in (0, 1], or 0 for no gate")
+    if cfg.gate_hi and (cfg.arch != "features" or not {"conf", "eligible"} <= set(cfg.features.split(","))):
+        raise bad("gate_hi", f"0 with --arch {cfg.arch} --features {cfg.features}, or --arch features with features "
+                             f"that include conf and eligible")
     if cfg.init == "threshold" and cfg.arch != "features":
         raise bad("init", f"slow with --arch {cfg.arch} (the paper's networks start from smart_init), or --arch features")
     try:
