@@ -1,6 +1,6 @@
 """Give a policy the block gate (`PolicyConfig.gate_hi`) without retraining it.
 
-    python -m policies.gate --policy modchain-B16-alphas --gate-hi 0.95 --out runs/gated-B16
+    python -m policies.gate --policy modchain-B48-alphas --gate-hi 0.95 --out runs/gated-B48
 
 The weights are the policy's, unchanged; its config gains gate_hi, and its card keeps the training
 record (command, steps, train_minutes, metrics) and says where the gate came from (`gate`). What was
