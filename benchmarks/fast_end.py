@@ -264,15 +264,24 @@ def on_curve(curve: list[tuple[float, float]], nfe: float) -> float | None:
     return None
 
 
-def collect(env, prompts, tau: float, batch: int):
+def by_chunk(env, sampler, prompts) -> tuple[float, float]:
+    """(accuracy, mean NFE) of `sampler` on `prompts`, one batch at a time with the sampler's `offset`
+    set to the batch's first problem: for a sampler that finds a row's problem as s.rows + offset."""
+    scores, nfes, n = [], [], env.cfg.batch_size
+    for i in range(0, len(prompts), n):
+        sampler.offset = i
+        ro = env.rollout(None, prompts[i:i + n], list(range(i, i + len(prompts[i:i + n]))), record=False,
+                         sampler=sampler)
+        scores.append(ro.scores.double())
+        nfes.append(ro.nfes.double())
+    return torch.cat(scores).mean().item(), torch.cat(nfes).mean().item()
+
+
+def collect(env, prompts, tau: float):
     """(X, y): the probe inputs of every eligible position along threshold(tau) decodes, and whether
     its proposal is the reference token there."""
     rec = Recorder(tau)
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        rec.offset = i
-        env.gen.generate([p.context for p in chunk], rec, gen_length=env.L, block=env.block,
-                         seeds=list(range(i, i + len(chunk))), temperature=env.cfg.dllm_temperature, until=env.until)
+    by_chunk(env, rec, prompts)
     row, pos, x0, X = (torch.cat(c) for c in zip(*rec.records))
     return X.float(), (x0 == references(env, prompts)[row, pos]).float()
 
@@ -323,16 +332,6 @@ def main(argv=None) -> int:
         ro = env.rollout(None, on, list(range(len(on))), record=False, sampler=sampler)
         return ro.scores.double().mean().item(), ro.nfes.double().mean().item()
 
-    def by_chunk(sampler, on) -> tuple[float, float]:
-        """point() for a sampler that finds a row by its place in `on` (its offset: the chunk's first)."""
-        scores, nfes, n = [], [], env.cfg.batch_size
-        for i in range(0, len(on), n):
-            sampler.offset = i
-            ro = env.rollout(None, on[i:i + n], list(range(i, i + len(on[i:i + n]))), record=False, sampler=sampler)
-            scores.append(ro.scores.double())
-            nfes.append(ro.nfes.double())
-        return torch.cat(scores).mean().item(), torch.cat(nfes).mean().item()
-
     def vs_curve(label: str, acc: float, nfe: float, along=None) -> list[str]:
         at = on_curve(curve if along is None else along, nfe)
         return [label, f"{100 * acc:.1f}", f"{nfe:.2f}", "–" if at is None else f"{100 * at:.1f}",
@@ -370,8 +369,8 @@ def main(argv=None) -> int:
     print(*linear, sep="\n", flush=True)
 
     train = env.scorer.prompts("train", n=args.train_size, seed=0)
-    Xt, yt = collect(env, train, args.probe_tau, 64)
-    Xv, yv = collect(env, prompts, args.probe_tau, 64)
+    Xt, yt = collect(env, train, args.probe_tau)
+    Xv, yv = collect(env, prompts, args.probe_tau)
     n_in = len(INPUTS) + 1
     fits = {"the policy's inputs": (Probe(Xt[:, :n_in], yt), n_in, False),
             "those + the dLLM's hidden states": (Probe(Xt, yt), Xt.shape[1], True)}
@@ -397,60 +396,61 @@ def main(argv=None) -> int:
     for tau, trust in ORACLES:
         label = ("every right proposal" if tau == 0 else f"threshold {tau:g}'s commits less its wrong ones"
                  + ("" if trust == float("inf") else f" below conf {trust:g}"))
-        oracles.append(vs_curve(label, *by_chunk(Oracle(refs, tau, trust), prompts)))
+        oracles.append(vs_curve(label, *by_chunk(env, Oracle(refs, tau, trust), prompts)))
         print(*oracles[-1], flush=True)
     recheck = Rechecker(args.probe_tau)
-    by_chunk(recheck, prompts)
+    by_chunk(env, recheck, prompts)
     rechecked = recheck_table(recheck.pairs, refs)
     print(*rechecked, sep="\n", flush=True)
 
     head = ["rule", "accuracy %", "mean NFE", "threshold curve at that NFE %", "difference (points)"]
+
+    def table(rows, header=head) -> str:
+        return tabulate(rows, header, tablefmt="github", disable_numparse=True)
+
     flags = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = "\n".join([
         f"`python -m benchmarks.fast_end{flags}` on the {len(prompts)} problems of the {cfg.val_split} split, "
         f"block {env.block} ({cfg.dtype}). The threshold curve at a rule's NFE is linear between the sweep's two "
         "neighbouring points (– : outside the sweep).", "",
         f"The threshold sweep (the grid's taus and {', '.join(map(str, LOWER))} below them):", "",
-        tabulate([[f"{t:g}", f"{100 * a:.1f}", f"{n:.2f}"] for t, a, n in sweep], ["tau", "accuracy %", "mean NFE"],
-                 tablefmt="github", disable_numparse=True), "",
+        table([[f"{t:g}", f"{100 * a:.1f}", f"{n:.2f}"] for t, a, n in sweep], ["tau", "accuracy %", "mean NFE"]), "",
         "Two-stage threshold: tau1 at a block's first step, tau2 after (tau1 = tau2: the threshold rule):", "",
-        tabulate(two, head, tablefmt="github", disable_numparse=True), "",
+        table(two), "",
         "With the near_conf term as well, conf - tau + beta (near_conf - 1) >= 0 (the rules tried near "
         "threshold 0.5's NFE at B = 16):", "",
-        tabulate([r[-1] for r in near], head, tablefmt="github", disable_numparse=True), "",
+        table([r[-1] for r in near]), "",
         f"The one furthest above the curve on validation, measured again on {len(check)} train problems (no rule "
         "here is fitted to them), against the threshold curve there ("
         + "; ".join(f"threshold {t:g}: {100 * a:.1f} % @ {n:.2f}" for t, a, n in ck_sweep) + "):", "",
-        tabulate(checked, head, tablefmt="github", disable_numparse=True), "",
+        table(checked), "",
         "A block-level gate: where every eligible position has conf >= t_all, commit them all; else only those "
         "with conf >= t_hi (the block takes another step anyway, so what it holds back costs no forward of "
         "its own):", "",
-        tabulate(gates, head, tablefmt="github", disable_numparse=True), "",
+        table(gates), "",
         f"Its row with the largest leads on validation (t_hi 0.95, t_all above 0.3) measured again on the "
         f"{len(check)} check problems, against their threshold curve:", "",
-        tabulate(gates_checked, head, tablefmt="github", disable_numparse=True), "",
+        table(gates_checked), "",
         "What a linear path from the features holds of it: commit where conf + beta * (the block's lowest "
         "eligible conf) >= tau:", "",
-        tabulate(linear, head, tablefmt="github", disable_numparse=True), "",
+        table(linear), "",
         f"The correctness probe, fitted on the threshold({args.probe_tau:g}) decodes of {len(train)} train problems "
         f"({len(yt)} position-steps, {100 * (1 - yt.mean().item()):.1f} % wrong proposals); its AUC on the "
         f"validation decodes ({len(yv)} position-steps), at every eligible position and at those the threshold "
         "rule commits:", "",
-        tabulate(aucs, ["inputs", "AUC, every eligible position", "AUC, the committed ones"], tablefmt="github",
-                 disable_numparse=True), "",
+        table(aucs, ["inputs", "AUC, every eligible position", "AUC, the committed ones"]), "",
         "The probe as a rule: commit where P(correct) >= t:", "",
-        tabulate(rules, head, tablefmt="github", disable_numparse=True), "",
+        table(rules), "",
         "The probe as a veto on the threshold rule: commit where conf >= tau and P(correct) >= g (a low g "
         "holds back only the proposals the probe is surest are wrong):", "",
-        tabulate(vetoes, head, tablefmt="github", disable_numparse=True), "",
+        table(vetoes), "",
         "A decoder that knew the reference tokens (not a decoder: how far the commit decisions alone could "
         "go on this model). It commits only proposals that are the reference's, or, where nothing "
         "qualifies, the most confident one:", "",
-        tabulate(oracles, head, tablefmt="github", disable_numparse=True), "",
+        table(oracles), "",
         f"Does the next forward see a wrong commit? Along threshold({args.probe_tau:g})'s decodes, each "
         "commit that its block's next step follows, and what that step's forward proposes there:", "",
-        tabulate(rechecked, ["commits", "count", "another token proposed %", "the reference's proposed %"],
-                 tablefmt="github", disable_numparse=True), ""])
+        table(rechecked, ["commits", "count", "another token proposed %", "the reference's proposed %"]), ""])
     out = Path(args.write or f"results/bundled/fast_end_B{args.block}.md")
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out}")
