@@ -191,22 +191,6 @@ class Rechecker(Sampler):
         return action
 
 
-class Veto(Sampler):
-    """The threshold rule with the probe's veto: commit where conf >= tau and P(correct) >= g (and at
-    least the most confident position). A low g holds back only what the probe is surest is wrong."""
-    name = "veto"
-
-    def __init__(self, probe: "Probe", tau: float, g: float, hidden: bool):
-        self.probe, self.tau, self.g, self.hidden = probe, tau, g, hidden
-
-    def reads_hidden(self) -> bool:
-        return self.hidden
-
-    def select(self, s: StepState):
-        p = torch.sigmoid(self.probe.logit(probe_inputs(s, self.hidden)))
-        return (s.eligible & (s.conf >= self.tau) & (p >= self.g)) | top_k(s.conf, s.eligible, 1)
-
-
 class Probe:
     """Logistic regression on standardised inputs (L-BFGS, a little L2)."""
 
@@ -230,6 +214,7 @@ class Probe:
 
 
 class ProbeRule(Sampler):
+    """Commit where the probe's P(correct) >= t (and at least its most likely position)."""
     name = "probe_rule"
 
     def __init__(self, probe: Probe, t: float, hidden: bool):
@@ -238,9 +223,25 @@ class ProbeRule(Sampler):
     def reads_hidden(self) -> bool:
         return self.hidden
 
+    def p_correct(self, s: StepState) -> torch.Tensor:
+        return torch.sigmoid(self.probe.logit(probe_inputs(s, self.hidden)))
+
     def select(self, s: StepState):
-        p = torch.sigmoid(self.probe.logit(probe_inputs(s, self.hidden)))
+        p = self.p_correct(s)
         return (s.eligible & (p >= self.t)) | top_k(p, s.eligible, 1)
+
+
+class Veto(ProbeRule):
+    """The threshold rule with the probe's veto: commit where conf >= tau and P(correct) >= g (and at
+    least the most confident position). A low g holds back only what the probe is surest is wrong."""
+    name = "veto"
+
+    def __init__(self, probe: Probe, tau: float, g: float, hidden: bool):
+        super().__init__(probe, g, hidden)
+        self.tau = tau
+
+    def select(self, s: StepState):
+        return (s.eligible & (s.conf >= self.tau) & (self.p_correct(s) >= self.t)) | top_k(s.conf, s.eligible, 1)
 
 
 def auc(score: torch.Tensor, y: torch.Tensor) -> float:
