@@ -1,5 +1,6 @@
 """Rules aimed at the threshold rule's fast end (issue 32), and their headroom, on the validation split.
 
+    python -m benchmarks.fast_end --block 8      # -> results/bundled/fast_end_B8.md
     python -m benchmarks.fast_end --block 16     # -> results/bundled/fast_end_B16.md
     python -m benchmarks.fast_end --block 48     # -> results/bundled/fast_end_B48.md
 

@@ -125,3 +125,38 @@ def test_the_block_gate_ends_a_sure_block_and_else_keeps_only_the_surest_and_is_
     # linear: the block ends where its lowest conf is >= tau / (1 + beta) = 0.5; else the bar is 1 - beta * min
     assert LinearGate(1.0, 1.0).select(s).tolist() == [[True] * 4, [True, True, False, False],
                                                        [False, True, False, False]]
+
+
+def test_near_ties_pairs_the_differences_and_names_bad_settings(capsys):
+    from benchmarks.near_ties import between, main, paired, split_labels, verdict
+
+    assert split_labels("threshold(tau=0.5), eb(gamma=1.0),") == ["threshold(tau=0.5)", "eb(gamma=1.0)"]
+    assert split_labels("two(a=1, b=2),x") == ["two(a=1, b=2)", "x"]  # a comma inside the parentheses stays
+    # the same problems: learned solves one more of four, at one forward less on one of them
+    m, se = paired([1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0])
+    assert m == 0.25 and se == pytest.approx(0.25, rel=1e-12)  # sd 0.5 over sqrt(4)
+    assert paired([3.0, 4.0], [3.0, 4.0]) == (0.0, 0.0)
+    assert verdict((0.03, 0.01), (-0.1, 0.02)) == "accuracy ahead, NFE ahead"
+    assert verdict((-0.03, 0.01), (0.1, 0.02)) == "accuracy behind, NFE behind"
+    assert verdict((0.01, 0.01), (0.0, 0.0)) == "accuracy within 2 SE, NFE within 2 SE"
+    # the curve at the heuristic's NFE: p (NFE 2) and q (NFE 5) mixed 2:1 give NFE 3, the heuristic's
+    p, q, h = ([1.0, 0.0, 1.0], [2.0, 2.0, 2.0]), ([1.0, 1.0, 1.0], [5.0, 5.0, 5.0]), ([1.0, 0.0, 0.0], [3.0, 3.0, 3.0])
+    m, se = between(p, q, h)
+    assert m == pytest.approx(4 / 9, rel=1e-12)  # per problem 2/3 p + 1/3 q = 1, 1/3, 1, so 0, 1/3, 1 ahead
+    assert se == pytest.approx(21 ** 0.5 / 9 / 3 ** 0.5, rel=1e-12)  # their sd, sqrt(21) / 9, over sqrt(3)
+    assert between(p, ([1.0] * 3, [2.5] * 3), h) is None  # both cheaper than the heuristic: nothing to read
+    main(["--block", "48", "--settings", "threshold(tau=0.5)", "--n", "4"])
+    out = capsys.readouterr().out
+    assert "on 4 fresh modchain problems (seed 6, in no split), block 48" in out
+    (row,) = [x for x in out.splitlines() if x.startswith("| threshold(tau=0.5)")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == 11 and cells[2] == "128"
+    assert cells[9].split(":")[0] in ("90.5097", "181.019")  # the swept neighbours of 128, toward its NFE
+    assert cells[1].count("%") == cells[3].count("%") == 1 and "±" in cells[4] and "±" in cells[5]
+    with pytest.raises(SystemExit, match=r"--settings 'threshold\(tau=0.3\)': not in the map of modchain-B48-alphas; "
+                                         r"valid: confidence\(k=1\)"):
+        main(["--block", "48", "--settings", "threshold(tau=0.3)", "--n", "4"])
+    with pytest.raises(SystemExit, match="--seed: fresh problems with seed 1: that is a split's seed"):
+        main(["--block", "48", "--settings", "threshold(tau=0.5)", "--n", "4", "--seed", "1"])
+    with pytest.raises(SystemExit, match="--n 1; valid: 2 or more problems"):
+        main(["--block", "48", "--settings", "threshold(tau=0.5)", "--n", "1"])
