@@ -20,9 +20,8 @@ decodes the swept alphas next to the mapped one, toward the setting's NFE, until
 most WALK), and reads the policy's curve at the setting's NFE: of the two swept alphas on either
 side, one on a share w of the problems and the other on the rest, w chosen so that the mean NFE is
 the setting's (what a finer alpha dial could reach if the curve is straight between them), against
-the heuristic, paired per problem as the rest. A lead
-there with a loss at the mapped alpha says the map's grid, not the policy, lost; a loss there says
-the policy's curve lies below the setting.
+the heuristic, paired per problem as the rest. A lead there with a loss at the mapped alpha says the
+map's grid, not the policy, lost; a loss there says the policy's curve lies below the setting.
 """
 
 from __future__ import annotations
@@ -60,11 +59,14 @@ def split_labels(text: str) -> list[str]:
     return [x for x in out + [cur.strip()] if x]
 
 
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """The mean of a - b over the same problems and its standard error."""
     d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    m = sum(d) / n
+    n, m = len(d), mean(d)
     var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
     return m, math.sqrt(var / n)
 
@@ -80,7 +82,6 @@ def rows(block: int, folder: Path, amap: dict, sweep: list[float], labels: list[
     """One row per setting: both points, the paired differences, the problems only one solved; then the
     policy's curve at the heuristic's NFE (`between`)."""
     out = []
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     for lab in labels:
         name, params = heuristic_of(block, lab)
         h = run(name, params)
@@ -109,7 +110,6 @@ def between(p: tuple[list, list], q: tuple[list, list], h: tuple[list, list]) ->
     problems and its neighbour q on the rest, w set so that the mean NFE is the heuristic's (what a finer
     alpha dial could reach, if the curve is straight between the two). Per problem, w * p + (1 - w) * q
     minus h, so the difference is paired as the others; None if p and q lie on the same side of h's NFE."""
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     np_, nq, nh = mean(p[1]), mean(q[1]), mean(h[1])
     if not min(np_, nq) <= nh <= max(np_, nq) or np_ == nq:
         return None

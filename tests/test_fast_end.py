@@ -132,7 +132,7 @@ def test_near_ties_pairs_the_differences_and_names_bad_settings(capsys):
 
     assert split_labels("threshold(tau=0.5), eb(gamma=1.0),") == ["threshold(tau=0.5)", "eb(gamma=1.0)"]
     assert split_labels("two(a=1, b=2),x") == ["two(a=1, b=2)", "x"]  # a comma inside the parentheses stays
-    # the same problems: learned solves one more of four, at one forward less on one of them
+    # the same problems: learned solves one more of four
     m, se = paired([1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0])
     assert m == 0.25 and se == pytest.approx(0.25, rel=1e-12)  # sd 0.5 over sqrt(4)
     assert paired([3.0, 4.0], [3.0, 4.0]) == (0.0, 0.0)
