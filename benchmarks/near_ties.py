@@ -38,8 +38,9 @@ from lm_eval_dllm.policy import UnmaskPolicy
 from lm_eval_dllm.tasks import modchain
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
+from results.alpha_map import Point, heuristic_settings, matches, solved_by_one
 
-from . import decode_setting
+from . import decode_setting, label
 from .validation import alpha_map_of
 
 PROG = "benchmarks.near_ties"
@@ -59,14 +60,11 @@ def split_labels(text: str) -> list[str]:
     return [x for x in out + [cur.strip()] if x]
 
 
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """The mean of a - b over the same problems and its standard error."""
     d = [x - y for x, y in zip(a, b)]
-    n, m = len(d), mean(d)
+    n = len(d)
+    m = sum(d) / n
     var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
     return m, math.sqrt(var / n)
 
@@ -80,46 +78,43 @@ def verdict(acc: tuple[float, float], nfe: tuple[float, float]) -> str:
 
 def rows(block: int, folder: Path, amap: dict, sweep: list[float], labels: list[str], run) -> list[list[str]]:
     """One row per setting: both points, the paired differences, the problems only one solved; then the
-    policy's curve at the heuristic's NFE (`between`)."""
+    policy's curve at the heuristic's NFE (`between`). `run(name, params)` decodes one setting: a Point."""
     out = []
     for lab in labels:
         name, params = heuristic_of(block, lab)
         h = run(name, params)
         al = amap[lab]["alpha"]
         p = run("learned", {"policy": str(folder), "alpha": str(al)})
-        acc, nfe = paired(p[0], h[0]), paired(p[1], h[1])
+        acc, nfe = paired(p.scores, h.scores), paired(p.nfes, h.nfes)
         walked, curve = [], None  # swept alphas from the mapped one toward the heuristic's NFE, until one crosses it
-        step = -1 if mean(p[1]) <= mean(h[1]) else 1
+        step = -1 if p.nfe <= h.nfe else 1
         last, j = p, (sweep.index(al) + step if al in sweep else -1)
         while 0 <= j < len(sweep) and len(walked) < WALK and curve is None:
             q = run("learned", {"policy": str(folder), "alpha": str(sweep[j])})
-            walked.append(f"{sweep[j]:g}: {100 * mean(q[0]):.2f} % @ {mean(q[1]):.3f}")
+            walked.append(f"{sweep[j]:g}: {100 * q.accuracy:.2f} % @ {q.nfe:.3f}")
             curve, last, j = between(last, q, h), q, j + step
-        out.append([lab, f"{100 * mean(h[0]):.2f} % @ {mean(h[1]):.3f}", f"{al:g}",
-                    f"{100 * mean(p[0]):.2f} % @ {mean(p[1]):.3f}",
+        one = solved_by_one(p, h)
+        out.append([lab, f"{100 * h.accuracy:.2f} % @ {h.nfe:.3f}", f"{al:g}",
+                    f"{100 * p.accuracy:.2f} % @ {p.nfe:.3f}",
                     f"{100 * acc[0]:+.2f} ± {100 * acc[1]:.2f}", f"{nfe[0]:+.3f} ± {nfe[1]:.3f}",
-                    f"{sum(y > x for x, y in zip(p[0], h[0]))} / {sum(x > y for x, y in zip(p[0], h[0]))}",
-                    "yes" if mean(p[0]) >= mean(h[0]) and mean(p[1]) <= mean(h[1]) else "no", verdict(acc, nfe),
+                    f"{one['heuristic']} / {one['learned']}", "yes" if matches(p, h) else "no", verdict(acc, nfe),
                     "; ".join(walked) or "–",
                     "–" if curve is None else f"{100 * curve[0]:+.2f} ± {100 * curve[1]:.2f}"])
     return out
 
 
-def between(p: tuple[list, list], q: tuple[list, list], h: tuple[list, list]) -> tuple[float, float] | None:
+def between(p: Point, q: Point, h: Point) -> tuple[float, float] | None:
     """The policy's curve at the heuristic's mean NFE, against the heuristic: alpha p on a share w of the
     problems and its neighbour q on the rest, w set so that the mean NFE is the heuristic's (what a finer
     alpha dial could reach, if the curve is straight between the two). Per problem, w * p + (1 - w) * q
     minus h, so the difference is paired as the others; None if p and q lie on the same side of h's NFE."""
-    np_, nq, nh = mean(p[1]), mean(q[1]), mean(h[1])
-    if not min(np_, nq) <= nh <= max(np_, nq) or np_ == nq:
+    if not min(p.nfe, q.nfe) <= h.nfe <= max(p.nfe, q.nfe) or p.nfe == q.nfe:
         return None
-    w = (nq - nh) / (nq - np_)
-    return paired([w * a + (1 - w) * b for a, b in zip(p[0], q[0])], h[0])
+    w = (q.nfe - h.nfe) / (q.nfe - p.nfe)
+    return paired([w * a + (1 - w) * b for a, b in zip(p.scores, q.scores)], h.scores)
 
 
 def heuristic_of(block: int, lab: str) -> tuple[str, dict]:
-    from results.alpha_map import heuristic_settings
-
     s = next(s for s in heuristic_settings(block) if s.label == lab)
     return s.sampler, dict(s.params)
 
@@ -153,14 +148,14 @@ def main(argv=None) -> None:
             raise DLLMError(f"--seed: {e}") from None
         model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
 
-        def run(name: str, params: dict) -> tuple[list[float], list[float]]:
+        def run(name: str, params: dict) -> Point:
             """Per problem: solved (0 or 1) and NFE."""
             stats: list[dict] = []
             texts, _ = decode_setting(model, tok, spec, docs, name, params, a.block, a.batch_size, stats=stats)
-            right = [float(modchain.final_answers_right([t], [d])) for t, d in zip(texts, docs)]
-            print(f"{name} {params.get('alpha', params)}: {100 * sum(right) / len(right):.2f} %", file=sys.stderr,
-                  flush=True)
-            return right, [float(s["nfe"]) for s in stats]
+            right = (float(modchain.final_answers_right([t], [d])) for t, d in zip(texts, docs))
+            pt = Point(label(name, params), tuple(right), tuple(float(s["nfe"]) for s in stats))
+            print(f"{name} {params.get('alpha', params)}: {100 * pt.accuracy:.2f} %", file=sys.stderr, flush=True)
+            return pt
 
         sweep = sorted(x[0] for x in UnmaskPolicy.load(folder).card["recommended"]["sweep"])
         body = rows(a.block, folder, amap, sweep, labels, run)

@@ -129,6 +129,7 @@ def test_the_block_gate_ends_a_sure_block_and_else_keeps_only_the_surest_and_is_
 
 def test_near_ties_pairs_the_differences_and_names_bad_settings(capsys):
     from benchmarks.near_ties import between, main, paired, split_labels, verdict
+    from results.alpha_map import Point
 
     assert split_labels("threshold(tau=0.5), eb(gamma=1.0),") == ["threshold(tau=0.5)", "eb(gamma=1.0)"]
     assert split_labels("two(a=1, b=2),x") == ["two(a=1, b=2)", "x"]  # a comma inside the parentheses stays
@@ -140,11 +141,12 @@ def test_near_ties_pairs_the_differences_and_names_bad_settings(capsys):
     assert verdict((-0.03, 0.01), (0.1, 0.02)) == "accuracy behind, NFE behind"
     assert verdict((0.01, 0.01), (0.0, 0.0)) == "accuracy within 2 SE, NFE within 2 SE"
     # the curve at the heuristic's NFE: p (NFE 2) and q (NFE 5) mixed 2:1 give NFE 3, the heuristic's
-    p, q, h = ([1.0, 0.0, 1.0], [2.0, 2.0, 2.0]), ([1.0, 1.0, 1.0], [5.0, 5.0, 5.0]), ([1.0, 0.0, 0.0], [3.0, 3.0, 3.0])
+    p, q, h = (Point(x, s, n) for x, s, n in (("p", (1.0, 0.0, 1.0), (2.0,) * 3), ("q", (1.0,) * 3, (5.0,) * 3),
+                                             ("h", (1.0, 0.0, 0.0), (3.0,) * 3)))
     m, se = between(p, q, h)
     assert m == pytest.approx(4 / 9, rel=1e-12)  # per problem 2/3 p + 1/3 q = 1, 1/3, 1, so 0, 1/3, 1 ahead
     assert se == pytest.approx(21 ** 0.5 / 9 / 3 ** 0.5, rel=1e-12)  # their sd, sqrt(21) / 9, over sqrt(3)
-    assert between(p, ([1.0] * 3, [2.5] * 3), h) is None  # both cheaper than the heuristic: nothing to read
+    assert between(p, Point("c", (1.0,) * 3, (2.5,) * 3), h) is None  # both cheaper than the heuristic: nothing to read
     main(["--block", "48", "--settings", "threshold(tau=0.5)", "--n", "4"])
     out = capsys.readouterr().out
     assert "on 4 fresh modchain problems (seed 6, in no split), block 48" in out
