@@ -46,6 +46,31 @@ def selected(request, test: str) -> list:
     return [it for it in request.session.items if getattr(it, "originalname", None) == test]
 
 
+class Early:
+    """The subprocesses of a module's slow tests, started as the module begins (those whose test is
+    selected), so that they run while its other tests do; each test waits for its own. Use it from a
+    module-scoped autouse fixture: `early.start(key, cmd)` with `early.out(key)` as the output folder,
+    the key being the test's name (or, with `test=` that name, one per parametrization)."""
+
+    def __init__(self, request, folder: Path):
+        self.request, self.folder = request, folder
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def out(self, key: str) -> Path:
+        return self.folder / key
+
+    def start(self, key: str, cmd: list[str], test: str = "", **kw) -> None:
+        if any(it.module is self.request.module for it in selected(self.request, test or key)):
+            self.procs[key] = start(cmd, self.out(key) / "log", **kw)
+
+    def result(self, key: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return finish(self.procs[key], timeout)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+
 class OracleRuns:
     """`python -m <module> <key> <flags> <folder>` per key (`tests/native_oracle.py`,
     `tests/moe_oracle.py`), all running while the tests wait. One process per model gives every

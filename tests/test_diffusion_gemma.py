@@ -24,6 +24,8 @@ from lm_eval_dllm.text import completion_text, stop_strings
 from lm_eval_dllm.utils import DLLMError
 from results.grid import SWEEPS
 
+from .background import Early
+
 # tokens per forward is a ratio of two counts, rounded once to float32 by generate(): within half a
 # float32 ulp of the exact ratio, so a relative bound of one float32 epsilon holds on any CPU
 FP32_QUOTIENT = torch.finfo(torch.float32).eps
@@ -41,6 +43,24 @@ def dg_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def official(dg_ckpt):
     return DiffusionGemmaForBlockDiffusion.from_pretrained(str(dg_ckpt)).eval()
+
+
+CLI_TEST, DRY_RUN_TEST = "test_cli_default_is_generate_for_10_prompts", "test_results_dry_run_plans_the_family_grid"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(request, dg_ckpt, tmp_path_factory):
+    """The command-line runs of the slow tests below, started with the module (`tests/background.py`)."""
+    runs = Early(request, tmp_path_factory.mktemp("dg_early"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs.start(CLI_TEST, ["lm_eval", "--model", "dllm", "--model_args", f"pretrained={dg_ckpt},gen_length={L},dtype=float32",
+                          "--tasks", "modchain", "--limit", "10", "--batch_size", "1", "--device", "cpu",
+                          "--log_samples", "--output_path", str(runs.out(CLI_TEST))], env=env, cwd=ROOT)
+    runs.start(DRY_RUN_TEST, [sys.executable, "-m", "results", "--pretrained", str(dg_ckpt), "--tasks", "modchain",
+                              "--limit", "2", "--batch-size", "2", "--dry-run", "--out", str(runs.out(DRY_RUN_TEST))],
+               env=env, cwd=ROOT)
+    yield runs
+    runs.close()
 
 
 def _requests(prompts, max_gen_toks=L):
@@ -154,30 +174,6 @@ def test_recorded_steps_replay_the_learned_policy(dg_ckpt):
 
 
 @pytest.mark.slow
-def test_cli_default_is_generate_for_10_prompts(dg_ckpt, official, tmp_path):
-    """`lm_eval --model dllm` (no sampler=, batch size 1): each logged sample's text and tokens_per_forward
-    are those of `generate()` on its prompt under its seed."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(["lm_eval", "--model", "dllm",
-                          "--model_args", f"pretrained={dg_ckpt},gen_length={L},dtype=float32",
-                          "--tasks", "modchain", "--limit", "10", "--batch_size", "1", "--device", "cpu",
-                          "--log_samples", "--output_path", str(tmp_path)],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    logged = [json.loads(x) for x in next(tmp_path.rglob("samples_modchain_*.jsonl")).read_text().splitlines()]
-    samples = list({s["doc_id"]: s for s in logged}.values())  # one line per doc and filter
-    ck = read_checkpoint(str(dg_ckpt))
-    assert len(samples) == 10
-    for s in samples:
-        context, gen_kwargs = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
-        ids = ck.tokenizer(context)["input_ids"]
-        ref = _generate(official, ids, sample_seed(DLLMConfig.seed, context, 0))
-        until = stop_strings(gen_kwargs, ck.tokenizer, ck.spec)
-        assert s["resps"][0][0] == completion_text(ref.sequences[0, len(ids):].tolist(), ck.tokenizer, ck.spec, until)
-        assert s["dllm"]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=FP32_QUOTIENT)
-
-
-@pytest.mark.slow
 def test_grpo_trains_a_policy_that_runs_through_the_cli(tmp_path):
     """GRPO steps on the tiny DiffusionGemma (its command line, in this process), then `lm_eval --model
     dllm` with that policy."""
@@ -204,6 +200,25 @@ def test_grpo_trains_a_policy_that_runs_through_the_cli(tmp_path):
     assert results["results"]["modchain"]["nfe,none"] >= 1
 
 
+@pytest.mark.slow
+def test_cli_default_is_generate_for_10_prompts(dg_ckpt, official, early):
+    """`lm_eval --model dllm` (no sampler=, batch size 1): each logged sample's text and tokens_per_forward
+    are those of `generate()` on its prompt under its seed."""
+    res = early.result(CLI_TEST)
+    assert res.returncode == 0, res.stderr[-2000:]
+    logged = [json.loads(x) for x in next(early.out(CLI_TEST).rglob("samples_modchain_*.jsonl")).read_text().splitlines()]
+    samples = list({s["doc_id"]: s for s in logged}.values())  # one line per doc and filter
+    ck = read_checkpoint(str(dg_ckpt))
+    assert len(samples) == 10
+    for s in samples:
+        context, gen_kwargs = s["arguments"]["gen_args_0"]["arg_0"], s["arguments"]["gen_args_0"]["arg_1"]
+        ids = ck.tokenizer(context)["input_ids"]
+        ref = _generate(official, ids, sample_seed(DLLMConfig.seed, context, 0))
+        until = stop_strings(gen_kwargs, ck.tokenizer, ck.spec)
+        assert s["resps"][0][0] == completion_text(ref.sequences[0, len(ids):].tolist(), ck.tokenizer, ck.spec, until)
+        assert s["dllm"]["tpf"] == pytest.approx(float(ref.tokens_per_forward[0]), rel=FP32_QUOTIENT)
+
+
 def test_sharded_bf16_checkpoint_and_chat_template(tmp_path):
     """Shards with an index load as one model in bfloat16 (the dtype asked for); the chat template is
     the checkpoint's, applied once (no second BOS) before decoding."""
@@ -220,12 +235,9 @@ def test_sharded_bf16_checkpoint_and_chat_template(tmp_path):
 
 
 @pytest.mark.slow
-def test_results_dry_run_plans_the_family_grid(dg_ckpt, tmp_path):
+def test_results_dry_run_plans_the_family_grid(early):
     """`python -m results --dry-run` on a DiffusionGemma: its canvas as the one block, only its samplers."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "results", "--pretrained", str(dg_ckpt), "--tasks", "modchain",
-                          "--limit", "2", "--batch-size", "2", "--dry-run", "--out", str(tmp_path)],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+    res = early.result(DRY_RUN_TEST)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "blocks 16," in res.stdout and "| modchain" in res.stdout
     n_settings = int(res.stdout.split(" sampler settings per block")[0].rsplit(" ", 1)[-1])

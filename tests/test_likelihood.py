@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,33 @@ from lm_eval_dllm.testing import float_tol
 from lm_eval_dllm.tasks import modchain, modchain_mc
 from lm_eval_dllm.utils import DLLMError
 
+from .background import Early
+
 DATA = Path(__file__).resolve().parent / "data"
+CLI_TEST = "test_cli_modchain_mc_and_a_local_arc_style_task"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(request, tmp_path_factory):
+    """The command-line run of that slow test, started with the module (`tests/background.py`): the
+    unmodified CLI on the bundled multiple-choice task and an ARC-style YAML over local data."""
+    import lm_eval.tasks
+
+    runs = Early(request, tmp_path_factory.mktemp("ll_early"))
+    out = runs.out(CLI_TEST)
+    arc = Path(lm_eval.tasks.__file__).resolve().parent / "arc" / "arc_easy.yaml"
+    (out / "tasks").mkdir(parents=True)
+    (out / "tasks" / "arc_local.yaml").write_text(
+        f"include: {str(arc)!r}\ntask: arc_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {str(DATA / 'arc_mini.jsonl')!r}\n"
+        "training_split: null\nvalidation_split: null\ntest_split: test\n")
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    runs.start(CLI_TEST, [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
+                          "mc_num=8,batch_size=64,dtype=float32", "--tasks", "modchain_mc,arc_local", "--limit", "8",
+                          "--include_path", str(out / "tasks"), "--output_path", str(out / "out"),
+                          "--log_samples", "--device", "cpu"], env=env)
+    yield runs
+    runs.close()
 
 
 @torch.no_grad()
@@ -219,24 +244,12 @@ def test_modchain_mc_prompt_is_the_generation_prompt(task_manager):
 
 
 @pytest.mark.slow
-def test_cli_modchain_mc_and_a_local_arc_style_task(tmp_path):
+def test_cli_modchain_mc_and_a_local_arc_style_task(early):
     """The unmodified CLI runs the bundled multiple-choice task and an ARC-style YAML on local data,
     offline, with accuracy and forwards per request in the results and the samples."""
-    import lm_eval.tasks
-
-    arc = Path(lm_eval.tasks.__file__).resolve().parent / "arc" / "arc_easy.yaml"
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "arc_local.yaml").write_text(
-        f"include: {str(arc)!r}\ntask: arc_local\ntag: []\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {str(DATA / 'arc_mini.jsonl')!r}\n"
-        "training_split: null\nvalidation_split: null\ntest_split: test\n")
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
-                        "mc_num=8,batch_size=64,dtype=float32", "--tasks", "modchain_mc,arc_local", "--limit", "8",
-                        "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"),
-                        "--log_samples", "--device", "cpu"], capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = early.result(CLI_TEST)
     assert r.returncode == 0, r.stderr[-3000:]
+    tmp_path = early.out(CLI_TEST)
     res = json.load(open(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]))
     mc = res["results"]["modchain_mc"]
     assert mc["acc,none"] >= 0.5 and 8 <= mc["ll_forwards,none"] <= 9  # 8 draws (+1 greedy row)

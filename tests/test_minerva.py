@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -16,6 +15,7 @@ import pytest
 
 from lm_eval_dllm import math_check
 from lm_eval_dllm.tasks import minerva, task_dir
+from tests.background import Early
 from tests.grpo_smoke import run_one_step
 
 PROBLEMS = [
@@ -43,6 +43,22 @@ def local_math(tmp_path_factory):
         "task: math_local_dllm\ndataset_path: json\ndataset_name: null\n"
         f"dataset_kwargs:\n  data_files:\n    train: {str(data)!r}\n    test: {str(data)!r}\n")
     return d
+
+
+CLI_TEST = "test_math_through_the_cli_with_the_bundled_model"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(request, local_math, tmp_path_factory):
+    """The command-line run of the slow test below, started with the module (`tests/background.py`)."""
+    runs = Early(request, tmp_path_factory.mktemp("math_early"))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    runs.start(CLI_TEST, [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "dllm",
+                          "--model_args", "sampler=threshold,tau=0.9,dtype=float32", "--tasks", "math_local_dllm",
+                          "--include_path", str(local_math), "--limit", "2", "--output_path", str(runs.out(CLI_TEST))],
+               env=env)
+    yield runs
+    runs.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +106,13 @@ def test_a_hostile_answer_scores_zero_within_the_limit(task, monkeypatch, answer
     assert task.process_results(doc, [said("1/2")])["exact_match"] == 1  # and scoring goes on
 
 
-def test_the_grpo_reward_is_the_bounded_scorer_times_the_discount(local_math):
+def test_the_grpo_reward_is_the_bounded_scorer_times_the_discount(local_math, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     from lm_eval_dllm.reward import TaskScorer, nfe_discount
 
+    monkeypatch.setattr(math_check, "SCORE_TIMEOUT_S", 2.0)  # the hostile answer below runs to the limit
+    math_check.warm_up()
     scorer = TaskScorer("math_local_dllm", task_manager=TaskManager(include_path=str(local_math)))
     doc = scorer.docs("train")[0]
     assert scorer.reward(doc, said("0.5"), nfe=12, gen_length=48, alpha=1.0) == nfe_discount(12, 48, 1.0)
@@ -102,14 +120,10 @@ def test_the_grpo_reward_is_the_bounded_scorer_times_the_discount(local_math):
 
 
 @pytest.mark.slow
-def test_math_through_the_cli_with_the_bundled_model(local_math, tmp_path):
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9,dtype=float32",
-                        "--tasks", "math_local_dllm", "--include_path", str(local_math), "--limit", "2",
-                        "--output_path", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+def test_math_through_the_cli_with_the_bundled_model(early):
+    r = early.result(CLI_TEST)
     assert r.returncode == 0, r.stderr[-3000:]
-    row = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]["math_local_dllm"]
+    row = json.loads(next(early.out(CLI_TEST).rglob("results_*.json")).read_text())["results"]["math_local_dllm"]
     assert {"exact_match,none", "math_verify,none", "nfe,none"} <= set(row)
 
 

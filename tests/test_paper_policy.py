@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import re
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -30,6 +29,8 @@ from policies.import_paper import import_paper
 from policies.import_paper import main as import_main  # its command line, run in-process
 from train.grpo import GRPOConfig, stack_steps, start_from, step_logprob
 from train.grpo_loss import clipped_pg_loss
+
+from .background import Early, selected
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ml-rl-dllm"
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -409,37 +410,38 @@ def test_import_paper_refuses_a_weight_it_does_not_know(paper, tmp_path):
         import_paper(experiment_yaml(tmp_path / "exp.yaml"), weights, tmp_path / "pol")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["dit_confidence", "dit_hidden"])
-def test_imported_paper_policy_decodes_through_lm_eval(paper, tiny_ckpt, tmp_path, arch):
-    """The command line, then `lm_eval --model dllm ... sampler=learned,policy=DIR` on the bundled
-    task, in block context: DiTConfidencePolicy with the paper's three-probability input, or
-    DiTHiddenStatePolicy with its block shaped as the bundled model (--dllm-config its folder); a bad
-    YAML is one line."""
-    if arch == "dit_confidence":
-        weights, _ = paper_checkpoint(paper, tmp_path / "run", top_p=3)
-        exp = experiment_yaml(tmp_path / "exp.yaml", confidences_top_p=3, policy_full_context="false")
-        more = []
-    else:  # the bundled architecture's block: its width, heads, feed-forward and RoPE base (policy_dit.tiny_arch)
-        tiny = json.loads((tiny_ckpt / "config.json").read_text())
-        dllm, _ = paper_dllm(paper, tiny["d_model"], tiny["n_heads"], tiny["n_heads"], mlp_hidden_size=tiny["d_ff"],
-                             rope_theta=tiny["rope_theta"])
-        weights, _ = paper_hidden_checkpoint(paper, tmp_path / "run", dllm)
-        exp = experiment_yaml(tmp_path / "exp.yaml", policy_type="dit_hidden", policy_full_context="false")
-        more = ["--dllm-config", str(tiny_ckpt)]
-    import_main(["--yaml", str(exp), "--weights", str(weights), *more, "--out", str(tmp_path / "pol")])
-    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
-                        f"pretrained={tiny_ckpt},sampler=learned,policy={tmp_path / 'pol'},block=8,dtype=float32",
-                        "--tasks", "modchain", "--limit", "2", "--output_path", str(tmp_path / "res")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())
-    assert res["results"]["modchain"]["nfe,none"] >= 6  # one forward per block at least, 6 blocks
-    bad = experiment_yaml(tmp_path / "bad.yaml", policy_heads=2)
-    with pytest.raises(SystemExit) as e:
-        import_main(["--yaml", str(bad), "--weights", str(weights), *more, "--out", str(tmp_path / "bad")])
-    assert str(e.value).startswith("policies.import_paper: error: --yaml bad.yaml: unknown policy key")
-    assert "\n" not in str(e.value)  # one line: Python prints a SystemExit's message alone, no traceback
+DECODE_TEST = "test_imported_paper_policy_decodes_through_lm_eval"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def imported(request, tiny_ckpt, tmp_path_factory):
+    """For each selected arch of that slow test: the paper's checkpoint imported by the command line,
+    then `lm_eval` decoding with it, started with the module (`tests/background.py`) -> arch ->
+    (the paper's weights, the import's extra flags, where lm_eval writes)."""
+    runs, made = Early(request, tmp_path_factory.mktemp("paper_early")), {}
+    archs = [it.callspec.params["arch"] for it in selected(request, DECODE_TEST) if it.module is request.module]
+    paper = request.getfixturevalue("paper") if archs and PAPER.is_dir() else None  # else that test skips
+    for arch in archs if paper else []:
+        tmp = runs.out(f"{DECODE_TEST}[{arch}]")
+        if arch == "dit_confidence":
+            weights, _ = paper_checkpoint(paper, tmp / "run", top_p=3)
+            exp = experiment_yaml(tmp / "exp.yaml", confidences_top_p=3, policy_full_context="false")
+            more = []
+        else:  # the bundled architecture's block: its width, heads, feed-forward and RoPE base (policy_dit.tiny_arch)
+            tiny = json.loads((tiny_ckpt / "config.json").read_text())
+            dllm, _ = paper_dllm(paper, tiny["d_model"], tiny["n_heads"], tiny["n_heads"],
+                                 mlp_hidden_size=tiny["d_ff"], rope_theta=tiny["rope_theta"])
+            weights, _ = paper_hidden_checkpoint(paper, tmp / "run", dllm)
+            exp = experiment_yaml(tmp / "exp.yaml", policy_type="dit_hidden", policy_full_context="false")
+            more = ["--dllm-config", str(tiny_ckpt)]
+        import_main(["--yaml", str(exp), "--weights", str(weights), *more, "--out", str(tmp / "pol")])
+        runs.start(f"{DECODE_TEST}[{arch}]", [sys.executable, "-m", "lm_eval", "--model", "dllm", "--model_args",
+                                              f"pretrained={tiny_ckpt},sampler=learned,policy={tmp / 'pol'},block=8,"
+                                              "dtype=float32", "--tasks", "modchain", "--limit", "2",
+                                              "--output_path", str(tmp / "res")], test=DECODE_TEST)
+        made[arch] = (weights, more, tmp / "res")
+    yield runs, made
+    runs.close()
 
 
 @pytest.mark.slow
@@ -621,3 +623,24 @@ def test_paper_mode_rolls_out_the_papers_plain_bernoulli(tmp_path):
                      overwrite=False)
     with pytest.raises(DLLMError, match="policy init 'threshold' with arch 'dit_hidden'; valid: init slow"):
         PolicyConfig(arch="dit_hidden", init="threshold")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["dit_confidence", "dit_hidden"])
+def test_imported_paper_policy_decodes_through_lm_eval(paper, imported, tmp_path, arch):
+    """The command line, then `lm_eval --model dllm ... sampler=learned,policy=DIR` on the bundled
+    task, in block context: DiTConfidencePolicy with the paper's three-probability input, or
+    DiTHiddenStatePolicy with its block shaped as the bundled model (--dllm-config its folder); a bad
+    YAML is one line. (Both run in `imported`, with the module; here, last in the file, their results
+    are read.)"""
+    runs, made = imported
+    weights, more, out = made[arch]
+    r = runs.result(f"{DECODE_TEST}[{arch}]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert res["results"]["modchain"]["nfe,none"] >= 6  # one forward per block at least, 6 blocks
+    bad = experiment_yaml(tmp_path / "bad.yaml", policy_heads=2)
+    with pytest.raises(SystemExit) as e:
+        import_main(["--yaml", str(bad), "--weights", str(weights), *more, "--out", str(tmp_path / "bad")])
+    assert str(e.value).startswith("policies.import_paper: error: --yaml bad.yaml: unknown policy key")
+    assert "\n" not in str(e.value)  # one line: Python prints a SystemExit's message alone, no traceback

@@ -2,31 +2,30 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from lm_eval_dllm.reward import TaskScorer
+from tests.background import Early
+from tests.conftest import SHARED_GSM8K
 from tests.grpo_smoke import run_one_step
 
+CLI_TEST = "test_stock_gsm8k_through_the_cli_with_the_bundled_model"
 
-@pytest.mark.slow
-def test_stock_gsm8k_through_the_cli_with_the_bundled_model(gsm8k_offline, tmp_path):
-    """5-shot gsm8k prompts are longer than the bundled model's context: left-truncated, one warning."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(gsm8k_offline)}
-    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    r = subprocess.run([lm_eval, "--model", "dllm", "--model_args", "sampler=threshold,tau=0.9,dtype=float32",
-                        "--tasks", "gsm8k", "--limit", "5", "--batch_size", "5", "--output_path", str(tmp_path)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
-    row = res["results"]["gsm8k"]
-    assert "exact_match,strict-match" in row and "exact_match,flexible-extract" in row
-    assert 1 <= row["nfe,none"] <= 48
-    assert res["n-samples"]["gsm8k"]["effective"] == 5
-    assert r.stderr.count("exceeds the context of") == 1  # one warning for the run, not one per prompt
-    assert "was trained only on" in r.stderr and "GSAI-ML/LLaDA-8B-Instruct" in r.stderr
+
+@pytest.fixture(scope="module", autouse=True)
+def early(request, tmp_path_factory):
+    """The command-line run of the test at the end, started with the module (`tests/background.py`)."""
+    runs = Early(request, tmp_path_factory.mktemp("gsm8k_early"))
+    if (SHARED_GSM8K / "test.jsonl").exists():  # else that test skips (gsm8k_offline says why)
+        cache = request.getfixturevalue("gsm8k_offline")
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache)}
+        runs.start(CLI_TEST, [os.path.join(os.path.dirname(sys.executable), "lm_eval"), "--model", "dllm",
+                              "--model_args", "sampler=threshold,tau=0.9,dtype=float32", "--tasks", "gsm8k",
+                              "--limit", "5", "--batch_size", "5", "--output_path", str(runs.out(CLI_TEST))], env=env)
+    yield runs
+    runs.close()
 
 
 @pytest.mark.slow
@@ -60,3 +59,18 @@ def test_grpo_on_humaneval_with_the_sandbox_as_reward(tmp_path):
     assert scorer.score(doc, doc["canonical_solution"]) == 1.0  # ran in the sandbox
     assert scorer.score(doc, "    return None\n") == 0.0
     run_one_step(tmp_path, "humaneval_dllm", "--train-split", "test", "--val-split", "test")
+
+
+@pytest.mark.slow
+def test_stock_gsm8k_through_the_cli_with_the_bundled_model(gsm8k_offline, early):
+    """5-shot gsm8k prompts are longer than the bundled model's context: left-truncated, one warning.
+    (Last in the file: its run, started with the module, goes on while the tests above run.)"""
+    r = early.result(CLI_TEST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(early.out(CLI_TEST).rglob("results_*.json")).read_text())
+    row = res["results"]["gsm8k"]
+    assert "exact_match,strict-match" in row and "exact_match,flexible-extract" in row
+    assert 1 <= row["nfe,none"] <= 48
+    assert res["n-samples"]["gsm8k"]["effective"] == 5
+    assert r.stderr.count("exceeds the context of") == 1  # one warning for the run, not one per prompt
+    assert "was trained only on" in r.stderr and "GSAI-ML/LLaDA-8B-Instruct" in r.stderr
