@@ -33,7 +33,7 @@ from .blocks import BlockLayout, block_layout
 from .cache import CachedForward, FullForward, check_cache_support, forward_strategy, positions_from, span_forward
 from .compat import Compat, check_compat
 from .models import NativeDLLM
-from .samplers.base import Action, Sampler, StepState, row_uniforms
+from .samplers.base import STATISTICS, Action, Sampler, StepState, row_uniforms
 from .spec import FamilySpec
 from .utils import DLLMError
 
@@ -107,9 +107,11 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
-            chunk_elements: int = CHUNK_ELEMENTS, length: int | None = None, offset: int = 0, top_k: int = 0):
+            chunk_elements: int = CHUNK_ELEMENTS, length: int | None = None, offset: int = 0, top_k: int = 0,
+            statistics: frozenset[str] = STATISTICS):
     """Token proposal and its statistics. logits: (b, L, V) float -> x0, conf, margin, entropy, and
-    top (b, L, top_k) the top_k highest probabilities (None when top_k is 0).
+    top (b, L, top_k) the top_k highest probabilities (None when top_k is 0). margin and entropy are
+    computed only if `statistics` names them (else None); x0 and conf are the same either way.
 
     Computed chunk by chunk (whole rows while they fit in `chunk_elements`, else runs of positions
     of one row), so the extra memory is a few chunks plus, with temperature, one row's noise.
@@ -121,8 +123,10 @@ def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Gen
     rows_per = max(1, chunk_elements // (L * V))  # rows per group; 1 when one row is bigger than a chunk
     pos_per = L if rows_per > 1 else min(L, max(32, chunk_elements // V))  # positions per chunk
     x0 = torch.empty((b, L), dtype=torch.long, device=logits.device)
-    conf, margin, entropy = (torch.empty((b, L), dtype=logits.dtype, device=logits.device)
-                             for _ in range(3))
+    conf = torch.empty((b, L), dtype=logits.dtype, device=logits.device)
+    margin, entropy = (torch.empty((b, L), dtype=logits.dtype, device=logits.device) if s in statistics else None
+                       for s in ("margin", "entropy"))
+    k = max(2, top_k) if margin is not None else top_k  # the top probabilities to find: the margin needs two
     top = torch.empty((b, L, top_k), dtype=logits.dtype, device=logits.device) if top_k else None
     for r in range(0, b, rows_per):
         rs = slice(r, r + rows_per)
@@ -142,11 +146,14 @@ def propose(logits: torch.Tensor, temperature: float, generators: list[torch.Gen
             else:
                 x0[rs, ps] = lg.argmax(-1)
             conf[rs, ps] = p.gather(-1, x0[rs, ps, None]).squeeze(-1)
-            top2 = p.topk(max(2, top_k), dim=-1).values  # (r, c, max(2, top_k))
-            margin[rs, ps] = top2[..., 0] - top2[..., 1]
-            if top_k:
-                top[rs, ps] = top2[..., :top_k]
-            entropy[rs, ps] = torch.special.entr(p).sum(-1)  # 0 log 0 = 0
+            if k:
+                top2 = p.topk(k, dim=-1).values  # (r, c, k)
+                if margin is not None:
+                    margin[rs, ps] = top2[..., 0] - top2[..., 1]
+                if top_k:
+                    top[rs, ps] = top2[..., :top_k]
+            if entropy is not None:
+                entropy[rs, ps] = torch.special.entr(p).sum(-1)  # 0 log 0 = 0
             del logp, p  # free this chunk's temporaries before the next chunk allocates its own
     return x0, conf, margin, entropy, top
 
@@ -191,11 +198,17 @@ def diffuse(
     cached = isinstance(strategy, CachedForward)
     mode = check_compat(compat, strategy.refresh, strategy.window) if cached else check_compat(compat)
     Bk = check_block(block, gen_length)
-    # what a sampler may ask of the loop (a duck-typed one, with select alone, asks nothing)
+    # what a sampler may ask of the loop (a duck-typed one, with select alone, asks nothing but the
+    # statistics, which it gets all of); a recorded trajectory keeps every statistic a policy replays
     k_top = max(getattr(sampler, "top_probs", lambda: 0)(), record_top)
+    stats = frozenset(getattr(sampler, "statistics", lambda: STATISTICS)())
+    if stats - STATISTICS:
+        raise DLLMError(f"sampler {type(sampler).__name__}: statistics() names {sorted(stats - STATISTICS)[0]!r}; "
+                        f"valid: a subset of {', '.join(sorted(STATISTICS))}")
+    stats = STATISTICS if record else stats
     may_pass = getattr(sampler, "may_commit_nothing", lambda: False)()
     tap = _hidden_tap(strategy, getattr(sampler, "reads_hidden", lambda: False)() or record_hidden)
-    run = _Run(strategy, prompts, spec, gen_length, Bk, mode, device, k_top, tap)
+    run = _Run(strategy, prompts, spec, gen_length, Bk, mode, device, k_top, tap, stats)
     early_exit = early_exit and mode.early_exit
     gens = run.generators(seeds)
     traj: list[StepRecord] | None = [] if record else None
@@ -230,8 +243,9 @@ class _Run:
     with its proposal (`step`), and the commit of the sampler's action (`commit`)."""
 
     def __init__(self, strategy, prompts: list[list[int]], spec: FamilySpec, L: int, Bk: int,
-                 mode: Compat, device, k_top: int, tap=None):
+                 mode: Compat, device, k_top: int, tap=None, statistics: frozenset[str] = STATISTICS):
         self.strategy, self.spec, self.mode, self.L, self.k_top = strategy, spec, mode, L, k_top
+        self.statistics = statistics
         self.tap, self.hidden_all = tap, None  # (B, W, D) in the model's dtype, from the first forward on
         self.lay = block_layout([len(p) for p in prompts], L, Bk, spec.block_causal, device)
         W = self.lay.width  # W = L unless blocks align to absolute positions
@@ -284,13 +298,15 @@ class _Run:
                                f"{logits.shape[1]}, which miss block {b}")
         lg = logits[:, P + g0 - shift - start:P + g1 - shift - start].to(self.mode.stats_dtype)  # (b, g1 - g0, V)
         lg[..., self.suppress] = float("-inf")
-        stats = propose(lg, temperature, row_gens, length=W, offset=g0, top_k=self.k_top)
+        stats = propose(lg, temperature, row_gens, length=W, offset=g0, top_k=self.k_top, statistics=self.statistics)
         for full, new in zip((self.x0_all, self.conf_all, self.margin_all, self.entropy_all, self.top_all), stats):
             if new is not None:
                 full[rows, g0:g1] = new.to(full.dtype)
         if self.tap is not None:
             self._keep_hidden(rows, start + logits.shape[1])
-        state = StepState(conf=self.conf_all[rows], margin=self.margin_all[rows], entropy=self.entropy_all[rows],
+        state = StepState(conf=self.conf_all[rows],  # margin, entropy: None where the sampler does without them
+                          margin=self.margin_all[rows] if "margin" in self.statistics else None,
+                          entropy=self.entropy_all[rows] if "entropy" in self.statistics else None,
                           masked=masked[rows], eligible=eligible[rows], generators=row_gens,
                           top=self.top_all[rows] if self.k_top else None, steps=self.nfe[rows] - 1,
                           hidden=None if self.tap is None else self.hidden_all[rows],

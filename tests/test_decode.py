@@ -234,3 +234,65 @@ def test_propose_chunked_equals_one_pass(temperature, shape, chunk):
     old = propose_reference(lg, temperature, gens())
     for n, o in zip(new, old):
         assert n.dtype == o.dtype and torch.equal(n, o)
+
+
+@pytest.mark.parametrize("statistics", [frozenset(), frozenset({"margin"}), frozenset({"entropy"})])
+@pytest.mark.parametrize("top_k", [0, 1, 3])
+def test_propose_skips_the_statistics_not_asked_for(statistics, top_k):
+    """What a sampler does without (Sampler.statistics) is None; everything else is bitwise what
+    the full computation gives."""
+    g = torch.Generator().manual_seed(1)
+    lg = torch.randn((3, 37, 50), generator=g) * 4
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
+    full = dict(zip(("x0", "conf", "margin", "entropy", "top"), propose(lg, 0.7, gens(), top_k=top_k)))
+    part = dict(zip(full, propose(lg, 0.7, gens(), top_k=top_k, statistics=statistics)))
+    for name in full:
+        if name in ("margin", "entropy") and name not in statistics:
+            assert part[name] is None, name
+        elif full[name] is None:
+            assert part[name] is None and name == "top" and top_k == 0
+        else:
+            assert torch.equal(part[name], full[name]), name
+
+
+class Spy:
+    """A duck-typed sampler (select alone): the threshold rule, noting which statistics it was given."""
+
+    def __init__(self, inner, seen):
+        self.inner, self.seen = inner, seen
+
+    def select(self, state):
+        self.seen.add((state.margin is None, state.entropy is None))
+        return self.inner.select(state)
+
+
+def test_samplers_get_the_statistics_they_read_and_decode_alike(tiny_loaded):
+    """threshold, confidence, factor and random read neither margin nor entropy, and get None for
+    them; margin and eb get theirs. Each decodes the tokens and NFE it decodes with every
+    statistic computed (a duck-typed sampler gets them all, as does a recorded decode). A name
+    outside STATISTICS is one line."""
+    model, tok, sp = tiny_loaded
+    fwd = model_forward(model, sp)
+    prompts = [tok(t)["input_ids"] for t in ["Q: 1+2*3\nA: ", "Q: 9-8*7+6-5\nA: ", "x" * 30]]
+    reads = {"threshold": (True, True), "confidence": (True, True), "factor": (True, True), "random": (True, True),
+             "margin": (False, True), "entropy": (True, False), "eb": (True, False)}
+    for name, params in [("threshold", {"tau": 0.7}), ("confidence", {}), ("factor", {"f": 1.0}), ("random", {"k": 2}),
+                         ("margin", {}), ("entropy", {}), ("eb", {"gamma": 0.5})]:
+        s = make_sampler(name, params)
+        given, whole = set(), set()
+        lean = diffuse(fwd, prompts, sp, Spy(s, given), 24, 8, seeds=[0, 1, 2])  # a duck type: all
+        assert given == {(False, False)}
+        ran = type(s)(s.config)
+        ran.select = lambda state, ran=ran: (whole.add((state.margin is None, state.entropy is None)),
+                                             type(ran).select(ran, state))[1]
+        out = diffuse(fwd, prompts, sp, ran, 24, 8, seeds=[0, 1, 2])
+        assert whole == {reads[name]}, name
+        assert torch.equal(out.tokens, lean.tokens) and torch.equal(out.nfe, lean.nfe), name
+        rec = diffuse(fwd, prompts, sp, s, 24, 8, seeds=[0, 1, 2], record=True)
+        assert all(r.margin is not None and r.entropy is not None for r in rec.trajectory)
+        assert torch.equal(rec.tokens, out.tokens), name
+    odd = make_sampler("threshold", {"tau": 0.7})
+    odd.statistics = lambda: frozenset({"entropies"})
+    with pytest.raises(DLLMError, match="^sampler ThresholdSampler: statistics\\(\\) names 'entropies'; valid: a subset "
+                                        "of entropy, margin$"):
+        diffuse(fwd, prompts, sp, odd, 24, 8)

@@ -176,6 +176,17 @@ def test_dtype_benchmark_runs_and_prints_its_table(capsys):
     assert "time float32 / bfloat16" in out and out.count("\n| ") == len(SETTINGS) + 1  # header and rows
 
 
+def test_stats_time_benchmark_runs_and_prints_its_table(capsys):
+    from benchmarks.stats_time import main
+
+    with pytest.raises(SystemExit, match="^benchmarks.stats_time: error: --repeats 0; valid: a positive number$"):
+        main(["--repeats", "0"])
+    main(["--rows", "1", "--positions", "2", "--repeats", "1", "--no-write"])
+    out = capsys.readouterr().out
+    assert "python -m benchmarks.stats_time --rows 1 --positions 2 --repeats 1 --no-write" in out
+    assert "every / alone" in out and out.count("\n| ") == 3  # header and two temperatures
+
+
 def test_failure_kinds_and_the_failures_benchmark(capsys):
     from benchmarks.failures import kinds, main, settings
 

@@ -31,8 +31,8 @@ class StepState:
     """What a sampler sees at one step. Shapes: B = rows still decoding, L = generation length."""
 
     conf: torch.Tensor  # (B, L) probability of the proposed token x0
-    margin: torch.Tensor  # (B, L) top-1 minus top-2 probability
-    entropy: torch.Tensor  # (B, L) entropy of the predictive distribution (nats)
+    margin: torch.Tensor | None  # (B, L) top-1 minus top-2 probability (None unless statistics() names it)
+    entropy: torch.Tensor | None  # (B, L) entropy of the predictive distribution, nats (likewise)
     masked: torch.Tensor  # (B, L) bool, still masked before this step's commit
     eligible: torch.Tensor  # (B, L) bool, masked and inside the current block
     generators: list[torch.Generator]  # one per row, seeded per sample (batch-invariant)
@@ -69,6 +69,9 @@ def row_uniforms(generators: list[torch.Generator], shape, device) -> torch.Tens
     return torch.stack([torch.rand(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
+STATISTICS = frozenset({"margin", "entropy"})  # the StepState statistics a sampler may do without
+
+
 class Sampler:
     """Base class. Subclasses set `Config` (a frozen dataclass) and implement `select`."""
 
@@ -90,6 +93,13 @@ class Sampler:
         """True for a sampler whose step may commit nothing (the paper's plain Bernoulli): the loop
         then allows empty steps and gives a block at most block-size steps, as the paper's loop does."""
         return False
+
+    def statistics(self) -> frozenset[str]:
+        """Which of StepState's `margin` and `entropy` `select` reads (a subset of STATISTICS); the
+        decode computes only those, and hands None for the others. Each is a pass over the whole
+        vocabulary at every position: for a 126k-157k vocabulary, more than the forward of a small
+        model. Default: both (a sampler that says nothing gets everything)."""
+        return STATISTICS
 
     def top_probs(self) -> int:
         """How many of each position's most likely tokens' probabilities `select` reads

@@ -17,5 +17,8 @@ class ConfidenceSampler(TopKSampler):
     class Config(TopKConfig):
         _name = "confidence"
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset()  # it reads the confidences alone
+
     def scores(self, state: StepState):
         return state.conf

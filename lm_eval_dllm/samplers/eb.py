@@ -21,6 +21,9 @@ class EntropyBoundedSampler(Sampler):
         def __post_init__(self):
             check_range("eb", "gamma", self.gamma, 0.0, float("inf"))
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset({"entropy"})  # it reads the entropies
+
     def select(self, state: StepState):
         score = -state.entropy  # best (lowest entropy) first
         h = sorted_gather(state.entropy.float(), score, state.eligible).nan_to_num(posinf=0.0)

@@ -17,5 +17,8 @@ class EntropySampler(TopKSampler):
     class Config(TopKConfig):
         _name = "entropy"
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset({"entropy"})  # it reads the entropies
+
     def scores(self, state: StepState):
         return -state.entropy

@@ -22,6 +22,9 @@ class FactorSampler(Sampler):
         def __post_init__(self):
             check_range("factor", "f", self.f, 0.0, float("inf"), lo_open=True)
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset()  # it reads the confidences alone
+
     def select(self, state: StepState):
         c = sorted_gather(state.conf.float(), state.conf, state.eligible)  # (B, L) descending
         n = torch.arange(1, c.shape[1] + 1, device=c.device)[None, :]  # 1-based rank

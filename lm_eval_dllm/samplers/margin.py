@@ -18,5 +18,8 @@ class MarginSampler(TopKSampler):
     class Config(TopKConfig):
         _name = "margin"
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset({"margin"})  # it reads the margins
+
     def scores(self, state: StepState):
         return state.margin

@@ -19,5 +19,8 @@ class RandomSampler(TopKSampler):
     class Config(TopKConfig):
         _name = "random"
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset()  # it reads neither
+
     def scores(self, state: StepState):
         return row_uniforms(state.generators, state.conf.shape[1], state.conf.device)  # (B, L)

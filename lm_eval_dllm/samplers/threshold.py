@@ -21,6 +21,9 @@ class ThresholdSampler(Sampler):
         def __post_init__(self):
             check_range("threshold", "tau", self.tau, 0.0, 1.0, lo_open=True)
 
+    def statistics(self) -> frozenset[str]:
+        return frozenset()  # it reads the confidences alone
+
     def select(self, state: StepState):
         above = state.eligible & (state.conf >= self.config.tau)
         return above | top_k(state.conf, state.eligible, 1)
