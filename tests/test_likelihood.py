@@ -249,12 +249,12 @@ def test_cli_modchain_mc_and_a_local_arc_style_task(early):
     offline, with accuracy and forwards per request in the results and the samples."""
     r = early.result(CLI_TEST)
     assert r.returncode == 0, r.stderr[-3000:]
-    tmp_path = early.out(CLI_TEST)
-    res = json.load(open(glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))[0]))
+    out = early.out(CLI_TEST) / "out"
+    res = json.load(open(glob.glob(str(out / "*" / "results_*.json"))[0]))
     mc = res["results"]["modchain_mc"]
     assert mc["acc,none"] >= 0.5 and 8 <= mc["ll_forwards,none"] <= 9  # 8 draws (+1 greedy row)
     assert 0 <= res["results"]["arc_local"]["acc,none"] <= 1 and res["results"]["arc_local"]["ll_forwards,none"] > 0
-    sample = json.loads(open(glob.glob(str(tmp_path / "out" / "*" / "samples_arc_local_*.jsonl"))[0]).readline())
+    sample = json.loads(open(glob.glob(str(out / "*" / "samples_arc_local_*.jsonl"))[0]).readline())
     assert len(sample["dllm"]) == 4 and all(s["ll_forwards"] >= 1 for s in sample["dllm"])
 
 
