@@ -27,7 +27,6 @@ map's grid, not the policy, lost; a loss there says the policy's curve lies belo
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from lm_eval_dllm.policy import UnmaskPolicy
 from lm_eval_dllm.tasks import modchain
 from lm_eval_dllm.tiny import BUNDLED_DIR
 from lm_eval_dllm.utils import DLLMError, atomic_write
-from results.alpha_map import Point, heuristic_settings, matches, solved_by_one
+from results.alpha_map import Point, heuristic_settings, matches, paired, solved_by_one
 
 from . import decode_setting, label
 from .validation import alpha_map_of
@@ -58,15 +57,6 @@ def split_labels(text: str) -> list[str]:
         else:
             cur += ch
     return [x for x in out + [cur.strip()] if x]
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """The mean of a - b over the same problems and its standard error."""
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    m = sum(d) / n
-    var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
-    return m, math.sqrt(var / n)
 
 
 def verdict(acc: tuple[float, float], nfe: tuple[float, float]) -> str:

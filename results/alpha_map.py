@@ -93,17 +93,25 @@ class Point:
         return sum(reward(s, k, gen_length, alpha) for s, k in zip(self.scores, self.nfes)) / self.n
 
 
+def paired(a, b) -> tuple[float, float]:
+    """The mean of a - b over the same problems and its standard error: what both solve or both
+    miss cancels."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    m = sum(d) / n
+    var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
+    return m, math.sqrt(var / n)
+
+
 def z_scores(p: Point, h: Point) -> tuple[float, float]:
     """How far `p` beats `h` in accuracy and in NFE saving, each in standard errors of the paired
-    difference (the same problems, so what both solve or both miss cancels) as a new sample of this
-    many problems would see it: its estimate here plus that sample's own noise. A floor of one
-    problem's worth keeps a difference with no spread (both solve everything) from dividing by zero."""
+    difference (`paired`) as a new sample of this many problems would see it: its estimate here
+    plus that sample's own noise, sqrt(2) standard errors. A floor of one problem's worth keeps a
+    difference with no spread (both solve everything) from dividing by zero."""
     out = []
-    for d in ([a - b for a, b in zip(p.scores, h.scores)], [b - a for a, b in zip(p.nfes, h.nfes)]):
-        n = len(d)
-        m = sum(d) / n
-        var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
-        out.append(m / max(math.sqrt(2 * var / n), 1 / n))
+    for a, b in ((p.scores, h.scores), (h.nfes, p.nfes)):
+        m, se = paired(a, b)
+        out.append(m / max(math.sqrt(2) * se, 1 / len(a)))
     return out[0], out[1]
 
 

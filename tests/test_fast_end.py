@@ -128,8 +128,8 @@ def test_the_block_gate_ends_a_sure_block_and_else_keeps_only_the_surest_and_is_
 
 
 def test_near_ties_pairs_the_differences_and_names_bad_settings(capsys):
-    from benchmarks.near_ties import between, main, paired, split_labels, verdict
-    from results.alpha_map import Point
+    from benchmarks.near_ties import between, main, split_labels, verdict
+    from results.alpha_map import Point, paired
 
     assert split_labels("threshold(tau=0.5), eb(gamma=1.0),") == ["threshold(tau=0.5)", "eb(gamma=1.0)"]
     assert split_labels("two(a=1, b=2),x") == ["two(a=1, b=2)", "x"]  # a comma inside the parentheses stays
