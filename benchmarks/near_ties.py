@@ -40,7 +40,7 @@ from lm_eval_dllm.utils import DLLMError, atomic_write
 from results.alpha_map import Point, heuristic_settings, matches, paired, solved_by_one
 
 from . import decode_setting, label
-from .validation import alpha_map_of
+from .validation import alpha_map_of, not_chosen_on
 
 PROG = "benchmarks.near_ties"
 WALK = 3  # swept alphas decoded at most, from the mapped one toward the setting's NFE
@@ -132,6 +132,7 @@ def main(argv=None) -> None:
         if bad or not labels:
             raise DLLMError(f"--settings {bad[0] if bad else a.settings!r}: not in the map of {folder.name}; "
                             f"valid: {', '.join(amap)}")
+        not_chosen_on(folder, a.seed, "--seed")
         try:
             docs = modchain.fresh(a.n, a.seed)
         except ValueError as e:

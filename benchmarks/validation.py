@@ -70,6 +70,8 @@ def main(argv=None) -> None:
         docs = load_docs("benchmarks.validation", a.limit, split=a.split)
     try:
         mapped = alpha_map_of(a.alpha_map, a.block) if a.alpha_map else None  # refused before the model loads
+        if mapped and a.split == "fresh":
+            not_chosen_on(mapped[0], a.fresh_seed, "--fresh-seed")
         model, tok, spec = load(str(BUNDLED_DIR), dtype=a.dtype, device="cpu")
 
         def run(name: str, params: dict) -> tuple[float, float]:
@@ -112,6 +114,26 @@ def alpha_map_of(policy: str, block: int) -> tuple[Path, dict]:
     return folder, amap
 
 
+def map_fresh(folder: Path) -> dict | None:
+    """The generated problems a map was chosen on besides the validation split (`alpha-map --fresh`)."""
+    from lm_eval_dllm.policy import UnmaskPolicy
+
+    return ((UnmaskPolicy.load(folder).card or {}).get("recommended") or {}).get("fresh")
+
+
+def not_chosen_on(folder: Path, seed: int, flag: str) -> None:
+    """Refuse to check a map on the fresh problems it was chosen on."""
+    f = map_fresh(folder)
+    if f and f["seed"] == seed:
+        raise DLLMError(f"{flag} {seed}: the map of {folder.name} was chosen on those problems (alpha-map --fresh "
+                        f"{f['n']} --fresh-seed {seed}); valid: another seed")
+
+
+def chosen_on(folder: Path) -> str:
+    f = map_fresh(folder)
+    return "the validation split" + (f" and {f['n']} fresh problems of seed {f['seed']}" if f else "")
+
+
 def check_map(block: int, folder: Path, amap: dict, run) -> str:
     """The alpha map on the problems: per heuristic setting, its numbers, the mapped alpha's, and whether
     they match; then the count and the misses."""
@@ -130,7 +152,7 @@ def check_map(block: int, folder: Path, amap: dict, run) -> str:
                      "yes" if ok else "no"])
         if not ok:
             missed.append(f"{s.label} {acc:.1f} % @ {nfe:.2f} (alpha {al:g}: {at[al][0]:.1f} % @ {at[al][1]:.2f})")
-    return (f": the alpha map of `{folder.name}` (on its card, chosen on the validation split):\n\n"
+    return (f": the alpha map of `{folder.name}` (on its card, chosen on {chosen_on(folder)}):\n\n"
             + tabulate(rows, ["heuristic", "accuracy %", "mean NFE", "mapped alpha", "learned accuracy %",
                               "learned mean NFE", "matched"], tablefmt="github", disable_numparse=True)
             + f"\n\n{len(rows) - len(missed)} of {len(rows)} heuristic settings matched ("

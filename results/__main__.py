@@ -44,7 +44,7 @@ import policies
 from .grid import (DEFAULT_DTYPE, PRESETS, SWEEPS, TESTBED, Grid, main_process, policy_card, report_paths,
                    run_grid)
 from .plan import plan
-from .alpha_map import alpha_map
+from .alpha_map import FRESH_SEED, alpha_map
 from .recommend import recommend
 from .report import figures, load_rows, tables
 from .seeds import seeds
@@ -108,6 +108,10 @@ def main(argv=None) -> None:
                    "map each, then rank them (e.g. a run's --keep-validated checkpoints)")
     g.add_argument("--limit", type=int, default=None, help="documents per task (default: all); recommend: "
                    "validation problems (default: those the policy was validated on in training)")
+    g.add_argument("--fresh", type=int, default=0, help="alpha-map: this many more validation problems from the "
+                   "bundled task's generator (modchain.fresh; default 0); 3500 or more sharpen the map (results/alpha_map.py)")
+    g.add_argument("--fresh-seed", type=int, default=FRESH_SEED, help=f"alpha-map --fresh: the generator's seed "
+                   f"(default {FRESH_SEED}: no split's, no check's)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", default=None)
@@ -154,8 +158,11 @@ def _run(a, grid: Grid) -> None:
     if a.command in ("recommend", "alpha-map"):  # --policy, --policies, or every shipped policy of the model
         names = a.names
         conditioned = a.command == "alpha-map"  # each command the shipped policies it is for
+        if a.fresh and not conditioned:
+            raise DLLMError(f"--fresh {a.fresh} is for alpha-map; valid: leave it out for {a.command}")
+        extra = {"fresh": a.fresh, "fresh_seed": a.fresh_seed} if conditioned else {}
         done = {name: (alpha_map if conditioned else recommend)(name, limit=a.limit, batch_size=a.batch_size,
-                                                                dtype=a.dtype, device=a.device)
+                                                                dtype=a.dtype, device=a.device, **extra)
                 for name in names or [e["path"] for e in policies.shipped_for(grid.pretrained or BUNDLED_ID)
                                       if (e["alpha_range"] is not None) == conditioned]}
         if conditioned and len(names) > 1 and main_process():  # e.g. a run's --keep-validated checkpoints

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 import math
 from types import SimpleNamespace
@@ -16,8 +17,8 @@ import torch
 from lm_eval_dllm.policy import DEFAULT_FEATURES, NEAR, PolicyConfig, UnmaskPolicy, build_features, build_policy, update_card
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.utils import DLLMError
-from results.alpha_map import (Point, bisect_at, choose_alpha, heuristic_settings, log_match_chance, matches, refine,
-                               solved_by_one)
+from results.alpha_map import (NEW, SHARP, Point, bisect_at, choose_alpha, fresh_prompts, heuristic_settings,
+                               log_match_chance, matches, paired, refine, solved_by_one)
 from results.grid import ALPHAS, Grid, alphas_for, policy_card, swept_alphas
 from results.report import Row, targets
 from lm_eval_dllm.reward import log_reward, reward
@@ -380,6 +381,50 @@ def test_the_map_bisects_toward_each_settings_nfe_where_the_curve_jumps():
     assert sorted(curve) == [0.125, 0.1305, 0.1363, 0.1487, 0.1768, 0.25]
 
 
+def _noisy(label, acc, nfe, n, seed):
+    """A point whose per-problem NFE is its mean +- 1 at random (`seed`): alphas of one policy share a
+    seed (the same problems are long for each), a heuristic has its own."""
+    rng, right = random.Random(seed), round(acc * n)
+    return Point(label, tuple([1.0] * right + [0.0] * (n - right)), tuple(nfe + rng.choice((-1.0, 1.0)) for _ in range(n)))
+
+
+def test_a_map_on_many_problems_splits_a_steep_smooth_stretch_toward_the_settings_nfe():
+    """Full diffusion's threshold 0.5 sat between alphas 128 (0.05 NFE cheaper) and 90.5 (0.1 dearer),
+    on a smooth curve `refine` left alone. With SHARP x NEW problems (--fresh) the gap toward it is split
+    until its ends differ by less than two standard errors of a new sample's NFE difference; with
+    validation's 500 it stays as the grid left it (a pick among close alphas would be luck)."""
+    def curve_on(n):
+        at = lambda a: _noisy(f"a{a}", 0.6, 3.0 - 0.3 * math.log2(a / 64), n, seed=0)  # 2.85 at 90.5, 2.7 at 128
+        return at, {a: at(a) for a in (64.0, 90.5097, 128.0)}, _noisy("threshold(tau=0.5)", 0.6, 2.75, n, seed=1)
+
+    at, curve, h = curve_on(SHARP * NEW)
+    resolve = 2 * paired(curve[128.0].nfes, h.nfes)[1] * math.sqrt(SHARP)  # about 2 * sqrt(2 / NEW)
+    assert 0.075 < resolve < 0.15  # the grid's gap is wider than a new sample can tell apart; a quarter octave is not
+    decoded = []
+    refine(curve, {"t": h}, lambda a: decoded.append(a) or at(a), NEW)
+    assert decoded == [round(math.sqrt(90.5097 * 128), 4)]  # one bisection: 2.775 to 2.7 is within the noise
+    assert bisect_at(curve, h.nfe, resolve) is None
+    at, curve, h = curve_on(500)
+    refine(curve, {"t": h}, lambda a: decoded.append(a) or at(a), 500)  # chances for 500 new: too few to split
+    refine(curve, {"t": h}, lambda a: decoded.append(a) or at(a), None)
+    assert len(decoded) == 1 and sorted(curve) == [64.0, 90.5097, 128.0]
+    # the chance is for a new sample of `new` problems: the estimate's noise here plus that sample's own
+    p, q = _noisy("p", 0.62, 2.70, 4000, seed=0), _noisy("q", 0.60, 2.75, 4000, seed=1)
+    z = [m / (se * math.sqrt(1 + 4000 / NEW)) for m, se in (paired(p.scores, q.scores), paired(q.nfes, p.nfes))]
+    assert log_match_chance(p, q, NEW) == pytest.approx(sum(math.log(0.5 * math.erfc(-x / math.sqrt(2))) for x in z))
+    assert log_match_chance(p, q, NEW) < log_match_chance(p, q)  # sure-er of a match on 4,000 new ones
+
+
+def test_fresh_validation_problems_come_from_the_generator_only():
+    with pytest.raises(DLLMError, match=r"^--fresh 10: task 'gsm8k' has no problem generator; valid: --fresh 0"):
+        fresh_prompts(None, "gsm8k", 10, 7)
+    with pytest.raises(DLLMError, match=r"^--fresh-seed: fresh problems with seed 2: that is a split's seed"):
+        fresh_prompts(None, "modchain", 10, 2)
+    env = SimpleNamespace(scorer=SimpleNamespace(prompt=lambda d, i: (i, d["question"])))
+    got = fresh_prompts(env, "modchain", 3, 7)
+    assert [i for i, _ in got] == [10 ** 6, 10 ** 6 + 1, 10 ** 6 + 2]
+
+
 def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypatch):
     """The whole command on a small alpha policy: every heuristic setting of the block gets an alpha from
     the swept ones, the operating points and the recommendation go on the card, and `alpha=fast` then
@@ -415,6 +460,13 @@ def test_alpha_map_writes_the_card_that_evaluation_then_uses(tmp_path, monkeypat
     assert s.settings["mode"] == "greedy"
     update_card(folder, alpha_map={})  # the cache makes a rerun read nothing again
     assert alpha_map(str(folder), batch_size=16, cache_dir=tmp_path / "cache", write=False)["alpha_map"] == out["alpha_map"]
+    # --fresh: more problems from the generator, recorded on the card; its own cache, the split's points untouched
+    sharp = alpha_map(str(folder), batch_size=16, cache_dir=tmp_path / "cache", write=False, fresh=4)
+    assert sharp["recommended"]["fresh"] == {"n": 4, "seed": 7} and sharp["recommended"]["n"] == 8
+    assert sharp["alpha_map_summary"]["problems"] == 12 == sharp["alpha_map_summary"]["new_problems"]
+    assert sharp["recommended"]["command"].endswith("--fresh 4 --fresh-seed 7")
+    with pytest.raises(DLLMError, match=r"^--fresh -1; valid: 0 or more problems$"):
+        alpha_map(str(folder), cache_dir=tmp_path / "cache", fresh=-1)
 
     # another policy on the same validation setting decodes its own alphas only: the heuristics' points are shared
     from train.grpo import Env
@@ -456,3 +508,11 @@ def test_write_is_refused_but_for_a_ranking_of_several_policies(argv, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "--write 'r.md' is for alpha-map with --policies A,B,... (two or more)" in capsys.readouterr().err
+
+
+def test_fresh_is_refused_but_for_alpha_map():
+    from results.__main__ import main
+
+    with pytest.raises(SystemExit, match=r"^results: error: --fresh 100 is for alpha-map; valid: leave it out for "
+                                         r"recommend$"):
+        main(["recommend", "--policy", "modchain-B8-alphas", "--fresh", "100"])
