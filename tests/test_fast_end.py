@@ -1,5 +1,7 @@
 """benchmarks.fast_end: its rules, its AUC and its reading of the threshold curve (no decoding here)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,9 @@ from benchmarks.fast_end import (INPUTS, BlockGate, LinearGate, Oracle, Rechecke
                                  recheck_table)
 from lm_eval_dllm.samplers import make_sampler
 from lm_eval_dllm.samplers.base import StepState
+from results.grid import policy_card
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def state(conf, eligible, block_start=0, block_size=4, hidden=None, x0=None, rows=None):
@@ -152,13 +157,19 @@ def test_near_ties_pairs_the_differences_and_names_bad_settings(capsys):
     assert "on 4 fresh modchain problems (seed 6, in no split), block 48" in out
     (row,) = [x for x in out.splitlines() if x.startswith("| threshold(tau=0.5)")]
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert len(cells) == 11 and cells[2] == "128"
-    assert cells[9].split(":")[0] in ("90.5097", "181.019")  # the swept neighbours of 128, toward its NFE
+    card = policy_card(ROOT / "policies" / "modchain-B48-alphas")
+    mapped, sweep = card["alpha_map"]["threshold(tau=0.5)"]["alpha"], [x[0] for x in card["recommended"]["sweep"]]
+    i = sweep.index(mapped)
+    assert len(cells) == 11 and cells[2] == f"{mapped:g}"
+    assert cells[9].split(":")[0] in (f"{sweep[i - 1]:g}", f"{sweep[i + 1]:g}")  # its swept neighbours, toward its NFE
     assert cells[1].count("%") == cells[3].count("%") == 1 and "±" in cells[4] and "±" in cells[5]
     with pytest.raises(SystemExit, match=r"--settings 'threshold\(tau=0.3\)': not in the map of modchain-B48-alphas; "
                                          r"valid: confidence\(k=1\)"):
         main(["--block", "48", "--settings", "threshold(tau=0.3)", "--n", "4"])
     with pytest.raises(SystemExit, match="--seed: fresh problems with seed 1: that is a split's seed"):
         main(["--block", "48", "--settings", "threshold(tau=0.5)", "--n", "4", "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"--seed 7: the map of modchain-B16-alphas was chosen on those problems "
+                                         r"\(alpha-map --fresh 3500 --fresh-seed 7\); valid: another seed"):
+        main(["--block", "16", "--settings", "threshold(tau=0.99)", "--n", "4", "--seed", "7"])
     with pytest.raises(SystemExit, match="--n 1; valid: 2 or more problems"):
         main(["--block", "48", "--settings", "threshold(tau=0.5)", "--n", "1"])
