@@ -155,11 +155,12 @@ def main(argv=None) -> None:
 
 
 def _run(a, grid: Grid) -> None:
+    if (a.fresh or a.fresh_seed != FRESH_SEED) and a.command != "alpha-map":
+        flag = f"--fresh {a.fresh}" if a.fresh else f"--fresh-seed {a.fresh_seed}"
+        raise DLLMError(f"{flag} is for alpha-map; valid: leave it out for {a.command}")
     if a.command in ("recommend", "alpha-map"):  # --policy, --policies, or every shipped policy of the model
         names = a.names
         conditioned = a.command == "alpha-map"  # each command the shipped policies it is for
-        if a.fresh and not conditioned:
-            raise DLLMError(f"--fresh {a.fresh} is for alpha-map; valid: leave it out for {a.command}")
         extra = {"fresh": a.fresh, "fresh_seed": a.fresh_seed} if conditioned else {}
         done = {name: (alpha_map if conditioned else recommend)(name, limit=a.limit, batch_size=a.batch_size,
                                                                 dtype=a.dtype, device=a.device, **extra)

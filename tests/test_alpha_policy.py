@@ -510,9 +510,12 @@ def test_write_is_refused_but_for_a_ranking_of_several_policies(argv, capsys):
     assert "--write 'r.md' is for alpha-map with --policies A,B,... (two or more)" in capsys.readouterr().err
 
 
-def test_fresh_is_refused_but_for_alpha_map():
+@pytest.mark.parametrize("argv", [["recommend", "--policy", "modchain-B8-alphas", "--fresh", "100"],
+                                  ["run", "--fresh", "100"], ["report", "--fresh-seed", "9"]])
+def test_fresh_is_refused_but_for_alpha_map(argv):
     from results.__main__ import main
 
-    with pytest.raises(SystemExit, match=r"^results: error: --fresh 100 is for alpha-map; valid: leave it out for "
-                                         r"recommend$"):
-        main(["recommend", "--policy", "modchain-B8-alphas", "--fresh", "100"])
+    flag = " ".join(argv[-2:])
+    with pytest.raises(SystemExit, match=rf"^results: error: {flag} is for alpha-map; valid: leave it out for "
+                                         rf"{argv[0]}$"):
+        main(argv)
