@@ -115,10 +115,11 @@ def alpha_map_of(policy: str, block: int) -> tuple[Path, dict]:
 
 
 def map_fresh(folder: Path) -> dict | None:
-    """The generated problems a map was chosen on besides the validation split (`alpha-map --fresh`)."""
-    from lm_eval_dllm.policy import UnmaskPolicy
+    """The generated problems a map was chosen on besides the validation split (`alpha-map --fresh`):
+    read from the card alone, without loading the weights."""
+    from results.grid import policy_card
 
-    return ((UnmaskPolicy.load(folder).card or {}).get("recommended") or {}).get("fresh")
+    return (policy_card(folder).get("recommended") or {}).get("fresh")
 
 
 def not_chosen_on(folder: Path, seed: int, flag: str) -> None:
